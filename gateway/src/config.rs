@@ -1,0 +1,294 @@
+//! Gateway configuration: a TOML file whose every setting has a default (`config.example.toml`
+//! lists them, and a test keeps that file and `Config::default()` equal). `Config::load` parses,
+//! resolves relative paths against the file's directory and validates, before anything binds.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::Ipv6Net;
+use serde::Deserialize;
+
+/// The documented default configuration, printed by `cmx-gateway default-config`.
+pub const EXAMPLE: &str = include_str!("../config.example.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}: {message}")]
+    Parse {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub host_key: PathBuf,
+    pub identities: PathBuf,
+    pub identity_prefix: Ipv6Net,
+    pub manage_local_route: bool,
+    pub service_name_prefix: String,
+    pub reload_interval_secs: u64,
+    pub shutdown_grace_secs: u64,
+    pub limits: Limits,
+    pub ssh: SshSettings,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub login_grace_time_secs: u64,
+    pub max_auth_tries: usize,
+    pub max_startups: usize,
+    pub max_sessions: usize,
+    pub max_channels_per_session: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SshSettings {
+    pub keepalive_interval_secs: u64,
+    pub keepalive_max: usize,
+    pub inactivity_timeout_secs: u64,
+    pub window_size: u32,
+    pub max_packet_size: u32,
+    pub auth_rejection_delay_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 2222)),
+            host_key: PathBuf::from("ssh_host_ed25519_key"),
+            identities: PathBuf::from("identities.toml"),
+            identity_prefix: Ipv6Net::new(std::net::Ipv6Addr::new(0xfd63, 0x6d78, 0, 0, 0, 0, 0, 0), 64)
+                .expect("64 is a valid IPv6 prefix length"),
+            manage_local_route: true,
+            service_name_prefix: "dynamic-service-".into(),
+            reload_interval_secs: 2,
+            shutdown_grace_secs: 5,
+            limits: Limits::default(),
+            ssh: SshSettings::default(),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            login_grace_time_secs: 30,
+            max_auth_tries: 6,
+            max_startups: 100,
+            max_sessions: 10_000,
+            max_channels_per_session: 1024,
+        }
+    }
+}
+
+impl Default for SshSettings {
+    fn default() -> Self {
+        SshSettings {
+            keepalive_interval_secs: 15,
+            keepalive_max: 3,
+            inactivity_timeout_secs: 0,
+            window_size: 2 * 1024 * 1024,
+            max_packet_size: 32 * 1024,
+            auth_rejection_delay_ms: 250,
+        }
+    }
+}
+
+fn secs(s: u64) -> Option<Duration> {
+    (s > 0).then(|| Duration::from_secs(s))
+}
+
+impl SshSettings {
+    pub fn keepalive_interval(&self) -> Option<Duration> {
+        secs(self.keepalive_interval_secs)
+    }
+    pub fn inactivity_timeout(&self) -> Option<Duration> {
+        secs(self.inactivity_timeout_secs)
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates `path`. Relative paths inside are resolved against its
+    /// directory, so a config and its files can move together.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut config = Config::parse(&text, path)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [&mut config.host_key, &mut config.identities] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        Ok(config)
+    }
+
+    /// Parses and validates a configuration text; `path` only names it in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            line: e
+                .span()
+                .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1)
+                .unwrap_or(1),
+            message: e.message().trim().to_string(),
+        })?;
+        config.validate().map_err(|message| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        })?;
+        Ok(config)
+    }
+
+    /// Checks what types alone cannot. Returns every problem, one per line.
+    pub fn validate(&self) -> Result<(), String> {
+        let mut problems = Vec::new();
+        if self.identity_prefix.prefix_len() > 64 {
+            problems.push(format!(
+                "identity_prefix {} is longer than /64: EUI-64 identity addresses need 64 host bits",
+                self.identity_prefix
+            ));
+        }
+        if self.identity_prefix.trunc() != self.identity_prefix {
+            problems.push(format!(
+                "identity_prefix {} has host bits set (did you mean {}?)",
+                self.identity_prefix,
+                self.identity_prefix.trunc()
+            ));
+        }
+        let p = &self.service_name_prefix;
+        if p.is_empty()
+            || !p
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        {
+            problems.push(format!(
+                "service_name_prefix '{p}' must be non-empty lowercase letters, digits and '-'"
+            ));
+        }
+        if self.reload_interval_secs == 0 {
+            problems.push("reload_interval_secs must be at least 1".into());
+        }
+        let l = &self.limits;
+        for (name, v) in [
+            ("limits.login_grace_time_secs", l.login_grace_time_secs as usize),
+            ("limits.max_auth_tries", l.max_auth_tries),
+            ("limits.max_startups", l.max_startups),
+            ("limits.max_sessions", l.max_sessions),
+            ("limits.max_channels_per_session", l.max_channels_per_session),
+        ] {
+            if v == 0 {
+                problems.push(format!("{name} must be at least 1"));
+            }
+        }
+        let s = &self.ssh;
+        if !(1024..=65535).contains(&s.max_packet_size) {
+            problems.push(format!(
+                "ssh.max_packet_size {} must be between 1024 and 65535",
+                s.max_packet_size
+            ));
+        }
+        if s.window_size < s.max_packet_size {
+            problems.push(format!(
+                "ssh.window_size {} must be at least ssh.max_packet_size {}",
+                s.window_size, s.max_packet_size
+            ));
+        }
+        if s.keepalive_interval_secs > 0 && s.keepalive_max == 0 {
+            problems.push("ssh.keepalive_max must be at least 1 when keepalives are on".into());
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems.join("\n"))
+        }
+    }
+
+    pub fn login_grace_time(&self) -> Duration {
+        Duration::from_secs(self.limits.login_grace_time_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_file_is_exactly_the_defaults() {
+        let parsed = Config::parse(EXAMPLE, Path::new("config.example.toml")).unwrap();
+        assert_eq!(parsed, Config::default());
+        assert_eq!(
+            Config::parse("", Path::new("empty.toml")).unwrap(),
+            Config::default()
+        );
+    }
+
+    #[test]
+    fn relative_paths_follow_the_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gw.toml");
+        std::fs::write(
+            &path,
+            "host_key = \"keys/host\"\nidentities = \"/etc/ids.toml\"\n",
+        )
+        .unwrap();
+        let c = Config::load(&path).unwrap();
+        assert_eq!(c.host_key, dir.path().join("keys/host"));
+        assert_eq!(c.identities, PathBuf::from("/etc/ids.toml"));
+    }
+
+    #[test]
+    fn errors_name_file_line_and_problem() {
+        let cases = [
+            (
+                "listen = \"[::]:2222\"\nlisten_port = 22\n",
+                "gw.toml:2: unknown field `listen_port`",
+            ),
+            (
+                "[limits]\nmax_startups = -1\n",
+                "gw.toml:2: invalid value: integer `-1`, expected usize",
+            ),
+            (
+                "identity_prefix = \"fd63:6d78::/96\"\n",
+                "gw.toml: identity_prefix fd63:6d78::/96 is longer than /64: EUI-64 identity addresses need 64 host bits",
+            ),
+            (
+                "identity_prefix = \"fd63:6d78::1/64\"\n",
+                "gw.toml: identity_prefix fd63:6d78::1/64 has host bits set (did you mean fd63:6d78::/64?)",
+            ),
+            (
+                "[ssh]\nmax_packet_size = 100000\n",
+                "gw.toml: ssh.max_packet_size 100000 must be between 1024 and 65535",
+            ),
+            (
+                "[limits]\nmax_sessions = 0\n",
+                "gw.toml: limits.max_sessions must be at least 1",
+            ),
+            (
+                "service_name_prefix = \"Dyn_\"\n",
+                "gw.toml: service_name_prefix 'Dyn_' must be non-empty lowercase letters, digits and '-'",
+            ),
+        ];
+        for (text, expected) in cases {
+            let e = Config::parse(text, Path::new("gw.toml")).unwrap_err();
+            assert!(e.to_string().starts_with(expected), "{text:?}: got {e}");
+        }
+    }
+}

@@ -1,0 +1,155 @@
+//! cmx-gateway: terminates the SSH sessions of cmxsafe agents and joins their forwards.
+//!
+//! # Layout
+//! - `config`: the gateway's TOML configuration, defaults and validation.
+//! - `identity`: identities, their addresses (EUI-64 from MACs) and the registry file.
+//! - `policy`: security contexts (`permit_listen`, `permit_open`) and their matching.
+//! - `auth`: which identity a key or certificate logs in as.
+//! - `server`: the SSH listener, pre-authentication limits, session lifecycle.
+//! - `session`: one SSH connection's handler (auth, channels, global requests).
+//! - `forward`: Mir-socks for reverse forwards, ID-socks for direct forwards, pair matching.
+//! - `relay`: channel <-> TCP byte moving with backpressure and half-close.
+//! - `dataplane`: how the loopback hop of a forwarding pair is carried.
+//! - `reload`: hot reload of the registry; `netsetup`: the local route for the prefix.
+//! - `events` and `audit`: the event stream for other components and the audit log.
+//!
+//! `main.rs` only parses arguments and calls [`run`].
+
+pub mod audit;
+pub mod auth;
+pub mod config;
+pub mod dataplane;
+pub mod events;
+pub mod forward;
+pub mod gateway;
+pub mod hostkey;
+pub mod identity;
+pub mod netsetup;
+pub mod policy;
+pub mod relay;
+pub mod reload;
+pub mod server;
+pub mod session;
+pub mod sessions;
+pub mod sockets;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::dataplane::{DataPlane, UserspaceDataPlane};
+use crate::gateway::Gateway;
+use crate::hostkey::{HostKey, HostKeyError};
+use crate::identity::{Registry, RegistryError};
+use crate::netsetup::{LocalRoute, NetSetupError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    HostKey(#[from] HostKeyError),
+    #[error(transparent)]
+    NetSetup(#[from] NetSetupError),
+    #[error("cannot listen for SSH on {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Binds `config.listen` and runs the gateway until `shutdown` is cancelled.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunError> {
+    // Validate everything we read before binding anything.
+    let registry = Registry::load(&config.identities, reload::registry_context(&config))?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| RunError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    serve(config, registry, listener, shutdown).await
+}
+
+/// Runs the gateway on an already-bound SSH listener.
+pub async fn serve(
+    config: Config,
+    registry: Registry,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    let host_key = HostKey::load_or_generate(&config.host_key)?;
+    if host_key.generated {
+        tracing::warn!(path = %config.host_key.display(), fingerprint = %host_key.fingerprint(),
+            "no host key found: generated a new ed25519 host key; pin this fingerprint in the agents");
+    } else if HostKey::is_too_open(&config.host_key) {
+        tracing::warn!(path = %config.host_key.display(), "host key is readable by group or others; chmod 600 it");
+    }
+    let route = if config.manage_local_route {
+        Some(LocalRoute::ensure(config.identity_prefix)?)
+    } else {
+        if !netsetup::local_route_exists(config.identity_prefix).unwrap_or(false) {
+            tracing::warn!(prefix = %config.identity_prefix,
+                "manage_local_route = false and the identity prefix is not local: Mir-socks will be unreachable until 'ip -6 route add local {} dev lo' is done", config.identity_prefix);
+        }
+        None
+    };
+
+    let dataplane: Arc<dyn DataPlane> = Arc::new(UserspaceDataPlane::new(
+        "the sockmap data plane is not part of this build",
+    ));
+    let ssh = Arc::new(server::ssh_config(&config, host_key.key.clone()));
+    let listen = listener.local_addr().ok();
+    let grace = Duration::from_secs(config.shutdown_grace_secs);
+    let gw = Gateway::new(config, registry, dataplane, shutdown.clone());
+    tracing::info!(
+        listen = ?listen,
+        host_key = %host_key.fingerprint(),
+        identities = gw.registry().len(),
+        prefix = %gw.config.identity_prefix,
+        dataplane = %gw.dataplane.describe(),
+        "cmx-gateway ready; data plane: {}", gw.dataplane.describe()
+    );
+
+    let tracker = TaskTracker::new();
+    tracker.spawn(reload::watch(gw.clone()));
+    server::accept_loop(gw.clone(), listener, ssh, tracker.clone()).await;
+
+    tracing::info!(
+        sessions = gw.sessions.len(),
+        "shutting down: no new connections; sessions told to disconnect"
+    );
+    tracker.close();
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        tracing::warn!(
+            remaining = gw.sessions.len(),
+            "shutdown grace period over; closing remaining sessions"
+        );
+    }
+    if let Some(route) = route {
+        route.remove();
+    }
+    tracing::info!("cmx-gateway stopped");
+    Ok(())
+}
+
+/// Cancels `token` on SIGTERM or SIGINT.
+pub fn cancel_on_signals(token: CancellationToken) -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::spawn(async move {
+        let which = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        tracing::info!(signal = which, "shutdown requested");
+        token.cancel();
+    });
+    Ok(())
+}

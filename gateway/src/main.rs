@@ -1,0 +1,127 @@
+//! The `cmx-gateway` command line: parse arguments, set up logging, hand over to the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use cmx_gateway::config::{self, Config};
+use cmx_gateway::identity::{Mac, Registry};
+use tokio_util::sync::CancellationToken;
+
+/// cmxsafe gateway: terminates the SSH sessions of device and server agents, checks every forward
+/// against the identities' security contexts, and joins device connections to server listeners
+/// through identity sockets (ID-sock) and mirror sockets (Mir-sock).
+#[derive(Parser)]
+#[command(name = "cmx-gateway", version, about, long_about = None)]
+struct Cli {
+    /// Log format: human-readable text, or one JSON object per line.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    /// Log filter (tracing EnvFilter syntax); RUST_LOG overrides it.
+    #[arg(long, default_value = "info", global = true)]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway until SIGTERM or SIGINT.
+    Run {
+        /// Gateway configuration (TOML). Every setting has a default: see `default-config`.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a configuration and the identity registry it names; print every problem found.
+    CheckConfig {
+        /// Gateway configuration (TOML).
+        config: PathBuf,
+    },
+    /// Print the default configuration, with every setting documented.
+    DefaultConfig,
+    /// Print the identity address derived from a MAC (modified EUI-64 under the prefix).
+    Address {
+        /// MAC address, e.g. a2:3f:f8:68:ec:8f or a23ff868ec8f.
+        mac: String,
+        /// Identity prefix.
+        #[arg(long, default_value = "fd63:6d78::/64")]
+        prefix: ipnet::Ipv6Net,
+    },
+}
+
+fn init_logging(format: LogFormat, level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run { config } => {
+            init_logging(cli.log_format, &cli.log_level);
+            run(config)
+        }
+        Command::CheckConfig { config } => check_config(config),
+        Command::DefaultConfig => {
+            print!("{}", config::EXAMPLE);
+            Ok(())
+        }
+        Command::Address { mac, prefix } => address(&mac, prefix),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cmx-gateway: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(path: PathBuf) -> anyhow::Result<()> {
+    let config = Config::load(&path)?;
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        cmx_gateway::cancel_on_signals(shutdown.clone()).context("cannot install signal handlers")?;
+        cmx_gateway::run(config, shutdown).await?;
+        Ok(())
+    })
+}
+
+fn check_config(path: PathBuf) -> anyhow::Result<()> {
+    let config = Config::load(&path)?;
+    let registry = Registry::load(&config.identities, cmx_gateway::reload::registry_context(&config))?;
+    println!("{}: ok", path.display());
+    println!(
+        "{}: ok, {} identities",
+        config.identities.display(),
+        registry.len()
+    );
+    for id in registry.iter() {
+        println!("  {:<24} {:<6} {}", id.name, id.role.as_str(), id.address);
+    }
+    Ok(())
+}
+
+fn address(mac: &str, prefix: ipnet::Ipv6Net) -> anyhow::Result<()> {
+    let mac: Mac = mac.parse()?;
+    anyhow::ensure!(prefix.prefix_len() <= 64, "prefix {prefix} is longer than /64");
+    println!("{}", mac.identity_address(prefix));
+    Ok(())
+}

@@ -1,0 +1,211 @@
+//! Moves bytes between an SSH channel and a TCP socket, both ways, until both are done.
+//!
+//! - Backpressure: a TCP read is only followed by the next one once the channel accepted the
+//!   bytes (russh waits for the peer's window), and channel data is only taken once the TCP write
+//!   finished. Nothing buffers without bound: at most one read chunk in flight per direction, plus
+//!   russh's per-channel queue (`channel_buffer_size` messages).
+//! - Half-close: TCP EOF becomes channel EOF and channel EOF becomes a TCP write shutdown; the other
+//!   direction keeps flowing. The channel is closed when both directions ended.
+//! - Errors: a TCP error or a channel close ends both directions at once.
+//! - Closing: after EOF both ways we wait for the peer's CHANNEL_CLOSE (OpenSSH sends it at once)
+//!   rather than sending ours first. russh 0.65 forgets a channel it closed first without removing
+//!   its receiver from the session, so a gateway-initiated close would leak a little memory per
+//!   connection on long-lived server sessions; we only close first on errors or a silent peer.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use russh::server::Msg;
+use russh::{Channel, ChannelMsg, ChannelReadHalf, ChannelWriteHalf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+
+/// Size of one TCP read; a channel packet is at most the peer's max packet size anyway.
+const CHUNK: usize = 64 * 1024;
+/// How long to wait for the peer's CHANNEL_CLOSE once both directions are done.
+const CLOSE_WAIT: Duration = Duration::from_secs(30);
+
+/// Bytes moved by one relay, readable while it runs.
+#[derive(Default, Debug)]
+pub struct Counters {
+    /// TCP -> channel.
+    pub to_channel: AtomicU64,
+    /// Channel -> TCP.
+    pub from_channel: AtomicU64,
+}
+
+impl Counters {
+    pub fn get(&self) -> (u64, u64) {
+        (
+            self.to_channel.load(Ordering::Relaxed),
+            self.from_channel.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// How a relay ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RelayEnd {
+    /// Both sides finished cleanly (EOF both ways).
+    Done,
+    /// The SSH peer closed the channel (possibly before sending EOF).
+    ChannelClosed,
+    /// The TCP side failed.
+    TcpError(String),
+}
+
+impl RelayEnd {
+    pub fn as_str(&self) -> String {
+        match self {
+            RelayEnd::Done => "eof both ways".into(),
+            RelayEnd::ChannelClosed => "channel closed by peer".into(),
+            RelayEnd::TcpError(e) => format!("tcp error: {e}"),
+        }
+    }
+}
+
+enum UpEnd {
+    Eof,
+    Failed(String),
+    ChannelGone,
+}
+
+enum DownEnd {
+    Eof,
+    Closed,
+    Failed(String),
+}
+
+async fn tcp_to_channel(
+    mut tcp: OwnedReadHalf,
+    tx: Arc<ChannelWriteHalf<Msg>>,
+    counters: Arc<Counters>,
+) -> UpEnd {
+    let mut buf = BytesMut::with_capacity(CHUNK);
+    loop {
+        buf.reserve(CHUNK);
+        match tcp.read_buf(&mut buf).await {
+            Ok(0) => {
+                return match tx.eof().await {
+                    Ok(()) => UpEnd::Eof,
+                    Err(_) => UpEnd::ChannelGone,
+                };
+            }
+            Ok(n) => {
+                counters.to_channel.fetch_add(n as u64, Ordering::Relaxed);
+                if tx.data_bytes(buf.split().freeze()).await.is_err() {
+                    return UpEnd::ChannelGone;
+                }
+            }
+            Err(e) => return UpEnd::Failed(e.to_string()),
+        }
+    }
+}
+
+async fn channel_to_tcp(rx: &mut ChannelReadHalf, tcp: &mut OwnedWriteHalf, counters: &Counters) -> DownEnd {
+    loop {
+        match rx.wait().await {
+            Some(ChannelMsg::Data { data }) => {
+                if let Err(e) = tcp.write_all(&data).await {
+                    return DownEnd::Failed(e.to_string());
+                }
+                counters
+                    .from_channel
+                    .fetch_add(data.len() as u64, Ordering::Relaxed);
+            }
+            Some(ChannelMsg::Eof) => {
+                let _ = tcp.shutdown().await;
+                return DownEnd::Eof;
+            }
+            Some(ChannelMsg::Close) | None => return DownEnd::Closed,
+            Some(_) => {}
+        }
+    }
+}
+
+/// Waits for the peer's CHANNEL_CLOSE (or the channel's end), discarding anything else.
+async fn peer_close(rx: &mut ChannelReadHalf) {
+    while let Some(msg) = rx.wait().await {
+        if matches!(msg, ChannelMsg::Close) {
+            break;
+        }
+    }
+}
+
+/// Both directions are done: let the peer close; close ourselves if it stays silent.
+async fn finish(rx: &mut ChannelReadHalf, tx: &ChannelWriteHalf<Msg>) {
+    if tokio::time::timeout(CLOSE_WAIT, peer_close(rx)).await.is_err() {
+        let _ = tx.close().await;
+    }
+}
+
+pub async fn relay(channel: Channel<Msg>, stream: TcpStream, counters: Arc<Counters>) -> RelayEnd {
+    let (mut rx, tx) = channel.split();
+    let tx = Arc::new(tx);
+    let (tcp_r, mut tcp_w) = stream.into_split();
+
+    let up = tokio::spawn(tcp_to_channel(tcp_r, tx.clone(), counters.clone()));
+    let abort_up = up.abort_handle();
+    let mut up = std::pin::pin!(up);
+    let mut up_end: Option<UpEnd> = None;
+
+    let down_end = {
+        let mut down = std::pin::pin!(channel_to_tcp(&mut rx, &mut tcp_w, &counters));
+        loop {
+            tokio::select! {
+                r = &mut up, if up_end.is_none() => {
+                    let end = r.unwrap_or(UpEnd::ChannelGone);
+                    match end {
+                        UpEnd::Eof => up_end = Some(end),
+                        UpEnd::Failed(e) => {
+                            let _ = tx.close().await;
+                            return RelayEnd::TcpError(e);
+                        }
+                        UpEnd::ChannelGone => return RelayEnd::ChannelClosed,
+                    }
+                }
+                d = &mut down => break d,
+            }
+        }
+    };
+
+    match down_end {
+        DownEnd::Closed => {
+            abort_up.abort();
+            RelayEnd::ChannelClosed
+        }
+        DownEnd::Failed(e) => {
+            abort_up.abort();
+            let _ = tx.close().await;
+            RelayEnd::TcpError(e)
+        }
+        DownEnd::Eof => {
+            // The peer finished sending; keep forwarding TCP -> channel until the local side does.
+            let up_end = match up_end {
+                Some(e) => e,
+                None => tokio::select! {
+                    r = &mut up => r.unwrap_or(UpEnd::ChannelGone),
+                    // The peer may close without waiting for our EOF.
+                    _ = peer_close(&mut rx) => {
+                        abort_up.abort();
+                        return RelayEnd::ChannelClosed;
+                    }
+                },
+            };
+            match up_end {
+                UpEnd::Eof => {
+                    finish(&mut rx, &tx).await;
+                    RelayEnd::Done
+                }
+                UpEnd::Failed(e) => {
+                    let _ = tx.close().await;
+                    RelayEnd::TcpError(e)
+                }
+                UpEnd::ChannelGone => RelayEnd::ChannelClosed,
+            }
+        }
+    }
+}

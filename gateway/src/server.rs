@@ -1,0 +1,171 @@
+//! The SSH front door: accepts TCP connections, enforces the pre-authentication limits
+//! (`max_startups`, `login_grace_time`), runs each connection's russh session, and on shutdown
+//! tells every session why it is being disconnected.
+
+use std::borrow::Cow;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use russh::keys::PrivateKey;
+use russh::{MethodKind, MethodSet, SshId};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+use tokio_util::task::TaskTracker;
+
+use crate::audit;
+use crate::config::Config;
+use crate::gateway::Gateway;
+use crate::session::{self, SessionHandler};
+use crate::sessions::disconnect;
+use crate::sockets;
+
+/// Messages queued per channel before russh stops reading the connection (backpressure).
+const CHANNEL_BUFFER: usize = 64;
+/// How long a session may take to close after being told to.
+const DISCONNECT_WAIT: Duration = Duration::from_secs(2);
+
+/// The russh server settings, all chosen explicitly: russh's defaults suit interactive logins,
+/// not persistent IoT sessions.
+pub fn ssh_config(config: &Config, host_key: PrivateKey) -> russh::server::Config {
+    let s = &config.ssh;
+    russh::server::Config {
+        server_id: SshId::Standard(Cow::Owned(format!(
+            "SSH-2.0-cmx-gateway_{}",
+            env!("CARGO_PKG_VERSION")
+        ))),
+        methods: MethodSet::from(&[MethodKind::PublicKey][..]),
+        auth_rejection_time: Duration::from_millis(s.auth_rejection_delay_ms),
+        // OpenSSH clients probe with "none" first; answering it at once costs nothing.
+        auth_rejection_time_initial: Some(Duration::ZERO),
+        keys: vec![host_key],
+        window_size: s.window_size,
+        maximum_packet_size: s.max_packet_size,
+        channel_buffer_size: CHANNEL_BUFFER,
+        event_buffer_size: CHANNEL_BUFFER,
+        max_auth_attempts: config.limits.max_auth_tries,
+        inactivity_timeout: s.inactivity_timeout(),
+        keepalive_interval: s.keepalive_interval(),
+        keepalive_max: s.keepalive_max,
+        nodelay: true,
+        ..Default::default()
+    }
+}
+
+/// Accepts connections until shutdown. Connection tasks are tracked so the caller can drain them.
+pub async fn accept_loop(
+    gw: Arc<Gateway>,
+    listener: TcpListener,
+    ssh: Arc<russh::server::Config>,
+    tracker: TaskTracker,
+) {
+    let max_startups = gw.config.limits.max_startups;
+    let startups = Arc::new(Semaphore::new(max_startups));
+    loop {
+        tokio::select! {
+            _ = gw.shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok((stream, peer)) => match startups.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        tracker.spawn(connection(gw.clone(), ssh.clone(), stream, peer, permit));
+                    }
+                    Err(_) => {
+                        let reason = format!("too many unauthenticated connections (max_startups = {max_startups}); try again later");
+                        audit::connection_refused(peer, &reason);
+                        tracker.spawn(refuse(stream, reason));
+                    }
+                },
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed on the SSH listener");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+}
+
+/// RFC 4253 §4.2 lets a server send text lines before its version string: clients show or log
+/// them, so the refusal reason reaches the operator on the agent side too.
+async fn refuse(mut stream: TcpStream, reason: String) {
+    let line = format!("cmx-gateway: {reason}\r\n");
+    let _ = tokio::time::timeout(DISCONNECT_WAIT, stream.write_all(line.as_bytes())).await;
+    let _ = stream.shutdown().await;
+}
+
+async fn connection(
+    gw: Arc<Gateway>,
+    ssh: Arc<russh::server::Config>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    startup: OwnedSemaphorePermit,
+) {
+    sockets::tune_stream(&stream);
+    let id = gw.next_session_id();
+    let (authenticated_tx, authenticated) = oneshot::channel();
+    let handler = SessionHandler::new(gw.clone(), id, peer, authenticated_tx);
+    let grace = gw.config.login_grace_time();
+    let mut deadline = std::pin::pin!(tokio::time::sleep(grace));
+    let grace_exceeded = format!(
+        "not authenticated within the login grace time ({}s)",
+        grace.as_secs()
+    );
+
+    let running = tokio::select! {
+        r = russh::server::run_stream(ssh, stream, handler) => match r {
+            Ok(running) => running,
+            Err(e) => {
+                audit::connection_refused(peer, &format!("SSH handshake failed: {e}"));
+                return;
+            }
+        },
+        _ = &mut deadline => {
+            audit::connection_refused(peer, &grace_exceeded);
+            return;
+        }
+        _ = gw.shutdown.cancelled() => return,
+    };
+    let handle = running.handle();
+    let mut running = std::pin::pin!(running);
+
+    // Until authenticated: the login grace timer runs and the startup slot is held.
+    tokio::select! {
+        r = authenticated => {
+            if r.is_err() {
+                // The handler is gone: the session ended before authenticating.
+                let _ = running.await;
+                return;
+            }
+        }
+        _ = &mut deadline => {
+            audit::connection_refused(peer, &grace_exceeded);
+            disconnect(&handle, &grace_exceeded).await;
+            let _ = tokio::time::timeout(DISCONNECT_WAIT, running).await;
+            return;
+        }
+        r = &mut running => {
+            if let Err(e) = r {
+                tracing::debug!(%peer, error = %e, "connection ended before authentication");
+            }
+            return;
+        }
+        _ = gw.shutdown.cancelled() => {
+            disconnect(&handle, "gateway shutting down").await;
+            return;
+        }
+    }
+    drop(startup);
+
+    let reason = tokio::select! {
+        r = &mut running => match r {
+            Ok(()) => "connection closed".to_string(),
+            Err(e) => format!("connection error: {e}"),
+        },
+        _ = gw.shutdown.cancelled() => {
+            disconnect(&handle, "gateway shutting down").await;
+            let _ = tokio::time::timeout(DISCONNECT_WAIT, &mut running).await;
+            "gateway shutting down".to_string()
+        }
+    };
+    session::cleanup(&gw, id, &reason);
+}

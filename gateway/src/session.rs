@@ -1,0 +1,387 @@
+//! One SSH connection: authentication, then forwarding requests. Shell, exec, subsystem and pty
+//! requests get a one-line refusal on stderr and exit status 1, so `ssh gw` ends with a clear
+//! message instead of hanging, and the connection stays usable for forwarding.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use russh::keys::Certificate;
+use russh::server::{Auth, ChannelOpenHandle, Handler, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
+use russh::{Channel, ChannelId, ChannelOpenFailure, Disconnect, MethodKind, MethodSet};
+use tokio::sync::oneshot;
+
+use crate::audit;
+use crate::auth::{self, Credential};
+use crate::events::{GatewayEvent, SessionId};
+use crate::forward::{direct, mirror};
+use crate::gateway::Gateway;
+use crate::sessions::SessionEntry;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error(transparent)]
+    Ssh(#[from] russh::Error),
+}
+
+/// Counts a channel the agent opened against `max_channels_per_session` while it lives.
+pub struct ChannelSlot(Arc<AtomicUsize>);
+
+impl Drop for ChannelSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+pub struct SessionHandler {
+    gw: Arc<Gateway>,
+    id: SessionId,
+    peer: SocketAddr,
+    /// Identity and credential, once authentication accepted them.
+    authenticated: Option<(String, Credential)>,
+    /// Fired once the session is authenticated and registered (ends the login grace timer).
+    on_authenticated: Option<oneshot::Sender<()>>,
+    channels: Arc<AtomicUsize>,
+    session_channels: HashMap<ChannelId, ChannelSlot>,
+}
+
+impl SessionHandler {
+    pub fn new(
+        gw: Arc<Gateway>,
+        id: SessionId,
+        peer: SocketAddr,
+        on_authenticated: oneshot::Sender<()>,
+    ) -> Self {
+        SessionHandler {
+            gw,
+            id,
+            peer,
+            authenticated: None,
+            on_authenticated: Some(on_authenticated),
+            channels: Arc::new(AtomicUsize::new(0)),
+            session_channels: HashMap::new(),
+        }
+    }
+
+    fn identity(&self) -> &str {
+        self.authenticated.as_ref().map(|(i, _)| i.as_str()).unwrap_or("")
+    }
+
+    fn decide(&mut self, user: &str, result: Result<Credential, String>) -> Auth {
+        match result {
+            Ok(cred) => {
+                audit::auth_accepted(self.peer, user, &cred.to_string());
+                self.authenticated = Some((user.to_string(), cred));
+                Auth::Accept
+            }
+            Err(reason) => {
+                audit::auth_denied(self.peer, user, &reason);
+                reject_publickey_only()
+            }
+        }
+    }
+
+    fn take_slot(&self) -> Result<ChannelSlot, String> {
+        let max = self.gw.config.limits.max_channels_per_session;
+        let open = self.channels.fetch_add(1, Ordering::Relaxed);
+        let slot = ChannelSlot(self.channels.clone());
+        if open >= max {
+            return Err(format!(
+                "too many channels in this session (max_channels_per_session = {max})"
+            ));
+        }
+        Ok(slot)
+    }
+
+    /// Refuses shell/exec/subsystem with a one-line message and exit status 1.
+    fn refuse_session_request(
+        &self,
+        channel: ChannelId,
+        session: &mut Session,
+        what: &str,
+    ) -> Result<(), SessionError> {
+        audit::session_request_refused(self.id, self.identity(), what);
+        session.channel_success(channel)?;
+        let msg = format!(
+            "cmx-gateway: {what} is not available: this gateway only forwards ports (use ssh -N with -L or -R)\r\n"
+        );
+        session.extended_data(channel, 1, msg.into_bytes())?;
+        session.exit_status_request(channel, 1)?;
+        session.eof(channel)?;
+        session.close(channel)?;
+        Ok(())
+    }
+}
+
+fn reject_publickey_only() -> Auth {
+    Auth::Reject {
+        proceed_with_methods: Some(MethodSet::from(&[MethodKind::PublicKey][..])),
+        partial_success: false,
+    }
+}
+
+impl Handler for SessionHandler {
+    type Error = SessionError;
+
+    async fn auth_none(&mut self, _user: &str) -> Result<Auth, Self::Error> {
+        Ok(reject_publickey_only())
+    }
+
+    async fn auth_password(&mut self, user: &str, _password: &str) -> Result<Auth, Self::Error> {
+        audit::auth_denied(self.peer, user, "password authentication is disabled");
+        Ok(reject_publickey_only())
+    }
+
+    async fn auth_publickey_offered(
+        &mut self,
+        user: &str,
+        offer: PublicKeyOffer<'_>,
+    ) -> Result<Auth, Self::Error> {
+        let registry = self.gw.registry();
+        Ok(match auth::offer_acceptable(&registry, user, offer.public_key) {
+            Ok(()) => Auth::Accept,
+            Err(reason) => {
+                audit::auth_denied(self.peer, user, &reason);
+                reject_publickey_only()
+            }
+        })
+    }
+
+    async fn auth_publickey(&mut self, user: &str, key: VerifiedPublicKey<'_>) -> Result<Auth, Self::Error> {
+        let registry = self.gw.registry();
+        let result = auth::check_key(&registry, user, key.public_key);
+        Ok(self.decide(user, result))
+    }
+
+    async fn auth_openssh_certificate(
+        &mut self,
+        user: &str,
+        certificate: &Certificate,
+    ) -> Result<Auth, Self::Error> {
+        let registry = self.gw.registry();
+        let result = auth::check_certificate(&registry, user, certificate, self.peer.ip(), auth::now_unix());
+        Ok(self.decide(user, result))
+    }
+
+    async fn auth_succeeded(&mut self, session: &mut Session) -> Result<(), Self::Error> {
+        let Some((identity, credential)) = self.authenticated.clone() else {
+            return Ok(());
+        };
+        let entry = SessionEntry {
+            identity: identity.clone(),
+            peer: self.peer,
+            credential,
+            handle: session.handle(),
+        };
+        let max = self.gw.config.limits.max_sessions;
+        if let Err(live) = self.gw.sessions.insert(self.id, entry, max) {
+            let reason = format!("too many sessions on this gateway ({live} live, max_sessions = {max})");
+            audit::connection_refused(self.peer, &reason);
+            self.authenticated = None;
+            session.disconnect(Disconnect::TooManyConnections, &reason, "en")?;
+            return Ok(());
+        }
+        tracing::info!(session = %self.id, identity, peer = %self.peer, "session established");
+        self.gw.events.emit(GatewayEvent::SessionOpened {
+            session: self.id,
+            identity,
+            peer: self.peer,
+        });
+        if let Some(tx) = self.on_authenticated.take() {
+            let _ = tx.send(());
+        }
+        Ok(())
+    }
+
+    async fn channel_open_session(
+        &mut self,
+        channel: Channel<Msg>,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        match self.take_slot() {
+            Ok(slot) => {
+                self.session_channels.insert(channel.id(), slot);
+                reply.accept().await;
+            }
+            Err(reason) => {
+                reply.reject(ChannelOpenFailure::Other { code: 4, reason }).await;
+            }
+        }
+        Ok(())
+    }
+
+    async fn channel_close(&mut self, channel: ChannelId, _session: &mut Session) -> Result<(), Self::Error> {
+        self.session_channels.remove(&channel);
+        Ok(())
+    }
+
+    async fn channel_open_direct_tcpip(
+        &mut self,
+        channel: Channel<Msg>,
+        host_to_connect: &str,
+        port_to_connect: u32,
+        originator_address: &str,
+        originator_port: u32,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let identity = self.identity().to_string();
+        let slot = match self.take_slot() {
+            Ok(s) => s,
+            Err(reason) => {
+                audit::forward_denied(
+                    self.id,
+                    &identity,
+                    &format!("direct-tcpip {host_to_connect}:{port_to_connect}"),
+                    &reason,
+                );
+                reply.reject(ChannelOpenFailure::Other { code: 4, reason }).await;
+                return Ok(());
+            }
+        };
+        let req = direct::DirectRequest {
+            host: host_to_connect.to_string(),
+            port: port_to_connect,
+            originator_address: originator_address.to_string(),
+            originator_port,
+        };
+        // Resolving and connecting take time: never block the session's other channels on it.
+        tokio::spawn(direct::open(
+            self.gw.clone(),
+            self.id,
+            identity,
+            channel,
+            reply,
+            req,
+            slot,
+        ));
+        Ok(())
+    }
+
+    async fn tcpip_forward(
+        &mut self,
+        address: &str,
+        port: &mut u32,
+        session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        let identity = self.identity().to_string();
+        match mirror::request_forward(&self.gw, self.id, &identity, session.handle(), address, *port) {
+            Ok(bound) => {
+                *port = u32::from(bound);
+                Ok(true)
+            }
+            Err(_) => Ok(false),
+        }
+    }
+
+    async fn cancel_tcpip_forward(
+        &mut self,
+        address: &str,
+        port: u32,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        let identity = self.identity().to_string();
+        Ok(mirror::cancel_forward(
+            &self.gw, self.id, &identity, address, port,
+        ))
+    }
+
+    async fn pty_request(
+        &mut self,
+        channel: ChannelId,
+        _term: &str,
+        _col_width: u32,
+        _row_height: u32,
+        _pix_width: u32,
+        _pix_height: u32,
+        _modes: &[(russh::Pty, u32)],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        // Accepted so that the shell request that follows gets our message, not a pty error.
+        session.channel_success(channel)?;
+        Ok(())
+    }
+
+    async fn env_request(
+        &mut self,
+        channel: ChannelId,
+        _name: &str,
+        _value: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_failure(channel)?;
+        Ok(())
+    }
+
+    async fn x11_request(
+        &mut self,
+        channel: ChannelId,
+        _single: bool,
+        _protocol: &str,
+        _cookie: &str,
+        _screen: u32,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_failure(channel)?;
+        Ok(())
+    }
+
+    async fn agent_request(
+        &mut self,
+        channel: ChannelId,
+        session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        session.channel_failure(channel)?;
+        Ok(false)
+    }
+
+    async fn shell_request(&mut self, channel: ChannelId, session: &mut Session) -> Result<(), Self::Error> {
+        self.refuse_session_request(channel, session, "a shell")
+    }
+
+    async fn exec_request(
+        &mut self,
+        channel: ChannelId,
+        _data: &[u8],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.refuse_session_request(channel, session, "command execution")
+    }
+
+    async fn subsystem_request(
+        &mut self,
+        channel: ChannelId,
+        name: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.refuse_session_request(channel, session, &format!("subsystem '{name}'"))
+    }
+}
+
+/// Everything that must happen when a session ends, whatever ended it.
+pub fn cleanup(gw: &Gateway, id: SessionId, reason: &str) {
+    let entry = gw.sessions.remove(id);
+    for ((addr, port), identity) in gw.mirrors.release_session(id) {
+        audit::forward_removed(
+            id,
+            &identity,
+            &format!("tcpip-forward [{addr}]:{port}"),
+            "session ended",
+        );
+        gw.events.emit(GatewayEvent::ForwardRemoved {
+            session: id,
+            identity,
+            addr,
+            port,
+        });
+    }
+    if let Some(entry) = entry {
+        audit::session_closed(id, &entry.identity, reason);
+        gw.events.emit(GatewayEvent::SessionClosed {
+            session: id,
+            identity: entry.identity,
+        });
+    }
+}

@@ -1,0 +1,65 @@
+//! Authenticated sessions, by id: who they are, what they authenticated with, and the handle that
+//! reaches them (to open forwarded channels, or to disconnect them on reload and shutdown).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+
+use russh::Disconnect;
+use russh::server::Handle;
+
+use crate::auth::Credential;
+use crate::events::SessionId;
+
+#[derive(Clone)]
+pub struct SessionEntry {
+    pub identity: String,
+    pub peer: SocketAddr,
+    pub credential: Credential,
+    pub handle: Handle,
+}
+
+#[derive(Default)]
+pub struct SessionTable {
+    inner: Mutex<HashMap<SessionId, SessionEntry>>,
+}
+
+impl SessionTable {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SessionId, SessionEntry>> {
+        // A panic while holding this lock leaves a consistent map (single inserts/removes).
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a session unless `max` are already live; returns the live count on refusal.
+    pub fn insert(&self, id: SessionId, entry: SessionEntry, max: usize) -> Result<(), usize> {
+        let mut map = self.lock();
+        if map.len() >= max {
+            return Err(map.len());
+        }
+        map.insert(id, entry);
+        Ok(())
+    }
+
+    pub fn remove(&self, id: SessionId) -> Option<SessionEntry> {
+        self.lock().remove(&id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
+    pub fn snapshot(&self) -> Vec<(SessionId, SessionEntry)> {
+        self.lock().iter().map(|(k, v)| (*k, v.clone())).collect()
+    }
+}
+
+/// Sends SSH_MSG_DISCONNECT with `reason`; the session task then ends and cleans up.
+pub async fn disconnect(handle: &Handle, reason: &str) {
+    let _ = handle
+        .disconnect(Disconnect::ByApplication, reason.to_string(), "en".to_string())
+        .await;
+}

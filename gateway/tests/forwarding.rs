@@ -1,0 +1,408 @@
+//! End to end through the gateway with stock OpenSSH clients as agents, in network namespaces:
+//! a server publishes with `ssh -R`, a device connects with `ssh -L`, and real traffic crosses
+//! device host -> gateway (ID-sock -> Mir-sock) -> server host.
+
+mod support;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const T: Duration = Duration::from_secs(20);
+const DEV1_ADDR: &str = "fd63:6d78::a03f:f8ff:fe68:ec8f";
+
+/// srv1 publishes 1883 (-> echo on its host), dev1 reaches it on its host's 127.0.0.1:11883.
+struct Scenario {
+    hosts: Hosts,
+    gw: GatewayProc,
+    srv1: Key,
+    dev1: Key,
+    echo: Echo,
+    _server_agent: SshAgent,
+    _device_agent: SshAgent,
+}
+
+impl Scenario {
+    async fn start() -> Scenario {
+        Self::start_with("permit_open = [\"srv1:1883\"]").await
+    }
+
+    async fn start_with(dev1_permit_open: &str) -> Scenario {
+        let hosts = Hosts::new();
+        let srv1 = Key::generate(hosts.dir.path(), "srv1");
+        let dev1 = Key::generate(hosts.dir.path(), "dev1");
+        let registry = RegistryText::default()
+            .identity(
+                "srv1",
+                "server",
+                &[&srv1],
+                &["address = \"fd63:6d78::1\"", "permit_listen = [\"1883\", \"*\"]"],
+            )
+            .identity(
+                "dev1",
+                "device",
+                &[&dev1],
+                &["mac = \"a2:3f:f8:68:ec:8f\"", dev1_permit_open],
+            )
+            .build();
+        let gw = GatewayProc::start(&hosts, &registry, "").await;
+        let echo = Echo::serve(hosts.srv.listen("127.0.0.1:5000"));
+        let server_agent = SshAgent::start(&hosts, &hosts.srv, "srv1", &srv1, &["-R", "1883:127.0.0.1:5000"]);
+        gw.log
+            .wait("srv1 forward", T, audit_allow("srv1", "tcpip-forward"))
+            .await;
+        let device_agent = SshAgent::start(
+            &hosts,
+            &hosts.dev,
+            "dev1",
+            &dev1,
+            &["-L", "127.0.0.1:11883:srv1:1883"],
+        );
+        Scenario {
+            hosts,
+            gw,
+            srv1,
+            dev1,
+            echo,
+            _server_agent: server_agent,
+            _device_agent: device_agent,
+        }
+    }
+
+    async fn connect(&self) -> tokio::net::TcpStream {
+        self.hosts.dev.connect_retry("127.0.0.1:11883").await
+    }
+}
+
+fn audit_allow(identity: &'static str, request: &'static str) -> impl Fn(&serde_json::Value) -> bool {
+    move |v| {
+        field(v, "event") == "forward"
+            && field(v, "decision") == "allow"
+            && field(v, "identity") == identity
+            && field(v, "request").starts_with(request)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mqtt_messages_cross_the_gateway_and_the_server_learns_the_device_identity() {
+    let hosts = Hosts::new();
+    let srv1 = Key::generate(hosts.dir.path(), "srv1");
+    let dev1 = Key::generate(hosts.dir.path(), "dev1");
+    let registry = RegistryText::default()
+        .identity(
+            "srv1",
+            "server",
+            &[&srv1],
+            &["address = \"fd63:6d78::1\"", "permit_listen = [\"1883\"]"],
+        )
+        .identity(
+            "dev1",
+            "device",
+            &[&dev1],
+            &["mac = \"a2:3f:f8:68:ec:8f\"", "permit_open = [\"srv1:1883\"]"],
+        )
+        .build();
+    let gw = GatewayProc::start(&hosts, &registry, "").await;
+
+    // A real MQTT broker on the server host, reachable only on its loopback.
+    let conf = hosts.path("mosquitto.conf");
+    std::fs::write(&conf, "listener 1883 127.0.0.1\nallow_anonymous true\n").unwrap();
+    let mut broker = hosts
+        .srv
+        .command("mosquitto")
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("mosquitto");
+    let _broker_guard = KillOnDrop(&mut broker);
+    wait_listening(&hosts.srv, "127.0.0.1:1883").await;
+    let sub = hosts
+        .srv
+        .command("mosquitto_sub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            "1883",
+            "-t",
+            "cmx/#",
+            "-v",
+            "-C",
+            "3",
+            "-W",
+            "30",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("mosquitto_sub");
+
+    let server_agent = SshAgent::start(&hosts, &hosts.srv, "srv1", &srv1, &["-R", "1883:127.0.0.1:1883"]);
+    gw.log
+        .wait("srv1 forward", T, audit_allow("srv1", "tcpip-forward"))
+        .await;
+    let _device_agent = SshAgent::start(
+        &hosts,
+        &hosts.dev,
+        "dev1",
+        &dev1,
+        &["-L", "127.0.0.1:1883:srv1:1883"],
+    );
+    wait_listening(&hosts.dev, "127.0.0.1:1883").await;
+    tokio::time::sleep(Duration::from_millis(300)).await; // let mosquitto_sub subscribe
+
+    // The legacy app on the device speaks plain MQTT to localhost.
+    for i in 1..=3 {
+        let status = hosts
+            .dev
+            .command("mosquitto_pub")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                "1883",
+                "-t",
+                &format!("cmx/dev1/{i}"),
+                "-m",
+                &format!("reading {i}"),
+            ])
+            .status()
+            .unwrap();
+        assert!(status.success(), "mosquitto_pub {i} failed");
+    }
+    let out = tokio::task::spawn_blocking(move || sub.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let received = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        received,
+        "cmx/dev1/1 reading 1\ncmx/dev1/2 reading 2\ncmx/dev1/3 reading 3\n"
+    );
+
+    // The Mir-sock saw the ID-sock of dev1's identity address...
+    let opened = gw
+        .log
+        .wait("pair opened", T, |v| field(v, "event") == "pair-opened")
+        .await;
+    assert_eq!(field(&opened, "identity"), "dev1");
+    assert!(
+        field(&opened, "source").starts_with(&format!("[{DEV1_ADDR}]:")),
+        "{opened}"
+    );
+    assert_eq!(field(&opened, "destination"), "srv1 [fd63:6d78::1]:1883");
+    // ...and the server agent received it as the forwarded-tcpip originator.
+    server_agent
+        .wait_output(&format!("originator {DEV1_ADDR} port"), T)
+        .await;
+}
+
+struct KillOnDrop<'a>(&'a mut std::process::Child);
+impl Drop for KillOnDrop<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn wait_listening(ns: &Netns, addr: &str) {
+    drop(ns.connect_retry(addr).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sixty_four_mib_each_way_arrive_byte_exact() {
+    let s = Scenario::start().await;
+    let data = pattern(64 << 20, 0xc0ffee);
+    let stream = s.connect().await;
+    let (mut r, mut w) = stream.into_split();
+    let sent = data.clone();
+    let writer = tokio::spawn(async move {
+        w.write_all(&sent).await.unwrap();
+        w.shutdown().await.unwrap();
+    });
+    let mut got = Vec::with_capacity(data.len());
+    r.read_to_end(&mut got).await.unwrap();
+    writer.await.unwrap();
+    assert_eq!(got.len(), data.len(), "length differs");
+    assert!(got == data, "echoed bytes differ from sent bytes");
+
+    let closed =
+        s.gw.log
+            .wait("pair closed", T, |v| field(v, "event") == "pair-closed")
+            .await;
+    assert_eq!(closed["bytes_to_target"].as_u64(), Some(64 << 20), "{closed}");
+    assert_eq!(closed["bytes_from_target"].as_u64(), Some(64 << 20), "{closed}");
+    assert_eq!(field(&closed, "end"), "eof both ways");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn half_close_works_in_both_directions() {
+    let s = Scenario::start().await;
+
+    // Device half-closes first: the echo still answers everything afterwards.
+    let got = exchange(s.connect().await, b"request, then EOF").await;
+    assert_eq!(got, b"request, then EOF");
+
+    // Server half-closes first: it sends a banner and EOF, then still reads what the device sends.
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let listener = s.hosts.srv.listen("127.0.0.1:5001");
+    tokio::spawn(async move {
+        let (mut c, _) = listener.accept().await.unwrap();
+        c.write_all(b"banner").await.unwrap();
+        c.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        c.read_to_end(&mut rest).await.unwrap();
+        let _ = tx.send(rest);
+    });
+    let srv2 = SshAgent::start(
+        &s.hosts,
+        &s.hosts.srv,
+        "srv1",
+        &s.srv1,
+        &["-R", "1884:127.0.0.1:5001"],
+    );
+    s.gw.log
+        .wait("forward 1884", T, |v| {
+            field(v, "event") == "forward" && field(v, "request").ends_with(":1884")
+        })
+        .await;
+    let _dev = SshAgent::start(
+        &s.hosts,
+        &s.hosts.dev,
+        "dev1",
+        &s.dev1,
+        &["-L", "127.0.0.1:11884:srv1:1884"],
+    );
+    // dev1 may not open 1884 yet: allow it and reload (the registry is watched).
+    let registry = std::fs::read_to_string(&s.gw.registry)
+        .unwrap()
+        .replace("\"srv1:1883\"", "\"srv1:1883\", \"srv1:1884\"");
+    s.gw.rewrite_registry(&registry).await;
+    let mut c = s.hosts.dev.connect_retry("127.0.0.1:11884").await;
+    let mut banner = Vec::new();
+    c.read_to_end(&mut banner).await.unwrap();
+    assert_eq!(banner, b"banner", "server's data before its EOF");
+    c.write_all(b"after the server's EOF").await.unwrap();
+    c.shutdown().await.unwrap();
+    let rest = tokio::time::timeout(T, rx).await.unwrap().unwrap();
+    assert_eq!(rest, b"after the server's EOF");
+    drop(srv2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_hundred_concurrent_channels_share_one_session() {
+    let s = Scenario::start().await;
+    drop(s.connect().await); // the -L listener is up
+    let mut tasks = Vec::new();
+    for i in 0..200u64 {
+        let stream = s.hosts.dev.connect("127.0.0.1:11883").expect("connect");
+        tasks.push(tokio::spawn(async move {
+            let data = pattern(16 * 1024, i + 1);
+            let got = exchange(stream, &data).await;
+            assert!(got == data, "channel {i}: echo differs");
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(s.echo.count(), 201);
+    // All of them went through dev1's single session.
+    let sessions =
+        s.gw.log
+            .count(|v| field(v, "message") == "session established" && field(v, "identity") == "dev1");
+    assert_eq!(sessions, 1);
+    assert_eq!(s.gw.log.count(|v| field(v, "event") == "pair-opened"), 201);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_server_app_sees_the_device_identity_address_as_its_peer() {
+    // A server app reached directly from the gateway (permit_open to a host:port, not through a
+    // server agent) sees the ID-sock's source: the device's identity address.
+    let hosts = Hosts::new();
+    let dev1 = Key::generate(hosts.dir.path(), "dev1");
+    let registry = RegistryText::default()
+        .identity(
+            "dev1",
+            "device",
+            &[&dev1],
+            &[
+                "mac = \"a2:3f:f8:68:ec:8f\"",
+                "permit_open = [\"[fd00:5::2]:7000\"]",
+            ],
+        )
+        .build();
+    let gw = GatewayProc::start(&hosts, &registry, "").await;
+    // An IPv6 link between gateway and server host, with the identity prefix routed back.
+    for (ns, addr) in [(&hosts.gw, "fd00:5::1/64"), (&hosts.srv, "fd00:5::2/64")] {
+        let dev = if ns.name == hosts.gw.name { "s0" } else { "eth0" };
+        let st = std::process::Command::new("ip")
+            .args(["-n", &ns.name, "addr", "add", addr, "dev", dev, "nodad"])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    let st = std::process::Command::new("ip")
+        .args([
+            "-n",
+            &hosts.srv.name,
+            "route",
+            "add",
+            "fd63:6d78::/64",
+            "via",
+            "fd00:5::1",
+        ])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let echo = Echo::serve(hosts.srv.listen("[fd00:5::2]:7000"));
+    let _dev = SshAgent::start(
+        &hosts,
+        &hosts.dev,
+        "dev1",
+        &dev1,
+        &["-L", "127.0.0.1:17000:[fd00:5::2]:7000"],
+    );
+    let got = exchange(hosts.dev.connect_retry("127.0.0.1:17000").await, b"who am I?").await;
+    assert_eq!(got, b"who am I?");
+    let peers = echo.accepted.lock().unwrap().clone();
+    assert_eq!(peers.len(), 1);
+    assert_eq!(
+        peers[0].ip().to_string(),
+        DEV1_ADDR,
+        "the server app sees dev1's identity address"
+    );
+    drop(gw);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn port_zero_reverse_forward_gets_a_port_that_works() {
+    let s = Scenario::start_with("permit_open = [\"srv1\"]").await;
+    let agent = SshAgent::start(
+        &s.hosts,
+        &s.hosts.srv,
+        "srv1",
+        &s.srv1,
+        &["-R", "0:127.0.0.1:5000"],
+    );
+    agent.wait_output("Allocated port ", T).await;
+    let out = agent.output();
+    let port: u16 = out
+        .split("Allocated port ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no allocated port in:\n{out}"));
+    assert_ne!(port, 0);
+    assert_ne!(port, 1883);
+    let forward = format!("127.0.0.1:12000:srv1:{port}");
+    let _dev = SshAgent::start(&s.hosts, &s.hosts.dev, "dev1", &s.dev1, &["-L", &forward]);
+    let got = exchange(
+        s.hosts.dev.connect_retry("127.0.0.1:12000").await,
+        b"via an allocated port",
+    )
+    .await;
+    assert_eq!(got, b"via an allocated port");
+}

@@ -1,0 +1,681 @@
+//! Test hosts for the gateway: three network namespaces (device, gateway, server) joined by veth
+//! links, the real `cmx-gateway` binary in the gateway namespace, stock OpenSSH clients as agents,
+//! and helpers that create sockets inside a namespace. Everything is torn down on drop; namespaces
+//! left behind by a crashed run are removed by the next one.
+//!
+//! Addresses: gateway 10.1.0.1 (device side) and 10.2.0.1 (server side); device 10.1.0.2;
+//! server 10.2.0.2. The gateway listens for SSH on port 2222.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const GW_DEV_IP: &str = "10.1.0.1";
+pub const GW_SRV_IP: &str = "10.2.0.1";
+pub const DEV_IP: &str = "10.1.0.2";
+pub const SRV_IP: &str = "10.2.0.2";
+pub const SSH_PORT: u16 = 2222;
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+pub fn gateway_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_cmx-gateway")
+}
+
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "these tests create network namespaces and must run as root (cargo xtask test does)"
+    );
+}
+
+fn sh(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn ip(args: &[&str]) {
+    sh(Command::new("ip").args(args));
+}
+
+/// Removes namespaces of earlier test processes that no longer exist.
+fn remove_stale_namespaces() {
+    let Ok(list) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&list.stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or("");
+        let Some(rest) = name.strip_prefix("cmxt") else {
+            continue;
+        };
+        let pid: u32 = rest.split('-').next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        if pid != 0 && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = Command::new("ip").args(["netns", "del", name]).status();
+        }
+    }
+}
+
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    fn create(name: String) -> Netns {
+        ip(&["netns", "add", &name]);
+        ip(&["-n", &name, "link", "set", "lo", "up"]);
+        Netns { name }
+    }
+
+    /// A command run inside this namespace.
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+
+    /// Runs `f` on a thread that has entered this namespace: sockets it creates live here.
+    pub fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+            // SAFETY: setns on a valid namespace fd only changes this thread's network namespace.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns({path}): {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .expect("namespace thread panicked")
+    }
+
+    /// A tokio listener bound inside this namespace.
+    pub fn listen(&self, addr: &str) -> tokio::net::TcpListener {
+        let addr: SocketAddr = addr.parse().unwrap();
+        let std = self.enter(move || {
+            let l = std::net::TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+            l.set_nonblocking(true).unwrap();
+            l
+        });
+        tokio::net::TcpListener::from_std(std).unwrap()
+    }
+
+    /// Connects from inside this namespace.
+    pub fn connect(&self, addr: &str) -> std::io::Result<tokio::net::TcpStream> {
+        let addr: SocketAddr = addr.parse().unwrap();
+        let std = self.enter(move || std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)))?;
+        std.set_nonblocking(true)?;
+        tokio::net::TcpStream::from_std(std)
+    }
+
+    /// Connects, retrying while nothing listens yet (an ssh -L listener coming up).
+    pub async fn connect_retry(&self, addr: &str) -> tokio::net::TcpStream {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            match self.connect(addr) {
+                Ok(s) => return s,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("connect {addr} in {}: {e}", self.name),
+            }
+        }
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+/// Device, gateway and server hosts.
+pub struct Hosts {
+    pub dev: Netns,
+    pub gw: Netns,
+    pub srv: Netns,
+    pub dir: tempfile::TempDir,
+}
+
+impl Hosts {
+    pub fn new() -> Hosts {
+        require_root();
+        remove_stale_namespaces();
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let base = format!("cmxt{}-{n}", std::process::id());
+        let dev = Netns::create(format!("{base}-dev"));
+        let gw = Netns::create(format!("{base}-gw"));
+        let srv = Netns::create(format!("{base}-srv"));
+        for (peer, gw_if, gw_ip, peer_ip) in
+            [(&dev, "d0", GW_DEV_IP, DEV_IP), (&srv, "s0", GW_SRV_IP, SRV_IP)]
+        {
+            ip(&[
+                "-n", &gw.name, "link", "add", gw_if, "type", "veth", "peer", "name", "eth0", "netns",
+                &peer.name,
+            ]);
+            ip(&[
+                "-n",
+                &gw.name,
+                "addr",
+                "add",
+                &format!("{gw_ip}/24"),
+                "dev",
+                gw_if,
+            ]);
+            ip(&["-n", &gw.name, "link", "set", gw_if, "up"]);
+            ip(&[
+                "-n",
+                &peer.name,
+                "addr",
+                "add",
+                &format!("{peer_ip}/24"),
+                "dev",
+                "eth0",
+            ]);
+            ip(&["-n", &peer.name, "link", "set", "eth0", "up"]);
+        }
+        Hosts {
+            dev,
+            gw,
+            srv,
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+/// An OpenSSH key pair made by ssh-keygen.
+#[derive(Clone)]
+pub struct Key {
+    pub path: PathBuf,
+}
+
+impl Key {
+    pub fn generate(dir: &Path, name: &str) -> Key {
+        let path = dir.join(name);
+        sh(Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+            .arg(&path));
+        Key { path }
+    }
+
+    pub fn public(&self) -> String {
+        std::fs::read_to_string(self.path.with_extension("pub"))
+            .or_else(|_| std::fs::read_to_string(format!("{}.pub", self.path.display())))
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
+    /// Signs this key's public half with `ca`; returns the certificate's path.
+    /// `extra` are ssh-keygen options such as `["-V", "20200101:20200102"]` or `["-O", "clear"]`.
+    pub fn certify(&self, ca: &Key, principals: &str, extra: &[&str]) -> PathBuf {
+        let pubfile = format!("{}.pub", self.path.display());
+        let out = self.path.with_file_name(format!(
+            "{}-{}-cert.pub",
+            self.path.file_name().unwrap().to_string_lossy(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let tmp_pub = out.with_extension("in.pub");
+        std::fs::copy(&pubfile, &tmp_pub).unwrap();
+        sh(Command::new("ssh-keygen")
+            .arg("-q")
+            .arg("-s")
+            .arg(&ca.path)
+            .args(["-I", "test-cert", "-n", principals])
+            .args(extra)
+            .arg(&tmp_pub));
+        // ssh-keygen writes <input minus .pub>-cert.pub.
+        let produced = PathBuf::from(format!(
+            "{}-cert.pub",
+            tmp_pub.display().to_string().trim_end_matches(".pub")
+        ));
+        std::fs::rename(produced, &out).unwrap();
+        out
+    }
+}
+
+/// Collected JSON log lines of a process, waitable.
+#[derive(Clone, Default)]
+pub struct LogBook {
+    inner: Arc<Mutex<Vec<Value>>>,
+}
+
+impl LogBook {
+    fn push(&self, v: Value) {
+        self.inner.lock().unwrap().push(v);
+    }
+
+    pub fn all(&self) -> Vec<Value> {
+        self.inner.lock().unwrap().clone()
+    }
+
+    pub fn find(&self, pred: impl Fn(&Value) -> bool) -> Option<Value> {
+        self.inner.lock().unwrap().iter().find(|v| pred(v)).cloned()
+    }
+
+    /// Waits for a line matching `pred`; panics with the whole log after `timeout`.
+    pub async fn wait(&self, what: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(v) = self.find(&pred) {
+                return v;
+            }
+            if Instant::now() >= deadline {
+                let dump: Vec<String> = self.all().iter().map(|v| v.to_string()).collect();
+                panic!(
+                    "timed out waiting for log: {what}\nlog so far:\n{}",
+                    dump.join("\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn count(&self, pred: impl Fn(&Value) -> bool) -> usize {
+        self.inner.lock().unwrap().iter().filter(|v| pred(v)).count()
+    }
+}
+
+pub fn field<'a>(v: &'a Value, k: &str) -> &'a str {
+    v.get(k).and_then(Value::as_str).unwrap_or("")
+}
+
+/// An audit line matcher: `event`, `decision`, `identity` equal, and `reason` containing `reason`.
+pub fn audit(
+    event: &'static str,
+    decision: &'static str,
+    identity: &'static str,
+    reason: &'static str,
+) -> impl Fn(&Value) -> bool {
+    move |v| {
+        field(v, "target") == "audit"
+            && field(v, "event") == event
+            && (decision.is_empty() || field(v, "decision") == decision)
+            && (identity.is_empty() || field(v, "identity") == identity)
+            && field(v, "reason").contains(reason)
+    }
+}
+
+pub struct GatewayProc {
+    pub child: Child,
+    pub log: LogBook,
+    pub config: PathBuf,
+    pub registry: PathBuf,
+    pub host_key_pub: String,
+}
+
+impl GatewayProc {
+    /// Starts the gateway in the gateway namespace with `registry` and extra config lines.
+    pub async fn start(hosts: &Hosts, registry: &str, extra_config: &str) -> GatewayProc {
+        let config = hosts.path("gateway.toml");
+        let registry_path = hosts.path("identities.toml");
+        std::fs::write(&registry_path, registry).unwrap();
+        std::fs::write(
+            &config,
+            format!("listen = \"0.0.0.0:{SSH_PORT}\"\nreload_interval_secs = 1\n{extra_config}\n"),
+        )
+        .unwrap();
+        let mut child = hosts
+            .gw
+            .command(gateway_bin())
+            .args([
+                "--log-format",
+                "json",
+                "--log-level",
+                "info,russh=warn",
+                "run",
+                "--config",
+            ])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn cmx-gateway");
+        let log = LogBook::default();
+        let stderr = child.stderr.take().unwrap();
+        let book = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let v = serde_json::from_str(&line).unwrap_or_else(|_| serde_json::json!({ "raw": line }));
+                book.push(v);
+            }
+        });
+        log.wait("gateway ready", Duration::from_secs(20), |v| {
+            field(v, "message").starts_with("cmx-gateway ready")
+        })
+        .await;
+        let host_key_pub = std::fs::read_to_string(hosts.path("ssh_host_ed25519_key.pub"))
+            .unwrap()
+            .trim()
+            .to_string();
+        // Agents on both sides pin the gateway's host key.
+        std::fs::write(
+            hosts.path("known_hosts"),
+            format!("[{GW_DEV_IP}]:{SSH_PORT} {host_key_pub}\n[{GW_SRV_IP}]:{SSH_PORT} {host_key_pub}\n"),
+        )
+        .unwrap();
+        GatewayProc {
+            child,
+            log,
+            config,
+            registry: registry_path,
+            host_key_pub,
+        }
+    }
+
+    /// Rewrites the registry and waits until the gateway has applied it.
+    pub async fn rewrite_registry(&self, text: &str) {
+        let reloads = |log: &LogBook| log.count(|v| field(v, "message") == "identity registry reloaded");
+        let before = reloads(&self.log);
+        std::fs::write(&self.registry, text).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while reloads(&self.log) == before {
+            assert!(
+                Instant::now() < deadline,
+                "registry was not reloaded: {:?}",
+                summary(&self.log)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill with a pid we spawned.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    /// Waits for the process to exit (after a signal).
+    pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "gateway did not exit");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for GatewayProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A stock OpenSSH client (`ssh -N ...`) as an agent.
+pub struct SshAgent {
+    pub child: Child,
+    pub output: Arc<Mutex<String>>,
+}
+
+impl SshAgent {
+    /// `ssh -N` from `ns` to the gateway as `user` with `key`, plus `args` (-L/-R/-o ...).
+    pub fn start(hosts: &Hosts, ns: &Netns, user: &str, key: &Key, args: &[&str]) -> SshAgent {
+        let gw_ip = if ns.name == hosts.srv.name {
+            GW_SRV_IP
+        } else {
+            GW_DEV_IP
+        };
+        let mut cmd = ns.command("ssh");
+        cmd.args(["-N", "-v", "-p", &SSH_PORT.to_string()])
+            .args(ssh_options(hosts))
+            .arg("-i")
+            .arg(&key.path)
+            .args(args)
+            .arg(format!("{user}@{gw_ip}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn ssh");
+        let output = Arc::new(Mutex::new(String::new()));
+        let out = output.clone();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut o = out.lock().unwrap();
+                o.push_str(&line);
+                o.push('\n');
+            }
+        });
+        SshAgent { child, output }
+    }
+
+    pub fn output(&self) -> String {
+        self.output.lock().unwrap().clone()
+    }
+
+    /// Waits until the client's output contains `text`.
+    pub async fn wait_output(&self, text: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.output().contains(text) {
+            assert!(
+                Instant::now() < deadline,
+                "ssh output never contained {text:?}:\n{}",
+                self.output()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits for the client to exit.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "ssh did not exit:\n{}", self.output());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for SshAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Options every test client uses: pinned host key, no agent, no prompts, fail fast on forwards.
+pub fn ssh_options(hosts: &Hosts) -> Vec<String> {
+    [
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "IdentitiesOnly=yes",
+        "-o",
+        "IdentityAgent=none",
+        "-o",
+        "StrictHostKeyChecking=yes",
+        "-o",
+        "ExitOnForwardFailure=yes",
+        "-o",
+        "ServerAliveInterval=5",
+        "-o",
+        "ConnectTimeout=10",
+        "-F",
+        "/dev/null",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([
+        "-o".to_string(),
+        format!("UserKnownHostsFile={}", hosts.path("known_hosts").display()),
+    ])
+    .collect()
+}
+
+/// Runs a one-shot `ssh` (not -N) and returns (exit status, stderr).
+pub fn ssh_once(hosts: &Hosts, ns: &Netns, user: &str, key: &Key, args: &[&str]) -> (ExitStatus, String) {
+    let gw_ip = if ns.name == hosts.srv.name {
+        GW_SRV_IP
+    } else {
+        GW_DEV_IP
+    };
+    let out = ns
+        .command("timeout")
+        .args(["20", "ssh", "-p", &SSH_PORT.to_string()])
+        .args(ssh_options(hosts))
+        .arg("-i")
+        .arg(&key.path)
+        .args(args)
+        .arg(format!("{user}@{gw_ip}"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("run ssh");
+    (out.status, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// Registry text builder for tests.
+#[derive(Default)]
+pub struct RegistryText {
+    header: String,
+    body: String,
+}
+
+impl RegistryText {
+    pub fn ca(mut self, key: &Key) -> Self {
+        self.header
+            .push_str(&format!("cert_authorities = [\"{}\"]\n", key.public()));
+        self
+    }
+
+    pub fn revoked(mut self, key: &Key) -> Self {
+        self.header
+            .push_str(&format!("revoked_keys = [\"{}\"]\n", key.public()));
+        self
+    }
+
+    /// Adds an identity: `fields` are extra TOML lines (address/mac, permits, principals).
+    pub fn identity(mut self, name: &str, role: &str, keys: &[&Key], fields: &[&str]) -> Self {
+        let keys: Vec<String> = keys.iter().map(|k| format!("\"{}\"", k.public())).collect();
+        self.body.push_str(&format!(
+            "\n[[identity]]\nname = \"{name}\"\nrole = \"{role}\"\nkeys = [{}]\n",
+            keys.join(", ")
+        ));
+        for f in fields {
+            self.body.push_str(f);
+            self.body.push('\n');
+        }
+        self
+    }
+
+    pub fn build(&self) -> String {
+        format!("{}{}", self.header, self.body)
+    }
+}
+
+/// Echo service: echoes everything, half-closes after the client does. Counts connections and
+/// the peer addresses it saw.
+#[derive(Clone, Default)]
+pub struct Echo {
+    pub accepted: Arc<Mutex<Vec<SocketAddr>>>,
+}
+
+impl Echo {
+    pub fn serve(listener: tokio::net::TcpListener) -> Echo {
+        let echo = Echo::default();
+        let seen = echo.accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut s, peer)) = listener.accept().await else {
+                    return;
+                };
+                seen.lock().unwrap().push(peer);
+                tokio::spawn(async move {
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                    let _ = tokio::io::AsyncWriteExt::shutdown(&mut w).await;
+                });
+            }
+        });
+        echo
+    }
+
+    pub fn count(&self) -> usize {
+        self.accepted.lock().unwrap().len()
+    }
+}
+
+/// A fixed banner service: writes `banner` then closes, counting connections.
+pub fn banner(listener: tokio::net::TcpListener, banner: &'static [u8]) -> Echo {
+    let svc = Echo::default();
+    let seen = svc.accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, peer)) = listener.accept().await else {
+                return;
+            };
+            seen.lock().unwrap().push(peer);
+            tokio::spawn(async move {
+                let _ = tokio::io::AsyncWriteExt::write_all(&mut s, banner).await;
+                let _ = tokio::io::AsyncWriteExt::shutdown(&mut s).await;
+                let mut sink = Vec::new();
+                let _ = tokio::io::AsyncReadExt::read_to_end(&mut s, &mut sink).await;
+            });
+        }
+    });
+    svc
+}
+
+/// Writes `data`, half-closes, and returns everything read until EOF.
+pub async fn exchange(mut s: tokio::net::TcpStream, data: &[u8]) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut r, mut w) = s.split();
+    let write = async {
+        w.write_all(data).await.unwrap();
+        w.shutdown().await.unwrap();
+    };
+    let mut got = Vec::new();
+    let read = r.read_to_end(&mut got);
+    let (_, n) = tokio::join!(write, read);
+    n.unwrap();
+    got
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so a transfer can be checked byte for byte.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Counts log lines by (event, decision) for diagnostics.
+pub fn summary(log: &LogBook) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for v in log.all() {
+        *m.entry(format!("{}/{}", field(&v, "event"), field(&v, "decision")))
+            .or_insert(0) += 1;
+    }
+    m
+}
