@@ -24,6 +24,7 @@ pub mod forward;
 pub mod gateway;
 pub mod hostkey;
 pub mod identity;
+pub mod killswitch;
 pub mod netsetup;
 pub mod policy;
 pub mod relay;

@@ -12,11 +12,13 @@ use russh::{MethodKind, MethodSet, SshId};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::audit;
 use crate::config::Config;
 use crate::gateway::Gateway;
+use crate::killswitch::Killable;
 use crate::session::{self, SessionHandler};
 use crate::sessions::disconnect;
 use crate::sockets;
@@ -101,6 +103,8 @@ async fn connection(
     startup: OwnedSemaphorePermit,
 ) {
     sockets::tune_stream(&stream);
+    let kill = CancellationToken::new();
+    let stream = Killable::new(stream, kill.clone());
     let id = gw.next_session_id();
     let (authenticated_tx, authenticated) = oneshot::channel();
     let handler = SessionHandler::new(gw.clone(), id, peer, authenticated_tx);
@@ -140,7 +144,7 @@ async fn connection(
         _ = &mut deadline => {
             audit::connection_refused(peer, &grace_exceeded);
             disconnect(&handle, &grace_exceeded).await;
-            let _ = tokio::time::timeout(DISCONNECT_WAIT, running).await;
+            end(running, &kill).await;
             return;
         }
         r = &mut running => {
@@ -151,6 +155,7 @@ async fn connection(
         }
         _ = gw.shutdown.cancelled() => {
             disconnect(&handle, "gateway shutting down").await;
+            end(running, &kill).await;
             return;
         }
     }
@@ -163,9 +168,18 @@ async fn connection(
         },
         _ = gw.shutdown.cancelled() => {
             disconnect(&handle, "gateway shutting down").await;
-            let _ = tokio::time::timeout(DISCONNECT_WAIT, &mut running).await;
+            end(running, &kill).await;
             "gateway shutting down".to_string()
         }
     };
     session::cleanup(&gw, id, &reason);
+}
+
+/// Gives a session told to disconnect a moment to do so, then kills its stream.
+async fn end<F: std::future::Future + Unpin>(running: F, kill: &CancellationToken) {
+    let mut running = running;
+    if tokio::time::timeout(DISCONNECT_WAIT, &mut running).await.is_err() {
+        kill.cancel();
+        let _ = tokio::time::timeout(DISCONNECT_WAIT, running).await;
+    }
 }

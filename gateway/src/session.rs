@@ -44,6 +44,10 @@ pub struct SessionHandler {
     on_authenticated: Option<oneshot::Sender<()>>,
     channels: Arc<AtomicUsize>,
     session_channels: HashMap<ChannelId, ChannelSlot>,
+    /// User names this connection tried, and how many credentials we refused, for the summary
+    /// line of a connection that never authenticates.
+    users_tried: Vec<String>,
+    refusals: usize,
 }
 
 impl SessionHandler {
@@ -61,6 +65,8 @@ impl SessionHandler {
             on_authenticated: Some(on_authenticated),
             channels: Arc::new(AtomicUsize::new(0)),
             session_channels: HashMap::new(),
+            users_tried: Vec::new(),
+            refusals: 0,
         }
     }
 
@@ -77,8 +83,15 @@ impl SessionHandler {
             }
             Err(reason) => {
                 audit::auth_denied(self.peer, user, &reason);
+                self.refusals += 1;
                 reject_publickey_only()
             }
+        }
+    }
+
+    fn note_user(&mut self, user: &str) {
+        if !self.users_tried.iter().any(|u| u == user) && self.users_tried.len() < 8 {
+            self.users_tried.push(user.to_string());
         }
     }
 
@@ -124,7 +137,8 @@ fn reject_publickey_only() -> Auth {
 impl Handler for SessionHandler {
     type Error = SessionError;
 
-    async fn auth_none(&mut self, _user: &str) -> Result<Auth, Self::Error> {
+    async fn auth_none(&mut self, user: &str) -> Result<Auth, Self::Error> {
+        self.note_user(user);
         Ok(reject_publickey_only())
     }
 
@@ -138,11 +152,13 @@ impl Handler for SessionHandler {
         user: &str,
         offer: PublicKeyOffer<'_>,
     ) -> Result<Auth, Self::Error> {
+        self.note_user(user);
         let registry = self.gw.registry();
         Ok(match auth::offer_acceptable(&registry, user, offer.public_key) {
             Ok(()) => Auth::Accept,
             Err(reason) => {
                 audit::auth_denied(self.peer, user, &reason);
+                self.refusals += 1;
                 reject_publickey_only()
             }
         })
@@ -357,6 +373,21 @@ impl Handler for SessionHandler {
         session: &mut Session,
     ) -> Result<(), Self::Error> {
         self.refuse_session_request(channel, session, &format!("subsystem '{name}'"))
+    }
+}
+
+impl Drop for SessionHandler {
+    /// A connection that tried and never authenticated gets one summary line. It also covers
+    /// certificates russh refuses before asking us (expired, not yet valid, bad signature): russh
+    /// logs those itself, without the identity.
+    fn drop(&mut self) {
+        if self.authenticated.is_none() && !self.users_tried.is_empty() {
+            let reason = format!(
+                "connection closed without authenticating ({} credential(s) refused by the gateway; expired, not yet valid or badly signed certificates are refused earlier by the SSH layer)",
+                self.refusals
+            );
+            audit::auth_denied(self.peer, &self.users_tried.join(","), &reason);
+        }
     }
 }
 

@@ -294,6 +294,27 @@ impl LogBook {
     pub fn count(&self, pred: impl Fn(&Value) -> bool) -> usize {
         self.inner.lock().unwrap().iter().filter(|v| pred(v)).count()
     }
+
+    /// Waits until more than `before` lines match `pred`.
+    pub async fn wait_more(
+        &self,
+        what: &str,
+        timeout: Duration,
+        before: usize,
+        pred: impl Fn(&Value) -> bool,
+    ) {
+        let deadline = Instant::now() + timeout;
+        while self.count(&pred) <= before {
+            if Instant::now() >= deadline {
+                let dump: Vec<String> = self.all().iter().map(|v| v.to_string()).collect();
+                panic!(
+                    "timed out waiting for log: {what}\nlog so far:\n{}",
+                    dump.join("\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }
 
 pub fn field<'a>(v: &'a Value, k: &str) -> &'a str {
@@ -528,8 +549,16 @@ pub fn ssh_options(hosts: &Hosts) -> Vec<String> {
     .collect()
 }
 
-/// Runs a one-shot `ssh` (not -N) and returns (exit status, stderr).
-pub fn ssh_once(hosts: &Hosts, ns: &Netns, user: &str, key: &Key, args: &[&str]) -> (ExitStatus, String) {
+/// Runs a one-shot `ssh` with `args` before the destination and `remote` after it; returns
+/// (exit status, stderr).
+pub fn ssh_once(
+    hosts: &Hosts,
+    ns: &Netns,
+    user: &str,
+    key: &Key,
+    args: &[&str],
+    remote: &[&str],
+) -> (ExitStatus, String) {
     let gw_ip = if ns.name == hosts.srv.name {
         GW_SRV_IP
     } else {
@@ -543,6 +572,7 @@ pub fn ssh_once(hosts: &Hosts, ns: &Netns, user: &str, key: &Key, args: &[&str])
         .arg(&key.path)
         .args(args)
         .arg(format!("{user}@{gw_ip}"))
+        .args(remote)
         .stdin(Stdio::null())
         .output()
         .expect("run ssh");
@@ -653,6 +683,17 @@ pub async fn exchange(mut s: tokio::net::TcpStream, data: &[u8]) -> Vec<u8> {
     let read = r.read_to_end(&mut got);
     let (_, n) = tokio::join!(write, read);
     n.unwrap();
+    got
+}
+
+/// Like `exchange`, for connections expected to be refused: errors end it, what came back is
+/// returned.
+pub async fn try_exchange(mut s: tokio::net::TcpStream, data: &[u8]) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = s.write_all(data).await;
+    let _ = s.shutdown().await;
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got)).await;
     got
 }
 

@@ -1,0 +1,512 @@
+//! The gateway over time: hot reload of the registry, pre-authentication limits, certificate
+//! logins, forward takeover, interactive refusals on a live connection, and graceful shutdown.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::Value;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const T: Duration = Duration::from_secs(20);
+
+fn registry(srv1: &Key, dev1: &Key, dev2: &Key, dev1_open: &str) -> String {
+    RegistryText::default()
+        .identity(
+            "srv1",
+            "server",
+            &[srv1],
+            &[
+                "address = \"fd63:6d78::1\"",
+                "permit_listen = [\"1883\", \"1884\"]",
+            ],
+        )
+        .identity(
+            "dev1",
+            "device",
+            &[dev1],
+            &["mac = \"a2:3f:f8:68:ec:8f\"", dev1_open],
+        )
+        .identity(
+            "dev2",
+            "device",
+            &[dev2],
+            &["address = \"fd63:6d78::d2\"", "permit_open = [\"srv1:1883\"]"],
+        )
+        .build()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn registry_changes_apply_without_restart() {
+    let hosts = Hosts::new();
+    let [srv1, dev1, dev2] = ["srv1", "dev1", "dev2"].map(|n| Key::generate(hosts.dir.path(), n));
+    let gw = GatewayProc::start(
+        &hosts,
+        &registry(&srv1, &dev1, &dev2, "permit_open = [\"srv1:1883\"]"),
+        "",
+    )
+    .await;
+    let _a = Echo::serve(hosts.srv.listen("127.0.0.1:5001"));
+    let _b = banner(hosts.srv.listen("127.0.0.1:5002"), b"on 1884");
+    let _srv = SshAgent::start(
+        &hosts,
+        &hosts.srv,
+        "srv1",
+        &srv1,
+        &["-R", "1883:127.0.0.1:5001", "-R", "1884:127.0.0.1:5002"],
+    );
+    gw.log
+        .wait("1884 published", T, |v| {
+            field(v, "request") == "tcpip-forward localhost:1884"
+        })
+        .await;
+    let _dev1 = SshAgent::start(
+        &hosts,
+        &hosts.dev,
+        "dev1",
+        &dev1,
+        &[
+            "-L",
+            "127.0.0.1:11883:srv1:1883",
+            "-L",
+            "127.0.0.1:11884:srv1:1884",
+        ],
+    );
+    let mut dev2_agent = SshAgent::start(
+        &hosts,
+        &hosts.dev,
+        "dev2",
+        &dev2,
+        &["-L", "127.0.0.1:12883:srv1:1883"],
+    );
+    assert_eq!(
+        exchange(hosts.dev.connect_retry("127.0.0.1:12883").await, b"dev2").await,
+        b"dev2"
+    );
+
+    // Not yet allowed.
+    assert!(
+        try_exchange(hosts.dev.connect_retry("127.0.0.1:11884").await, b"")
+            .await
+            .is_empty()
+    );
+    gw.log
+        .wait("1884 denied", T, |v| {
+            field(v, "decision") == "deny" && field(v, "request") == "direct-tcpip srv1:1884"
+        })
+        .await;
+
+    // A permission added applies to the next channel of the same, still-open session.
+    gw.rewrite_registry(&registry(
+        &srv1,
+        &dev1,
+        &dev2,
+        "permit_open = [\"srv1:1883\", \"srv1:1884\"]",
+    ))
+    .await;
+    let mut c = hosts.dev.connect_retry("127.0.0.1:11884").await;
+    let mut got = Vec::new();
+    c.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, b"on 1884");
+    assert_eq!(
+        gw.log
+            .count(|v| field(v, "message") == "session established" && field(v, "identity") == "dev1"),
+        1
+    );
+
+    // An invalid file is reported and ignored: the previous registry stays in force.
+    std::fs::write(&gw.registry, "[[identity]]\nname = \"broken\"\n").unwrap();
+    gw.log
+        .wait("reload failure", T, |v| {
+            field(v, "message").starts_with("identity registry reload failed")
+        })
+        .await;
+    assert_eq!(
+        exchange(hosts.dev.connect_retry("127.0.0.1:11883").await, b"still").await,
+        b"still"
+    );
+
+    // Removing an identity disconnects its live session, with the reason.
+    let without_dev2 = RegistryText::default()
+        .identity(
+            "srv1",
+            "server",
+            &[&srv1],
+            &[
+                "address = \"fd63:6d78::1\"",
+                "permit_listen = [\"1883\", \"1884\"]",
+            ],
+        )
+        .identity(
+            "dev1",
+            "device",
+            &[&dev1],
+            &[
+                "mac = \"a2:3f:f8:68:ec:8f\"",
+                "permit_open = [\"srv1:1883\", \"srv1:1884\"]",
+            ],
+        )
+        .build();
+    gw.rewrite_registry(&without_dev2).await;
+    let status = dev2_agent.wait_exit(T).await;
+    assert!(!status.success());
+    assert!(
+        dev2_agent
+            .output()
+            .contains("identity 'dev2' was removed from the registry"),
+        "{}",
+        dev2_agent.output()
+    );
+    gw.log
+        .wait("dev2 closed", T, |v| {
+            field(v, "event") == "session-closed" && field(v, "identity") == "dev2"
+        })
+        .await;
+    // And it cannot come back.
+    let (status, stderr) = ssh_once(&hosts, &hosts.dev, "dev2", &dev2, &["-N"], &[]);
+    assert_eq!(status.code(), Some(255), "{stderr}");
+    gw.log
+        .wait("dev2 refused", T, |v| {
+            field(v, "event") == "auth" && field(v, "reason") == "no identity named 'dev2'"
+        })
+        .await;
+
+    // SIGHUP forces a reload even when nothing changed.
+    let reloads =
+        |v: &Value| field(v, "message") == "identity registry reloaded" && field(v, "trigger") == "SIGHUP";
+    let before = gw.log.count(reloads);
+    gw.signal(libc::SIGHUP);
+    gw.log.wait_more("SIGHUP reload", T, before, reloads).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_revoked_key_ends_its_session() {
+    let hosts = Hosts::new();
+    let [srv1, dev1, dev2] = ["srv1", "dev1", "dev2"].map(|n| Key::generate(hosts.dir.path(), n));
+    let text = registry(&srv1, &dev1, &dev2, "permit_open = [\"srv1:1883\"]");
+    let gw = GatewayProc::start(&hosts, &text, "").await;
+    let mut agent = SshAgent::start(&hosts, &hosts.dev, "dev1", &dev1, &[]);
+    gw.log
+        .wait("dev1 in", T, |v| field(v, "message") == "session established")
+        .await;
+    let revoked = format!("revoked_keys = [\"{}\"]\n{text}", dev1.public());
+    gw.rewrite_registry(&revoked).await;
+    agent.wait_exit(T).await;
+    assert!(agent.output().contains("was revoked"), "{}", agent.output());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn idle_silent_and_garbage_connections_are_cut_at_login_grace() {
+    let hosts = Hosts::new();
+    let gw = GatewayProc::start(&hosts, "", "[limits]\nlogin_grace_time_secs = 1\n").await;
+    let gw_addr = format!("{GW_DEV_IP}:{SSH_PORT}");
+
+    // Says nothing at all.
+    let mut silent = hosts.dev.connect(&gw_addr).unwrap();
+    // Sends junk instead of an SSH version line.
+    let mut junk = hosts.dev.connect(&gw_addr).unwrap();
+    junk.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    // Sends a version line, then stalls in the handshake.
+    let mut slow = hosts.dev.connect(&gw_addr).unwrap();
+    slow.write_all(b"SSH-2.0-slowpoke\r\n").await.unwrap();
+
+    for (what, conn) in [("silent", &mut silent), ("junk", &mut junk), ("slow", &mut slow)] {
+        let mut sink = Vec::new();
+        let r = tokio::time::timeout(T, conn.read_to_end(&mut sink)).await;
+        assert!(r.is_ok(), "{what}: the gateway never closed the connection");
+        assert!(
+            String::from_utf8_lossy(&sink).starts_with("SSH-2.0-cmx-gateway"),
+            "{what}: {sink:?}"
+        );
+    }
+    let refused = gw
+        .log
+        .count(|v| field(v, "event") == "connection" && field(v, "decision") == "deny");
+    assert!(refused >= 3, "{:?}", summary(&gw.log));
+    assert!(
+        gw.log
+            .count(|v| field(v, "reason").contains("login grace time (1s)"))
+            >= 2,
+        "{:?}",
+        gw.log.all()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn max_startups_refuses_extra_unauthenticated_connections_with_a_reason() {
+    let hosts = Hosts::new();
+    let dev1 = Key::generate(hosts.dir.path(), "dev1");
+    let text = RegistryText::default()
+        .identity("dev1", "device", &[&dev1], &["address = \"fd63:6d78::d1\""])
+        .build();
+    let gw = GatewayProc::start(
+        &hosts,
+        &text,
+        "[limits]\nmax_startups = 3\nlogin_grace_time_secs = 60\n",
+    )
+    .await;
+    let gw_addr = format!("{GW_DEV_IP}:{SSH_PORT}");
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut c = hosts.dev.connect(&gw_addr).unwrap();
+        let mut banner = [0u8; 8];
+        c.read_exact(&mut banner).await.unwrap();
+        assert_eq!(&banner, b"SSH-2.0-");
+        held.push(c);
+    }
+    let mut extra = hosts.dev.connect(&gw_addr).unwrap();
+    let mut text = String::new();
+    tokio::time::timeout(T, extra.read_to_string(&mut text))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        text,
+        "cmx-gateway: too many unauthenticated connections (max_startups = 3); try again later\r\n"
+    );
+    gw.log
+        .wait("refusal logged", T, |v| {
+            field(v, "reason").starts_with("too many unauthenticated connections")
+        })
+        .await;
+    // A real agent is refused too, and gets in once a slot frees up.
+    let (status, _) = ssh_once(
+        &hosts,
+        &hosts.dev,
+        "dev1",
+        &dev1,
+        &["-N", "-o", "ConnectTimeout=5"],
+        &[],
+    );
+    assert_eq!(status.code(), Some(255));
+    drop(held.pop());
+    let mut agent = SshAgent::start(&hosts, &hosts.dev, "dev1", &dev1, &[]);
+    gw.log
+        .wait("dev1 in after a slot freed", T, |v| {
+            field(v, "message") == "session established"
+        })
+        .await;
+    let _ = agent.child.kill();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn certificate_logins_forward_like_keys() {
+    let hosts = Hosts::new();
+    let [srv1, devc, ca] = ["srv1", "devc", "ca"].map(|n| Key::generate(hosts.dir.path(), n));
+    let text = RegistryText::default()
+        .ca(&ca)
+        .identity(
+            "srv1",
+            "server",
+            &[&srv1],
+            &["address = \"fd63:6d78::1\"", "permit_listen = [\"1883\"]"],
+        )
+        .identity(
+            "devc",
+            "device",
+            &[],
+            &[
+                "address = \"fd63:6d78::c\"",
+                "principals = [\"devc\", \"fleet-7\"]",
+                "permit_open = [\"srv1:1883\"]",
+            ],
+        )
+        .build();
+    let gw = GatewayProc::start(&hosts, &text, "").await;
+    let _echo = Echo::serve(hosts.srv.listen("127.0.0.1:5001"));
+    let _srv = SshAgent::start(&hosts, &hosts.srv, "srv1", &srv1, &["-R", "1883:127.0.0.1:5001"]);
+    gw.log
+        .wait("published", T, |v| {
+            field(v, "event") == "forward" && field(v, "decision") == "allow"
+        })
+        .await;
+    // A certificate for a secondary principal, limited to the device's source address.
+    let cert = devc.certify(
+        &ca,
+        "fleet-7",
+        &["-V", "-5m:+1h", "-O", &format!("source-address={DEV_IP}/32")],
+    );
+    let cert_opt = format!("CertificateFile={}", cert.display());
+    let _dev = SshAgent::start(
+        &hosts,
+        &hosts.dev,
+        "devc",
+        &devc,
+        &["-o", &cert_opt, "-L", "127.0.0.1:11883:srv1:1883"],
+    );
+    assert_eq!(
+        exchange(hosts.dev.connect_retry("127.0.0.1:11883").await, b"certified").await,
+        b"certified"
+    );
+    let accepted = gw
+        .log
+        .wait("cert accepted", T, |v| {
+            field(v, "event") == "auth" && field(v, "decision") == "accept" && field(v, "identity") == "devc"
+        })
+        .await;
+    assert!(
+        field(&accepted, "method").starts_with("certificate id='test-cert'"),
+        "{accepted}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_newer_session_takes_a_forward_over_and_the_old_one_is_told() {
+    let hosts = Hosts::new();
+    let [srv1, dev1, dev2] = ["srv1", "dev1", "dev2"].map(|n| Key::generate(hosts.dir.path(), n));
+    let gw = GatewayProc::start(
+        &hosts,
+        &registry(&srv1, &dev1, &dev2, "permit_open = [\"srv1:1883\"]"),
+        "",
+    )
+    .await;
+    let _old_app = banner(hosts.srv.listen("127.0.0.1:5001"), b"old");
+    let _new_app = banner(hosts.srv.listen("127.0.0.1:5002"), b"new");
+    let old = SshAgent::start(&hosts, &hosts.srv, "srv1", &srv1, &["-R", "1883:127.0.0.1:5001"]);
+    gw.log
+        .wait("old published", T, |v| {
+            field(v, "message") == "Mir-sock listening"
+        })
+        .await;
+    let _dev = SshAgent::start(
+        &hosts,
+        &hosts.dev,
+        "dev1",
+        &dev1,
+        &["-L", "127.0.0.1:11883:srv1:1883"],
+    );
+    let read_all = |mut c: tokio::net::TcpStream| async move {
+        let mut v = Vec::new();
+        c.read_to_end(&mut v).await.unwrap();
+        v
+    };
+    assert_eq!(
+        read_all(hosts.dev.connect_retry("127.0.0.1:11883").await).await,
+        b"old"
+    );
+
+    let new = SshAgent::start(&hosts, &hosts.srv, "srv1", &srv1, &["-R", "1883:127.0.0.1:5002"]);
+    gw.log
+        .wait("takeover", T, |v| {
+            field(v, "message") == "forward taken over by a newer session of the same identity"
+        })
+        .await;
+    assert_eq!(
+        read_all(hosts.dev.connect_retry("127.0.0.1:11883").await).await,
+        b"new"
+    );
+    // The old session was sent a cancel-tcpip-forward for the port it lost.
+    old.wait_output("client_input_global_request: rtype cancel-tcpip-forward", T)
+        .await;
+    // The old session ending does not take the forward with it.
+    drop(old);
+    gw.log
+        .wait("old session closed", T, |v| {
+            field(v, "event") == "session-closed" && field(v, "identity") == "srv1"
+        })
+        .await;
+    assert_eq!(
+        read_all(hosts.dev.connect_retry("127.0.0.1:11883").await).await,
+        b"new"
+    );
+    drop(new);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn refused_shell_leaves_the_connection_forwarding() {
+    let hosts = Hosts::new();
+    let [srv1, dev1, dev2] = ["srv1", "dev1", "dev2"].map(|n| Key::generate(hosts.dir.path(), n));
+    let gw = GatewayProc::start(
+        &hosts,
+        &registry(&srv1, &dev1, &dev2, "permit_open = [\"srv1:1883\"]"),
+        "",
+    )
+    .await;
+    let _echo = Echo::serve(hosts.srv.listen("127.0.0.1:5001"));
+    let _srv = SshAgent::start(&hosts, &hosts.srv, "srv1", &srv1, &["-R", "1883:127.0.0.1:5001"]);
+    gw.log
+        .wait("published", T, |v| field(v, "message") == "Mir-sock listening")
+        .await;
+    // One multiplexed connection: a master with a forward, then an exec request over it.
+    let control = hosts.path("ctl");
+    let ctl = format!("ControlPath={}", control.display());
+    let _master = SshAgent::start(
+        &hosts,
+        &hosts.dev,
+        "dev1",
+        &dev1,
+        &["-M", "-o", &ctl, "-L", "127.0.0.1:11883:srv1:1883"],
+    );
+    assert_eq!(
+        exchange(hosts.dev.connect_retry("127.0.0.1:11883").await, b"before").await,
+        b"before"
+    );
+    let (status, stderr) = ssh_once(
+        &hosts,
+        &hosts.dev,
+        "dev1",
+        &dev1,
+        &["-o", &ctl],
+        &["cat", "/etc/shadow"],
+    );
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("cmx-gateway: command execution is not available"),
+        "{stderr}"
+    );
+    assert_eq!(
+        exchange(hosts.dev.connect_retry("127.0.0.1:11883").await, b"after").await,
+        b"after"
+    );
+    assert_eq!(
+        gw.log
+            .count(|v| field(v, "message") == "session established" && field(v, "identity") == "dev1"),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_disconnects_with_a_message_undoes_the_route_and_exits_zero() {
+    let hosts = Hosts::new();
+    let [srv1, dev1, dev2] = ["srv1", "dev1", "dev2"].map(|n| Key::generate(hosts.dir.path(), n));
+    let mut gw = GatewayProc::start(
+        &hosts,
+        &registry(&srv1, &dev1, &dev2, "permit_open = [\"srv1:1883\"]"),
+        "",
+    )
+    .await;
+    let route = |ns: &Netns| {
+        let out = ns
+            .command("ip")
+            .args(["-6", "route", "show", "table", "local", "exact", "fd63:6d78::/64"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).contains("local fd63:6d78::/64")
+    };
+    assert!(route(&hosts.gw), "the gateway makes the identity prefix local");
+    let mut agent = SshAgent::start(&hosts, &hosts.srv, "srv1", &srv1, &["-R", "1883:127.0.0.1:5001"]);
+    gw.log
+        .wait("published", T, |v| field(v, "message") == "Mir-sock listening")
+        .await;
+    gw.signal(libc::SIGTERM);
+    let status = gw.wait_exit(T).await;
+    assert_eq!(status.code(), Some(0));
+    agent.wait_exit(T).await;
+    assert!(
+        agent.output().contains("gateway shutting down"),
+        "{}",
+        agent.output()
+    );
+    assert!(
+        !route(&hosts.gw),
+        "the route the gateway added is removed at exit"
+    );
+    assert!(
+        gw.log
+            .find(|v| field(v, "message") == "cmx-gateway stopped")
+            .is_some()
+    );
+}
