@@ -116,7 +116,8 @@ pub async fn open(
 
     let counters = Arc::new(Counters::default());
     let end = relay::relay(channel, stream, counters.clone()).await;
-    let (to_target, from_target) = counters.get();
+    // The relay counts TCP -> channel (what the target sent) and channel -> TCP (what it got).
+    let (from_target, to_target) = counters.get();
     audit::pair_closed(conn_id, &identity, to_target, from_target, &end.as_str());
     gw.events.emit(GatewayEvent::PairClosed {
         conn_id,

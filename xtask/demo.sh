@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# cmxsafe local demo: a device host, a gateway host and a server host in network namespaces.
+# The server host runs a mosquitto broker on its loopback and publishes it with `ssh -R`; the
+# device host reaches it with `ssh -L` and an unchanged MQTT client publishes to localhost. Every
+# message crosses the gateway: device channel -> ID-sock [device identity address] -> Mir-sock
+# [srv1 identity address]:1883 -> srv1's channel -> broker.
+#
+# Usage: demo.sh PATH-TO-cmx-gateway [MESSAGES]   (as root; `cargo xtask demo` runs it)
+set -euo pipefail
+
+GATEWAY=${1:?usage: demo.sh PATH-TO-cmx-gateway [MESSAGES]}
+MESSAGES=${2:-5}
+NS=cmxdemo$$
+DEV=$NS-dev GW=$NS-gw SRV=$NS-srv
+WORK=$(mktemp -d /tmp/cmxsafe-demo.XXXXXX)
+PIDS=()
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
+
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  for ns in "$DEV" "$GW" "$SRV"; do ip netns del "$ns" 2>/dev/null || true; done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT INT TERM
+
+# Background processes are started with `ip netns exec` directly: it execs, so $! is their pid.
+in_ns() { local ns=$1; shift; ip netns exec "$ns" "$@"; }
+
+wait_for() { # wait_for DESCRIPTION COMMAND...: retry for 15 s
+  local what=$1; shift
+  for _ in $(seq 150); do "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done
+  echo "demo: timed out waiting for $what" >&2
+  return 1
+}
+
+say "hosts: device ($DEV), gateway ($GW), server ($SRV) as network namespaces"
+for ns in "$DEV" "$GW" "$SRV"; do ip netns add "$ns"; ip -n "$ns" link set lo up; done
+ip -n "$GW" link add d0 type veth peer name eth0 netns "$DEV"
+ip -n "$GW" link add s0 type veth peer name eth0 netns "$SRV"
+ip -n "$GW" addr add 10.1.0.1/24 dev d0 && ip -n "$GW" link set d0 up
+ip -n "$GW" addr add 10.2.0.1/24 dev s0 && ip -n "$GW" link set s0 up
+ip -n "$DEV" addr add 10.1.0.2/24 dev eth0 && ip -n "$DEV" link set eth0 up
+ip -n "$SRV" addr add 10.2.0.2/24 dev eth0 && ip -n "$SRV" link set eth0 up
+
+say "identities: server srv1, device a23ff868ec8f (its identity address comes from its MAC)"
+ssh-keygen -q -t ed25519 -N '' -C srv1 -f "$WORK/srv1"
+ssh-keygen -q -t ed25519 -N '' -C a23ff868ec8f -f "$WORK/dev"
+cat > "$WORK/identities.toml" <<TOML
+[[identity]]
+name = "srv1"
+role = "server"
+keys = ["$(cat "$WORK/srv1.pub")"]
+address = "fd63:6d78::1"
+permit_listen = ["1883"]
+
+[[identity]]
+name = "a23ff868ec8f"
+role = "device"
+keys = ["$(cat "$WORK/dev.pub")"]
+mac = "a2:3f:f8:68:ec:8f"
+permit_open = ["srv1:1883"]
+TOML
+printf 'listen = "0.0.0.0:2222"\n' > "$WORK/gateway.toml"
+"$GATEWAY" check-config "$WORK/gateway.toml"
+DEV_ADDR=$("$GATEWAY" address a2:3f:f8:68:ec:8f)
+
+say "gateway: cmx-gateway run on the gateway host"
+ip netns exec "$GW" "$GATEWAY" --log-format json run --config "$WORK/gateway.toml" 2> "$WORK/gateway.log" &
+PIDS+=($!)
+wait_for "the gateway" grep -q 'cmx-gateway ready' "$WORK/gateway.log"
+HOSTKEY=$(cat "$WORK/ssh_host_ed25519_key.pub")
+printf '[10.1.0.1]:2222 %s\n[10.2.0.1]:2222 %s\n' "$HOSTKEY" "$HOSTKEY" > "$WORK/known_hosts"
+echo "    host key $(ssh-keygen -lf "$WORK/ssh_host_ed25519_key.pub" | cut -d' ' -f2) (pinned by both agents)"
+
+SSH=(ssh -N -p 2222 -F /dev/null -o BatchMode=yes -o IdentitiesOnly=yes -o StrictHostKeyChecking=yes
+     -o "UserKnownHostsFile=$WORK/known_hosts" -o ExitOnForwardFailure=yes -o ServerAliveInterval=10)
+
+say "server host: mosquitto on 127.0.0.1:1883, published to the gateway with ssh -R"
+printf 'listener 1883 127.0.0.1\nallow_anonymous true\n' > "$WORK/mosquitto.conf"
+ip netns exec "$SRV" mosquitto -c "$WORK/mosquitto.conf" 2> "$WORK/mosquitto.log" &
+PIDS+=($!)
+wait_for "mosquitto" in_ns "$SRV" mosquitto_sub -h 127.0.0.1 -p 1883 -t probe -W 1 -C 1 -E
+ip netns exec "$SRV" mosquitto_sub -h 127.0.0.1 -p 1883 -t 'sensors/#' -v > "$WORK/received" &
+PIDS+=($!)
+ip netns exec "$SRV" "${SSH[@]}" -v -i "$WORK/srv1" -R 1883:127.0.0.1:1883 srv1@10.2.0.1 2> "$WORK/server-agent.log" &
+PIDS+=($!)
+wait_for "srv1's forward" grep -q '"request":"tcpip-forward localhost:1883"' "$WORK/gateway.log"
+
+say "device host: ssh -L 127.0.0.1:1883:srv1:1883 (the MQTT app keeps talking to localhost)"
+ip netns exec "$DEV" "${SSH[@]}" -i "$WORK/dev" -L 127.0.0.1:1883:srv1:1883 -L 127.0.0.1:8883:srv1:8883 \
+  a23ff868ec8f@10.1.0.1 2> "$WORK/device-agent.log" &
+PIDS+=($!)
+wait_for "the device's local port" in_ns "$DEV" bash -c 'exec 3<>/dev/tcp/127.0.0.1/1883'
+
+say "publishing $MESSAGES messages from the device host to localhost:1883"
+for i in $(seq "$MESSAGES"); do
+  in_ns "$DEV" mosquitto_pub -h 127.0.0.1 -p 1883 -t sensors/a23ff868ec8f/temperature -m "$((200 + i))e-1 C"
+  wait_for "message $i" test "$(wc -l < "$WORK/received")" -ge "$i"
+  origin=$(grep -o 'originator [^ ]* port [0-9]*' "$WORK/server-agent.log" | tail -n 1 | cut -d' ' -f2)
+  printf '    broker received: %-45s from identity %s (%s)\n' "$(sed -n "${i}p" "$WORK/received")" \
+    "$( [[ $origin == "$DEV_ADDR" ]] && echo a23ff868ec8f || echo "UNEXPECTED")" "$origin"
+  [[ $origin == "$DEV_ADDR" ]] || { echo "demo: originator $origin is not $DEV_ADDR" >&2; exit 1; }
+done
+
+say "outside its security context: the device tries srv1:8883"
+in_ns "$DEV" mosquitto_pub -h 127.0.0.1 -p 8883 -t sensors/x -m denied 2>/dev/null || true
+wait_for "the refusal" grep -q '"request":"direct-tcpip srv1:8883"' "$WORK/gateway.log"
+grep '"request":"direct-tcpip srv1:8883"' "$WORK/gateway.log" | head -n 1 |
+  sed -E 's/.*"reason":"([^"]*)".*/    gateway refused: \1/'
+
+say "audit trail (the gateway's decisions, one line each)"
+jfield() { grep -o "\"$1\":\"[^\"]*\"" <<< "$2" | head -n 1 | cut -d'"' -f4; }
+grep '"target":"audit"' "$WORK/gateway.log" | while IFS= read -r line; do
+  printf '    %-12s %-7s %-14s %s\n' "$(jfield event "$line")" "$(jfield decision "$line")" \
+    "$(jfield identity "$line")" "$(jfield request "$line")$(jfield destination "$line")"
+done
+say "done: $MESSAGES messages crossed the gateway; cleaning up"

@@ -1,0 +1,53 @@
+//! System packages: the one list of what the demo and the tests install (Debian/Ubuntu).
+
+use std::process::Command;
+
+use anyhow::{Context, bail};
+
+/// Package -> why it is needed.
+pub const ALL: &[(&str, &str)] = &[
+    ("openssh-client", "ssh and ssh-keygen: stock OpenSSH agents"),
+    ("iproute2", "ip: network namespaces, veth links, the identity prefix route"),
+    ("mosquitto", "the MQTT broker on the server host"),
+    ("mosquitto-clients", "mosquitto_pub and mosquitto_sub"),
+    ("procps", "ps and pkill, for cleanup"),
+];
+
+fn installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+/// Installs whatever is missing with apt-get, or says exactly what to install.
+pub fn ensure(packages: &[(&str, &str)]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages.iter().map(|(p, _)| *p).filter(|p| !installed(p)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if Command::new("apt-get").arg("--version").output().is_err() {
+        let why: Vec<String> = packages
+            .iter()
+            .filter(|(p, _)| missing.contains(p))
+            .map(|(p, w)| format!("  {p}: {w}"))
+            .collect();
+        bail!("missing packages and no apt-get to install them; install:\n{}", why.join("\n"));
+    }
+    eprintln!("xtask: installing {}", missing.join(" "));
+    let update = Command::new("apt-get").args(["update", "-qq"]).status().context("apt-get update")?;
+    if !update.success() {
+        bail!("apt-get update failed");
+    }
+    let status = Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .context("apt-get install")?;
+    if !status.success() {
+        bail!("apt-get install {} failed", missing.join(" "));
+    }
+    Ok(())
+}
