@@ -290,11 +290,12 @@ async fn half_close_works_in_both_directions() {
     let rest = tokio::time::timeout(T, rx).await.unwrap().unwrap();
     assert_eq!(rest, b"after the server's EOF");
     // Per-pair byte counters, per direction.
-    let closed = s
-        .gw
-        .log
-        .wait("1884 pair closed", T, |v| field(v, "event") == "pair-closed" && v["bytes_from_target"].as_u64() == Some(6))
-        .await;
+    let closed =
+        s.gw.log
+            .wait("1884 pair closed", T, |v| {
+                field(v, "event") == "pair-closed" && v["bytes_from_target"].as_u64() == Some(6)
+            })
+            .await;
     assert_eq!(closed["bytes_to_target"].as_u64(), Some(22), "{closed}");
     drop(srv2);
 }

@@ -7,7 +7,10 @@ use anyhow::{Context, bail};
 /// Package -> why it is needed.
 pub const ALL: &[(&str, &str)] = &[
     ("openssh-client", "ssh and ssh-keygen: stock OpenSSH agents"),
-    ("iproute2", "ip: network namespaces, veth links, the identity prefix route"),
+    (
+        "iproute2",
+        "ip: network namespaces, veth links, the identity prefix route",
+    ),
     ("mosquitto", "the MQTT broker on the server host"),
     ("mosquitto-clients", "mosquitto_pub and mosquitto_sub"),
     ("procps", "ps and pkill, for cleanup"),
@@ -23,7 +26,11 @@ fn installed(package: &str) -> bool {
 
 /// Installs whatever is missing with apt-get, or says exactly what to install.
 pub fn ensure(packages: &[(&str, &str)]) -> anyhow::Result<()> {
-    let missing: Vec<&str> = packages.iter().map(|(p, _)| *p).filter(|p| !installed(p)).collect();
+    let missing: Vec<&str> = packages
+        .iter()
+        .map(|(p, _)| *p)
+        .filter(|p| !installed(p))
+        .collect();
     if missing.is_empty() {
         return Ok(());
     }
@@ -33,10 +40,16 @@ pub fn ensure(packages: &[(&str, &str)]) -> anyhow::Result<()> {
             .filter(|(p, _)| missing.contains(p))
             .map(|(p, w)| format!("  {p}: {w}"))
             .collect();
-        bail!("missing packages and no apt-get to install them; install:\n{}", why.join("\n"));
+        bail!(
+            "missing packages and no apt-get to install them; install:\n{}",
+            why.join("\n")
+        );
     }
     eprintln!("xtask: installing {}", missing.join(" "));
-    let update = Command::new("apt-get").args(["update", "-qq"]).status().context("apt-get update")?;
+    let update = Command::new("apt-get")
+        .args(["update", "-qq"])
+        .status()
+        .context("apt-get update")?;
     if !update.success() {
         bail!("apt-get update failed");
     }

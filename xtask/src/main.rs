@@ -60,7 +60,9 @@ fn run(task: Task) -> anyhow::Result<()> {
         Task::Demo { messages } => {
             require_root("the demo creates network namespaces")?;
             deps::ensure(deps::ALL)?;
-            let status = cargo().args(["build", "--release", "-p", "cmx-gateway"]).status()?;
+            let status = cargo()
+                .args(["build", "--release", "-p", "cmx-gateway"])
+                .status()?;
             check(status, "cargo build")?;
             let root = workspace_root();
             let gateway = target_dir(&root).join("release/cmx-gateway");
@@ -82,19 +84,31 @@ fn cargo() -> Command {
 }
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
 }
 
 fn target_dir(root: &Path) -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"))
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"))
 }
 
 fn check(status: std::process::ExitStatus, what: &str) -> anyhow::Result<()> {
-    if status.success() { Ok(()) } else { bail!("{what} failed ({status})") }
+    if status.success() {
+        Ok(())
+    } else {
+        bail!("{what} failed ({status})")
+    }
 }
 
 fn require_root(why: &str) -> anyhow::Result<()> {
-    let uid = Command::new("id").arg("-u").output().context("cannot run id -u")?;
+    let uid = Command::new("id")
+        .arg("-u")
+        .output()
+        .context("cannot run id -u")?;
     if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
         bail!("run this as root: {why} (e.g. sudo -E env \"PATH=$PATH\" cargo xtask ...)");
     }
