@@ -34,6 +34,7 @@ impl Gateway {
         config: Config,
         registry: Registry,
         dataplane: Arc<dyn DataPlane>,
+        events: EventBus,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
         let (registry, _) = watch::channel(Arc::new(registry));
@@ -43,7 +44,7 @@ impl Gateway {
             sessions: SessionTable::default(),
             mirrors: MirrorTable::default(),
             pairs: PairTable::default(),
-            events: EventBus::default(),
+            events,
             dataplane,
             shutdown,
             next_session: AtomicU64::new(1),

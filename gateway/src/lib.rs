@@ -43,6 +43,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::dataplane::{DataPlane, UserspaceDataPlane};
+use crate::events::EventBus;
 use crate::gateway::Gateway;
 use crate::hostkey::{HostKey, HostKeyError};
 use crate::identity::{Registry, RegistryError};
@@ -74,15 +75,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
             addr: config.listen,
             source,
         })?;
-    serve(config, registry, listener, shutdown).await
+    serve(config, registry, listener, shutdown, EventBus::default()).await
 }
 
-/// Runs the gateway on an already-bound SSH listener.
+/// Runs the gateway on an already-bound SSH listener. `events` carries what happens to sessions,
+/// forwards and pairs: subscribe before calling (the Kubernetes controller, metrics and tests do).
 pub async fn serve(
     config: Config,
     registry: Registry,
     listener: TcpListener,
     shutdown: CancellationToken,
+    events: EventBus,
 ) -> Result<(), RunError> {
     let host_key = HostKey::load_or_generate(&config.host_key)?;
     if host_key.generated {
@@ -107,7 +110,7 @@ pub async fn serve(
     let ssh = Arc::new(server::ssh_config(&config, host_key.key.clone()));
     let listen = listener.local_addr().ok();
     let grace = Duration::from_secs(config.shutdown_grace_secs);
-    let gw = Gateway::new(config, registry, dataplane, shutdown.clone());
+    let gw = Gateway::new(config, registry, dataplane, events, shutdown.clone());
     tracing::info!(
         listen = ?listen,
         host_key = %host_key.fingerprint(),

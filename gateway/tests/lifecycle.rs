@@ -510,3 +510,71 @@ async fn sigterm_disconnects_with_a_message_undoes_the_route_and_exits_zero() {
             .is_some()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn channel_and_session_limits_refuse_with_a_reason() {
+    let hosts = Hosts::new();
+    let [srv1, dev1, dev2] = ["srv1", "dev1", "dev2"].map(|n| Key::generate(hosts.dir.path(), n));
+    let gw = GatewayProc::start(
+        &hosts,
+        &registry(&srv1, &dev1, &dev2, "permit_open = [\"srv1:1883\"]"),
+        "[limits]\nmax_channels_per_session = 2\nmax_sessions = 2\n",
+    )
+    .await;
+    let echo = Echo::serve(hosts.srv.listen("127.0.0.1:5001"));
+    let _srv = SshAgent::start(&hosts, &hosts.srv, "srv1", &srv1, &["-R", "1883:127.0.0.1:5001"]);
+    gw.log
+        .wait("published", T, |v| field(v, "message") == "Mir-sock listening")
+        .await;
+    let _dev1 = SshAgent::start(
+        &hosts,
+        &hosts.dev,
+        "dev1",
+        &dev1,
+        &["-L", "127.0.0.1:11883:srv1:1883"],
+    );
+
+    // Two channels held open (the echo waits for EOF), then a third is refused.
+    let mut held = Vec::new();
+    for i in 0..2 {
+        let mut c = hosts.dev.connect_retry("127.0.0.1:11883").await;
+        c.write_all(b"x").await.unwrap();
+        let mut b = [0u8; 1];
+        c.read_exact(&mut b)
+            .await
+            .unwrap_or_else(|e| panic!("channel {i}: {e}"));
+        held.push(c);
+    }
+    assert!(
+        try_exchange(hosts.dev.connect("127.0.0.1:11883").unwrap(), b"third")
+            .await
+            .is_empty()
+    );
+    gw.log
+        .wait("channel limit", T, |v| {
+            field(v, "decision") == "deny"
+                && field(v, "reason") == "too many channels in this session (max_channels_per_session = 2)"
+        })
+        .await;
+    // Freeing one makes room again.
+    drop(held.pop());
+    gw.log
+        .wait("a pair closed", T, |v| field(v, "event") == "pair-closed")
+        .await;
+    assert_eq!(
+        exchange(hosts.dev.connect("127.0.0.1:11883").unwrap(), b"room").await,
+        b"room"
+    );
+    assert_eq!(echo.count(), 3);
+
+    // srv1 and dev1 fill max_sessions = 2: dev2 is told why it is disconnected.
+    let mut dev2_agent = SshAgent::start(&hosts, &hosts.dev, "dev2", &dev2, &[]);
+    dev2_agent.wait_exit(T).await;
+    assert!(
+        dev2_agent
+            .output()
+            .contains("too many sessions on this gateway (2 live, max_sessions = 2)"),
+        "{}",
+        dev2_agent.output()
+    );
+}

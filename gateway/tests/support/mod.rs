@@ -92,6 +92,14 @@ impl Netns {
 
     /// Runs `f` on a thread that has entered this namespace: sockets it creates live here.
     pub fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        self.spawn_in(f).join().expect("namespace thread panicked")
+    }
+
+    /// Runs `f` on a new thread that lives in this namespace (and so do the processes it spawns).
+    pub fn spawn_in<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
         let path = format!("/run/netns/{}", self.name);
         std::thread::spawn(move || {
             let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
@@ -100,8 +108,6 @@ impl Netns {
             assert_eq!(rc, 0, "setns({path}): {}", std::io::Error::last_os_error());
             f()
         })
-        .join()
-        .expect("namespace thread panicked")
     }
 
     /// A tokio listener bound inside this namespace.
