@@ -217,6 +217,7 @@ async fn sixty_four_mib_each_way_arrive_byte_exact() {
     let s = Scenario::start().await;
     let data = pattern(64 << 20, 0xc0ffee);
     let stream = s.connect().await;
+    let device_port = stream.local_addr().unwrap().port();
     let (mut r, mut w) = stream.into_split();
     let sent = data.clone();
     let writer = tokio::spawn(async move {
@@ -236,6 +237,86 @@ async fn sixty_four_mib_each_way_arrive_byte_exact() {
     assert_eq!(closed["bytes_to_target"].as_u64(), Some(64 << 20), "{closed}");
     assert_eq!(closed["bytes_from_target"].as_u64(), Some(64 << 20), "{closed}");
     assert_eq!(field(&closed, "end"), "eof both ways");
+    // The ID-sock keeps the device-side originator port when it is free.
+    let opened = s.gw.log.find(|v| field(v, "event") == "pair-opened").unwrap();
+    assert_eq!(field(&opened, "source"), format!("[{DEV1_ADDR}]:{device_port}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_server_that_stops_reading_stalls_the_device_without_unbounded_buffering() {
+    let s = Scenario::start().await;
+    // A server app that accepts and does not read until told to.
+    let listener = s.hosts.srv.listen("127.0.0.1:5003");
+    let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+    let reader = tokio::spawn(async move {
+        let (mut c, _) = listener.accept().await.unwrap();
+        go_rx.await.unwrap();
+        let mut got = Vec::new();
+        c.read_to_end(&mut got).await.unwrap();
+        got
+    });
+    let _srv = SshAgent::start(
+        &s.hosts,
+        &s.hosts.srv,
+        "srv1",
+        &s.srv1,
+        &["-R", "1884:127.0.0.1:5003"],
+    );
+    s.gw.log
+        .wait("1884", T, |v| {
+            field(v, "request") == "tcpip-forward localhost:1884"
+        })
+        .await;
+    let registry = std::fs::read_to_string(&s.gw.registry)
+        .unwrap()
+        .replace("\"srv1:1883\"", "\"srv1:*\"");
+    s.gw.rewrite_registry(&registry).await;
+    let _dev = SshAgent::start(
+        &s.hosts,
+        &s.hosts.dev,
+        "dev1",
+        &s.dev1,
+        &["-L", "127.0.0.1:11884:srv1:1884"],
+    );
+    let mut c = s.hosts.dev.connect_retry("127.0.0.1:11884").await;
+
+    // Write until the writes stop being accepted: everything in flight is bounded by socket
+    // buffers, SSH windows and russh's per-channel queues, far below what we offer.
+    let offered = 512usize << 20;
+    let data = pattern(offered, 7);
+    let mut accepted = 0usize;
+    while accepted < offered {
+        match tokio::time::timeout(
+            Duration::from_secs(3),
+            c.write(&data[accepted..(accepted + 65536).min(offered)]),
+        )
+        .await
+        {
+            Ok(Ok(n)) => accepted += n,
+            Ok(Err(e)) => panic!("write failed: {e}"),
+            Err(_) => break, // stalled: backpressure reached the device app
+        }
+    }
+    eprintln!("taken in before the device stalled: {} KiB", accepted >> 10);
+    assert!(
+        accepted < 64 << 20,
+        "{} MiB were taken in while the server read nothing",
+        accepted >> 20
+    );
+    // Then the server reads and everything arrives intact.
+    go_tx.send(()).unwrap();
+    let writer = tokio::spawn(async move {
+        c.write_all(&data[accepted..]).await.unwrap();
+        c.shutdown().await.unwrap();
+        data
+    });
+    let got = tokio::time::timeout(Duration::from_secs(120), reader)
+        .await
+        .unwrap()
+        .unwrap();
+    let data = writer.await.unwrap();
+    assert_eq!(got.len(), offered);
+    assert!(got == data, "bytes differ after the stall");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -578,3 +578,130 @@ async fn channel_and_session_limits_refuse_with_a_reason() {
         dev2_agent.output()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_supported_key_type_logs_in_and_failures_are_capped() {
+    let hosts = Hosts::new();
+    let dir = hosts.dir.path();
+    let kinds: [(&str, &[&str]); 4] = [
+        ("ed", &["-t", "ed25519"]),
+        ("ec256", &["-t", "ecdsa", "-b", "256"]),
+        ("ec384", &["-t", "ecdsa", "-b", "384"]),
+        ("rsa", &["-t", "rsa", "-b", "3072"]),
+    ];
+    let keys: Vec<(String, Key)> = kinds
+        .iter()
+        .map(|(n, k)| (n.to_string(), Key::generate_typed(dir, n, k)))
+        .collect();
+    let mut text = RegistryText::default();
+    for (i, (name, key)) in keys.iter().enumerate() {
+        text = text.identity(
+            name,
+            "device",
+            &[key],
+            &[&format!("address = \"fd63:6d78::{:x}\"", i + 1)],
+        );
+    }
+    let gw = GatewayProc::start(&hosts, &text.build(), "[limits]\nmax_auth_tries = 2\n").await;
+    for (name, key) in &keys {
+        let mut agent = SshAgent::start(&hosts, &hosts.dev, name, key, &[]);
+        let accepted = gw
+            .log
+            .wait(name, T, |v| {
+                field(v, "event") == "auth"
+                    && field(v, "decision") == "accept"
+                    && field(v, "identity") == name
+            })
+            .await;
+        assert!(
+            field(&accepted, "method").starts_with("publickey SHA256:"),
+            "{accepted}"
+        );
+        // OpenSSH signs RSA with rsa-sha2-512; russh would refuse a SHA-1 (ssh-rsa) signature.
+        let _ = agent.child.kill();
+    }
+    // Three wrong keys against max_auth_tries = 2: the client is cut off.
+    let wrong: Vec<Key> = (0..3).map(|i| Key::generate(dir, &format!("wrong{i}"))).collect();
+    let mut args: Vec<String> = vec!["-N".into()];
+    for k in &wrong {
+        args.push("-i".into());
+        args.push(k.path.display().to_string());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (status, stderr) = ssh_once(&hosts, &hosts.dev, "ed", &wrong[0], &args, &[]);
+    assert_eq!(status.code(), Some(255), "{stderr}");
+    assert!(
+        stderr.contains("Too many authentication attempts")
+            || stderr.contains("Too many authentication failures"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cancel_tcpip_forward_closes_the_mir_sock() {
+    let hosts = Hosts::new();
+    let [srv1, dev1, dev2] = ["srv1", "dev1", "dev2"].map(|n| Key::generate(hosts.dir.path(), n));
+    let gw = GatewayProc::start(
+        &hosts,
+        &registry(&srv1, &dev1, &dev2, "permit_open = [\"srv1:1883\"]"),
+        "",
+    )
+    .await;
+    let _echo = Echo::serve(hosts.srv.listen("127.0.0.1:5001"));
+    let ctl = format!("ControlPath={}", hosts.path("srv-ctl").display());
+    let _master = SshAgent::start(
+        &hosts,
+        &hosts.srv,
+        "srv1",
+        &srv1,
+        &["-M", "-o", &ctl, "-R", "1883:127.0.0.1:5001"],
+    );
+    gw.log
+        .wait("published", T, |v| field(v, "message") == "Mir-sock listening")
+        .await;
+    let _dev = SshAgent::start(
+        &hosts,
+        &hosts.dev,
+        "dev1",
+        &dev1,
+        &["-L", "127.0.0.1:11883:srv1:1883"],
+    );
+    assert_eq!(
+        exchange(hosts.dev.connect_retry("127.0.0.1:11883").await, b"up").await,
+        b"up"
+    );
+
+    let out = hosts
+        .srv
+        .command("ssh")
+        .args([
+            "-F",
+            "/dev/null",
+            "-o",
+            &ctl,
+            "-O",
+            "cancel",
+            "-R",
+            "1883:127.0.0.1:5001",
+            "srv1@x",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    gw.log
+        .wait("cancelled", T, |v| {
+            field(v, "event") == "forward-removed" && field(v, "reason") == "cancelled by the agent"
+        })
+        .await;
+    assert!(
+        try_exchange(hosts.dev.connect("127.0.0.1:11883").unwrap(), b"down")
+            .await
+            .is_empty()
+    );
+    gw.log
+        .wait("not published", T, |v| {
+            field(v, "reason")
+                == "identity 'srv1' publishes nothing on port 1883 (no session of it holds that forward)"
+        })
+        .await;
+}

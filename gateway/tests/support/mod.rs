@@ -217,9 +217,16 @@ pub struct Key {
 
 impl Key {
     pub fn generate(dir: &Path, name: &str) -> Key {
+        Key::generate_typed(dir, name, &["-t", "ed25519"])
+    }
+
+    /// A key of another type, e.g. `["-t", "rsa", "-b", "3072"]`.
+    pub fn generate_typed(dir: &Path, name: &str, kind: &[&str]) -> Key {
         let path = dir.join(name);
         sh(Command::new("ssh-keygen")
-            .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+            .arg("-q")
+            .args(kind)
+            .args(["-N", "", "-C", name, "-f"])
             .arg(&path));
         Key { path }
     }
