@@ -26,18 +26,8 @@ async fn sessions_forwards_and_pairs_are_announced_in_order() {
     let hosts = Hosts::new();
     let [srv1, dev1] = ["srv1", "dev1"].map(|n| Key::generate(hosts.dir.path(), n));
     let text = RegistryText::default()
-        .identity(
-            "srv1",
-            "server",
-            &[&srv1],
-            &["address = \"fd63:6d78::1\"", "permit_listen = [\"1883\"]"],
-        )
-        .identity(
-            "dev1",
-            "device",
-            &[&dev1],
-            &["mac = \"a2:3f:f8:68:ec:8f\"", "permit_open = [\"srv1:1883\"]"],
-        )
+        .srv1(&srv1, "permit_listen = [\"1883\"]")
+        .dev1(&dev1, "permit_open = [\"srv1:1883\"]")
         .build();
     let config_path = hosts.path("gateway.toml");
     std::fs::write(hosts.path("identities.toml"), &text).unwrap();

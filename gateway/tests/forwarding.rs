@@ -11,7 +11,6 @@ use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const T: Duration = Duration::from_secs(20);
-const DEV1_ADDR: &str = "fd63:6d78::a03f:f8ff:fe68:ec8f";
 
 /// srv1 publishes 1883 (-> echo on its host), dev1 reaches it on its host's 127.0.0.1:11883.
 struct Scenario {
@@ -34,18 +33,8 @@ impl Scenario {
         let srv1 = Key::generate(hosts.dir.path(), "srv1");
         let dev1 = Key::generate(hosts.dir.path(), "dev1");
         let registry = RegistryText::default()
-            .identity(
-                "srv1",
-                "server",
-                &[&srv1],
-                &["address = \"fd63:6d78::1\"", "permit_listen = [\"1883\", \"*\"]"],
-            )
-            .identity(
-                "dev1",
-                "device",
-                &[&dev1],
-                &["mac = \"a2:3f:f8:68:ec:8f\"", dev1_permit_open],
-            )
+            .srv1(&srv1, "permit_listen = [\"1883\", \"*\"]")
+            .dev1(&dev1, dev1_permit_open)
             .build();
         let gw = GatewayProc::start(&hosts, &registry, "").await;
         let echo = Echo::serve(hosts.srv.listen("127.0.0.1:5000"));
@@ -91,18 +80,8 @@ async fn mqtt_messages_cross_the_gateway_and_the_server_learns_the_device_identi
     let srv1 = Key::generate(hosts.dir.path(), "srv1");
     let dev1 = Key::generate(hosts.dir.path(), "dev1");
     let registry = RegistryText::default()
-        .identity(
-            "srv1",
-            "server",
-            &[&srv1],
-            &["address = \"fd63:6d78::1\"", "permit_listen = [\"1883\"]"],
-        )
-        .identity(
-            "dev1",
-            "device",
-            &[&dev1],
-            &["mac = \"a2:3f:f8:68:ec:8f\"", "permit_open = [\"srv1:1883\"]"],
-        )
+        .srv1(&srv1, "permit_listen = [\"1883\"]")
+        .dev1(&dev1, "permit_open = [\"srv1:1883\"]")
         .build();
     let gw = GatewayProc::start(&hosts, &registry, "").await;
 
@@ -413,15 +392,7 @@ async fn the_server_app_sees_the_device_identity_address_as_its_peer() {
     let hosts = Hosts::new();
     let dev1 = Key::generate(hosts.dir.path(), "dev1");
     let registry = RegistryText::default()
-        .identity(
-            "dev1",
-            "device",
-            &[&dev1],
-            &[
-                "mac = \"a2:3f:f8:68:ec:8f\"",
-                "permit_open = [\"[fd00:5::2]:7000\"]",
-            ],
-        )
+        .dev1(&dev1, "permit_open = [\"[fd00:5::2]:7000\"]")
         .build();
     let gw = GatewayProc::start(&hosts, &registry, "").await;
     // An IPv6 link between gateway and server host, with the identity prefix routed back.

@@ -13,21 +13,8 @@ const T: Duration = Duration::from_secs(20);
 
 fn registry(srv1: &Key, dev1: &Key, dev2: &Key, dev1_open: &str) -> String {
     RegistryText::default()
-        .identity(
-            "srv1",
-            "server",
-            &[srv1],
-            &[
-                "address = \"fd63:6d78::1\"",
-                "permit_listen = [\"1883\", \"1884\"]",
-            ],
-        )
-        .identity(
-            "dev1",
-            "device",
-            &[dev1],
-            &["mac = \"a2:3f:f8:68:ec:8f\"", dev1_open],
-        )
+        .srv1(srv1, "permit_listen = [\"1883\", \"1884\"]")
+        .dev1(dev1, dev1_open)
         .identity(
             "dev2",
             "device",
@@ -37,16 +24,18 @@ fn registry(srv1: &Key, dev1: &Key, dev2: &Key, dev1_open: &str) -> String {
         .build()
 }
 
+/// Hosts, a gateway with `extra_config`, and srv1, dev1 (may open srv1:1883) and dev2.
+async fn standard(extra_config: &str) -> (Hosts, GatewayProc, [Key; 3]) {
+    let hosts = Hosts::new();
+    let keys = ["srv1", "dev1", "dev2"].map(|n| Key::generate(hosts.dir.path(), n));
+    let text = registry(&keys[0], &keys[1], &keys[2], "permit_open = [\"srv1:1883\"]");
+    let gw = GatewayProc::start(&hosts, &text, extra_config).await;
+    (hosts, gw, keys)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn registry_changes_apply_without_restart() {
-    let hosts = Hosts::new();
-    let [srv1, dev1, dev2] = ["srv1", "dev1", "dev2"].map(|n| Key::generate(hosts.dir.path(), n));
-    let gw = GatewayProc::start(
-        &hosts,
-        &registry(&srv1, &dev1, &dev2, "permit_open = [\"srv1:1883\"]"),
-        "",
-    )
-    .await;
+    let (hosts, gw, [srv1, dev1, dev2]) = standard("").await;
     let _a = Echo::serve(hosts.srv.listen("127.0.0.1:5001"));
     let _b = banner(hosts.srv.listen("127.0.0.1:5002"), b"on 1884");
     let _srv = SshAgent::start(
@@ -129,24 +118,8 @@ async fn registry_changes_apply_without_restart() {
 
     // Removing an identity disconnects its live session, with the reason.
     let without_dev2 = RegistryText::default()
-        .identity(
-            "srv1",
-            "server",
-            &[&srv1],
-            &[
-                "address = \"fd63:6d78::1\"",
-                "permit_listen = [\"1883\", \"1884\"]",
-            ],
-        )
-        .identity(
-            "dev1",
-            "device",
-            &[&dev1],
-            &[
-                "mac = \"a2:3f:f8:68:ec:8f\"",
-                "permit_open = [\"srv1:1883\", \"srv1:1884\"]",
-            ],
-        )
+        .srv1(&srv1, "permit_listen = [\"1883\", \"1884\"]")
+        .dev1(&dev1, "permit_open = [\"srv1:1883\", \"srv1:1884\"]")
         .build();
     gw.rewrite_registry(&without_dev2).await;
     let status = dev2_agent.wait_exit(T).await;
@@ -298,12 +271,7 @@ async fn certificate_logins_forward_like_keys() {
     let [srv1, devc, ca] = ["srv1", "devc", "ca"].map(|n| Key::generate(hosts.dir.path(), n));
     let text = RegistryText::default()
         .ca(&ca)
-        .identity(
-            "srv1",
-            "server",
-            &[&srv1],
-            &["address = \"fd63:6d78::1\"", "permit_listen = [\"1883\"]"],
-        )
+        .srv1(&srv1, "permit_listen = [\"1883\"]")
         .identity(
             "devc",
             "device",
@@ -316,13 +284,7 @@ async fn certificate_logins_forward_like_keys() {
         )
         .build();
     let gw = GatewayProc::start(&hosts, &text, "").await;
-    let _echo = Echo::serve(hosts.srv.listen("127.0.0.1:5001"));
-    let _srv = SshAgent::start(&hosts, &hosts.srv, "srv1", &srv1, &["-R", "1883:127.0.0.1:5001"]);
-    gw.log
-        .wait("published", T, |v| {
-            field(v, "event") == "forward" && field(v, "decision") == "allow"
-        })
-        .await;
+    let (_echo, _srv) = publish_echo(&hosts, &gw, &srv1, &[]).await;
     // A certificate for a secondary principal, limited to the device's source address.
     let cert = devc.certify(
         &ca,
@@ -355,14 +317,7 @@ async fn certificate_logins_forward_like_keys() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_newer_session_takes_a_forward_over_and_the_old_one_is_told() {
-    let hosts = Hosts::new();
-    let [srv1, dev1, dev2] = ["srv1", "dev1", "dev2"].map(|n| Key::generate(hosts.dir.path(), n));
-    let gw = GatewayProc::start(
-        &hosts,
-        &registry(&srv1, &dev1, &dev2, "permit_open = [\"srv1:1883\"]"),
-        "",
-    )
-    .await;
+    let (hosts, gw, [srv1, dev1, _]) = standard("").await;
     let _old_app = banner(hosts.srv.listen("127.0.0.1:5001"), b"old");
     let _new_app = banner(hosts.srv.listen("127.0.0.1:5002"), b"new");
     let old = SshAgent::start(&hosts, &hosts.srv, "srv1", &srv1, &["-R", "1883:127.0.0.1:5001"]);
@@ -417,19 +372,8 @@ async fn a_newer_session_takes_a_forward_over_and_the_old_one_is_told() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn refused_shell_leaves_the_connection_forwarding() {
-    let hosts = Hosts::new();
-    let [srv1, dev1, dev2] = ["srv1", "dev1", "dev2"].map(|n| Key::generate(hosts.dir.path(), n));
-    let gw = GatewayProc::start(
-        &hosts,
-        &registry(&srv1, &dev1, &dev2, "permit_open = [\"srv1:1883\"]"),
-        "",
-    )
-    .await;
-    let _echo = Echo::serve(hosts.srv.listen("127.0.0.1:5001"));
-    let _srv = SshAgent::start(&hosts, &hosts.srv, "srv1", &srv1, &["-R", "1883:127.0.0.1:5001"]);
-    gw.log
-        .wait("published", T, |v| field(v, "message") == "Mir-sock listening")
-        .await;
+    let (hosts, gw, [srv1, dev1, _]) = standard("").await;
+    let (_echo, _srv) = publish_echo(&hosts, &gw, &srv1, &[]).await;
     // One multiplexed connection: a master with a forward, then an exec request over it.
     let control = hosts.path("ctl");
     let ctl = format!("ControlPath={}", control.display());
@@ -470,14 +414,7 @@ async fn refused_shell_leaves_the_connection_forwarding() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_disconnects_with_a_message_undoes_the_route_and_exits_zero() {
-    let hosts = Hosts::new();
-    let [srv1, dev1, dev2] = ["srv1", "dev1", "dev2"].map(|n| Key::generate(hosts.dir.path(), n));
-    let mut gw = GatewayProc::start(
-        &hosts,
-        &registry(&srv1, &dev1, &dev2, "permit_open = [\"srv1:1883\"]"),
-        "",
-    )
-    .await;
+    let (hosts, mut gw, [srv1, _, _]) = standard("").await;
     let route = |ns: &Netns| {
         let out = ns
             .command("ip")
@@ -513,19 +450,9 @@ async fn sigterm_disconnects_with_a_message_undoes_the_route_and_exits_zero() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn channel_and_session_limits_refuse_with_a_reason() {
-    let hosts = Hosts::new();
-    let [srv1, dev1, dev2] = ["srv1", "dev1", "dev2"].map(|n| Key::generate(hosts.dir.path(), n));
-    let gw = GatewayProc::start(
-        &hosts,
-        &registry(&srv1, &dev1, &dev2, "permit_open = [\"srv1:1883\"]"),
-        "[limits]\nmax_channels_per_session = 2\nmax_sessions = 2\n",
-    )
-    .await;
-    let echo = Echo::serve(hosts.srv.listen("127.0.0.1:5001"));
-    let _srv = SshAgent::start(&hosts, &hosts.srv, "srv1", &srv1, &["-R", "1883:127.0.0.1:5001"]);
-    gw.log
-        .wait("published", T, |v| field(v, "message") == "Mir-sock listening")
-        .await;
+    let (hosts, gw, [srv1, dev1, dev2]) =
+        standard("[limits]\nmax_channels_per_session = 2\nmax_sessions = 2\n").await;
+    let (echo, _srv) = publish_echo(&hosts, &gw, &srv1, &[]).await;
     let _dev1 = SshAgent::start(
         &hosts,
         &hosts.dev,
@@ -639,26 +566,9 @@ async fn every_supported_key_type_logs_in_and_failures_are_capped() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cancel_tcpip_forward_closes_the_mir_sock() {
-    let hosts = Hosts::new();
-    let [srv1, dev1, dev2] = ["srv1", "dev1", "dev2"].map(|n| Key::generate(hosts.dir.path(), n));
-    let gw = GatewayProc::start(
-        &hosts,
-        &registry(&srv1, &dev1, &dev2, "permit_open = [\"srv1:1883\"]"),
-        "",
-    )
-    .await;
-    let _echo = Echo::serve(hosts.srv.listen("127.0.0.1:5001"));
+    let (hosts, gw, [srv1, dev1, _]) = standard("").await;
     let ctl = format!("ControlPath={}", hosts.path("srv-ctl").display());
-    let _master = SshAgent::start(
-        &hosts,
-        &hosts.srv,
-        "srv1",
-        &srv1,
-        &["-M", "-o", &ctl, "-R", "1883:127.0.0.1:5001"],
-    );
-    gw.log
-        .wait("published", T, |v| field(v, "message") == "Mir-sock listening")
-        .await;
+    let (_echo, _master) = publish_echo(&hosts, &gw, &srv1, &["-M", "-o", &ctl]).await;
     let _dev = SshAgent::start(
         &hosts,
         &hosts.dev,

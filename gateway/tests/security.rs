@@ -32,24 +32,14 @@ async fn unauthorized_attempts_are_refused_logged_and_reach_nothing() {
     let registry = RegistryText::default()
         .ca(&ca)
         .revoked(&revoked)
-        .identity(
-            "srv1",
-            "server",
-            &[&srv1],
-            &["address = \"fd63:6d78::1\"", "permit_listen = [\"1883\"]"],
-        )
+        .srv1(&srv1, "permit_listen = [\"1883\"]")
         .identity(
             "srv2",
             "server",
             &[&srv2],
             &["address = \"fd63:6d78::2\"", "permit_listen = [\"1883\"]"],
         )
-        .identity(
-            "dev1",
-            "device",
-            &[&dev1],
-            &["mac = \"a2:3f:f8:68:ec:8f\"", "permit_open = [\"srv1:1883\"]"],
-        )
+        .dev1(&dev1, "permit_open = [\"srv1:1883\"]")
         .identity(
             "dev3",
             "device",

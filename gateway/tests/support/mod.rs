@@ -25,6 +25,10 @@ pub const GW_SRV_IP: &str = "10.2.0.1";
 pub const DEV_IP: &str = "10.1.0.2";
 pub const SRV_IP: &str = "10.2.0.2";
 pub const SSH_PORT: u16 = 2222;
+pub const SRV1_ADDRESS: &str = "address = \"fd63:6d78::1\"";
+pub const DEV1_MAC: &str = "mac = \"a2:3f:f8:68:ec:8f\"";
+/// dev1's identity address: the modified EUI-64 of its MAC under fd63:6d78::/64.
+pub const DEV1_ADDR: &str = "fd63:6d78::a03f:f8ff:fe68:ec8f";
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
@@ -626,6 +630,16 @@ impl RegistryText {
         self
     }
 
+    /// The usual server: srv1 at fd63:6d78::1, with `permit_listen` as given (a TOML line).
+    pub fn srv1(self, key: &Key, permit_listen: &str) -> Self {
+        self.identity("srv1", "server", &[key], &[SRV1_ADDRESS, permit_listen])
+    }
+
+    /// The usual device: dev1 with MAC a2:3f:f8:68:ec:8f, with `permit_open` as given.
+    pub fn dev1(self, key: &Key, permit_open: &str) -> Self {
+        self.identity("dev1", "device", &[key], &[DEV1_MAC, permit_open])
+    }
+
     pub fn build(&self) -> String {
         format!("{}{}", self.header, self.body)
     }
@@ -682,6 +696,22 @@ pub fn banner(listener: tokio::net::TcpListener, banner: &'static [u8]) -> Echo 
         }
     });
     svc
+}
+
+/// srv1's service on its host (an echo on 127.0.0.1:5001) published through the gateway with
+/// `ssh -R 1883:127.0.0.1:5001` plus `extra` options; returns once the Mir-sock listens.
+pub async fn publish_echo(hosts: &Hosts, gw: &GatewayProc, srv1: &Key, extra: &[&str]) -> (Echo, SshAgent) {
+    let echo = Echo::serve(hosts.srv.listen("127.0.0.1:5001"));
+    let before = gw.log.count(|v| field(v, "message") == "Mir-sock listening");
+    let mut args = extra.to_vec();
+    args.extend(["-R", "1883:127.0.0.1:5001"]);
+    let agent = SshAgent::start(hosts, &hosts.srv, "srv1", srv1, &args);
+    gw.log
+        .wait_more("srv1 publishes 1883", Duration::from_secs(20), before, |v| {
+            field(v, "message") == "Mir-sock listening"
+        })
+        .await;
+    (echo, agent)
 }
 
 /// Writes `data`, half-closes, and returns everything read until EOF.
