@@ -7,26 +7,20 @@
 //! - Half-close: TCP EOF becomes channel EOF and channel EOF becomes a TCP write shutdown; the other
 //!   direction keeps flowing. The channel is closed when both directions ended.
 //! - Errors: a TCP error or a channel close ends both directions at once.
-//! - Closing: after EOF both ways we wait for the peer's CHANNEL_CLOSE (OpenSSH sends it at once)
-//!   rather than sending ours first. russh 0.65 forgets a channel it closed first without removing
-//!   its receiver from the session, so a gateway-initiated close would leak a little memory per
-//!   connection on long-lived server sessions; we only close first on errors or a silent peer.
+//! - Closing: after EOF both ways we close the channel at once, as OpenSSH does. (This relies on
+//!   the patched russh in third_party/: unpatched, a locally closed channel leaks its receiver.)
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 use bytes::BytesMut;
-use russh::server::Msg;
-use russh::{Channel, ChannelMsg, ChannelReadHalf, ChannelWriteHalf};
+use russh::{Channel, ChannelId, ChannelMsg, ChannelReadHalf, ChannelWriteHalf};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 /// Size of one TCP read; a channel packet is at most the peer's max packet size anyway.
 const CHUNK: usize = 64 * 1024;
-/// How long to wait for the peer's CHANNEL_CLOSE once both directions are done.
-const CLOSE_WAIT: Duration = Duration::from_secs(30);
 
 /// Bytes moved by one relay, readable while it runs.
 #[derive(Default, Debug)]
@@ -79,9 +73,14 @@ enum DownEnd {
     Failed(String),
 }
 
-async fn tcp_to_channel(
+/// The message type of a russh channel: `russh::server::Msg` in the gateway,
+/// `russh::client::Msg` in the agent. The relay is the same on both sides.
+pub trait ChannelSide: From<(ChannelId, ChannelMsg)> + Send + Sync + 'static {}
+impl<S: From<(ChannelId, ChannelMsg)> + Send + Sync + 'static> ChannelSide for S {}
+
+async fn tcp_to_channel<S: ChannelSide>(
     mut tcp: OwnedReadHalf,
-    tx: Arc<ChannelWriteHalf<Msg>>,
+    tx: Arc<ChannelWriteHalf<S>>,
     counters: Arc<Counters>,
 ) -> UpEnd {
     let mut buf = BytesMut::with_capacity(CHUNK);
@@ -135,14 +134,11 @@ async fn peer_close(rx: &mut ChannelReadHalf) {
     }
 }
 
-/// Both directions are done: let the peer close; close ourselves if it stays silent.
-async fn finish(rx: &mut ChannelReadHalf, tx: &ChannelWriteHalf<Msg>) {
-    if tokio::time::timeout(CLOSE_WAIT, peer_close(rx)).await.is_err() {
-        let _ = tx.close().await;
-    }
-}
-
-pub async fn relay(channel: Channel<Msg>, stream: TcpStream, counters: Arc<Counters>) -> RelayEnd {
+pub async fn relay<S: ChannelSide>(
+    channel: Channel<S>,
+    stream: TcpStream,
+    counters: Arc<Counters>,
+) -> RelayEnd {
     let (mut rx, tx) = channel.split();
     let tx = Arc::new(tx);
     let (tcp_r, mut tcp_w) = stream.into_split();
@@ -197,7 +193,7 @@ pub async fn relay(channel: Channel<Msg>, stream: TcpStream, counters: Arc<Count
             };
             match up_end {
                 UpEnd::Eof => {
-                    finish(&mut rx, &tx).await;
+                    let _ = tx.close().await;
                     RelayEnd::Done
                 }
                 UpEnd::Failed(e) => {

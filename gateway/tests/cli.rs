@@ -101,7 +101,7 @@ fn without_cap_net_admin_it_says_what_is_missing() {
             "-net_admin",
             "--inh-caps",
             "-net_admin",
-            gateway_bin(),
+            &gateway_bin(),
             "run",
             "--config",
         ])

@@ -88,16 +88,17 @@ async fn mqtt_messages_cross_the_gateway_and_the_server_learns_the_device_identi
     // A real MQTT broker on the server host, reachable only on its loopback.
     let conf = hosts.path("mosquitto.conf");
     std::fs::write(&conf, "listener 1883 127.0.0.1\nallow_anonymous true\n").unwrap();
-    let mut broker = hosts
-        .srv
-        .command("mosquitto")
-        .arg("-c")
-        .arg(&conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("mosquitto");
-    let _broker_guard = KillOnDrop(&mut broker);
+    let _broker = ChildGuard(
+        hosts
+            .srv
+            .command("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto"),
+    );
     wait_listening(&hosts.srv, "127.0.0.1:1883").await;
     let sub = hosts
         .srv
@@ -177,14 +178,6 @@ async fn mqtt_messages_cross_the_gateway_and_the_server_learns_the_device_identi
     server_agent
         .wait_output(&format!("originator {DEV1_ADDR} port"), T)
         .await;
-}
-
-struct KillOnDrop<'a>(&'a mut std::process::Child);
-impl Drop for KillOnDrop<'_> {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 async fn wait_listening(ns: &Netns, addr: &str) {

@@ -32,8 +32,25 @@ pub const DEV1_ADDR: &str = "fd63:6d78::a03f:f8ff:fe68:ec8f";
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
-pub fn gateway_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_cmx-gateway")
+/// A binary of this workspace, next to the running test (cargo builds every member's binaries
+/// before running the tests of `cargo test --workspace`).
+pub fn workspace_bin(name: &str) -> String {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps");
+    let bin = dir.join(name);
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (cargo build -p {name})",
+        bin.display()
+    );
+    bin.display().to_string()
+}
+
+pub fn gateway_bin() -> String {
+    workspace_bin("cmx-gateway")
 }
 
 pub fn require_root() {
@@ -365,17 +382,22 @@ pub struct GatewayProc {
 impl GatewayProc {
     /// Starts the gateway in the gateway namespace with `registry` and extra config lines.
     pub async fn start(hosts: &Hosts, registry: &str, extra_config: &str) -> GatewayProc {
-        let config = hosts.path("gateway.toml");
-        let registry_path = hosts.path("identities.toml");
-        std::fs::write(&registry_path, registry).unwrap();
+        std::fs::write(hosts.path("identities.toml"), registry).unwrap();
         std::fs::write(
-            &config,
+            hosts.path("gateway.toml"),
             format!("listen = \"0.0.0.0:{SSH_PORT}\"\nreload_interval_secs = 1\n{extra_config}\n"),
         )
         .unwrap();
+        GatewayProc::launch(hosts).await
+    }
+
+    /// Starts (or restarts) the gateway from the files `start` wrote; the host key is kept.
+    pub async fn launch(hosts: &Hosts) -> GatewayProc {
+        let config = hosts.path("gateway.toml");
+        let registry_path = hosts.path("identities.toml");
         let mut child = hosts
             .gw
-            .command(gateway_bin())
+            .command(&gateway_bin())
             .args([
                 "--log-format",
                 "json",
@@ -390,14 +412,7 @@ impl GatewayProc {
             .spawn()
             .expect("spawn cmx-gateway");
         let log = LogBook::default();
-        let stderr = child.stderr.take().unwrap();
-        let book = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let v = serde_json::from_str(&line).unwrap_or_else(|_| serde_json::json!({ "raw": line }));
-                book.push(v);
-            }
-        });
+        pipe_json_lines(child.stderr.take().unwrap(), log.clone());
         log.wait("gateway ready", Duration::from_secs(20), |v| {
             field(v, "message").starts_with("cmx-gateway ready")
         })
@@ -419,6 +434,12 @@ impl GatewayProc {
             registry: registry_path,
             host_key_pub,
         }
+    }
+
+    /// SIGKILL: no goodbye to anyone.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Rewrites the registry and waits until the gateway has applied it.
@@ -459,6 +480,123 @@ impl Drop for GatewayProc {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Reads a child's stderr line by line into `log` (JSON lines; anything else as `{"raw": ...}`).
+pub fn pipe_json_lines(stderr: std::process::ChildStderr, log: LogBook) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let v = serde_json::from_str(&line).unwrap_or_else(|_| serde_json::json!({ "raw": line }));
+            log.push(v);
+        }
+    });
+}
+
+/// A cmx-agent process in a namespace.
+pub struct AgentProc {
+    pub child: Child,
+    pub log: LogBook,
+    pub config: PathBuf,
+    pub status_file: PathBuf,
+}
+
+impl AgentProc {
+    /// Writes `name.toml` (identity, key, the gateway on this namespace's side, the known_hosts
+    /// the gateway wrote, a status file, and `body`), then runs `cmx-agent run` in `ns`.
+    pub fn start(hosts: &Hosts, ns: &Netns, name: &str, identity: &str, key: &Key, body: &str) -> AgentProc {
+        let gw_ip = if ns.name == hosts.srv.name {
+            GW_SRV_IP
+        } else {
+            GW_DEV_IP
+        };
+        let config = hosts.path(&format!("{name}.toml"));
+        let status_file = hosts.path(&format!("{name}.status.json"));
+        std::fs::write(
+            &config,
+            format!(
+                "identity = \"{identity}\"\nkey = \"{}\"\ngateways = [\"{gw_ip}:{SSH_PORT}\"]\nknown_hosts = \"{}\"\nstatus_file = \"{}\"\n{body}\n",
+                key.path.display(),
+                hosts.path("known_hosts").display(),
+                status_file.display()
+            ),
+        )
+        .unwrap();
+        AgentProc::launch(ns, &config, &status_file)
+    }
+
+    pub fn launch(ns: &Netns, config: &Path, status_file: &Path) -> AgentProc {
+        let mut child = ns
+            .command(&workspace_bin("cmx-agent"))
+            .args([
+                "--log-format",
+                "json",
+                "--log-level",
+                "debug,russh=warn",
+                "run",
+                "--config",
+            ])
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn cmx-agent");
+        let log = LogBook::default();
+        pipe_json_lines(child.stderr.take().unwrap(), log.clone());
+        AgentProc {
+            child,
+            log,
+            config: config.to_path_buf(),
+            status_file: status_file.to_path_buf(),
+        }
+    }
+
+    pub fn status(&self) -> Option<Value> {
+        let text = std::fs::read_to_string(&self.status_file).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    /// Waits until the status file satisfies `pred`.
+    pub async fn wait_status(&self, what: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.status().filter(|s| pred(s)) {
+                return s;
+            }
+            if Instant::now() >= deadline {
+                let log: Vec<String> = self.log.all().iter().map(|v| v.to_string()).collect();
+                panic!(
+                    "timed out waiting for agent status: {what}\nstatus: {:?}\nlog:\n{}",
+                    self.status(),
+                    log.join("\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn tunnel<'a>(status: &'a Value, name: &str) -> &'a Value {
+        status["tunnels"]
+            .as_array()
+            .and_then(|t| t.iter().find(|t| t["name"] == name))
+            .expect("tunnel in status")
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Kills and reaps a helper process (a broker, a subscriber) when the test ends.
+pub struct ChildGuard(pub Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 

@@ -1,0 +1,22 @@
+//! cmx-agent: keeps a device's or server's tunnels to a cmxsafe gateway up.
+//!
+//! # Layout
+//! - `config`: the agent's TOML configuration and its validation.
+//! - `agent`: the supervisor (listeners, reconnect loop, failover, shutdown).
+//! - `session`: one SSH session: connect, host key trust (`trust`), authentication, and the
+//!   channels the gateway opens towards us.
+//! - `tunnels`: local (`-L`-like) and publish (`-R`-like) tunnels.
+//! - `status`: the operator's view, written to a JSON file for `cmx-agent status`.
+//! - `backoff`: jittered exponential backoff.
+//!
+//! The byte relay and socket helpers are the gateway's (`cmx_gateway::relay`, `sockets`).
+
+pub mod agent;
+pub mod backoff;
+pub mod config;
+pub mod session;
+pub mod status;
+pub mod trust;
+pub mod tunnels;
+
+pub use agent::run;

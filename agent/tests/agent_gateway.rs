@@ -1,0 +1,409 @@
+//! cmx-agent against cmx-gateway, in network namespaces: traffic end to end, identity delivered to
+//! the server's app, resilience (gateway killed, link down), refusals that stay local to one
+//! tunnel, and host key pinning.
+
+#[path = "../../gateway/tests/support/mod.rs"]
+mod support;
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const T: Duration = Duration::from_secs(30);
+
+fn state(s: &Value) -> &str {
+    s["state"].as_str().unwrap_or("")
+}
+
+fn tunnel_state<'a>(s: &'a Value, name: &str) -> &'a str {
+    AgentProc::tunnel(s, name)["state"].as_str().unwrap_or("")
+}
+
+/// srv1 may publish 1883 and 1884; dev1 may open srv1:1883 only.
+fn registry(srv1: &Key, dev1: &Key) -> String {
+    RegistryText::default()
+        .srv1(srv1, "permit_listen = [\"1883\", \"1884\"]")
+        .dev1(dev1, "permit_open = [\"srv1:1883\"]")
+        .build()
+}
+
+const FAST: &str = "[keepalive]\ninterval_secs = 1\nmax = 2\n[reconnect]\ninitial_ms = 100\nmax_secs = 1\nconnect_timeout_secs = 3\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mqtt_through_two_agents_and_the_broker_sees_the_device_identity() {
+    let hosts = Hosts::new();
+    let [srv1, dev1] = ["srv1", "dev1"].map(|n| Key::generate(hosts.dir.path(), n));
+    let gw = GatewayProc::start(&hosts, &registry(&srv1, &dev1), "").await;
+
+    // The broker listens on the server host's IPv6 loopback and logs who connects.
+    let conf = hosts.path("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        "listener 1883 ::1\nallow_anonymous true\nlog_dest stderr\nlog_type all\n",
+    )
+    .unwrap();
+    let mut broker = ChildGuard(
+        hosts
+            .srv
+            .command("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let broker_log = LogBook::default();
+    pipe_json_lines(broker.0.stderr.take().unwrap(), broker_log.clone());
+    drop(hosts.srv.connect_retry("[::1]:1883").await);
+
+    let server = AgentProc::start(
+        &hosts,
+        &hosts.srv,
+        "server",
+        "srv1",
+        &srv1,
+        "[[publish]]\nname = \"broker\"\nport = 1883\nto = \"[::1]:1883\"\npreserve_source = true\n",
+    );
+    server
+        .wait_status("published", T, |s| {
+            state(s) == "connected" && tunnel_state(s, "broker") == "up"
+        })
+        .await;
+    let device = AgentProc::start(
+        &hosts,
+        &hosts.dev,
+        "device",
+        "dev1",
+        &dev1,
+        "[[local]]\nname = \"mqtt\"\nlisten = \"127.0.0.1:1883\"\ntarget = \"srv1:1883\"\n",
+    );
+    device
+        .wait_status("connected", T, |s| state(s) == "connected")
+        .await;
+
+    let sub = hosts
+        .srv
+        .command("mosquitto_sub")
+        .args([
+            "-h", "::1", "-p", "1883", "-t", "cmx/#", "-v", "-C", "2", "-W", "30",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for i in 1..=2 {
+        let st = hosts
+            .dev
+            .command("mosquitto_pub")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                "1883",
+                "-t",
+                "cmx/dev1",
+                "-m",
+                &format!("m{i}"),
+            ])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    let out = tokio::task::spawn_blocking(move || sub.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "cmx/dev1 m1\ncmx/dev1 m2\n");
+
+    // The broker itself saw the publisher connect from dev1's identity address.
+    broker_log
+        .wait("broker sees dev1", T, |v| {
+            v["raw"]
+                .as_str()
+                .is_some_and(|l| l.contains(&format!("New connection from {DEV1_ADDR}")))
+        })
+        .await;
+    // Both publishes are counted, with their bytes once each connection closed.
+    device
+        .wait_status("bytes counted", T, |s| {
+            let t = AgentProc::tunnel(s, "mqtt");
+            t["connections"] == 2 && t["bytes_out"].as_u64() > Some(0) && t["bytes_in"].as_u64() > Some(0)
+        })
+        .await;
+    drop(gw);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tunnels_come_back_after_the_gateway_is_killed_and_restarted() {
+    let hosts = Hosts::new();
+    let [srv1, dev1] = ["srv1", "dev1"].map(|n| Key::generate(hosts.dir.path(), n));
+    let mut gw = GatewayProc::start(&hosts, &registry(&srv1, &dev1), "").await;
+    let _echo = Echo::serve(hosts.srv.listen("127.0.0.1:5001"));
+    let server = AgentProc::start(
+        &hosts,
+        &hosts.srv,
+        "server",
+        "srv1",
+        &srv1,
+        &format!("{FAST}[[publish]]\nname = \"echo\"\nport = 1883\nto = \"127.0.0.1:5001\"\n"),
+    );
+    let device = AgentProc::start(
+        &hosts,
+        &hosts.dev,
+        "device",
+        "dev1",
+        &dev1,
+        &format!("{FAST}[[local]]\nname = \"echo\"\nlisten = \"127.0.0.1:11883\"\ntarget = \"srv1:1883\"\n"),
+    );
+    server
+        .wait_status("published", T, |s| tunnel_state(s, "echo") == "up")
+        .await;
+    device
+        .wait_status("connected", T, |s| state(s) == "connected")
+        .await;
+
+    // Traffic is flowing when the gateway dies.
+    let mut c = hosts.dev.connect_retry("127.0.0.1:11883").await;
+    c.write_all(b"before").await.unwrap();
+    let mut buf = [0u8; 6];
+    c.read_exact(&mut buf).await.unwrap();
+    gw.kill9();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(T, c.read_to_end(&mut rest))
+        .await
+        .expect("the broken connection ends");
+    for agent in [&server, &device] {
+        agent.wait_status("noticed", T, |s| state(s) != "connected").await;
+    }
+
+    // The listener stayed bound: a connection made during the outage waits for the session.
+    let waiting = hosts
+        .dev
+        .connect("127.0.0.1:11883")
+        .expect("the local listener survives the outage");
+    let waiter = tokio::spawn(exchange(waiting, b"made during the outage"));
+
+    let gw = GatewayProc::launch(&hosts).await;
+    let back = Instant::now();
+    server
+        .wait_status("republished", T, |s| {
+            state(s) == "connected" && tunnel_state(s, "echo") == "up"
+        })
+        .await;
+    device
+        .wait_status("reconnected", T, |s| {
+            state(s) == "connected" && s["reconnects"].as_u64() >= Some(1)
+        })
+        .await;
+    let got = exchange(hosts.dev.connect("127.0.0.1:11883").unwrap(), b"after").await;
+    let elapsed = back.elapsed();
+    assert_eq!(got, b"after");
+    assert_eq!(
+        tokio::time::timeout(T, waiter).await.unwrap().unwrap(),
+        b"made during the outage"
+    );
+    // Reported, not asserted: the time from the gateway accepting again to data flowing.
+    eprintln!(
+        "tunnels carried data {} ms after the restarted gateway was ready",
+        elapsed.as_millis()
+    );
+    drop(gw);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dead_link_is_noticed_by_keepalive_and_the_agent_reconnects() {
+    let hosts = Hosts::new();
+    let [srv1, dev1] = ["srv1", "dev1"].map(|n| Key::generate(hosts.dir.path(), n));
+    let gw = GatewayProc::start(&hosts, &registry(&srv1, &dev1), "").await;
+    let device = AgentProc::start(
+        &hosts,
+        &hosts.dev,
+        "device",
+        "dev1",
+        &dev1,
+        &format!(
+            "{FAST}[[local]]\nname = \"mqtt\"\nlisten = \"127.0.0.1:11883\"\ntarget = \"srv1:1883\"\noutage = \"refuse\"\n"
+        ),
+    );
+    device
+        .wait_status("connected", T, |s| state(s) == "connected")
+        .await;
+
+    // Cut the device host's link: nothing is closed, packets just stop.
+    let link = |up: &str| {
+        let st = std::process::Command::new("ip")
+            .args(["-n", &hosts.dev.name, "link", "set", "eth0", up])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    };
+    link("down");
+    let s = device
+        .wait_status("session declared dead", T, |s| state(s) != "connected")
+        .await;
+    assert!(s["last_error"].as_str().is_some(), "{s}");
+    // With outage = "refuse", connections during the outage are refused at once.
+    assert!(
+        try_exchange(hosts.dev.connect("127.0.0.1:11883").unwrap(), b"x")
+            .await
+            .is_empty()
+    );
+    device
+        .wait_status("refusal counted", T, |s| {
+            AgentProc::tunnel(s, "mqtt")["refused"].as_u64() >= Some(1)
+        })
+        .await;
+    link("up");
+    device
+        .wait_status("reconnected", T, |s| {
+            state(s) == "connected" && s["reconnects"].as_u64() >= Some(1)
+        })
+        .await;
+    drop(gw);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refused_tunnel_is_reported_and_does_not_disturb_the_others() {
+    let hosts = Hosts::new();
+    let [srv1, dev1] = ["srv1", "dev1"].map(|n| Key::generate(hosts.dir.path(), n));
+    let gw = GatewayProc::start(&hosts, &registry(&srv1, &dev1), "").await;
+    let _echo = Echo::serve(hosts.srv.listen("127.0.0.1:5001"));
+    let server = AgentProc::start(
+        &hosts,
+        &hosts.srv,
+        "server",
+        "srv1",
+        &srv1,
+        &format!(
+            "{FAST}[[publish]]\nname = \"ok\"\nport = 1883\nto = \"127.0.0.1:5001\"\n\n[[publish]]\nname = \"forbidden\"\nport = 8883\nto = \"127.0.0.1:5001\"\n"
+        ),
+    );
+    let device = AgentProc::start(
+        &hosts,
+        &hosts.dev,
+        "device",
+        "dev1",
+        &dev1,
+        &format!(
+            "{FAST}[[local]]\nname = \"ok\"\nlisten = \"127.0.0.1:11883\"\ntarget = \"srv1:1883\"\n\n[[local]]\nname = \"forbidden\"\nlisten = \"127.0.0.1:11884\"\ntarget = \"srv1:1884\"\n"
+        ),
+    );
+    let s = server
+        .wait_status("one up, one refused", T, |s| {
+            tunnel_state(s, "ok") == "up" && AgentProc::tunnel(s, "forbidden")["refused"].as_u64() >= Some(2)
+        })
+        .await;
+    assert_eq!(
+        tunnel_state(&s, "forbidden"),
+        "refused",
+        "retried with backoff, still refused: {s}"
+    );
+    device
+        .wait_status("connected", T, |s| state(s) == "connected")
+        .await;
+
+    assert!(
+        try_exchange(hosts.dev.connect("127.0.0.1:11884").unwrap(), b"no")
+            .await
+            .is_empty()
+    );
+    let s = device
+        .wait_status("refusal reported", T, |s| {
+            tunnel_state(s, "forbidden") == "refused"
+        })
+        .await;
+    let detail = AgentProc::tunnel(&s, "forbidden")["detail"]
+        .as_str()
+        .unwrap_or("");
+    assert_eq!(
+        detail,
+        "dev1 may not open srv1:1884: no permit_open rule matches (permit_open = [srv1:1883])"
+    );
+    // The allowed tunnel of the same session still works, and the session never dropped.
+    assert_eq!(
+        exchange(hosts.dev.connect("127.0.0.1:11883").unwrap(), b"fine").await,
+        b"fine"
+    );
+    let s = device.status().unwrap();
+    assert_eq!(state(&s), "connected");
+    assert_eq!(s["reconnects"], 0);
+    drop(gw);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unknown_or_changed_host_key_is_refused_with_its_fingerprint() {
+    let hosts = Hosts::new();
+    let [srv1, dev1, other] = ["srv1", "dev1", "other"].map(|n| Key::generate(hosts.dir.path(), n));
+    let gw = GatewayProc::start(&hosts, &registry(&srv1, &dev1), "").await;
+    let fingerprint = {
+        let out = std::process::Command::new("ssh-keygen")
+            .arg("-lf")
+            .arg(hosts.path("ssh_host_ed25519_key.pub"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .to_string()
+    };
+
+    // A known_hosts entry with another key for the gateway: changed key.
+    std::fs::write(
+        hosts.path("known_hosts"),
+        format!("[{GW_DEV_IP}]:{SSH_PORT} {}\n", other.public()),
+    )
+    .unwrap();
+    let agent = AgentProc::start(&hosts, &hosts.dev, "device", "dev1", &dev1, FAST);
+    let s = agent
+        .wait_status("refused", T, |s| {
+            s["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("HOST KEY CHANGED"))
+        })
+        .await;
+    let err = s["last_error"].as_str().unwrap();
+    assert!(err.contains(&fingerprint), "{err}");
+    assert_ne!(state(&s), "connected");
+    drop(agent);
+
+    // An empty known_hosts: unknown key, refused (no trust on first use unless configured).
+    std::fs::write(hosts.path("known_hosts"), "").unwrap();
+    let agent = AgentProc::start(&hosts, &hosts.dev, "device2", "dev1", &dev1, FAST);
+    let s = agent
+        .wait_status("refused", T, |s| {
+            s["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("which is not in"))
+        })
+        .await;
+    assert!(s["last_error"].as_str().unwrap().contains(&fingerprint));
+    assert_eq!(
+        gw.log.count(|v| field(v, "message") == "session established"),
+        0,
+        "no session was ever established"
+    );
+    drop(agent);
+
+    // trust_on_first_use, when asked for, records the key and connects.
+    let agent = AgentProc::start(
+        &hosts,
+        &hosts.dev,
+        "device3",
+        "dev1",
+        &dev1,
+        &format!("trust_on_first_use = true\n{FAST}"),
+    );
+    agent
+        .wait_status("connected", T, |s| state(s) == "connected")
+        .await;
+    let known = std::fs::read_to_string(hosts.path("known_hosts")).unwrap();
+    assert!(
+        known.contains(gw.host_key_pub.split_whitespace().nth(1).unwrap()),
+        "{known}"
+    );
+}
