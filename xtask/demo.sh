@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # cmxsafe local demo: a device host, a gateway host and a server host in network namespaces.
-# The server host runs a mosquitto broker on its loopback and publishes it with `ssh -R`; the
-# device host reaches it with `ssh -L` and an unchanged MQTT client publishes to localhost. Every
-# message crosses the gateway: device channel -> ID-sock [device identity address] -> Mir-sock
-# [srv1 identity address]:1883 -> srv1's channel -> broker.
+# The server host runs a mosquitto broker on its loopback and publishes it through cmx-agent; the
+# device host reaches it with stock OpenSSH (`ssh -L`) and an unchanged MQTT client publishes to
+# localhost. Every message crosses the gateway: device channel -> ID-sock [device identity
+# address] -> Mir-sock [srv1 identity address]:1883 -> srv1's channel -> cmx-agent -> broker,
+# which sees the device's identity address as the client's address.
 #
-# Usage: demo.sh PATH-TO-cmx-gateway [MESSAGES]   (as root; `cargo xtask demo` runs it)
+# Usage: demo.sh DIR-WITH-BINARIES [MESSAGES]   (as root; `cargo xtask demo` runs it)
 set -euo pipefail
 
-GATEWAY=${1:?usage: demo.sh PATH-TO-cmx-gateway [MESSAGES]}
+BIN=${1:?usage: demo.sh DIR-WITH-cmx-gateway-AND-cmx-agent [MESSAGES]}
+GATEWAY=$BIN/cmx-gateway
+AGENT=$BIN/cmx-agent
 MESSAGES=${2:-5}
 NS=cmxdemo$$
 DEV=$NS-dev GW=$NS-gw SRV=$NS-srv
@@ -77,16 +80,31 @@ echo "    host key $(ssh-keygen -lf "$WORK/ssh_host_ed25519_key.pub" | cut -d' '
 SSH=(ssh -N -p 2222 -F /dev/null -o BatchMode=yes -o IdentitiesOnly=yes -o StrictHostKeyChecking=yes
      -o "UserKnownHostsFile=$WORK/known_hosts" -o ExitOnForwardFailure=yes -o ServerAliveInterval=10)
 
-say "server host: mosquitto on 127.0.0.1:1883, published to the gateway with ssh -R"
-printf 'listener 1883 127.0.0.1\nallow_anonymous true\n' > "$WORK/mosquitto.conf"
+say "server host: mosquitto on [::1]:1883, published to the gateway by cmx-agent"
+printf 'listener 1883 ::1\nallow_anonymous true\nlog_dest stderr\nlog_type all\n' > "$WORK/mosquitto.conf"
 ip netns exec "$SRV" mosquitto -c "$WORK/mosquitto.conf" 2> "$WORK/mosquitto.log" &
 PIDS+=($!)
-wait_for "mosquitto" in_ns "$SRV" mosquitto_sub -h 127.0.0.1 -p 1883 -t probe -W 1 -C 1 -E
-ip netns exec "$SRV" mosquitto_sub -h 127.0.0.1 -p 1883 -t 'sensors/#' -v > "$WORK/received" &
+wait_for "mosquitto" in_ns "$SRV" mosquitto_sub -h ::1 -p 1883 -t probe -W 1 -C 1 -E
+ip netns exec "$SRV" mosquitto_sub -h ::1 -p 1883 -t 'sensors/#' -v > "$WORK/received" &
 PIDS+=($!)
-ip netns exec "$SRV" "${SSH[@]}" -v -i "$WORK/srv1" -R 1883:127.0.0.1:1883 srv1@10.2.0.1 2> "$WORK/server-agent.log" &
+cat > "$WORK/server-agent.toml" <<TOML
+identity = "srv1"
+key = "srv1"
+gateways = ["10.2.0.1:2222"]
+known_hosts = "known_hosts"
+status_file = "server-agent.status.json"
+
+[[publish]]
+name = "broker"
+port = 1883
+to = "[::1]:1883"
+preserve_source = true   # the broker sees who is really connecting
+TOML
+ip netns exec "$SRV" "$AGENT" run --config "$WORK/server-agent.toml" 2> "$WORK/server-agent.log" &
 PIDS+=($!)
-wait_for "srv1's forward" grep -q '"request":"tcpip-forward localhost:1883"' "$WORK/gateway.log"
+wait_for "srv1's forward" grep -q '"request":"tcpip-forward :1883"' "$WORK/gateway.log"
+wait_for "srv1's agent status" in_ns "$SRV" "$AGENT" status --config "$WORK/server-agent.toml"
+in_ns "$SRV" "$AGENT" status --config "$WORK/server-agent.toml" | sed 's/^/    /'
 
 say "device host: ssh -L 127.0.0.1:1883:srv1:1883 (the MQTT app keeps talking to localhost)"
 ip netns exec "$DEV" "${SSH[@]}" -i "$WORK/dev" -L 127.0.0.1:1883:srv1:1883 -L 127.0.0.1:8883:srv1:8883 \
@@ -96,13 +114,14 @@ wait_for "the device's local port" in_ns "$DEV" bash -c 'exec 3<>/dev/tcp/127.0.
 
 say "publishing $MESSAGES messages from the device host to localhost:1883"
 for i in $(seq "$MESSAGES"); do
-  in_ns "$DEV" mosquitto_pub -h 127.0.0.1 -p 1883 -t sensors/a23ff868ec8f/temperature -m "$((200 + i))e-1 C"
+  in_ns "$DEV" mosquitto_pub -h 127.0.0.1 -p 1883 -i "dev-$i" -t sensors/a23ff868ec8f/temperature -m "$((200 + i))e-1 C"
   wait_for "message $i" test "$(wc -l < "$WORK/received")" -ge "$i"
-  origin=$(grep -o 'originator [^ ]* port [0-9]*' "$WORK/server-agent.log" | tail -n 1 | cut -d' ' -f2)
-  printf '    broker received: %-45s from identity %s (%s)\n' "$(sed -n "${i}p" "$WORK/received")" \
-    "$( [[ $origin == "$DEV_ADDR" ]] && echo a23ff868ec8f || echo "UNEXPECTED")" "$origin"
-  [[ $origin == "$DEV_ADDR" ]] || { echo "demo: originator $origin is not $DEV_ADDR" >&2; exit 1; }
+  seen=$(grep -o "New connection from [^ ]* on port 1883" "$WORK/mosquitto.log" | tail -n 1 | cut -d' ' -f4)
+  addr=${seen%:*}
+  printf '    broker received: %-45s from %s\n' "$(sed -n "${i}p" "$WORK/received")" "$seen"
+  [[ $addr == "$DEV_ADDR" ]] || { echo "demo: the broker saw $addr, not the device identity $DEV_ADDR" >&2; exit 1; }
 done
+echo "    (the broker's client address is the identity address of device a23ff868ec8f: $DEV_ADDR)"
 
 say "outside its security context: the device tries srv1:8883"
 in_ns "$DEV" mosquitto_pub -h 127.0.0.1 -p 8883 -t sensors/x -m denied 2>/dev/null || true

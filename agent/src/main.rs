@@ -186,12 +186,14 @@ fn status(path: PathBuf) -> anyhow::Result<()> {
         )
     })?;
     let age = cmx_gateway::auth::now_unix().saturating_sub(s.since_unix);
+    let gateway = s
+        .gateway
+        .as_deref()
+        .map(|g| format!(" ({g})"))
+        .unwrap_or_default();
     println!(
-        "identity {}: {} {} for {age}s, reconnects: {}",
-        s.identity,
-        s.state,
-        s.gateway.as_deref().map(|g| format!("({g})")).unwrap_or_default(),
-        s.reconnects
+        "identity {}: {}{gateway} for {age}s, reconnects: {}",
+        s.identity, s.state, s.reconnects
     );
     if let Some(e) = &s.last_error {
         println!("last error: {e}");

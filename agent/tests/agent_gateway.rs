@@ -134,6 +134,36 @@ async fn mqtt_through_two_agents_and_the_broker_sees_the_device_identity() {
             t["connections"] == 2 && t["bytes_out"].as_u64() > Some(0) && t["bytes_in"].as_u64() > Some(0)
         })
         .await;
+
+    // SIGTERM: the agent says goodbye, removes the route it added for preserve_source, exits 0.
+    let route = |ns: &Netns| {
+        let out = ns
+            .command("ip")
+            .args(["-6", "route", "show", "table", "local", "exact", "fd63:6d78::/64"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).contains("local fd63:6d78::/64")
+    };
+    assert!(
+        route(&hosts.srv),
+        "preserve_source made the identity prefix local on the server host"
+    );
+    let mut server = server;
+    // SAFETY: signalling a child we spawned.
+    unsafe { libc::kill(server.child.id() as i32, libc::SIGTERM) };
+    let status = tokio::task::spawn_blocking(move || {
+        let s = server.child.wait().unwrap();
+        (s, server)
+    });
+    let (exit, server) = tokio::time::timeout(T, status).await.unwrap().unwrap();
+    assert_eq!(exit.code(), Some(0));
+    assert_eq!(server.status().unwrap()["state"], "stopped");
+    assert!(!route(&hosts.srv), "the route is removed at exit");
+    gw.log
+        .wait("srv1 left", T, |v| {
+            field(v, "event") == "session-closed" && field(v, "identity") == "srv1"
+        })
+        .await;
     drop(gw);
 }
 

@@ -8,6 +8,10 @@ use anyhow::{Context, bail};
 pub const ALL: &[(&str, &str)] = &[
     ("openssh-client", "ssh and ssh-keygen: stock OpenSSH agents"),
     (
+        "openssh-server",
+        "sshd: the OpenSSH-based CMXsafe gateway the agent must interoperate with",
+    ),
+    (
         "iproute2",
         "ip: network namespaces, veth links, the identity prefix route",
     ),

@@ -21,8 +21,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Run the local demo: device, gateway and server hosts in network namespaces, stock OpenSSH
-    /// agents, a mosquitto broker on the server host and MQTT messages from the device host.
+    /// Run the local demo: device, gateway and server hosts in network namespaces, cmx-agent on
+    /// the server host, stock OpenSSH on the device host, a mosquitto broker and MQTT messages.
     Demo {
         /// Number of MQTT messages the device publishes.
         #[arg(long, default_value_t = 5)]
@@ -61,14 +61,13 @@ fn run(task: Task) -> anyhow::Result<()> {
             require_root("the demo creates network namespaces")?;
             deps::ensure(deps::ALL)?;
             let status = cargo()
-                .args(["build", "--release", "-p", "cmx-gateway"])
+                .args(["build", "--release", "-p", "cmx-gateway", "-p", "cmx-agent"])
                 .status()?;
             check(status, "cargo build")?;
             let root = workspace_root();
-            let gateway = target_dir(&root).join("release/cmx-gateway");
             let status = Command::new("bash")
                 .arg(root.join("xtask/demo.sh"))
-                .arg(&gateway)
+                .arg(target_dir(&root).join("release"))
                 .arg(messages.to_string())
                 .status()
                 .context("cannot run xtask/demo.sh")?;
