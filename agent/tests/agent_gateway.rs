@@ -437,3 +437,52 @@ async fn an_unknown_or_changed_host_key_is_refused_with_its_fingerprint() {
         "{known}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_agent_logs_in_with_a_certificate() {
+    let hosts = Hosts::new();
+    let [srv1, devc, ca] = ["srv1", "devc", "ca"].map(|n| Key::generate(hosts.dir.path(), n));
+    let registry = RegistryText::default()
+        .ca(&ca)
+        .srv1(&srv1, "permit_listen = [\"1883\"]")
+        .identity(
+            "devc",
+            "device",
+            &[],
+            &["address = \"fd63:6d78::c\"", "permit_open = [\"srv1:1883\"]"],
+        )
+        .build();
+    let gw = GatewayProc::start(&hosts, &registry, "").await;
+    let (_echo, _srv) = publish_echo(&hosts, &gw, &srv1, &[]).await;
+    let cert = devc.certify(&ca, "devc", &["-V", "-5m:+1h"]);
+    let device = AgentProc::start(
+        &hosts,
+        &hosts.dev,
+        "device",
+        "devc",
+        &devc,
+        &format!(
+            "certificate = \"{}\"\n[[local]]\nname = \"echo\"\nlisten = \"127.0.0.1:11883\"\ntarget = \"srv1:1883\"\n",
+            cert.display()
+        ),
+    );
+    device
+        .wait_status("connected", T, |s| state(s) == "connected")
+        .await;
+    let data = pattern(8 << 20, 11);
+    let got = exchange(hosts.dev.connect_retry("127.0.0.1:11883").await, &data).await;
+    assert!(
+        got == data,
+        "8 MiB through the certificate session came back different"
+    );
+    let accepted = gw
+        .log
+        .wait("cert login", T, |v| {
+            field(v, "event") == "auth" && field(v, "decision") == "accept" && field(v, "identity") == "devc"
+        })
+        .await;
+    assert!(
+        field(&accepted, "method").starts_with("certificate"),
+        "{accepted}"
+    );
+}
