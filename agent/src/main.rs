@@ -158,7 +158,7 @@ fn check(path: PathBuf) -> anyhow::Result<()> {
                 }
                 Err(e) => {
                     failed += 1;
-                    let reason = shared.failure_reason(&format!("{host}:{port}")).unwrap_or_else(|| e.to_string());
+                    let reason = shared.failure_reason(&format!("{host}:{port}")).await.unwrap_or_else(|| e.to_string());
                     println!("tunnel {}: {} -> {}: REFUSED: {reason}", t.name, t.listen, t.target);
                 }
             }

@@ -60,9 +60,19 @@ impl Shared {
     }
 
     /// The newest refusal text that mentions `needle` (the gateway names the target in it).
-    pub fn failure_reason(&self, needle: &str) -> Option<String> {
-        let q = self.open_failures.lock().unwrap_or_else(|p| p.into_inner());
-        q.iter().rev().find(|t| t.contains(needle)).cloned()
+    /// russh tells the opener before it tells the handler, so the text may arrive a moment after
+    /// the refusal: wait a little for it.
+    pub async fn failure_reason(&self, needle: &str) -> Option<String> {
+        for _ in 0..20 {
+            {
+                let q = self.open_failures.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(t) = q.iter().rev().find(|t| t.contains(needle)) {
+                    return Some(t.clone());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        None
     }
 
     fn publish_for(&self, port: u32) -> Option<PublishTunnel> {

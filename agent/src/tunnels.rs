@@ -117,6 +117,7 @@ async fn serve_local(
         };
         let reason = shared
             .failure_reason(&format!("{host}:{port}"))
+            .await
             .unwrap_or_else(|| failure.description().to_string());
         // "Connect failed" is transient (the server is reconnecting, its forward not yet back):
         // retry within the tunnel's outage window. A policy refusal is final.
@@ -135,7 +136,7 @@ async fn serve_local(
         t.detail = None;
     });
     let counters = Arc::new(Counters::default());
-    let end = relay::relay(channel, stream, counters.clone()).await;
+    let end = relay::relay(channel, stream, counters.clone(), None).await;
     tracing::debug!(tunnel = name, %peer, end = %end.as_str(), "connection closed");
     add_bytes(&shared, name, &counters);
 }
@@ -261,7 +262,7 @@ pub async fn serve_forwarded(
     shared.status.tunnel(&tunnel.name, |t| t.connections += 1);
     tracing::debug!(tunnel = %tunnel.name, originator = %origin.0, "forwarded connection");
     let counters = Arc::new(Counters::default());
-    relay::relay(channel, stream, counters.clone()).await;
+    relay::relay(channel, stream, counters.clone(), None).await;
     add_bytes(&shared, &tunnel.name, &counters);
 }
 
@@ -279,7 +280,7 @@ async fn refuse_forwarded(shared: &Shared, tunnel: &PublishTunnel, reply: Channe
 async fn connect_local(to: SocketAddr, source: Option<IpAddr>) -> std::io::Result<TcpStream> {
     let stream = match (source, to) {
         (Some(IpAddr::V6(src)), SocketAddr::V6(_)) => {
-            let (socket, _) = cmx_gateway::sockets::identity_socket(src, None)?;
+            let (socket, _, ()) = cmx_gateway::sockets::identity_socket(src, None, |_| Ok(()))?;
             socket.connect(to).await?
         }
         _ => TcpStream::connect(to).await?,

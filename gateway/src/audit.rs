@@ -41,9 +41,19 @@ pub fn pair_opened(conn_id: ConnId, identity: &str, source: &str, destination: &
     tracing::info!(target: TARGET, event = "pair-opened", conn_id, identity, source, destination, "forwarding path opened");
 }
 
-pub fn pair_closed(conn_id: ConnId, identity: &str, bytes_to_target: u64, bytes_from_target: u64, end: &str) {
-    tracing::info!(target: TARGET, event = "pair-closed", conn_id, identity, bytes_to_target, bytes_from_target, end,
-        "forwarding path closed");
+/// `spliced`: bytes the kernel carried between the two sockets (ID side, Mir side), when the
+/// sockmap data plane spliced the pair.
+pub fn pair_closed(
+    conn_id: ConnId,
+    identity: &str,
+    bytes_to_target: u64,
+    bytes_from_target: u64,
+    spliced: Option<(u64, u64)>,
+    end: &str,
+) {
+    let (spliced_to_target, spliced_from_target) = spliced.unwrap_or((0, 0));
+    tracing::info!(target: TARGET, event = "pair-closed", conn_id, identity, bytes_to_target, bytes_from_target,
+        spliced = spliced.is_some(), spliced_to_target, spliced_from_target, end, "forwarding path closed");
 }
 
 pub fn session_closed(session: SessionId, identity: &str, reason: &str) {

@@ -41,8 +41,40 @@ pub struct Config {
     pub service_name_prefix: String,
     pub reload_interval_secs: u64,
     pub shutdown_grace_secs: u64,
+    pub dataplane: DataPlaneSettings,
     pub limits: Limits,
     pub ssh: SshSettings,
+    /// Tests only (hidden CLI flag): skip the user-space security-context checks so that the
+    /// kernel's are exercised alone. Never set from the file.
+    #[serde(skip)]
+    pub insecure_skip_userspace_policy: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DataPlaneMode {
+    #[default]
+    Auto,
+    Sockmap,
+    Userspace,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataPlaneSettings {
+    pub mode: DataPlaneMode,
+    pub pin_dir: PathBuf,
+    pub cgroup: PathBuf,
+}
+
+impl Default for DataPlaneSettings {
+    fn default() -> Self {
+        DataPlaneSettings {
+            mode: DataPlaneMode::Auto,
+            pin_dir: PathBuf::from("/sys/fs/bpf/cmxsafe"),
+            cgroup: PathBuf::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -78,8 +110,10 @@ impl Default for Config {
             service_name_prefix: "dynamic-service-".into(),
             reload_interval_secs: 2,
             shutdown_grace_secs: 5,
+            dataplane: DataPlaneSettings::default(),
             limits: Limits::default(),
             ssh: SshSettings::default(),
+            insecure_skip_userspace_policy: false,
         }
     }
 }
@@ -181,6 +215,18 @@ impl Config {
         {
             problems.push(format!(
                 "service_name_prefix '{p}' must be non-empty lowercase letters, digits and '-'"
+            ));
+        }
+        if !self.dataplane.pin_dir.is_absolute() {
+            problems.push(format!(
+                "dataplane.pin_dir {} must be an absolute path",
+                self.dataplane.pin_dir.display()
+            ));
+        }
+        if !self.dataplane.cgroup.as_os_str().is_empty() && !self.dataplane.cgroup.is_absolute() {
+            problems.push(format!(
+                "dataplane.cgroup {} must be an absolute path",
+                self.dataplane.cgroup.display()
             ));
         }
         if self.reload_interval_secs == 0 {

@@ -19,6 +19,7 @@ pub mod audit;
 pub mod auth;
 pub mod config;
 pub mod dataplane;
+pub mod ebpf;
 pub mod events;
 pub mod forward;
 pub mod gateway;
@@ -57,6 +58,8 @@ pub enum RunError {
     HostKey(#[from] HostKeyError),
     #[error(transparent)]
     NetSetup(#[from] NetSetupError),
+    #[error("dataplane.mode = \"sockmap\", but the sockmap data plane cannot start: {0}")]
+    DataPlane(String),
     #[error("cannot listen for SSH on {addr}: {source}")]
     Bind {
         addr: std::net::SocketAddr,
@@ -104,9 +107,10 @@ pub async fn serve(
         None
     };
 
-    let dataplane: Arc<dyn DataPlane> = Arc::new(UserspaceDataPlane::new(
-        "the sockmap data plane is not part of this build",
-    ));
+    let dataplane = select_dataplane(&config)?;
+    if let Err(e) = dataplane.sync_policy(&registry) {
+        tracing::error!(error = %e, "cannot fill the kernel policy maps");
+    }
     let ssh = Arc::new(server::ssh_config(&config, host_key.key.clone()));
     let listen = listener.local_addr().ok();
     let grace = Duration::from_secs(config.shutdown_grace_secs);
@@ -120,6 +124,13 @@ pub async fn serve(
         "cmx-gateway ready; data plane: {}", gw.dataplane.describe()
     );
 
+    tracing::info!(dataplane = gw.dataplane.name(), occupancy = ?gw.dataplane.occupancy().entries, "data plane ready");
+    if gw.config.insecure_skip_userspace_policy {
+        tracing::warn!(
+            "INSECURE (tests only): user-space security-context checks are skipped; only the kernel's apply"
+        );
+    }
+    gw.dataplane.clone().start(gw.clone());
     let tracker = TaskTracker::new();
     tracker.spawn(reload::watch(gw.clone()));
     server::accept_loop(gw.clone(), listener, ssh, tracker.clone()).await;
@@ -135,11 +146,48 @@ pub async fn serve(
             "shutdown grace period over; closing remaining sessions"
         );
     }
+    gw.dataplane.shutdown();
     if let Some(route) = route {
         route.remove();
     }
     tracing::info!("cmx-gateway stopped");
     Ok(())
+}
+
+/// The data plane `dataplane.mode` asks for; `auto` falls back to user space with the reason.
+fn select_dataplane(config: &Config) -> Result<Arc<dyn DataPlane>, RunError> {
+    use crate::config::DataPlaneMode;
+    if config.dataplane.mode == DataPlaneMode::Userspace {
+        return Ok(Arc::new(UserspaceDataPlane::new("dataplane.mode = userspace")));
+    }
+    let cgroup = if config.dataplane.cgroup.as_os_str().is_empty() {
+        match ebpf::cgroup::v2_mount() {
+            Ok(mount) => mount.join("cmxsafe-gateway"),
+            Err(e) => return fallback(config, e.to_string()),
+        }
+    } else {
+        config.dataplane.cgroup.clone()
+    };
+    let settings = ebpf::SockmapSettings {
+        pin_dir: config.dataplane.pin_dir.clone(),
+        cgroup,
+        prefix: config.identity_prefix,
+    };
+    match ebpf::SockmapDataPlane::load(settings) {
+        Ok(dp) => Ok(Arc::new(dp)),
+        Err(reason) => fallback(config, reason),
+    }
+}
+
+fn fallback(config: &Config, reason: String) -> Result<Arc<dyn DataPlane>, RunError> {
+    if config.dataplane.mode == crate::config::DataPlaneMode::Sockmap {
+        return Err(RunError::DataPlane(reason));
+    }
+    tracing::warn!(
+        reason,
+        "sockmap data plane unavailable; using the user-space data plane"
+    );
+    Ok(Arc::new(UserspaceDataPlane::new(reason)))
 }
 
 /// Cancels `token` on SIGTERM or SIGINT.

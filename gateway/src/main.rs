@@ -31,6 +31,13 @@ enum LogFormat {
     Json,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum DataPlaneArg {
+    Auto,
+    Sockmap,
+    Userspace,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the gateway until SIGTERM or SIGINT.
@@ -38,6 +45,12 @@ enum Command {
         /// Gateway configuration (TOML). Every setting has a default: see `default-config`.
         #[arg(long, short)]
         config: PathBuf,
+        /// Overrides dataplane.mode: auto (sockmap if it loads, else userspace), sockmap, userspace.
+        #[arg(long, value_enum)]
+        dataplane: Option<DataPlaneArg>,
+        /// Tests only: skip the user-space security-context checks (the kernel's still apply).
+        #[arg(long, hide = true)]
+        insecure_skip_userspace_policy: bool,
     },
     /// Validate a configuration and the identity registry it names; print every problem found.
     CheckConfig {
@@ -73,9 +86,13 @@ fn init_logging(format: LogFormat, level: &str) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run { config } => {
+        Command::Run {
+            config,
+            dataplane,
+            insecure_skip_userspace_policy,
+        } => {
             init_logging(cli.log_format, &cli.log_level);
-            run(config)
+            run(config, dataplane, insecure_skip_userspace_policy)
         }
         Command::CheckConfig { config } => check_config(config),
         Command::DefaultConfig => {
@@ -93,8 +110,16 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(path: PathBuf) -> anyhow::Result<()> {
-    let config = Config::load(&path)?;
+fn run(path: PathBuf, dataplane: Option<DataPlaneArg>, skip_policy: bool) -> anyhow::Result<()> {
+    let mut config = Config::load(&path)?;
+    if let Some(mode) = dataplane {
+        config.dataplane.mode = match mode {
+            DataPlaneArg::Auto => config::DataPlaneMode::Auto,
+            DataPlaneArg::Sockmap => config::DataPlaneMode::Sockmap,
+            DataPlaneArg::Userspace => config::DataPlaneMode::Userspace,
+        };
+    }
+    config.insecure_skip_userspace_policy = skip_policy;
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async {
         let shutdown = CancellationToken::new();

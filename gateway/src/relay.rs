@@ -18,9 +18,19 @@ use russh::{Channel, ChannelId, ChannelMsg, ChannelReadHalf, ChannelWriteHalf};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::Semaphore;
 
 /// Size of one TCP read; a channel packet is at most the peer's max packet size anyway.
 const CHUNK: usize = 64 * 1024;
+
+/// Flow credit shared with the relay at the other end of a forwarding pair (see
+/// `forward::pairs`): credit is taken before writing to the TCP socket and returned after reading
+/// from it. Closing a semaphore (when a relay ends) releases a writer waiting on it.
+#[derive(Clone)]
+pub struct Flow {
+    pub write_credit: Arc<Semaphore>,
+    pub read_credit: Arc<Semaphore>,
+}
 
 /// Bytes moved by one relay, readable while it runs.
 #[derive(Default, Debug)]
@@ -82,6 +92,7 @@ async fn tcp_to_channel<S: ChannelSide>(
     mut tcp: OwnedReadHalf,
     tx: Arc<ChannelWriteHalf<S>>,
     counters: Arc<Counters>,
+    credit: Option<Arc<Semaphore>>,
 ) -> UpEnd {
     let mut buf = BytesMut::with_capacity(CHUNK);
     loop {
@@ -95,6 +106,9 @@ async fn tcp_to_channel<S: ChannelSide>(
             }
             Ok(n) => {
                 counters.to_channel.fetch_add(n as u64, Ordering::Relaxed);
+                if let Some(c) = &credit {
+                    c.add_permits(n);
+                }
                 if tx.data_bytes(buf.split().freeze()).await.is_err() {
                     return UpEnd::ChannelGone;
                 }
@@ -104,10 +118,21 @@ async fn tcp_to_channel<S: ChannelSide>(
     }
 }
 
-async fn channel_to_tcp(rx: &mut ChannelReadHalf, tcp: &mut OwnedWriteHalf, counters: &Counters) -> DownEnd {
+async fn channel_to_tcp(
+    rx: &mut ChannelReadHalf,
+    tcp: &mut OwnedWriteHalf,
+    counters: &Counters,
+    credit: Option<&Semaphore>,
+) -> DownEnd {
     loop {
         match rx.wait().await {
             Some(ChannelMsg::Data { data }) => {
+                if let Some(c) = credit {
+                    match c.acquire_many(data.len() as u32).await {
+                        Ok(permit) => permit.forget(),
+                        Err(_) => return DownEnd::Failed("the other end of the pair is gone".into()),
+                    }
+                }
                 if let Err(e) = tcp.write_all(&data).await {
                     return DownEnd::Failed(e.to_string());
                 }
@@ -134,22 +159,46 @@ async fn peer_close(rx: &mut ChannelReadHalf) {
     }
 }
 
+/// Closes the credit this relay feeds when it ends, however it ends.
+struct CloseOnDrop(Option<Arc<Semaphore>>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        if let Some(s) = &self.0 {
+            s.close();
+        }
+    }
+}
+
 pub async fn relay<S: ChannelSide>(
     channel: Channel<S>,
     stream: TcpStream,
     counters: Arc<Counters>,
+    flow: Option<Flow>,
 ) -> RelayEnd {
+    let _feeds = CloseOnDrop(flow.as_ref().map(|f| f.read_credit.clone()));
+    let write_credit = flow.as_ref().map(|f| f.write_credit.clone());
     let (mut rx, tx) = channel.split();
     let tx = Arc::new(tx);
     let (tcp_r, mut tcp_w) = stream.into_split();
 
-    let up = tokio::spawn(tcp_to_channel(tcp_r, tx.clone(), counters.clone()));
+    let up = tokio::spawn(tcp_to_channel(
+        tcp_r,
+        tx.clone(),
+        counters.clone(),
+        flow.map(|f| f.read_credit),
+    ));
     let abort_up = up.abort_handle();
     let mut up = std::pin::pin!(up);
     let mut up_end: Option<UpEnd> = None;
 
     let down_end = {
-        let mut down = std::pin::pin!(channel_to_tcp(&mut rx, &mut tcp_w, &counters));
+        let mut down = std::pin::pin!(channel_to_tcp(
+            &mut rx,
+            &mut tcp_w,
+            &counters,
+            write_credit.as_deref()
+        ));
         loop {
             tokio::select! {
                 r = &mut up, if up_end.is_none() => {

@@ -31,7 +31,13 @@ async fn sessions_forwards_and_pairs_are_announced_in_order() {
         .build();
     let config_path = hosts.path("gateway.toml");
     std::fs::write(hosts.path("identities.toml"), &text).unwrap();
-    std::fs::write(&config_path, format!("listen = \"0.0.0.0:{SSH_PORT}\"\n")).unwrap();
+    // In-process: the user-space data plane (the sockmap one would move the test process itself
+    // into its cgroup).
+    std::fs::write(
+        &config_path,
+        format!("listen = \"0.0.0.0:{SSH_PORT}\"\n[dataplane]\nmode = \"userspace\"\n"),
+    )
+    .unwrap();
     let config = Config::load(&config_path).unwrap();
     let registry =
         Registry::load(&config.identities, cmx_gateway::reload::registry_context(&config)).unwrap();

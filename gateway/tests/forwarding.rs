@@ -209,6 +209,12 @@ async fn sixty_four_mib_each_way_arrive_byte_exact() {
     assert_eq!(closed["bytes_to_target"].as_u64(), Some(64 << 20), "{closed}");
     assert_eq!(closed["bytes_from_target"].as_u64(), Some(64 << 20), "{closed}");
     assert_eq!(field(&closed, "end"), "eof both ways");
+    if test_dataplane() == "sockmap" {
+        // The kernel carried the loopback hop: everything the ID-sock sent, and everything it got.
+        assert_eq!(closed["spliced"], true, "{closed}");
+        assert_eq!(closed["spliced_to_target"].as_u64(), Some(64 << 20), "{closed}");
+        assert_eq!(closed["spliced_from_target"].as_u64(), Some(64 << 20), "{closed}");
+    }
     // The ID-sock keeps the device-side originator port when it is free.
     let opened = s.gw.log.find(|v| field(v, "event") == "pair-opened").unwrap();
     assert_eq!(field(&opened, "source"), format!("[{DEV1_ADDR}]:{device_port}"));

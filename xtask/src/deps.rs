@@ -18,6 +18,19 @@ pub const ALL: &[(&str, &str)] = &[
     ("mosquitto", "the MQTT broker on the server host"),
     ("mosquitto-clients", "mosquitto_pub and mosquitto_sub"),
     ("procps", "ps and pkill, for cleanup"),
+    (
+        "bpftool",
+        "the eBPF object's BTF and the loaded programs, inspected by tests",
+    ),
+    ("util-linux", "nsenter and setpriv, used by tests"),
+];
+
+/// The eBPF toolchain (Debian route; see gateway-ebpf/toolchain.rs).
+pub const EBPF: &[(&str, &str)] = &[
+    ("rustc-web", "rustc/cargo 1.96 for the eBPF crate"),
+    ("cargo-web", "its cargo"),
+    ("rust-web-src", "core's sources, for -Z build-std=core"),
+    ("llvm-22-dev", "LLVM 22, which bpf-linker links against"),
 ];
 
 fn installed(package: &str) -> bool {

@@ -5,6 +5,8 @@
 //! - `deps`: installs the system packages the demo and tests need (Debian/Ubuntu, as root).
 
 mod deps;
+#[path = "../../gateway-ebpf/toolchain.rs"]
+mod toolchain;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -36,6 +38,9 @@ enum Task {
     },
     /// Install the system packages the demo and the tests need.
     Deps,
+    /// Build the eBPF programs (gateway-ebpf), installing what they need: Debian's rustc-web,
+    /// rust-web-src and llvm-22-dev, and bpf-linker. The gateway's build embeds the result.
+    BuildEbpf,
 }
 
 fn main() -> ExitCode {
@@ -51,17 +56,42 @@ fn main() -> ExitCode {
 fn run(task: Task) -> anyhow::Result<()> {
     match task {
         Task::Deps => deps::ensure(deps::ALL),
+        Task::BuildEbpf => {
+            let object = build_ebpf()?;
+            println!(
+                "eBPF object: {} ({} bytes)",
+                object.display(),
+                std::fs::metadata(&object)?.len()
+            );
+            Ok(())
+        }
         Task::Test { args } => {
             require_root("the tests create network namespaces")?;
             deps::ensure(deps::ALL)?;
-            let status = cargo().args(["test", "--workspace"]).args(&args).status()?;
-            check(status, "cargo test")
+            build_ebpf()?;
+            // Everything, with the sockmap data plane (the build must embed the eBPF object)...
+            let status = cargo()
+                .args(["test", "--workspace"])
+                .args(&args)
+                .env("CMX_EBPF", "require")
+                .status()?;
+            check(status, "cargo test")?;
+            // ...and the gateway's integration tests again with the user-space data plane.
+            let status = cargo()
+                .args(["test", "-p", "cmx-gateway", "--tests"])
+                .args(&args)
+                .env("CMX_EBPF", "require")
+                .env("CMX_TEST_DATAPLANE", "userspace")
+                .status()?;
+            check(status, "cargo test (user-space data plane)")
         }
         Task::Demo { messages } => {
             require_root("the demo creates network namespaces")?;
             deps::ensure(deps::ALL)?;
+            build_ebpf()?;
             let status = cargo()
                 .args(["build", "--release", "-p", "cmx-gateway", "-p", "cmx-agent"])
+                .env("CMX_EBPF", "require")
                 .status()?;
             check(status, "cargo build")?;
             let root = workspace_root();
@@ -74,6 +104,43 @@ fn run(task: Task) -> anyhow::Result<()> {
             check(status, "the demo")
         }
     }
+}
+
+/// Installs the eBPF toolchain when missing, then builds the object into target/bpf.
+fn build_ebpf() -> anyhow::Result<PathBuf> {
+    let tc = match toolchain::detect() {
+        Ok(tc) => tc,
+        Err(first) => {
+            eprintln!("xtask: {first}");
+            if !Path::new("/usr/lib/rustlib/src/rust/library/core").is_dir() {
+                deps::ensure(deps::EBPF)?;
+            }
+            if toolchain::find_bpf_linker().is_none() {
+                install_bpf_linker()?;
+            }
+            toolchain::detect().map_err(|e| anyhow::anyhow!(e))?
+        }
+    };
+    let root = workspace_root();
+    let object = toolchain::build(&tc, &root.join("gateway-ebpf"), &target_dir(&root).join("bpf"))
+        .map_err(|e| anyhow::anyhow!(e))?;
+    Ok(object)
+}
+
+/// bpf-linker against Debian's LLVM 22 (plain `cargo install bpf-linker` wants LLVM 23), into a
+/// cache directory that a reused machine keeps.
+fn install_bpf_linker() -> anyhow::Result<()> {
+    let root = toolchain::linker_install_root();
+    eprintln!("xtask: installing bpf-linker into {}", root.display());
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["install", "--locked", "--root"])
+        .arg(&root)
+        .args(["bpf-linker", "--no-default-features", "--features", "llvm-22"])
+        .env("LLVM_SYS_221_PREFIX", "/usr/lib/llvm-22")
+        .env("LLVM_PREFIX", "/usr/lib/llvm-22")
+        .status()
+        .context("cannot run cargo install")?;
+    check(status, "cargo install bpf-linker")
 }
 
 fn cargo() -> Command {

@@ -5,7 +5,6 @@
 //! pair, registered under a fresh ConnID so the Mir-sock side can be matched to this path.
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6};
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,6 +13,7 @@ use russh::{Channel, ChannelOpenFailure};
 use tokio::net::TcpStream;
 
 use crate::audit;
+use crate::dataplane::{SocketRole, SocketTag, TagGuard};
 use crate::events::{ConnId, GatewayEvent, SessionId};
 use crate::forward::pairs::PairRegistration;
 use crate::gateway::Gateway;
@@ -84,7 +84,11 @@ pub async fn open(
     };
     let port = req.port as u16;
     let connected = connect(&gw, &device, &destination, req.originator_port, conn_id).await;
-    let (stream, _registration) = match connected {
+    let Connected {
+        stream,
+        _registration,
+        _tag,
+    } = match connected {
         Ok(c) => c,
         Err(reason) => {
             audit::forward_denied(session, &identity, &request, &reason);
@@ -115,17 +119,19 @@ pub async fn open(
     });
 
     let counters = Arc::new(Counters::default());
-    let end = relay::relay(channel, stream, counters.clone()).await;
+    let flow = _registration.as_ref().map(|r| r.budget.id_side());
+    let end = relay::relay(channel, stream, counters.clone(), flow).await;
+    drop((_registration, _tag));
     // The relay counts TCP -> channel (what the target sent) and channel -> TCP (what it got).
     let (from_target, to_target) = counters.get();
-    audit::pair_closed(conn_id, &identity, to_target, from_target, &end.as_str());
+    let spliced = gw.dataplane.pair_closed(conn_id);
+    audit::pair_closed(conn_id, &identity, to_target, from_target, spliced, &end.as_str());
     gw.events.emit(GatewayEvent::PairClosed {
         conn_id,
         device: identity,
         bytes_to_target: to_target,
         bytes_from_target: from_target,
     });
-    gw.dataplane.pair_closed(conn_id);
     drop(slot);
 }
 
@@ -148,7 +154,8 @@ async fn authorize(
             format!("identity '{identity}' is no longer in the registry"),
         )
     })?;
-    if !device.role.may_connect() {
+    let skip = gw.config.insecure_skip_userspace_policy;
+    if !device.role.may_connect() && !skip {
         return Err(refuse(
             PROHIBITED,
             format!(
@@ -172,6 +179,7 @@ async fn authorize(
     });
     let rule = match decision {
         Decision::Allow { rule } => rule,
+        Decision::Deny { .. } if skip => "(user-space check skipped: tests only)".to_string(),
         Decision::Deny { reason } => {
             return Err(refuse(
                 PROHIBITED,
@@ -218,13 +226,21 @@ async fn authorize(
     Ok((device, destination))
 }
 
+/// A connected path: the stream, its pair registration and its kernel tag, which must live as
+/// long as the stream.
+struct Connected {
+    stream: TcpStream,
+    _registration: Option<PairRegistration>,
+    _tag: TagGuard,
+}
+
 async fn connect(
     gw: &Gateway,
     device: &Identity,
     destination: &Destination,
     originator_port: u32,
     conn_id: ConnId,
-) -> Result<(TcpStream, Option<PairRegistration>), String> {
+) -> Result<Connected, String> {
     let preferred = u16::try_from(originator_port).ok();
     match destination {
         Destination::Mirror { server, addr } => connect_from_identity(
@@ -267,7 +283,7 @@ async fn connect_from_identity(
     target: SocketAddr,
     conn_id: ConnId,
     pair: bool,
-) -> std::io::Result<(TcpStream, Option<PairRegistration>)> {
+) -> std::io::Result<Connected> {
     let attempts: &[Option<u16>] = if preferred_port.is_some() {
         &[preferred_port, None]
     } else {
@@ -275,20 +291,29 @@ async fn connect_from_identity(
     };
     let mut last_err = None;
     for &port in attempts {
-        let (socket, registration) = match target {
+        let (socket, registration, tag) = match target {
             SocketAddr::V6(_) => {
-                let (socket, local) = sockets::identity_socket(source, port)?;
+                let tag = SocketTag {
+                    conn_id,
+                    role: SocketRole::IdSock,
+                    identity: source,
+                };
+                let (socket, local, guard) =
+                    sockets::identity_socket(source, port, |s| gw.dataplane.tag(s, tag))?;
                 let registration = pair.then(|| gw.pairs.register(local, conn_id));
-                (socket, registration)
+                (socket, registration, guard)
             }
-            SocketAddr::V4(_) => (sockets::plain_socket(&target)?, None),
+            SocketAddr::V4(_) => (sockets::plain_socket(&target)?, None, TagGuard::none()),
         };
-        gw.dataplane.prepare_id_socket(socket.as_raw_fd(), conn_id)?;
         match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(target)).await {
             Err(_) => return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out")),
             Ok(Ok(stream)) => {
                 sockets::tune_stream(&stream);
-                return Ok((stream, registration));
+                return Ok(Connected {
+                    stream,
+                    _registration: registration,
+                    _tag: tag,
+                });
             }
             Ok(Err(e))
                 if matches!(

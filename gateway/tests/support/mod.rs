@@ -111,6 +111,17 @@ impl Netns {
         c
     }
 
+    /// A command in this network namespace only: unlike `ip netns exec`, which also gives it
+    /// a fresh /sys, it keeps the host's mounts (the cgroup v2 hierarchy and /sys/fs/bpf, which
+    /// the gateway's eBPF data plane uses).
+    pub fn net_command(&self, program: &str) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{}", self.name))
+            .arg("--")
+            .arg(program);
+        c
+    }
+
     /// Runs `f` on a thread that has entered this namespace: sockets it creates live here.
     pub fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
         self.spawn_in(f).join().expect("namespace thread panicked")
@@ -371,6 +382,41 @@ pub fn audit(
     }
 }
 
+/// The data plane the tests run the gateway with: `CMX_TEST_DATAPLANE` (sockmap by default; CI
+/// also runs the suite with `userspace`). Each gateway gets its own pin directory and cgroup, so
+/// tests can run in parallel.
+pub fn test_dataplane() -> String {
+    std::env::var("CMX_TEST_DATAPLANE").unwrap_or_else(|_| "sockmap".into())
+}
+
+pub fn cgroup_v2_mount() -> PathBuf {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    info.lines()
+        .find_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            let mount_point = left.split_whitespace().nth(4)?;
+            (right.split_whitespace().next()? == "cgroup2").then(|| PathBuf::from(mount_point))
+        })
+        .expect("a cgroup v2 hierarchy is mounted")
+}
+
+pub fn gateway_cgroup(gw: &Netns) -> PathBuf {
+    cgroup_v2_mount().join("cmxsafe-test").join(&gw.name)
+}
+
+pub fn gateway_pin_dir(gw: &Netns) -> PathBuf {
+    PathBuf::from("/sys/fs/bpf/cmxsafe-test").join(&gw.name)
+}
+
+fn dataplane_config(gw: &Netns, mode: &str) -> String {
+    format!(
+        "[dataplane]\nmode = \"{}\"\npin_dir = \"{}\"\ncgroup = \"{}\"\n",
+        mode,
+        gateway_pin_dir(gw).display(),
+        gateway_cgroup(gw).display()
+    )
+}
+
 pub struct GatewayProc {
     pub child: Child,
     pub log: LogBook,
@@ -380,24 +426,43 @@ pub struct GatewayProc {
 }
 
 impl GatewayProc {
-    /// Starts the gateway in the gateway namespace with `registry` and extra config lines.
+    /// Starts the gateway in the gateway namespace with `registry` and extra config lines, with
+    /// the data plane `CMX_TEST_DATAPLANE` names.
     pub async fn start(hosts: &Hosts, registry: &str, extra_config: &str) -> GatewayProc {
+        GatewayProc::start_with(hosts, registry, extra_config, &test_dataplane(), &[]).await
+    }
+
+    /// Starts the gateway with an explicit data plane and extra `run` arguments.
+    pub async fn start_with(
+        hosts: &Hosts,
+        registry: &str,
+        extra_config: &str,
+        dataplane: &str,
+        args: &[&str],
+    ) -> GatewayProc {
         std::fs::write(hosts.path("identities.toml"), registry).unwrap();
         std::fs::write(
             hosts.path("gateway.toml"),
-            format!("listen = \"0.0.0.0:{SSH_PORT}\"\nreload_interval_secs = 1\n{extra_config}\n"),
+            format!(
+                "listen = \"0.0.0.0:{SSH_PORT}\"\nreload_interval_secs = 1\n{}\n{extra_config}\n",
+                dataplane_config(&hosts.gw, dataplane)
+            ),
         )
         .unwrap();
-        GatewayProc::launch(hosts).await
+        GatewayProc::launch_with(hosts, args).await
     }
 
     /// Starts (or restarts) the gateway from the files `start` wrote; the host key is kept.
     pub async fn launch(hosts: &Hosts) -> GatewayProc {
+        GatewayProc::launch_with(hosts, &[]).await
+    }
+
+    pub async fn launch_with(hosts: &Hosts, args: &[&str]) -> GatewayProc {
         let config = hosts.path("gateway.toml");
         let registry_path = hosts.path("identities.toml");
         let mut child = hosts
             .gw
-            .command(&gateway_bin())
+            .net_command(&gateway_bin())
             .args([
                 "--log-format",
                 "json",
@@ -407,6 +472,7 @@ impl GatewayProc {
                 "--config",
             ])
             .arg(&config)
+            .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -477,7 +543,15 @@ impl GatewayProc {
 }
 
 impl Drop for GatewayProc {
+    /// SIGTERM and a short wait (a clean exit removes pins, cgroup and route), then SIGKILL.
     fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            self.signal(libc::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(8);
+            while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

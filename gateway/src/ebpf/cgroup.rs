@@ -1,0 +1,113 @@
+//! The gateway's own cgroup v2 child, where its cgroup programs are attached. The process moves
+//! itself there before creating any identity socket (a socket belongs to the cgroup of the
+//! process that creates it). A child left by a killed gateway (no processes in it) is removed at
+//! start; a child with live processes belongs to another gateway and is an error.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error(
+        "no cgroup v2 hierarchy is mounted (looked in /proc/self/mountinfo); mount one or set dataplane.cgroup"
+    )]
+    NoV2,
+    #[error(
+        "cgroup {path} is used by live processes ({pids}): another gateway? set dataplane.cgroup to another path"
+    )]
+    Busy { path: PathBuf, pids: String },
+    #[error("cgroup {path}: {what}: {source}")]
+    Io {
+        path: PathBuf,
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn io_err<'a>(path: &'a Path, what: &'static str) -> impl FnOnce(io::Error) -> CgroupError + 'a {
+    move |source| CgroupError::Io {
+        path: path.to_path_buf(),
+        what,
+        source,
+    }
+}
+
+/// The mount point of the cgroup v2 hierarchy: /sys/fs/cgroup on most systems, and
+/// /sys/fs/cgroup/unified on hybrid setups (such as the build machines).
+pub fn v2_mount() -> Result<PathBuf, CgroupError> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").map_err(|_| CgroupError::NoV2)?;
+    info.lines()
+        .filter_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            let fstype = right.split_whitespace().next()?;
+            let mount_point = left.split_whitespace().nth(4)?;
+            (fstype == "cgroup2").then(|| PathBuf::from(mount_point))
+        })
+        .next()
+        .ok_or(CgroupError::NoV2)
+}
+
+fn procs(path: &Path) -> String {
+    std::fs::read_to_string(path.join("cgroup.procs"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The cgroup the process was in, to return to at exit.
+fn current(mount: &Path) -> Option<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let rel = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+    Some(mount.join(rel.trim_start_matches('/')))
+}
+
+pub struct OwnCgroup {
+    pub path: PathBuf,
+    previous: Option<PathBuf>,
+}
+
+impl OwnCgroup {
+    /// Creates `path` (replacing a stale one) and moves this process into it.
+    pub fn enter(path: &Path) -> Result<OwnCgroup, CgroupError> {
+        let mount = v2_mount()?;
+        if path.exists() {
+            let pids = procs(path);
+            if !pids.is_empty() {
+                return Err(CgroupError::Busy {
+                    path: path.to_path_buf(),
+                    pids,
+                });
+            }
+            // Left by a gateway that was killed: its links died with it; the directory goes.
+            std::fs::remove_dir(path).map_err(io_err(path, "removing a stale cgroup"))?;
+            tracing::warn!(cgroup = %path.display(), "removed a stale cgroup left by an earlier gateway");
+        }
+        std::fs::create_dir_all(path).map_err(io_err(path, "creating"))?;
+        let previous = current(&mount);
+        std::fs::write(path.join("cgroup.procs"), std::process::id().to_string())
+            .map_err(io_err(path, "moving the gateway into it"))?;
+        Ok(OwnCgroup {
+            path: path.to_path_buf(),
+            previous,
+        })
+    }
+
+    pub fn file(&self) -> io::Result<std::fs::File> {
+        std::fs::File::open(&self.path)
+    }
+
+    /// Moves the process back and removes the cgroup (its attachments go with it).
+    pub fn leave(self) {
+        if let Some(prev) = &self.previous {
+            let _ = std::fs::write(prev.join("cgroup.procs"), std::process::id().to_string());
+        }
+        match std::fs::remove_dir(&self.path) {
+            Ok(()) => tracing::info!(cgroup = %self.path.display(), "cgroup removed"),
+            Err(e) => {
+                tracing::warn!(cgroup = %self.path.display(), error = %e, "could not remove the cgroup")
+            }
+        }
+    }
+}

@@ -1,0 +1,428 @@
+//! The sockmap data plane: loads the eBPF object built from `gateway-ebpf` (embedded at build
+//! time), pins its maps under the pin directory, attaches its programs to the gateway's own
+//! cgroup, keeps the kernel's policy maps in step with the identity registry, tags sockets, and
+//! streams the kernel's denials and logs into the gateway's log.
+//!
+//! Tagging: each ID-sock and Mir-sock is tagged, before it binds, with its path's ConnID in
+//! `cmx_tags`, keyed by its socket cookie (`SO_COOKIE`). Cookies are unique for the life of the
+//! system and invisible to routing (unlike SO_MARK, which CNIs and kube-proxy use).
+
+pub mod bpffs;
+pub mod cgroup;
+pub mod policy;
+
+use std::collections::HashSet;
+use std::hash::Hash;
+use std::io;
+use std::net::Ipv6Addr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use aya::maps::{Array, HashMap, MapData, PerCpuHashMap, RingBuf, SockHash};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, SkMsg, SockOps};
+use aya::{Ebpf, EbpfLoader, Pod};
+use cmx_ebpf_common::{self as abi, Denial, ListenKey, OpenKey, PairKey, PrefixConfig, Tag};
+use ipnet::Ipv6Net;
+use socket2::Socket;
+use tokio::io::unix::AsyncFd;
+
+use crate::dataplane::{DataPlane, Occupancy, SocketRole, SocketTag, TagGuard};
+use crate::events::ConnId;
+use crate::gateway::Gateway;
+use crate::identity::Registry;
+
+/// The eBPF object, embedded by build.rs; empty when the gateway was built without the toolchain.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/cmx-gateway-ebpf.o"));
+const UNAVAILABLE: &str = env!("CMX_EBPF_UNAVAILABLE");
+
+/// The embedded object, or why there is none.
+pub fn object() -> Result<&'static [u8], String> {
+    if OBJECT.is_empty() {
+        Err(format!(
+            "this binary was built without the eBPF object ({UNAVAILABLE})"
+        ))
+    } else {
+        Ok(OBJECT)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct SockmapSettings {
+    pub pin_dir: PathBuf,
+    pub cgroup: PathBuf,
+    pub prefix: Ipv6Net,
+}
+
+type Shared<T> = Arc<Mutex<T>>;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub struct SockmapDataPlane {
+    settings: SockmapSettings,
+    /// Programs and their links: dropping it detaches everything.
+    ebpf: Mutex<Option<Ebpf>>,
+    cgroup: Mutex<Option<cgroup::OwnCgroup>>,
+    tags: Shared<HashMap<MapData, u64, Tag>>,
+    bytes: Mutex<PerCpuHashMap<MapData, PairKey, u64>>,
+    open: Mutex<HashMap<MapData, OpenKey, u8>>,
+    listen: Mutex<HashMap<MapData, ListenKey, u8>>,
+    prefix: Mutex<Array<MapData, PrefixConfig>>,
+    socks: Mutex<SockHash<MapData, PairKey>>,
+    denials: Mutex<Option<RingBuf<MapData>>>,
+    logger: Mutex<Option<aya_log::EbpfLogger<&'static dyn log::Log>>>,
+}
+
+fn take<T: TryFrom<aya::maps::Map>>(ebpf: &mut Ebpf, name: &str) -> Result<T, String>
+where
+    T::Error: std::fmt::Display,
+{
+    let map = ebpf
+        .take_map(name)
+        .ok_or_else(|| format!("the eBPF object has no map {name}"))?;
+    T::try_from(map).map_err(|e| format!("map {name}: {e}"))
+}
+
+impl SockmapDataPlane {
+    /// Loads and attaches everything. On error nothing stays attached, and the reason says
+    /// what was missing (rights, kernel features, the object).
+    pub fn load(settings: SockmapSettings) -> Result<SockmapDataPlane, String> {
+        let object = object()?;
+        bpffs::ensure_mounted(&settings.pin_dir).map_err(|e| {
+            format!(
+                "cannot mount the BPF filesystem at {}: {e}",
+                settings.pin_dir.display()
+            )
+        })?;
+        let stale = bpffs::clear(&settings.pin_dir)
+            .map_err(|e| format!("cannot use pin directory {}: {e}", settings.pin_dir.display()))?;
+        if stale > 0 {
+            tracing::warn!(pin_dir = %settings.pin_dir.display(), stale, "replaced pins left by an earlier gateway");
+        }
+        let own_cgroup = cgroup::OwnCgroup::enter(&settings.cgroup).map_err(|e| e.to_string())?;
+        match Self::attach(settings, object, own_cgroup) {
+            Ok(dp) => Ok(dp),
+            Err((reason, own_cgroup, pin_dir)) => {
+                own_cgroup.leave();
+                bpffs::remove(&pin_dir);
+                Err(reason)
+            }
+        }
+    }
+
+    #[allow(clippy::result_large_err)]
+    fn attach(
+        settings: SockmapSettings,
+        object: &[u8],
+        own_cgroup: cgroup::OwnCgroup,
+    ) -> Result<SockmapDataPlane, (String, cgroup::OwnCgroup, PathBuf)> {
+        let pin_dir = settings.pin_dir.clone();
+        let fail = |reason: String, cg| (reason, cg, pin_dir.clone());
+        let result = (|| -> Result<_, String> {
+            let mut ebpf = EbpfLoader::new()
+                .default_map_pin_directory(&settings.pin_dir)
+                .load(object)
+                .map_err(|e| {
+                    format!("loading the eBPF object failed (are CAP_BPF and CAP_NET_ADMIN granted?): {e}")
+                })?;
+            let logger = aya_log::EbpfLogger::init(&mut ebpf).ok();
+            let socks: SockHash<MapData, PairKey> = take(&mut ebpf, abi::maps::SOCKS)?;
+            let cg = own_cgroup
+                .file()
+                .map_err(|e| format!("cannot open cgroup {}: {e}", own_cgroup.path.display()))?;
+            let prog_err = |name: &str, e: &dyn std::fmt::Display| format!("program {name}: {e}");
+
+            let name = abi::programs::SOCKOPS;
+            let p: &mut SockOps = ebpf
+                .program_mut(name)
+                .ok_or_else(|| prog_err(name, &"missing"))?
+                .try_into()
+                .map_err(|e| prog_err(name, &e))?;
+            p.load().map_err(|e| prog_err(name, &e))?;
+            p.attach(&cg, CgroupAttachMode::Single)
+                .map_err(|e| prog_err(name, &e))?;
+            p.pin(settings.pin_dir.join(name))
+                .map_err(|e| prog_err(name, &e))?;
+
+            let name = abi::programs::SK_MSG;
+            let p: &mut SkMsg = ebpf
+                .program_mut(name)
+                .ok_or_else(|| prog_err(name, &"missing"))?
+                .try_into()
+                .map_err(|e| prog_err(name, &e))?;
+            p.load().map_err(|e| prog_err(name, &e))?;
+            p.attach(socks.fd()).map_err(|e| prog_err(name, &e))?;
+            p.pin(settings.pin_dir.join(name))
+                .map_err(|e| prog_err(name, &e))?;
+
+            for name in [
+                abi::programs::BIND4,
+                abi::programs::BIND6,
+                abi::programs::CONNECT4,
+                abi::programs::CONNECT6,
+            ] {
+                let p: &mut CgroupSockAddr = ebpf
+                    .program_mut(name)
+                    .ok_or_else(|| prog_err(name, &"missing"))?
+                    .try_into()
+                    .map_err(|e| prog_err(name, &e))?;
+                p.load().map_err(|e| prog_err(name, &e))?;
+                p.attach(&cg, CgroupAttachMode::Single)
+                    .map_err(|e| prog_err(name, &e))?;
+                p.pin(settings.pin_dir.join(name))
+                    .map_err(|e| prog_err(name, &e))?;
+            }
+
+            Ok(SockmapDataPlane {
+                tags: Arc::new(Mutex::new(take(&mut ebpf, abi::maps::TAGS)?)),
+                bytes: Mutex::new(take(&mut ebpf, abi::maps::BYTES)?),
+                open: Mutex::new(take(&mut ebpf, abi::maps::OPEN)?),
+                listen: Mutex::new(take(&mut ebpf, abi::maps::LISTEN)?),
+                prefix: Mutex::new(take(&mut ebpf, abi::maps::PREFIX)?),
+                denials: Mutex::new(Some(take(&mut ebpf, abi::maps::DENIALS)?)),
+                socks: Mutex::new(socks),
+                logger: Mutex::new(logger),
+                ebpf: Mutex::new(Some(ebpf)),
+                cgroup: Mutex::new(None),
+                settings: settings.clone(),
+            })
+        })();
+        match result {
+            Ok(dp) => {
+                *lock(&dp.cgroup) = Some(own_cgroup);
+                Ok(dp)
+            }
+            Err(reason) => Err(fail(reason, own_cgroup)),
+        }
+    }
+
+    /// Detaches the programs, removes the pins, leaves and removes the cgroup.
+    pub fn unload(&self) {
+        drop(lock(&self.ebpf).take());
+        bpffs::remove(&self.settings.pin_dir);
+        if let Some(cg) = lock(&self.cgroup).take() {
+            cg.leave();
+        }
+        tracing::info!(pin_dir = %self.settings.pin_dir.display(), "eBPF programs detached, pins removed");
+    }
+
+    pub fn cgroup_path(&self) -> PathBuf {
+        self.settings.cgroup.clone()
+    }
+}
+
+/// Makes `map` hold exactly `want` (value 1).
+fn sync_set<K: Pod + Eq + Hash>(
+    map: &mut HashMap<MapData, K, u8>,
+    want: &HashSet<K>,
+) -> Result<(usize, usize), String> {
+    let have: HashSet<K> = map.keys().filter_map(Result::ok).collect();
+    let mut removed = 0;
+    for k in have.difference(want) {
+        map.remove(k).map_err(|e| e.to_string())?;
+        removed += 1;
+    }
+    let mut added = 0;
+    for k in want.difference(&have) {
+        map.insert(*k, 1, 0).map_err(|e| e.to_string())?;
+        added += 1;
+    }
+    Ok((added, removed))
+}
+
+impl DataPlane for SockmapDataPlane {
+    fn name(&self) -> &'static str {
+        "sockmap"
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "sockmap (eBPF programs attached to cgroup {}, pins in {})",
+            self.settings.cgroup.display(),
+            self.settings.pin_dir.display()
+        )
+    }
+
+    fn tag(&self, socket: &Socket, tag: SocketTag) -> io::Result<TagGuard> {
+        let cookie = crate::sockets::cookie(socket)?;
+        let kind = match tag.role {
+            SocketRole::IdSock => abi::KIND_ID_SOCK,
+            SocketRole::MirListener => abi::KIND_MIR_LISTENER,
+        };
+        let value = Tag {
+            conn_id: tag.conn_id,
+            kind,
+            _pad: 0,
+            addr: tag.identity.octets(),
+        };
+        lock(&self.tags)
+            .insert(cookie, value, 0)
+            .map_err(io::Error::other)?;
+        let tags = self.tags.clone();
+        Ok(TagGuard::new(move || {
+            let _ = lock(&tags).remove(&cookie);
+        }))
+    }
+
+    fn pair_closed(&self, conn_id: ConnId) -> Option<(u64, u64)> {
+        let mut bytes = lock(&self.bytes);
+        let mut side = |side| {
+            let key = PairKey {
+                conn_id,
+                side,
+                _pad: 0,
+            };
+            let total = bytes.get(&key, 0).ok().map(|per_cpu| per_cpu.iter().sum::<u64>());
+            let _ = bytes.remove(&key);
+            total
+        };
+        let (id, mir) = (side(abi::SIDE_ID), side(abi::SIDE_MIR));
+        (id.is_some() || mir.is_some()).then(|| (id.unwrap_or(0), mir.unwrap_or(0)))
+    }
+
+    fn sync_policy(&self, registry: &Registry) -> Result<(), String> {
+        let (open_added, open_removed) = sync_set(&mut lock(&self.open), &policy::open_entries(registry))?;
+        let (listen_added, listen_removed) =
+            sync_set(&mut lock(&self.listen), &policy::listen_entries(registry))?;
+        let prefix = PrefixConfig {
+            addr: self.settings.prefix.network().octets(),
+            len: u32::from(self.settings.prefix.prefix_len()),
+            enabled: 1,
+        };
+        lock(&self.prefix).set(0, prefix, 0).map_err(|e| e.to_string())?;
+        tracing::info!(
+            open_added,
+            open_removed,
+            listen_added,
+            listen_removed,
+            "kernel policy in step with the registry"
+        );
+        Ok(())
+    }
+
+    fn occupancy(&self) -> Occupancy {
+        Occupancy {
+            entries: vec![
+                (abi::maps::TAGS, lock(&self.tags).keys().count()),
+                (abi::maps::SOCKS, lock(&self.socks).keys().count()),
+                (abi::maps::BYTES, lock(&self.bytes).keys().count()),
+                (abi::maps::OPEN, lock(&self.open).keys().count()),
+                (abi::maps::LISTEN, lock(&self.listen).keys().count()),
+            ],
+        }
+    }
+
+    fn start(self: Arc<Self>, gw: Arc<Gateway>) {
+        if let Some(ring) = lock(&self.denials).take() {
+            tokio::spawn(read_denials(ring, gw.clone()));
+        }
+        if let Some(logger) = lock(&self.logger).take() {
+            tokio::spawn(read_logs(logger, gw.shutdown.clone()));
+        }
+        tokio::spawn(async move {
+            let mut registry = gw.watch_registry();
+            loop {
+                tokio::select! {
+                    _ = gw.shutdown.cancelled() => return,
+                    r = registry.changed() => if r.is_err() { return },
+                }
+                let snapshot = registry.borrow_and_update().clone();
+                if let Err(e) = self.sync_policy(&snapshot) {
+                    tracing::error!(error = %e, "cannot update the kernel policy maps");
+                }
+            }
+        });
+    }
+
+    fn shutdown(&self) {
+        self.unload();
+    }
+}
+
+fn op_name(op: u32) -> &'static str {
+    match op {
+        abi::OP_BIND4 => "bind4",
+        abi::OP_BIND6 => "bind6",
+        abi::OP_CONNECT4 => "connect4",
+        abi::OP_CONNECT6 => "connect6",
+        _ => "unknown",
+    }
+}
+
+fn reason_text(reason: u32) -> &'static str {
+    match reason {
+        abi::DENY_UNTAGGED => "untagged socket: not opened by the gateway for an authorized path",
+        abi::DENY_NOT_PERMITTED => "not allowed by the identity's security context",
+        abi::DENY_WRONG_SOURCE => "socket bound to another identity's address",
+        _ => "refused",
+    }
+}
+
+async fn read_denials(ring: RingBuf<MapData>, gw: Arc<Gateway>) {
+    // SAFETY: the ring buffer owns its map fd, which stays open and is not replaced while the
+    // AsyncFd owns it.
+    let Ok(mut fd) = (unsafe { AsyncFd::register(ring) }) else {
+        return;
+    };
+    loop {
+        let mut guard = tokio::select! {
+            _ = gw.shutdown.cancelled() => return,
+            g = fd.readable_mut() => match g { Ok(g) => g, Err(_) => return },
+        };
+        let registry = gw.registry();
+        while let Some(item) = guard.get_inner_mut().next() {
+            if item.len() < std::mem::size_of::<Denial>() {
+                continue;
+            }
+            let d: Denial = bytemuck::pod_read_unaligned(&item[..std::mem::size_of::<Denial>()]);
+            log_denial(&registry, &d);
+        }
+        guard.clear_ready();
+    }
+}
+
+fn log_denial(registry: &Registry, d: &Denial) {
+    let src = Ipv6Addr::from(d.src);
+    let dst = Ipv6Addr::from(d.dst);
+    let name = |a: &Ipv6Addr| {
+        registry
+            .by_address(a)
+            .map(|i| i.name.clone())
+            .unwrap_or_else(|| "-".into())
+    };
+    // `src` is the identity acting (the socket's tag or bound address), `dst` where to.
+    let identity = name(&src);
+    let address = format!("[{dst}]:{}", d.port);
+    tracing::warn!(
+        target: crate::audit::TARGET,
+        event = "kernel-deny",
+        decision = "deny",
+        identity,
+        conn_id = d.conn_id,
+        op = op_name(d.op),
+        address,
+        reason = reason_text(d.reason),
+        "the kernel refused a {} ({}) to {address}",
+        op_name(d.op),
+        reason_text(d.reason)
+    );
+}
+
+async fn read_logs(
+    logger: aya_log::EbpfLogger<&'static dyn log::Log>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    // SAFETY: as above: the logger owns its ring buffer's fd for as long as the AsyncFd lives.
+    let Ok(mut fd) = (unsafe { AsyncFd::register(logger) }) else {
+        return;
+    };
+    loop {
+        let mut guard = tokio::select! {
+            _ = stop.cancelled() => return,
+            g = fd.readable_mut() => match g { Ok(g) => g, Err(_) => return },
+        };
+        guard.get_inner_mut().flush();
+        guard.clear_ready();
+    }
+}
