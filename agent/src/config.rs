@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use cmx_gateway::text::Lines;
 use ipnet::Ipv6Net;
 use serde::Deserialize;
 use toml::Spanned;
@@ -168,17 +169,6 @@ pub fn split_target(s: &str) -> Option<(String, u16)> {
     };
     let port: u16 = port.parse().ok().filter(|p| *p != 0)?;
     (!host.is_empty()).then(|| (host.to_string(), port))
-}
-
-struct Lines(Vec<usize>);
-
-impl Lines {
-    fn new(text: &str) -> Self {
-        Lines(text.match_indices('\n').map(|(i, _)| i).collect())
-    }
-    fn of(&self, offset: usize) -> usize {
-        self.0.partition_point(|&nl| nl < offset) + 1
-    }
 }
 
 impl Config {

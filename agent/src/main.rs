@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use cmx_agent::config::{self, Config};
 use cmx_agent::session::{self, Shared};
 use cmx_agent::status::Status;
@@ -22,19 +22,13 @@ use tokio_util::sync::CancellationToken;
 #[command(name = "cmx-agent", version, about, long_about = None)]
 struct Cli {
     /// Log format: human-readable text, or one JSON object per line.
-    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
-    log_format: LogFormat,
+    #[arg(long, value_enum, default_value_t = cmx_gateway::logging::LogFormat::Text, global = true)]
+    log_format: cmx_gateway::logging::LogFormat,
     /// Log filter (tracing EnvFilter syntax); RUST_LOG overrides it.
     #[arg(long, default_value = "info,russh=warn", global = true)]
     log_level: String,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Subcommand)]
@@ -69,29 +63,15 @@ enum Command {
     DefaultConfig,
 }
 
-fn init_logging(format: LogFormat, level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
-    }
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run { config } => {
-            init_logging(cli.log_format, &cli.log_level);
+            cmx_gateway::logging::init(cli.log_format, &cli.log_level);
             run(config)
         }
         Command::Check { config } => {
-            init_logging(cli.log_format, "warn");
+            cmx_gateway::logging::init(cli.log_format, "warn");
             check(config)
         }
         Command::Status { config } => status(config),

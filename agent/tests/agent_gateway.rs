@@ -30,13 +30,19 @@ fn registry(srv1: &Key, dev1: &Key) -> String {
         .build()
 }
 
+/// Hosts, a gateway with `registry`, and the keys of srv1 and dev1.
+async fn setup() -> (Hosts, GatewayProc, Key, Key) {
+    let hosts = Hosts::new();
+    let [srv1, dev1] = ["srv1", "dev1"].map(|n| Key::generate(hosts.dir.path(), n));
+    let gw = GatewayProc::start(&hosts, &registry(&srv1, &dev1), "").await;
+    (hosts, gw, srv1, dev1)
+}
+
 const FAST: &str = "[keepalive]\ninterval_secs = 1\nmax = 2\n[reconnect]\ninitial_ms = 100\nmax_secs = 1\nconnect_timeout_secs = 3\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn mqtt_through_two_agents_and_the_broker_sees_the_device_identity() {
-    let hosts = Hosts::new();
-    let [srv1, dev1] = ["srv1", "dev1"].map(|n| Key::generate(hosts.dir.path(), n));
-    let gw = GatewayProc::start(&hosts, &registry(&srv1, &dev1), "").await;
+    let (hosts, gw, srv1, dev1) = setup().await;
 
     // The broker listens on the server host's IPv6 loopback and logs who connects.
     let conf = hosts.path("mosquitto.conf");
@@ -169,9 +175,7 @@ async fn mqtt_through_two_agents_and_the_broker_sees_the_device_identity() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tunnels_come_back_after_the_gateway_is_killed_and_restarted() {
-    let hosts = Hosts::new();
-    let [srv1, dev1] = ["srv1", "dev1"].map(|n| Key::generate(hosts.dir.path(), n));
-    let mut gw = GatewayProc::start(&hosts, &registry(&srv1, &dev1), "").await;
+    let (hosts, mut gw, srv1, dev1) = setup().await;
     let _echo = Echo::serve(hosts.srv.listen("127.0.0.1:5001"));
     let server = AgentProc::start(
         &hosts,
@@ -246,9 +250,7 @@ async fn tunnels_come_back_after_the_gateway_is_killed_and_restarted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_dead_link_is_noticed_by_keepalive_and_the_agent_reconnects() {
-    let hosts = Hosts::new();
-    let [srv1, dev1] = ["srv1", "dev1"].map(|n| Key::generate(hosts.dir.path(), n));
-    let gw = GatewayProc::start(&hosts, &registry(&srv1, &dev1), "").await;
+    let (hosts, gw, srv1, dev1) = setup().await;
     let device = AgentProc::start(
         &hosts,
         &hosts.dev,
@@ -298,9 +300,7 @@ async fn a_dead_link_is_noticed_by_keepalive_and_the_agent_reconnects() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_refused_tunnel_is_reported_and_does_not_disturb_the_others() {
-    let hosts = Hosts::new();
-    let [srv1, dev1] = ["srv1", "dev1"].map(|n| Key::generate(hosts.dir.path(), n));
-    let gw = GatewayProc::start(&hosts, &registry(&srv1, &dev1), "").await;
+    let (hosts, gw, srv1, dev1) = setup().await;
     let _echo = Echo::serve(hosts.srv.listen("127.0.0.1:5001"));
     let server = AgentProc::start(
         &hosts,

@@ -180,7 +180,7 @@ impl Config {
             path: path.to_path_buf(),
             line: e
                 .span()
-                .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1)
+                .map(|s| crate::text::Lines::new(text).of(s.start))
                 .unwrap_or(1),
             message: e.message().trim().to_string(),
         })?;

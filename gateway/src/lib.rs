@@ -26,6 +26,7 @@ pub mod gateway;
 pub mod hostkey;
 pub mod identity;
 pub mod killswitch;
+pub mod logging;
 pub mod netsetup;
 pub mod policy;
 pub mod relay;
@@ -34,6 +35,7 @@ pub mod server;
 pub mod session;
 pub mod sessions;
 pub mod sockets;
+pub mod text;
 
 use std::sync::Arc;
 use std::time::Duration;

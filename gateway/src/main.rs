@@ -16,19 +16,13 @@ use tokio_util::sync::CancellationToken;
 #[command(name = "cmx-gateway", version, about, long_about = None)]
 struct Cli {
     /// Log format: human-readable text, or one JSON object per line.
-    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
-    log_format: LogFormat,
+    #[arg(long, value_enum, default_value_t = cmx_gateway::logging::LogFormat::Text, global = true)]
+    log_format: cmx_gateway::logging::LogFormat,
     /// Log filter (tracing EnvFilter syntax); RUST_LOG overrides it.
     #[arg(long, default_value = "info", global = true)]
     log_level: String,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -69,20 +63,6 @@ enum Command {
     },
 }
 
-fn init_logging(format: LogFormat, level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
-    }
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -91,7 +71,7 @@ fn main() -> ExitCode {
             dataplane,
             insecure_skip_userspace_policy,
         } => {
-            init_logging(cli.log_format, &cli.log_level);
+            cmx_gateway::logging::init(cli.log_format, &cli.log_level);
             run(config, dataplane, insecure_skip_userspace_policy)
         }
         Command::CheckConfig { config } => check_config(config),

@@ -131,47 +131,31 @@ impl SockmapDataPlane {
             let cg = own_cgroup
                 .file()
                 .map_err(|e| format!("cannot open cgroup {}: {e}", own_cgroup.path.display()))?;
-            let prog_err = |name: &str, e: &dyn std::fmt::Display| format!("program {name}: {e}");
-
-            let name = abi::programs::SOCKOPS;
-            let p: &mut SockOps = ebpf
-                .program_mut(name)
-                .ok_or_else(|| prog_err(name, &"missing"))?
-                .try_into()
-                .map_err(|e| prog_err(name, &e))?;
-            p.load().map_err(|e| prog_err(name, &e))?;
-            p.attach(&cg, CgroupAttachMode::Single)
-                .map_err(|e| prog_err(name, &e))?;
-            p.pin(settings.pin_dir.join(name))
-                .map_err(|e| prog_err(name, &e))?;
-
-            let name = abi::programs::SK_MSG;
-            let p: &mut SkMsg = ebpf
-                .program_mut(name)
-                .ok_or_else(|| prog_err(name, &"missing"))?
-                .try_into()
-                .map_err(|e| prog_err(name, &e))?;
-            p.load().map_err(|e| prog_err(name, &e))?;
-            p.attach(socks.fd()).map_err(|e| prog_err(name, &e))?;
-            p.pin(settings.pin_dir.join(name))
-                .map_err(|e| prog_err(name, &e))?;
-
+            // Each program: find it, load it, attach it (`$attach` with `p` in scope), pin it.
+            macro_rules! attach {
+                ($ty:ty, $name:expr, |$p:ident| $attach:expr) => {{
+                    let name = $name;
+                    let err = |e: &dyn std::fmt::Display| format!("program {name}: {e}");
+                    let $p: &mut $ty = ebpf
+                        .program_mut(name)
+                        .ok_or_else(|| err(&"missing from the object"))?
+                        .try_into()
+                        .map_err(|e| err(&e))?;
+                    $p.load().map_err(|e| err(&e))?;
+                    $attach.map_err(|e| err(&e))?;
+                    $p.pin(settings.pin_dir.join(name)).map_err(|e| err(&e))?;
+                }};
+            }
+            attach!(SockOps, abi::programs::SOCKOPS, |p| p
+                .attach(&cg, CgroupAttachMode::Single));
+            attach!(SkMsg, abi::programs::SK_MSG, |p| p.attach(socks.fd()));
             for name in [
                 abi::programs::BIND4,
                 abi::programs::BIND6,
                 abi::programs::CONNECT4,
                 abi::programs::CONNECT6,
             ] {
-                let p: &mut CgroupSockAddr = ebpf
-                    .program_mut(name)
-                    .ok_or_else(|| prog_err(name, &"missing"))?
-                    .try_into()
-                    .map_err(|e| prog_err(name, &e))?;
-                p.load().map_err(|e| prog_err(name, &e))?;
-                p.attach(&cg, CgroupAttachMode::Single)
-                    .map_err(|e| prog_err(name, &e))?;
-                p.pin(settings.pin_dir.join(name))
-                    .map_err(|e| prog_err(name, &e))?;
+                attach!(CgroupSockAddr, name, |p| p.attach(&cg, CgroupAttachMode::Single));
             }
 
             Ok(SockmapDataPlane {

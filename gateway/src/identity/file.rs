@@ -25,6 +25,7 @@ use std::fmt;
 use std::net::Ipv6Addr;
 use std::path::{Path, PathBuf};
 
+use crate::text::Lines;
 use russh::keys::ssh_key::Fingerprint;
 use russh::keys::{Algorithm, PublicKey};
 use serde::Deserialize;
@@ -102,18 +103,6 @@ struct RawIdentity {
     permit_listen: Vec<Spanned<String>>,
     #[serde(default)]
     permit_open: Vec<Spanned<String>>,
-}
-
-/// Maps byte offsets to 1-based line numbers.
-struct Lines(Vec<usize>);
-
-impl Lines {
-    fn new(text: &str) -> Self {
-        Lines(text.match_indices('\n').map(|(i, _)| i).collect())
-    }
-    fn of(&self, offset: usize) -> usize {
-        self.0.partition_point(|&nl| nl < offset) + 1
-    }
 }
 
 struct Collector<'a> {
