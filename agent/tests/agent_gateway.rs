@@ -250,7 +250,7 @@ async fn tunnels_come_back_after_the_gateway_is_killed_and_restarted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_dead_link_is_noticed_by_keepalive_and_the_agent_reconnects() {
-    let (hosts, gw, srv1, dev1) = setup().await;
+    let (hosts, gw, _srv1, dev1) = setup().await;
     let device = AgentProc::start(
         &hosts,
         &hosts.dev,
