@@ -38,6 +38,16 @@ enum Task {
     },
     /// Install the system packages the demo and the tests need.
     Deps,
+    /// Benchmarks: every workload through every gateway (direct path, OpenSSH, cmx-gateway in both
+    /// data planes, cmx-agent), interleaved runs, one table; results in benches/results/latest.
+    Bench {
+        /// Smoke sizes (~2 minutes): checks the harness, measures nothing meaningful.
+        #[arg(long)]
+        quick: bool,
+        /// Interleaved measured runs per variant.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
     /// Build the eBPF programs (gateway-ebpf), installing what they need: Debian's rustc-web,
     /// rust-web-src and llvm-22-dev, and bpf-linker. The gateway's build embeds the result.
     BuildEbpf,
@@ -56,6 +66,32 @@ fn main() -> ExitCode {
 fn run(task: Task) -> anyhow::Result<()> {
     match task {
         Task::Deps => deps::ensure(deps::ALL),
+        Task::Bench { quick, runs } => {
+            require_root("the benchmarks create network namespaces, users and cgroups")?;
+            deps::ensure(deps::ALL)?;
+            build_ebpf()?;
+            let status = cargo()
+                .args([
+                    "build",
+                    "--release",
+                    "-p",
+                    "cmx-gateway",
+                    "-p",
+                    "cmx-agent",
+                    "-p",
+                    "cmx-bench",
+                ])
+                .env("CMX_EBPF", "require")
+                .status()?;
+            check(status, "cargo build --release")?;
+            let root = workspace_root();
+            let mut cmd = Command::new(target_dir(&root).join("release/cmx-bench"));
+            cmd.current_dir(&root).args(["run", "--runs", &runs.to_string()]);
+            if quick {
+                cmd.args(["--quick", "--out", "target/bench-quick"]);
+            }
+            check(cmd.status().context("cannot run cmx-bench")?, "cmx-bench")
+        }
         Task::BuildEbpf => {
             let object = build_ebpf()?;
             println!(

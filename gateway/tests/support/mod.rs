@@ -32,21 +32,19 @@ pub const DEV1_ADDR: &str = "fd63:6d78::a03f:f8ff:fe68:ec8f";
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
-/// A binary of this workspace, next to the running test (cargo builds every member's binaries
-/// before running the tests of `cargo test --workspace`).
+/// A binary of this workspace: next to the running executable (a benchmark in
+/// target/<profile>/), or one level up (a test in target/<profile>/deps/). Cargo builds every
+/// member's binaries before running the tests of `cargo test --workspace`.
 pub fn workspace_bin(name: &str) -> String {
-    let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps");
-    let bin = dir.join(name);
-    assert!(
-        bin.exists(),
-        "{} is missing: build it first (cargo build -p {name})",
-        bin.display()
-    );
-    bin.display().to_string()
+    let exe = std::env::current_exe().expect("executable path");
+    let candidates: Vec<PathBuf> = exe.ancestors().skip(1).take(2).map(|d| d.join(name)).collect();
+    match candidates.iter().find(|p| p.is_file()) {
+        Some(p) => p.display().to_string(),
+        None => panic!(
+            "{name} is missing next to {} (build it first: cargo build -p {name})",
+            exe.display()
+        ),
+    }
 }
 
 pub fn gateway_bin() -> String {
@@ -238,6 +236,30 @@ impl Hosts {
 
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
+    }
+
+    /// Lets the device and server hosts reach each other directly, routed by the gateway host
+    /// (the no-tunnel baseline of the benchmarks).
+    pub fn route_through_gateway(&self) {
+        sh(self.gw.command("sysctl").args(["-qw", "net.ipv4.ip_forward=1"]));
+        ip(&[
+            "-n",
+            &self.dev.name,
+            "route",
+            "add",
+            "10.2.0.0/24",
+            "via",
+            GW_DEV_IP,
+        ]);
+        ip(&[
+            "-n",
+            &self.srv.name,
+            "route",
+            "add",
+            "10.1.0.0/24",
+            "via",
+            GW_SRV_IP,
+        ]);
     }
 }
 
@@ -1003,7 +1025,19 @@ impl Users {
 impl Drop for Users {
     fn drop(&mut self) {
         for n in &self.0 {
-            let _ = Command::new("userdel").arg(n).status();
+            // sshd's per-session processes run as the user and outlive the listener.
+            let _ = Command::new("pkill").args(["-KILL", "-u", n]).status();
+            for _ in 0..50 {
+                if Command::new("userdel")
+                    .arg(n)
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success())
+                {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
     }
 }

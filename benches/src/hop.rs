@@ -1,0 +1,165 @@
+//! The in-gateway hop alone: an ID-sock connected to a Mir-sock on identity addresses, exactly as
+//! the gateway makes them (tagged, in the gateway's cgroup), with the sockmap splice or plain
+//! loopback TCP. Runs in a child process in a fresh network namespace (the sockmap data plane
+//! moves its process into a cgroup), which prints its result as JSON.
+
+use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use cmx_gateway::dataplane::{DataPlane, SocketRole, SocketTag, UserspaceDataPlane};
+use cmx_gateway::ebpf::{SockmapDataPlane, SockmapSettings};
+use cmx_gateway::identity::{Registry, RegistryContext};
+use cmx_gateway::netsetup::LocalRoute;
+use cmx_gateway::sockets;
+use russh::keys::{Algorithm, PrivateKey};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::stats::{Latency, histogram, record};
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct HopResult {
+    pub mode: String,
+    pub rtt: Latency,
+    pub bulk_mbps: f64,
+}
+
+const SRV: Ipv6Addr = Ipv6Addr::new(0xfd63, 0x6d78, 0, 0, 0, 0, 0, 1);
+const DEV: Ipv6Addr = Ipv6Addr::new(0xfd63, 0x6d78, 0, 0, 0, 0, 0, 0xd1);
+
+fn registry() -> anyhow::Result<Registry> {
+    let key = |n| -> anyhow::Result<String> {
+        let k = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519)?;
+        Ok(format!("{} {n}", k.public_key().to_openssh()?))
+    };
+    let text = format!(
+        "[[identity]]\nname = \"srv\"\nrole = \"server\"\nkeys = [\"{}\"]\naddress = \"{SRV}\"\npermit_listen = [\"1883\"]\n\n\
+         [[identity]]\nname = \"dev\"\nrole = \"device\"\nkeys = [\"{}\"]\naddress = \"{DEV}\"\npermit_open = [\"srv:1883\"]\n",
+        key("srv")?,
+        key("dev")?
+    );
+    let ctx = RegistryContext {
+        prefix: "fd63:6d78::/64".parse()?,
+        service_prefix: "dynamic-service-".into(),
+    };
+    Ok(Registry::parse(&text, Path::new("hop.toml"), ctx)?)
+}
+
+/// Runs in the child: measures and returns the result.
+pub async fn run(mode: &str, iterations: usize, bulk: u64) -> anyhow::Result<HopResult> {
+    let prefix = "fd63:6d78::/64".parse()?;
+    let route = LocalRoute::ensure(prefix)?;
+    let dp: Arc<dyn DataPlane> = match mode {
+        "sockmap" => {
+            let cgroup = cmx_gateway::ebpf::cgroup::v2_mount()?
+                .join(format!("cmxsafe-bench-hop-{}", std::process::id()));
+            let pin_dir = format!("/sys/fs/bpf/cmxsafe-bench-hop-{}", std::process::id()).into();
+            Arc::new(
+                SockmapDataPlane::load(SockmapSettings {
+                    pin_dir,
+                    cgroup,
+                    prefix,
+                })
+                .map_err(anyhow::Error::msg)?,
+            )
+        }
+        _ => Arc::new(UserspaceDataPlane::new("benchmark baseline")),
+    };
+    dp.sync_policy(&registry()?).map_err(anyhow::Error::msg)?;
+    let result = measure(&dp, mode, iterations, bulk).await;
+    dp.shutdown();
+    route.remove();
+    result
+}
+
+async fn measure(
+    dp: &Arc<dyn DataPlane>,
+    mode: &str,
+    iterations: usize,
+    bulk: u64,
+) -> anyhow::Result<HopResult> {
+    let listen_tag = SocketTag {
+        conn_id: 1,
+        role: SocketRole::MirListener,
+        identity: SRV,
+    };
+    let (listener, _lt) =
+        sockets::mirror_listener(SRV, 1883, |s| dp.tag(s, listen_tag)).context("Mir-sock")?;
+    let id_tag = SocketTag {
+        conn_id: 2,
+        role: SocketRole::IdSock,
+        identity: DEV,
+    };
+    let (socket, _, _it) = sockets::identity_socket(DEV, None, |s| dp.tag(s, id_tag)).context("ID-sock")?;
+    let target = SocketAddr::V6(SocketAddrV6::new(SRV, 1883, 0, 0));
+    let (client, accepted) = tokio::join!(socket.connect(target), listener.accept());
+    let (mut client, (mut server, _)) = (client?, accepted?);
+    client.set_nodelay(true)?;
+    server.set_nodelay(true)?;
+
+    // Echo on the Mir side, ping-pong from the ID side.
+    let echo = tokio::spawn(async move {
+        let mut buf = [0u8; 64];
+        loop {
+            if server.read_exact(&mut buf).await.is_err() || server.write_all(&buf).await.is_err() {
+                break;
+            }
+        }
+        server
+    });
+    let msg = [1u8; 64];
+    let mut back = [0u8; 64];
+    let mut h = histogram();
+    for i in 0..iterations + iterations / 10 {
+        let t = Instant::now();
+        client.write_all(&msg).await?;
+        client.read_exact(&mut back).await?;
+        if i >= iterations / 10 {
+            record(&mut h, t.elapsed());
+        }
+    }
+    drop(client);
+    let mut server = echo.await?;
+    let _ = server.shutdown().await;
+
+    // Bulk: a fresh pair, one direction.
+    let id_tag = SocketTag {
+        conn_id: 3,
+        role: SocketRole::IdSock,
+        identity: DEV,
+    };
+    let (socket, _, _it2) = sockets::identity_socket(DEV, None, |s| dp.tag(s, id_tag))?;
+    let (client, accepted) = tokio::join!(socket.connect(target), listener.accept());
+    let (mut client, (mut server, _)) = (client?, accepted?);
+    let reader = tokio::spawn(async move {
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut total = 0u64;
+        while let Ok(n) = server.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            total += n as u64;
+        }
+        total
+    });
+    let chunk = vec![9u8; 256 * 1024];
+    let t = Instant::now();
+    let mut left = bulk;
+    while left > 0 {
+        let k = left.min(chunk.len() as u64) as usize;
+        client.write_all(&chunk[..k]).await?;
+        left -= k as u64;
+    }
+    client.shutdown().await?;
+    let got = reader.await?;
+    let secs = t.elapsed().as_secs_f64();
+    anyhow::ensure!(got == bulk, "hop bulk: {got} of {bulk} bytes arrived");
+    Ok(HopResult {
+        mode: mode.to_string(),
+        rtt: Latency::from(&h),
+        bulk_mbps: bulk as f64 / secs / 1e6,
+    })
+}

@@ -1,0 +1,425 @@
+//! cmx-bench: latency, connection setup, throughput, fan-out and scale of cmx-gateway against an
+//! OpenSSH-based CMXsafe gateway, side by side in one run, on network namespaces of this machine.
+//! Run by `cargo xtask bench [--quick]` (root: it creates namespaces, users and cgroups).
+//!
+//! Every gateway under test gets its own device, gateway and server hosts and stays up for the
+//! whole run; the measured runs interleave the variants, so a noisy machine affects them alike.
+
+#[path = "../../gateway/tests/support/mod.rs"]
+mod support;
+
+mod hop;
+mod procs;
+mod report;
+mod service;
+mod sessions;
+mod stats;
+mod variants;
+mod workloads;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use hdrhistogram::Histogram;
+
+use crate::report::{Header, Record, Report, Scale};
+use crate::stats::Latency;
+use crate::variants::{Kind, Variant};
+
+#[derive(Parser)]
+#[command(name = "cmx-bench", about = "cmxsafe benchmarks, side by side with OpenSSH")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run every workload against every gateway and print the table.
+    Run {
+        /// Smoke sizes (~2 minutes): checks the harness, measures nothing meaningful.
+        #[arg(long)]
+        quick: bool,
+        /// Interleaved measured runs per variant.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Where results.json, table.txt and rtt.svg go.
+        #[arg(long, default_value = "benches/results/latest")]
+        out: PathBuf,
+    },
+    /// (internal) Measure the in-gateway hop in this process's network namespace.
+    Hop {
+        #[arg(long)]
+        mode: String,
+        #[arg(long)]
+        iterations: usize,
+        #[arg(long)]
+        bulk: u64,
+    },
+}
+
+struct Sizes {
+    ciphers: Vec<&'static str>,
+    rtt: usize,
+    connects: usize,
+    bulk: u64,
+    fanout_conns: usize,
+    fanout_each: usize,
+    scale: Vec<usize>,
+    max_sessions: usize,
+    handshakes: usize,
+    hop_iterations: usize,
+    hop_bulk: u64,
+}
+
+impl Sizes {
+    fn new(quick: bool) -> Sizes {
+        if quick {
+            Sizes {
+                ciphers: vec!["default"],
+                rtt: 200,
+                connects: 20,
+                bulk: 8 << 20,
+                fanout_conns: 16,
+                fanout_each: 30,
+                scale: vec![10],
+                max_sessions: 0,
+                handshakes: 5,
+                hop_iterations: 2000,
+                hop_bulk: 32 << 20,
+            }
+        } else {
+            Sizes {
+                ciphers: vec![
+                    "default",
+                    "aes128-gcm@openssh.com",
+                    "chacha20-poly1305@openssh.com",
+                ],
+                rtt: 5000,
+                connects: 300,
+                bulk: 256 << 20,
+                fanout_conns: 16,
+                fanout_each: 500,
+                scale: vec![50, 200, 1000],
+                max_sessions: 10_000,
+                handshakes: 100,
+                hop_iterations: 20_000,
+                hop_bulk: 1 << 30,
+            }
+        }
+    }
+}
+
+/// Runs `make()`'s future on a thread inside network namespace `netns` (its sockets live there).
+async fn in_netns<T, F>(netns: &str, make: impl FnOnce() -> F + Send + 'static) -> anyhow::Result<T>
+where
+    T: Send + 'static,
+    F: Future<Output = anyhow::Result<T>> + 'static,
+{
+    let path = format!("/run/netns/{netns}");
+    tokio::task::spawn_blocking(move || {
+        let file = std::fs::File::open(&path)?;
+        // SAFETY: setns on a valid namespace fd changes only this (blocking-pool) thread's netns;
+        // the thread is not reused afterwards for anything else than this closure's runtime.
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let local = tokio::task::LocalSet::new();
+        let result = local.block_on(&rt, make());
+        // Return the thread to the host namespace before it goes back to the pool.
+        if let Ok(host) = std::fs::File::open("/proc/1/ns/net") {
+            // SAFETY: as above, with the initial process's namespace.
+            unsafe { libc::setns(host.as_raw_fd(), libc::CLONE_NEWNET) };
+        }
+        result
+    })
+    .await?
+}
+
+fn raise_fd_limit() {
+    // SAFETY: plain getrlimit/setrlimit on a local struct.
+    unsafe {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_max = lim.rlim_max.max(1 << 20);
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+fn output(cmd: &mut Command) -> String {
+    cmd.output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+fn header(quick: bool, runs: usize) -> Header {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_else(|| "?".into());
+    Header {
+        date: output(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"])),
+        commit: output(Command::new("git").args(["rev-parse", "--short", "HEAD"])),
+        kernel: output(Command::new("uname").arg("-r")),
+        cpu,
+        cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        quick,
+        runs,
+    }
+}
+
+/// One measured pass over a variant: every workload, in the device host's namespace.
+async fn measure(v: &Variant, s: &Sizes) -> anyhow::Result<(BTreeMap<String, f64>, Histogram<u64>)> {
+    let entry = v.entry;
+    let (rtt_n, connects, fan_c, fan_e) = (s.rtt, s.connects, s.fanout_conns, s.fanout_each);
+    let mut m = BTreeMap::new();
+    let (rtt, connect) = in_netns(&v.hosts.dev.name, move || async move {
+        workloads::wait_ready(entry).await?;
+        let rtt = workloads::rtt(entry, rtt_n / 10 + 10, rtt_n).await?;
+        let connect = workloads::connect(entry, connects).await?;
+        anyhow::Ok((rtt, connect))
+    })
+    .await
+    .with_context(|| format!("{}: latency workloads", v.name))?;
+    let l = Latency::from(&rtt);
+    m.insert("rtt_p50_us".into(), l.p50_us);
+    m.insert("rtt_p90_us".into(), l.p90_us);
+    m.insert("rtt_p99_us".into(), l.p99_us);
+    m.insert("rtt_p999_us".into(), l.p999_us);
+    m.insert("rtt_max_us".into(), l.max_us);
+    let c = Latency::from(&connect.0);
+    m.insert("connect_p50_us".into(), c.p50_us);
+    m.insert("connect_p99_us".into(), c.p99_us);
+    m.insert("connects_per_s".into(), connect.1);
+
+    let bulk = s.bulk;
+    let cpu0 = procs::cpu_seconds(&v.hosts.gw.name);
+    let (up, down) = in_netns(&v.hosts.dev.name, move || async move {
+        anyhow::Ok((
+            workloads::upload(entry, bulk).await?,
+            workloads::download(entry, bulk).await?,
+        ))
+    })
+    .await
+    .with_context(|| format!("{}: bulk", v.name))?;
+    let cpu = procs::cpu_seconds(&v.hosts.gw.name) - cpu0;
+    m.insert("upload_mbps".into(), up);
+    m.insert("download_mbps".into(), down);
+    if v.kind != Kind::Direct {
+        m.insert("cpu_s_per_gb".into(), cpu / (2.0 * bulk as f64 / 1e9));
+    }
+
+    let (fan, rate) = in_netns(&v.hosts.dev.name, move || async move {
+        workloads::fanout(entry, fan_c, fan_e).await
+    })
+    .await
+    .with_context(|| format!("{}: fan-out", v.name))?;
+    let f = Latency::from(&fan);
+    m.insert("fanout_msgs_per_s".into(), rate);
+    m.insert("fanout_p50_us".into(), f.p50_us);
+    m.insert("fanout_p99_us".into(), f.p99_us);
+    Ok((m, rtt))
+}
+
+/// Gateway memory with N idle sessions, the largest N it sustains, and the handshake rate.
+async fn scale(v: &Variant, s: &Sizes) -> anyhow::Result<Scale> {
+    let (addr, user, key) = v.ssh.clone().context("no SSH endpoint")?;
+    let key = Arc::new(russh::keys::load_secret_key(&key.path, None)?);
+    let gw = v.hosts.gw.name.clone();
+    let mut out = Scale {
+        variant: v.name.clone(),
+        ..Default::default()
+    };
+    for &n in &s.scale {
+        let (user, key, gw) = (user.clone(), key.clone(), gw.clone());
+        let point = in_netns(&v.hosts.dev.name, move || async move {
+            let (_, pss0) = procs::memory_kib(&gw);
+            let (sessions, err) = sessions::open_many(addr, &user, &key, n, 50).await;
+            if let Some(e) = err {
+                anyhow::bail!("only {} of {n} sessions: {e}", sessions.len());
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let (rss, pss) = procs::memory_kib(&gw);
+            drop(sessions);
+            anyhow::Ok((
+                n,
+                rss as f64 / 1024.0,
+                pss as f64 / 1024.0,
+                (pss.saturating_sub(pss0)) as f64 / n as f64,
+            ))
+        })
+        .await?;
+        out.points.push(point);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    if s.max_sessions > 0 && v.kind != Kind::OpenSsh {
+        let (user, key, max) = (user.clone(), key.clone(), s.max_sessions);
+        let (reached, note) = in_netns(&v.hosts.dev.name, move || async move {
+            let (sessions, err) = sessions::open_many(addr, &user, &key, max, 100).await;
+            anyhow::Ok((sessions.len(), err))
+        })
+        .await?;
+        out.max_sessions = Some(reached);
+        out.max_note = note;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    let k = s.handshakes;
+    out.sessions_per_sec = Some(
+        in_netns(&v.hosts.dev.name, move || async move {
+            sessions::rate(addr, &user, &key, k).await
+        })
+        .await?,
+    );
+    Ok(out)
+}
+
+/// The in-gateway hop, in child processes (the sockmap one moves itself into a cgroup).
+async fn hops(s: &Sizes, runs: usize) -> anyhow::Result<Vec<hop::HopResult>> {
+    let exe = std::env::current_exe()?;
+    let mut out = Vec::new();
+    for _ in 0..runs {
+        for mode in ["sockmap", "userspace"] {
+            let hosts = support::Hosts::new();
+            let result = Command::new("nsenter")
+                .arg(format!("--net=/run/netns/{}", hosts.gw.name))
+                .arg("--")
+                .arg(&exe)
+                .args([
+                    "hop",
+                    "--mode",
+                    mode,
+                    "--iterations",
+                    &s.hop_iterations.to_string(),
+                    "--bulk",
+                    &s.hop_bulk.to_string(),
+                ])
+                .output()?;
+            anyhow::ensure!(
+                result.status.success(),
+                "hop {mode}: {}",
+                String::from_utf8_lossy(&result.stderr)
+            );
+            out.push(serde_json::from_slice(&result.stdout).context("hop output")?);
+        }
+    }
+    Ok(out)
+}
+
+async fn run(quick: bool, runs: usize, out: PathBuf) -> anyhow::Result<()> {
+    support::require_root();
+    raise_fd_limit();
+    let s = Sizes::new(quick);
+    let mut specs = vec![(Kind::Direct, "default")];
+    for c in &s.ciphers {
+        specs.extend([
+            (Kind::OpenSsh, *c),
+            (Kind::CmxUserspace, *c),
+            (Kind::CmxSockmap, *c),
+        ]);
+    }
+    specs.push((Kind::CmxAgent, "default"));
+    eprintln!("setting up {} variants", specs.len());
+    let mut vs = Vec::new();
+    for (i, (kind, cipher)) in specs.into_iter().enumerate() {
+        vs.push(
+            variants::setup(kind, cipher, i)
+                .await
+                .with_context(|| format!("setting up {} {cipher}", kind.label()))?,
+        );
+    }
+    eprintln!("warm-up");
+    let warm = Sizes {
+        rtt: 100,
+        connects: 5,
+        bulk: 4 << 20,
+        fanout_each: 5,
+        ..Sizes::new(true)
+    };
+    for v in &vs {
+        measure(v, &warm).await?;
+    }
+    let mut records = Vec::new();
+    let mut rtt: BTreeMap<String, Histogram<u64>> = BTreeMap::new();
+    for run in 0..runs {
+        for v in &vs {
+            eprintln!("run {}/{runs}: {}", run + 1, v.name);
+            let (metrics, h) = measure(v, &s).await?;
+            rtt.entry(v.name.clone())
+                .or_insert_with(stats::histogram)
+                .add(h)?;
+            records.push(Record {
+                variant: v.name.clone(),
+                cipher: v.cipher.clone(),
+                negotiated: v.negotiated.clone(),
+                run,
+                metrics,
+            });
+        }
+    }
+    let mut scales = Vec::new();
+    for v in vs
+        .iter()
+        .filter(|v| v.cipher == "default" && matches!(v.kind, Kind::OpenSsh | Kind::CmxSockmap))
+    {
+        eprintln!("scale: {}", v.name);
+        scales.push(scale(v, &s).await.with_context(|| format!("{}: scale", v.name))?);
+    }
+    eprintln!("the in-gateway hop");
+    let hop = hops(&s, runs).await?;
+    drop(vs);
+    let report = Report {
+        header: header(quick, runs),
+        records,
+        rtt_cdf: rtt
+            .iter()
+            .map(|(k, h)| (k.clone(), Latency::from(h).cdf))
+            .collect(),
+        scale: scales,
+        hop,
+    };
+    print!("{}", report.table());
+    report
+        .write(&out)
+        .with_context(|| format!("writing {}", out.display()))?;
+    eprintln!("results in {}", out.display());
+    report.complete().map_err(anyhow::Error::msg)
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    match cli.command {
+        Cmd::Run { quick, runs, out } => rt.block_on(run(quick, runs, out)),
+        Cmd::Hop {
+            mode,
+            iterations,
+            bulk,
+        } => {
+            let r = rt.block_on(hop::run(&mode, iterations, bulk))?;
+            println!("{}", serde_json::to_string(&r)?);
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,435 @@
+//! The results: one table of medians and spreads, ratios to the direct path and to OpenSSH, the
+//! goals checked, JSON for machines, and an SVG of the round-trip latency distributions.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::hop::HopResult;
+use crate::stats::{Summary, summarize};
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Header {
+    pub date: String,
+    pub commit: String,
+    pub kernel: String,
+    pub cpu: String,
+    pub cores: usize,
+    pub quick: bool,
+    pub runs: usize,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Record {
+    pub variant: String,
+    pub cipher: String,
+    pub negotiated: String,
+    pub run: usize,
+    pub metrics: BTreeMap<String, f64>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Scale {
+    pub variant: String,
+    /// (sessions, RSS MiB, PSS MiB, PSS KiB per session) at each N.
+    pub points: Vec<(usize, f64, f64, f64)>,
+    pub max_sessions: Option<usize>,
+    pub max_note: Option<String>,
+    pub sessions_per_sec: Option<f64>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Report {
+    pub header: Header,
+    pub records: Vec<Record>,
+    pub rtt_cdf: BTreeMap<String, Vec<(f64, f64)>>,
+    pub scale: Vec<Scale>,
+    pub hop: Vec<HopResult>,
+}
+
+/// The columns of the main table: metric key, heading, whether higher is better.
+const COLUMNS: &[(&str, &str, bool)] = &[
+    ("rtt_p50_us", "RTT p50 µs", false),
+    ("rtt_p99_us", "p99", false),
+    ("rtt_p999_us", "p99.9", false),
+    ("rtt_max_us", "max", false),
+    ("connect_p50_us", "conn+1B p50 µs", false),
+    ("connect_p99_us", "p99", false),
+    ("connects_per_s", "conn/s", true),
+    ("upload_mbps", "up MB/s", true),
+    ("download_mbps", "down MB/s", true),
+    ("cpu_s_per_gb", "gw CPU s/GB", false),
+    ("fanout_msgs_per_s", "fan-out msg/s", true),
+    ("fanout_p50_us", "p50 µs", false),
+    ("fanout_p99_us", "p99 µs", false),
+];
+
+impl Report {
+    pub fn variants(&self) -> Vec<String> {
+        let mut seen = Vec::new();
+        for r in &self.records {
+            if !seen.contains(&r.variant) {
+                seen.push(r.variant.clone());
+            }
+        }
+        seen
+    }
+
+    pub fn summary(&self, variant: &str, metric: &str) -> Option<Summary> {
+        let values: Vec<f64> = self
+            .records
+            .iter()
+            .filter(|r| r.variant == variant)
+            .filter_map(|r| r.metrics.get(metric).copied())
+            .collect();
+        summarize(&values)
+    }
+
+    /// The OpenSSH variant to compare `variant` with: same cipher, else the default one.
+    fn baseline(&self, variant: &str) -> Option<String> {
+        let cipher = variant.split('/').nth(1).unwrap_or("default");
+        let all = self.variants();
+        [format!("openssh/{cipher}"), "openssh/default".to_string()]
+            .into_iter()
+            .find(|v| all.contains(v))
+    }
+
+    fn ratio(&self, variant: &str, base: &str, metric: &str) -> Option<f64> {
+        let a = self.summary(variant, metric)?.median;
+        let b = self.summary(base, metric)?.median;
+        (b > 0.0).then(|| a / b)
+    }
+
+    pub fn table(&self) -> String {
+        let h = &self.header;
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "cmxsafe benchmark {}  commit {}  kernel {}  CPU {} ({} cores){}\nmedian over {} interleaved runs; ±x% = (max-min)/median\n",
+            h.date,
+            h.commit,
+            h.kernel,
+            h.cpu,
+            h.cores,
+            if h.quick {
+                "  QUICK (smoke sizes: not a measurement)"
+            } else {
+                ""
+            },
+            h.runs
+        );
+        let _ = write!(out, "{:<30} {:<26}", "variant", "cipher negotiated");
+        for (_, head, _) in COLUMNS {
+            let _ = write!(out, " {head:>16}");
+        }
+        out.push('\n');
+        let negotiated: BTreeMap<&str, &str> = self
+            .records
+            .iter()
+            .map(|r| (r.variant.as_str(), r.negotiated.as_str()))
+            .collect();
+        for v in self.variants() {
+            let _ = write!(
+                out,
+                "{:<30} {:<26}",
+                v,
+                negotiated.get(v.as_str()).copied().unwrap_or("?")
+            );
+            for (key, _, _) in COLUMNS {
+                let cell = match self.summary(&v, key) {
+                    Some(s) if s.median > 0.0 => {
+                        let spread = (s.max - s.min) / s.median * 100.0;
+                        format!("{} ±{spread:.0}%", fmt(s.median))
+                    }
+                    _ => "-".into(),
+                };
+                let _ = write!(out, " {cell:>16}");
+            }
+            out.push('\n');
+        }
+
+        let _ = writeln!(
+            out,
+            "\nratios (median / median): to OpenSSH with the same cipher, and to the direct path"
+        );
+        let _ = write!(out, "{:<30}", "variant");
+        for (_, head, _) in COLUMNS {
+            let _ = write!(out, " {head:>16}");
+        }
+        out.push('\n');
+        for v in self
+            .variants()
+            .into_iter()
+            .filter(|v| v != "direct" && !v.starts_with("openssh"))
+        {
+            for (base, label) in [
+                (self.baseline(&v), "÷ openssh"),
+                (Some("direct".to_string()), "÷ direct"),
+            ] {
+                let Some(base) = base else { continue };
+                let _ = write!(out, "{:<30}", format!("{v} {label}"));
+                for (key, _, _) in COLUMNS {
+                    let cell = self
+                        .ratio(&v, &base, key)
+                        .map(|r| format!("{r:.2}×"))
+                        .unwrap_or_else(|| "-".into());
+                    let _ = write!(out, " {cell:>16}");
+                }
+                out.push('\n');
+            }
+        }
+
+        if !self.scale.is_empty() {
+            let _ = writeln!(out, "\nidle sessions: gateway memory (all its processes)");
+            for s in &self.scale {
+                for (n, rss, pss, per) in &s.points {
+                    let _ = writeln!(
+                        out,
+                        "{:<30} N={n:<6} RSS {rss:>8.1} MiB  PSS {pss:>8.1} MiB  PSS/session {per:>8.1} KiB",
+                        s.variant
+                    );
+                }
+                if let Some(m) = s.max_sessions {
+                    let _ = writeln!(
+                        out,
+                        "{:<30} largest N sustained: {m}{}",
+                        s.variant,
+                        s.max_note
+                            .as_deref()
+                            .map(|n| format!(" ({n})"))
+                            .unwrap_or_default()
+                    );
+                }
+                if let Some(r) = s.sessions_per_sec {
+                    let _ = writeln!(
+                        out,
+                        "{:<30} session establishment: {r:.0} handshakes+auth/s",
+                        s.variant
+                    );
+                }
+            }
+        }
+
+        if !self.hop.is_empty() {
+            let _ = writeln!(
+                out,
+                "\nthe in-gateway hop alone (ID-sock -> Mir-sock), sockmap splice vs loopback TCP"
+            );
+            for mode in ["sockmap", "userspace"] {
+                let rs: Vec<&HopResult> = self.hop.iter().filter(|h| h.mode == mode).collect();
+                let p50 = summarize(&rs.iter().map(|h| h.rtt.p50_us).collect::<Vec<_>>());
+                let p99 = summarize(&rs.iter().map(|h| h.rtt.p99_us).collect::<Vec<_>>());
+                let bulk = summarize(&rs.iter().map(|h| h.bulk_mbps).collect::<Vec<_>>());
+                if let (Some(a), Some(b), Some(c)) = (p50, p99, bulk) {
+                    let _ = writeln!(
+                        out,
+                        "{mode:<12} 64B RTT p50 {:>8} µs  p99 {:>8} µs  bulk {:>8} MB/s",
+                        fmt(a.median),
+                        fmt(b.median),
+                        fmt(c.median)
+                    );
+                }
+            }
+            if let Some(r) = self.hop_ratio() {
+                let _ = writeln!(out, "sockmap p50 / loopback TCP p50 = {r:.2} (goal: <= 0.70)");
+            }
+        }
+        out.push_str(&self.goals());
+        out
+    }
+
+    pub fn hop_ratio(&self) -> Option<f64> {
+        let p50 = |m: &str| {
+            summarize(
+                &self
+                    .hop
+                    .iter()
+                    .filter(|h| h.mode == m)
+                    .map(|h| h.rtt.p50_us)
+                    .collect::<Vec<_>>(),
+            )
+        };
+        Some(p50("sockmap")?.median / p50("userspace")?.median)
+    }
+
+    fn goals(&self) -> String {
+        let mut out =
+            String::from("\ngoals (cmx-sockmap with stock ssh agents vs OpenSSH, same cipher, this run):\n");
+        let v = self.variants().into_iter().find(|v| v.starts_with("cmx-sockmap"));
+        let Some(v) = v else { return out };
+        let Some(base) = self.baseline(&v) else { return out };
+        let mut line = |goal: &str, value: Option<f64>, ok: fn(f64) -> bool, unit: &str| {
+            let (shown, verdict) = match value {
+                Some(x) => (format!("{}{unit}", fmt(x)), if ok(x) { "met" } else { "NOT met" }),
+                None => ("-".into(), "not measured"),
+            };
+            let _ = writeln!(out, "  {goal:<44} {shown:>12}  {verdict}");
+        };
+        line(
+            "64 B RTT p50 <= 0.5x OpenSSH",
+            self.ratio(&v, &base, "rtt_p50_us"),
+            |x| x <= 0.5,
+            "x",
+        );
+        line(
+            "64 B RTT p99.9 <= 2 ms",
+            self.summary(&v, "rtt_p999_us").map(|s| s.median / 1000.0),
+            |x| x <= 2.0,
+            " ms",
+        );
+        line(
+            "connection + first byte p50 <= 1 ms",
+            self.summary(&v, "connect_p50_us").map(|s| s.median / 1000.0),
+            |x| x <= 1.0,
+            " ms",
+        );
+        let bulk = match (
+            self.ratio(&v, &base, "upload_mbps"),
+            self.ratio(&v, &base, "download_mbps"),
+        ) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            _ => None,
+        };
+        line("bulk >= 2x OpenSSH (worse direction)", bulk, |x| x >= 2.0, "x");
+        line(
+            "gateway CPU per GB <= 0.5x OpenSSH",
+            self.ratio(&v, &base, "cpu_s_per_gb"),
+            |x| x <= 0.5,
+            "x",
+        );
+        line(
+            "fan-out msgs/s >= 2x OpenSSH",
+            self.ratio(&v, &base, "fanout_msgs_per_s"),
+            |x| x >= 2.0,
+            "x",
+        );
+        let per_session = self
+            .scale
+            .iter()
+            .find(|s| s.variant.starts_with("cmx"))
+            .and_then(|s| s.points.last())
+            .map(|p| p.3 / 1024.0);
+        line(
+            "memory per idle session <= 0.1 MB PSS",
+            per_session,
+            |x| x <= 0.1,
+            " MiB",
+        );
+        let max = self
+            .scale
+            .iter()
+            .find(|s| s.variant.starts_with("cmx"))
+            .and_then(|s| s.max_sessions)
+            .map(|m| m as f64);
+        line("10,000 sessions sustained", max, |x| x >= 10_000.0, "");
+        out
+    }
+
+    /// Every variant produced every workload's numbers (what the CI smoke run checks).
+    pub fn complete(&self) -> Result<(), String> {
+        for v in self.variants() {
+            for (key, _, _) in COLUMNS {
+                if *key == "cpu_s_per_gb" && v == "direct" {
+                    continue;
+                }
+                if self.summary(&v, key).is_none() {
+                    return Err(format!("{v}: no value for {key}"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn svg(&self) -> String {
+        let (w, h, left, bottom) = (900.0, 520.0, 70.0, 60.0);
+        let max_us = self
+            .rtt_cdf
+            .values()
+            .flatten()
+            .map(|p| p.1)
+            .fold(10.0_f64, f64::max);
+        let (lo, hi) = (1.0_f64.log10(), max_us.log10().ceil());
+        let x = |us: f64| left + (us.max(1.0).log10() - lo) / (hi - lo) * (w - left - 20.0);
+        let y = |pct: f64| (h - bottom) - pct / 100.0 * (h - bottom - 20.0);
+        let mut s = format!(
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
+        );
+        let _ = writeln!(
+            s,
+            "<text x=\"{left}\" y=\"14\">64 B round-trip latency, cumulative distribution ({})</text>",
+            self.header.date
+        );
+        for d in 0..=(hi as i32) {
+            let us = 10f64.powi(d);
+            let _ = writeln!(
+                s,
+                "<line x1=\"{0}\" y1=\"20\" x2=\"{0}\" y2=\"{1}\" stroke=\"#ddd\"/><text x=\"{0}\" y=\"{2}\" text-anchor=\"middle\">{3}</text>",
+                x(us),
+                h - bottom,
+                h - bottom + 16.0,
+                fmt(us)
+            );
+        }
+        for pct in [0.0, 50.0, 90.0, 99.0, 100.0] {
+            let _ = writeln!(
+                s,
+                "<line x1=\"{left}\" y1=\"{0}\" x2=\"{1}\" y2=\"{0}\" stroke=\"#eee\"/><text x=\"{2}\" y=\"{0}\" text-anchor=\"end\">{pct}%</text>",
+                y(pct),
+                w - 20.0,
+                left - 6.0
+            );
+        }
+        let _ = writeln!(
+            s,
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">microseconds (log scale)</text>",
+            (w + left) / 2.0,
+            h - 20.0
+        );
+        let colors = [
+            "#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d", "#666666",
+            "#1f78b4", "#b2df8a", "#fb9a99",
+        ];
+        for (i, (variant, cdf)) in self.rtt_cdf.iter().enumerate() {
+            let color = colors[i % colors.len()];
+            let points: Vec<String> = cdf
+                .iter()
+                .map(|(pct, us)| format!("{:.1},{:.1}", x(*us), y(*pct)))
+                .collect();
+            let _ = writeln!(
+                s,
+                "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>",
+                points.join(" ")
+            );
+            let _ = writeln!(
+                s,
+                "<text x=\"{}\" y=\"{}\" fill=\"{color}\">{variant}</text>",
+                left + 10.0,
+                34.0 + 15.0 * i as f64
+            );
+        }
+        s.push_str("</svg>\n");
+        s
+    }
+
+    pub fn write(&self, dir: &Path) -> std::io::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(
+            dir.join("results.json"),
+            serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?,
+        )?;
+        std::fs::write(dir.join("table.txt"), self.table())?;
+        std::fs::write(dir.join("rtt.svg"), self.svg())
+    }
+}
+
+fn fmt(x: f64) -> String {
+    if x >= 100.0 {
+        format!("{x:.0}")
+    } else if x >= 10.0 {
+        format!("{x:.1}")
+    } else {
+        format!("{x:.2}")
+    }
+}
