@@ -50,6 +50,8 @@ struct RawConfig {
     status_file: Option<PathBuf>,
     identity_prefix: Option<Ipv6Net>,
     #[serde(default)]
+    ciphers: Vec<Spanned<String>>,
+    #[serde(default)]
     keepalive: Keepalive,
     #[serde(default)]
     reconnect: Reconnect,
@@ -143,6 +145,8 @@ pub struct Config {
     pub trust_on_first_use: bool,
     pub status_file: PathBuf,
     pub identity_prefix: Ipv6Net,
+    /// Ciphers to offer, in order of preference (empty: russh's default order).
+    pub ciphers: Vec<String>,
     pub keepalive: Keepalive,
     pub reconnect: Reconnect,
     pub locals: Vec<LocalTunnel>,
@@ -251,6 +255,18 @@ impl Config {
                 "trust_on_first_use needs known_hosts: the file where the first key seen is recorded".into(),
             );
         }
+        for c in &raw.ciphers {
+            if cmx_gateway::server::cipher(c.get_ref()).is_none() {
+                at(
+                    c.span().start,
+                    format!(
+                        "unknown cipher '{}' (known: {})",
+                        c.get_ref(),
+                        cmx_gateway::server::known_ciphers()
+                    ),
+                );
+            }
+        }
         if raw.keepalive.interval_secs > 0 && raw.keepalive.max == 0 {
             at(0, "keepalive.max must be at least 1".into());
         }
@@ -341,6 +357,7 @@ impl Config {
                     .parse()
                     .expect("the default identity prefix is valid")
             }),
+            ciphers: raw.ciphers.into_iter().map(Spanned::into_inner).collect(),
             keepalive: raw.keepalive,
             reconnect: raw.reconnect,
             locals: raw.locals.into_iter().map(Spanned::into_inner).collect(),

@@ -207,7 +207,17 @@ pub async fn connect(
         .map_err(|_| format!("gateway {host}:{port}: connect timed out"))?
         .map_err(|e| format!("gateway {host}:{port}: {e}"))?;
     let _ = tcp.set_nodelay(true);
+    let mut preferred = russh::Preferred::default();
+    if !c.ciphers.is_empty() {
+        preferred.cipher = std::borrow::Cow::Owned(
+            c.ciphers
+                .iter()
+                .filter_map(|n| cmx_gateway::server::cipher(n))
+                .collect(),
+        );
+    }
     let config = Arc::new(client::Config {
+        preferred,
         keepalive_interval: c.keepalive_interval(),
         keepalive_max: c.keepalive.max,
         inactivity_timeout: None,

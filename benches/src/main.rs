@@ -334,9 +334,9 @@ async fn run(quick: bool, runs: usize, out: PathBuf) -> anyhow::Result<()> {
             (Kind::OpenSsh, *c),
             (Kind::CmxUserspace, *c),
             (Kind::CmxSockmap, *c),
+            (Kind::CmxAgent, *c),
         ]);
     }
-    specs.push((Kind::CmxAgent, "default"));
     eprintln!("setting up {} variants", specs.len());
     let mut vs = Vec::new();
     for (i, (kind, cipher)) in specs.into_iter().enumerate() {

@@ -68,7 +68,7 @@ fn negotiated(agent: &SshAgent) -> String {
 
 pub async fn setup(kind: Kind, cipher: &str, index: usize) -> anyhow::Result<Variant> {
     let hosts = Hosts::new();
-    let name = if matches!(kind, Kind::Direct | Kind::CmxAgent) {
+    let name = if kind == Kind::Direct {
         kind.label().to_string()
     } else {
         format!("{}/{cipher}", kind.label())
@@ -138,13 +138,18 @@ pub async fn setup(kind: Kind, cipher: &str, index: usize) -> anyhow::Result<Var
             let limits = "[limits]\nmax_sessions = 20000\nmax_startups = 200\n";
             let gw = GatewayProc::start_with(&hosts, &registry, limits, mode, &[]).await;
             let neg = if kind == Kind::CmxAgent {
+                let ciphers = if cipher == "default" {
+                    String::new()
+                } else {
+                    format!("ciphers = [\"{cipher}\"]\n")
+                };
                 let s = AgentProc::start(
                     &hosts,
                     &hosts.srv,
                     "server",
                     "srv1",
                     &srv1,
-                    "[[publish]]\nname = \"svc\"\nport = 1883\nto = \"127.0.0.1:5001\"\n",
+                    &format!("{ciphers}[[publish]]\nname = \"svc\"\nport = 1883\nto = \"127.0.0.1:5001\"\n"),
                 );
                 let d = AgentProc::start(
                     &hosts,
@@ -152,11 +157,17 @@ pub async fn setup(kind: Kind, cipher: &str, index: usize) -> anyhow::Result<Var
                     "device",
                     "dev1",
                     &dev1,
-                    &format!("[[local]]\nname = \"svc\"\nlisten = \"{ENTRY}\"\ntarget = \"srv1:1883\"\n"),
+                    &format!(
+                        "{ciphers}[[local]]\nname = \"svc\"\nlisten = \"{ENTRY}\"\ntarget = \"srv1:1883\"\n"
+                    ),
                 );
                 keep.push(Box::new(s));
                 keep.push(Box::new(d));
-                "russh default".to_string()
+                if cipher == "default" {
+                    "russh default (chacha20-poly1305)".into()
+                } else {
+                    cipher.to_string()
+                }
             } else {
                 let mut args = cipher_args(cipher);
                 args.extend(["-R", "1883:127.0.0.1:5001"]);

@@ -96,6 +96,7 @@ pub struct SshSettings {
     pub window_size: u32,
     pub max_packet_size: u32,
     pub auth_rejection_delay_ms: u64,
+    pub ciphers: Vec<String>,
 }
 
 impl Default for Config {
@@ -139,6 +140,16 @@ impl Default for SshSettings {
             window_size: 2 * 1024 * 1024,
             max_packet_size: 32 * 1024,
             auth_rejection_delay_ms: 250,
+            ciphers: [
+                "chacha20-poly1305@openssh.com",
+                "aes128-gcm@openssh.com",
+                "aes256-gcm@openssh.com",
+                "aes128-ctr",
+                "aes192-ctr",
+                "aes256-ctr",
+            ]
+            .map(String::from)
+            .to_vec(),
         }
     }
 }
@@ -257,6 +268,17 @@ impl Config {
                 s.window_size, s.max_packet_size
             ));
         }
+        if s.ciphers.is_empty() {
+            problems.push("ssh.ciphers must name at least one cipher".into());
+        }
+        for c in &s.ciphers {
+            if crate::server::cipher(c).is_none() {
+                problems.push(format!(
+                    "ssh.ciphers: unknown cipher '{c}' (known: {})",
+                    crate::server::known_ciphers()
+                ));
+            }
+        }
         if s.keepalive_interval_secs > 0 && s.keepalive_max == 0 {
             problems.push("ssh.keepalive_max must be at least 1 when keepalives are on".into());
         }
@@ -330,6 +352,10 @@ mod tests {
             (
                 "service_name_prefix = \"Dyn_\"\n",
                 "gw.toml: service_name_prefix 'Dyn_' must be non-empty lowercase letters, digits and '-'",
+            ),
+            (
+                "[ssh]\nciphers = [\"des\"]\n",
+                "gw.toml: ssh.ciphers: unknown cipher 'des' (known: aes128-ctr",
             ),
         ];
         for (text, expected) in cases {

@@ -28,6 +28,23 @@ const CHANNEL_BUFFER: usize = 64;
 /// How long a session may take to close after being told to.
 const DISCONNECT_WAIT: Duration = Duration::from_secs(2);
 
+/// The russh cipher named `name`, among those russh implements (minus `none` and `clear`).
+pub fn cipher(name: &str) -> Option<russh::cipher::Name> {
+    russh::cipher::ALL_CIPHERS
+        .iter()
+        .map(|n| **n)
+        .find(|n| n.as_ref() == name && !matches!(name, "none" | "clear"))
+}
+
+pub fn known_ciphers() -> String {
+    russh::cipher::ALL_CIPHERS
+        .iter()
+        .map(|n| n.as_ref())
+        .filter(|n| !matches!(*n, "none" | "clear"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// The russh server settings, all chosen explicitly: russh's defaults suit interactive logins,
 /// not persistent IoT sessions.
 pub fn ssh_config(config: &Config, host_key: PrivateKey) -> russh::server::Config {
@@ -51,6 +68,10 @@ pub fn ssh_config(config: &Config, host_key: PrivateKey) -> russh::server::Confi
         keepalive_interval: s.keepalive_interval(),
         keepalive_max: s.keepalive_max,
         nodelay: true,
+        preferred: russh::Preferred {
+            cipher: std::borrow::Cow::Owned(s.ciphers.iter().filter_map(|c| cipher(c)).collect()),
+            ..Default::default()
+        },
         ..Default::default()
     }
 }
