@@ -411,7 +411,17 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     match cli.command {
-        Cmd::Run { quick, runs, out } => rt.block_on(run(quick, runs, out)),
+        Cmd::Run { quick, runs, out } => rt.block_on(async {
+            // Ctrl-C drops the run: every namespace, process, user and cgroup it made is removed
+            // by its owner's Drop.
+            tokio::select! {
+                r = run(quick, runs, out) => r,
+                _ = tokio::signal::ctrl_c() => {
+                    eprintln!("interrupted: cleaning up");
+                    anyhow::bail!("interrupted")
+                }
+            }
+        }),
         Cmd::Hop {
             mode,
             iterations,
