@@ -54,6 +54,11 @@ enum Cmd {
         #[arg(long, default_value = "benches/results/latest")]
         out: PathBuf,
     },
+    /// Re-render table.txt and rtt.svg from a results.json.
+    Render {
+        /// The results.json of an earlier run.
+        results: PathBuf,
+    },
     /// (internal) Measure the in-gateway hop in this process's network namespace.
     Hop {
         #[arg(long)]
@@ -422,6 +427,12 @@ fn main() -> anyhow::Result<()> {
                 }
             }
         }),
+        Cmd::Render { results } => {
+            let report: Report = serde_json::from_slice(&std::fs::read(&results)?)?;
+            print!("{}", report.table());
+            report.write(results.parent().unwrap_or(std::path::Path::new(".")))?;
+            Ok(())
+        }
         Cmd::Hop {
             mode,
             iterations,

@@ -352,7 +352,9 @@ impl Report {
             .fold(10.0_f64, f64::max);
         let (lo, hi) = (1.0_f64.log10(), max_us.log10().ceil());
         let x = |us: f64| left + (us.max(1.0).log10() - lo) / (hi - lo) * (w - left - 20.0);
-        let y = |pct: f64| (h - bottom) - pct / 100.0 * (h - bottom - 20.0);
+        // Tail-friendly y axis: 0, 90, 99, 99.9, 99.99 % equally spaced (-log10 of the rest).
+        let tail = |pct: f64| (-(1.0 - pct / 100.0).max(1e-4).log10()).min(4.0);
+        let y = |pct: f64| (h - bottom) - tail(pct) / 4.0 * (h - bottom - 20.0);
         let mut s = format!(
             "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
         );
@@ -372,7 +374,7 @@ impl Report {
                 fmt(us)
             );
         }
-        for pct in [0.0, 50.0, 90.0, 99.0, 100.0] {
+        for pct in [0.0, 50.0, 90.0, 99.0, 99.9, 99.99] {
             let _ = writeln!(
                 s,
                 "<line x1=\"{left}\" y1=\"{0}\" x2=\"{1}\" y2=\"{0}\" stroke=\"#eee\"/><text x=\"{2}\" y=\"{0}\" text-anchor=\"end\">{pct}%</text>",
