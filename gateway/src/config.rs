@@ -44,6 +44,7 @@ pub struct Config {
     pub dataplane: DataPlaneSettings,
     pub limits: Limits,
     pub ssh: SshSettings,
+    pub kubernetes: KubernetesSettings,
     /// Tests only (hidden CLI flag): skip the user-space security-context checks so that the
     /// kernel's are exercised alone. Never set from the file.
     #[serde(skip)]
@@ -75,6 +76,51 @@ impl Default for DataPlaneSettings {
             cgroup: PathBuf::new(),
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ControllerMode {
+    #[default]
+    Auto,
+    On,
+    Off,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KubernetesSettings {
+    pub controller: ControllerMode,
+    pub kubeconfig: PathBuf,
+    pub namespace: String,
+    pub domain: String,
+    pub service_type: String,
+    pub service_port: u16,
+    pub resync_secs: u64,
+}
+
+impl Default for KubernetesSettings {
+    fn default() -> Self {
+        KubernetesSettings {
+            controller: ControllerMode::Auto,
+            kubeconfig: PathBuf::new(),
+            namespace: String::new(),
+            domain: String::new(),
+            service_type: "LoadBalancer".into(),
+            service_port: 22,
+            resync_secs: 30,
+        }
+    }
+}
+
+/// A DNS-1123 label (Kubernetes names, namespaces): lowercase alphanumerics and '-', 1..=63.
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -114,6 +160,7 @@ impl Default for Config {
             dataplane: DataPlaneSettings::default(),
             limits: Limits::default(),
             ssh: SshSettings::default(),
+            kubernetes: KubernetesSettings::default(),
             insecure_skip_userspace_policy: false,
         }
     }
@@ -177,8 +224,12 @@ impl Config {
         })?;
         let mut config = Config::parse(&text, path)?;
         let base = path.parent().unwrap_or(Path::new("."));
-        for p in [&mut config.host_key, &mut config.identities] {
-            if p.is_relative() {
+        for p in [
+            &mut config.host_key,
+            &mut config.identities,
+            &mut config.kubernetes.kubeconfig,
+        ] {
+            if p.is_relative() && !p.as_os_str().is_empty() {
                 *p = base.join(&*p);
             }
         }
@@ -282,6 +333,38 @@ impl Config {
         if s.keepalive_interval_secs > 0 && s.keepalive_max == 0 {
             problems.push("ssh.keepalive_max must be at least 1 when keepalives are on".into());
         }
+        let k = &self.kubernetes;
+        if !["ClusterIP", "NodePort", "LoadBalancer"].contains(&k.service_type.as_str()) {
+            problems.push(format!(
+                "kubernetes.service_type '{}' must be ClusterIP, NodePort or LoadBalancer",
+                k.service_type
+            ));
+        }
+        if !k.namespace.is_empty() && !is_dns_label(&k.namespace) {
+            problems.push(format!(
+                "kubernetes.namespace '{}' is not a valid namespace name",
+                k.namespace
+            ));
+        }
+        if !k.domain.is_empty() && !k.domain.split('.').all(is_dns_label) {
+            problems.push(format!(
+                "kubernetes.domain '{}' is not a DNS domain (lowercase labels separated by dots)",
+                k.domain
+            ));
+        }
+        if k.service_port == 0 {
+            problems.push("kubernetes.service_port must be between 1 and 65535".into());
+        }
+        if k.resync_secs == 0 {
+            problems.push("kubernetes.resync_secs must be at least 1".into());
+        }
+        // The longest server name still has to fit a Service name (a DNS-1035 label, 63).
+        if self.service_name_prefix.len() > 40 {
+            problems.push(format!(
+                "service_name_prefix '{}' is longer than 40 characters: Service names are limited to 63",
+                self.service_name_prefix
+            ));
+        }
         if problems.is_empty() {
             Ok(())
         } else {
@@ -352,6 +435,18 @@ mod tests {
             (
                 "service_name_prefix = \"Dyn_\"\n",
                 "gw.toml: service_name_prefix 'Dyn_' must be non-empty lowercase letters, digits and '-'",
+            ),
+            (
+                "[kubernetes]\nservice_type = \"External\"\n",
+                "gw.toml: kubernetes.service_type 'External' must be ClusterIP, NodePort or LoadBalancer",
+            ),
+            (
+                "[kubernetes]\ndomain = \"IoT.example\"\n",
+                "gw.toml: kubernetes.domain 'IoT.example' is not a DNS domain",
+            ),
+            (
+                "[kubernetes]\ncontroller = \"yes\"\n",
+                "gw.toml:2: unknown variant `yes`, expected one of `auto`, `on`, `off`",
             ),
             (
                 "[ssh]\nciphers = [\"des\"]\n",

@@ -12,12 +12,14 @@
 //! - `dataplane`: how the loopback hop of a forwarding pair is carried.
 //! - `reload`: hot reload of the registry; `netsetup`: the local route for the prefix.
 //! - `events` and `audit`: the event stream for other components and the audit log.
+//! - `controller`: the Kubernetes controller for the per-server Services.
 //!
 //! `main.rs` only parses arguments and calls [`run`].
 
 pub mod audit;
 pub mod auth;
 pub mod config;
+pub mod controller;
 pub mod dataplane;
 pub mod ebpf;
 pub mod events;
@@ -60,6 +62,8 @@ pub enum RunError {
     HostKey(#[from] HostKeyError),
     #[error(transparent)]
     NetSetup(#[from] NetSetupError),
+    #[error(transparent)]
+    Pod(#[from] controller::pod::PodError),
     #[error("dataplane.mode = \"sockmap\", but the sockmap data plane cannot start: {0}")]
     DataPlane(String),
     #[error("cannot listen for SSH on {addr}: {source}")]
@@ -74,6 +78,7 @@ pub enum RunError {
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunError> {
     // Validate everything we read before binding anything.
     let registry = Registry::load(&config.identities, reload::registry_context(&config))?;
+    controller_settings(&config, config.listen.port())?;
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| RunError::Bind {
@@ -92,6 +97,11 @@ pub async fn serve(
     shutdown: CancellationToken,
     events: EventBus,
 ) -> Result<(), RunError> {
+    let port = listener
+        .local_addr()
+        .map(|a| a.port())
+        .unwrap_or(config.listen.port());
+    let kubernetes = controller_settings(&config, port)?;
     let host_key = HostKey::load_or_generate(&config.host_key)?;
     if host_key.generated {
         tracing::warn!(path = %config.host_key.display(), fingerprint = %host_key.fingerprint(),
@@ -133,6 +143,11 @@ pub async fn serve(
         );
     }
     gw.dataplane.clone().start(gw.clone());
+    let controller = kubernetes.map(|settings| {
+        let k = &gw.config.kubernetes;
+        let kubeconfig = (!k.kubeconfig.as_os_str().is_empty()).then(|| k.kubeconfig.clone());
+        controller::start(&gw, settings, kubeconfig, Duration::from_secs(k.resync_secs))
+    });
     let tracker = TaskTracker::new();
     tracker.spawn(reload::watch(gw.clone()));
     server::accept_loop(gw.clone(), listener, ssh, tracker.clone()).await;
@@ -148,12 +163,25 @@ pub async fn serve(
             "shutdown grace period over; closing remaining sessions"
         );
     }
+    if let Some(task) = controller {
+        // It hands this pod's Services back (bounded): the servers' next replica claims them.
+        let _ = task.await;
+    }
     gw.dataplane.shutdown();
     if let Some(route) = route {
         route.remove();
     }
     tracing::info!("cmx-gateway stopped");
     Ok(())
+}
+
+/// The Kubernetes controller's settings when it is to run (see `controller::pod`).
+fn controller_settings(config: &Config, ssh_port: u16) -> Result<Option<controller::Settings>, RunError> {
+    let env = |var: &str| std::env::var(var).ok();
+    if !controller::pod::enabled(config, &env) {
+        return Ok(None);
+    }
+    Ok(Some(controller::pod::settings(config, ssh_port, &env)?))
 }
 
 /// The data plane `dataplane.mode` asks for; `auto` falls back to user space with the reason.

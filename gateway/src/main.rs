@@ -42,6 +42,11 @@ enum Command {
         /// Overrides dataplane.mode: auto (sockmap if it loads, else userspace), sockmap, userspace.
         #[arg(long, value_enum)]
         dataplane: Option<DataPlaneArg>,
+        /// Run the Kubernetes controller with this kubeconfig (overrides kubernetes.kubeconfig
+        /// and turns kubernetes.controller on). The pod identity still comes from POD_NAME,
+        /// POD_NAMESPACE, POD_UID and POD_IP.
+        #[arg(long, value_name = "FILE")]
+        kubeconfig: Option<PathBuf>,
         /// Tests only: skip the user-space security-context checks (the kernel's still apply).
         #[arg(long, hide = true)]
         insecure_skip_userspace_policy: bool,
@@ -69,10 +74,11 @@ fn main() -> ExitCode {
         Command::Run {
             config,
             dataplane,
+            kubeconfig,
             insecure_skip_userspace_policy,
         } => {
             cmx_gateway::logging::init(cli.log_format, &cli.log_level);
-            run(config, dataplane, insecure_skip_userspace_policy)
+            run(config, dataplane, kubeconfig, insecure_skip_userspace_policy)
         }
         Command::CheckConfig { config } => check_config(config),
         Command::DefaultConfig => {
@@ -90,8 +96,17 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(path: PathBuf, dataplane: Option<DataPlaneArg>, skip_policy: bool) -> anyhow::Result<()> {
+fn run(
+    path: PathBuf,
+    dataplane: Option<DataPlaneArg>,
+    kubeconfig: Option<PathBuf>,
+    skip_policy: bool,
+) -> anyhow::Result<()> {
     let mut config = Config::load(&path)?;
+    if let Some(kubeconfig) = kubeconfig {
+        config.kubernetes.kubeconfig = kubeconfig;
+        config.kubernetes.controller = config::ControllerMode::On;
+    }
     if let Some(mode) = dataplane {
         config.dataplane.mode = match mode {
             DataPlaneArg::Auto => config::DataPlaneMode::Auto,

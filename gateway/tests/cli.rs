@@ -117,3 +117,68 @@ fn without_cap_net_admin_it_says_what_is_missing() {
         "{err}"
     );
 }
+
+/// The `key: |` block scalar of a YAML file (the ConfigMaps embed TOML files this way).
+fn yaml_block(yaml: &str, key: &str) -> String {
+    let mut lines = yaml.lines().skip_while(|l| l.trim() != format!("{key}: |"));
+    let header = lines.next().unwrap_or_else(|| panic!("no {key} block"));
+    let outer = header.len() - header.trim_start().len();
+    let mut out = String::new();
+    let mut indent = None;
+    for line in lines {
+        let this = line.len() - line.trim_start().len();
+        if !line.trim().is_empty() && this <= outer {
+            break;
+        }
+        let cut = *indent.get_or_insert(this);
+        out.push_str(line.get(cut..).unwrap_or(""));
+        out.push('\n');
+    }
+    out
+}
+
+#[test]
+fn the_configs_shipped_in_the_manifests_are_valid() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let registry_yaml = std::fs::read_to_string(root.join("deploy/base/configmap.yaml")).unwrap();
+    for manifest in ["deploy/base/configmap.yaml", "kind/manifests/gateway-config.yaml"] {
+        let yaml = std::fs::read_to_string(root.join(manifest)).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        // Point the config's absolute paths (the pod's mounts) into the temporary directory.
+        let config =
+            yaml_block(&yaml, "gateway.toml").replace("/etc/cmxsafe/", &format!("{}/", dir.path().display()));
+        std::fs::create_dir_all(dir.path().join("registry")).unwrap();
+        std::fs::write(
+            dir.path().join("registry/identities.toml"),
+            yaml_block(&registry_yaml, "identities.toml"),
+        )
+        .unwrap();
+        let path = dir.path().join("gateway.toml");
+        std::fs::write(&path, &config).unwrap();
+        let (code, out, err) = gateway(&["check-config", path.to_str().unwrap()]);
+        assert_eq!(code, 0, "{manifest}: {out}{err}\n{config}");
+        assert!(config.contains("[kubernetes]"), "{manifest}: {config}");
+    }
+}
+
+#[test]
+fn a_controller_switched_on_without_its_pod_identity_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gw.toml");
+    std::fs::write(&config, "listen = \"127.0.0.1:0\"\nmanage_local_route = false\n[dataplane]\nmode = \"userspace\"\n[kubernetes]\ncontroller = \"on\"\n").unwrap();
+    std::fs::write(dir.path().join("identities.toml"), "").unwrap();
+    let out = Command::new(gateway_bin())
+        .args(["run", "--config", config.to_str().unwrap()])
+        .env_remove("POD_NAME")
+        .env_remove("POD_NAMESPACE")
+        .env_remove("POD_UID")
+        .env_remove("POD_IP")
+        .output()
+        .expect("run cmx-gateway");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("kubernetes.controller is on but POD_NAMESPACE is not set"),
+        "{err}"
+    );
+}

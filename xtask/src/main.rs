@@ -1,10 +1,12 @@
 //! Developer tasks for cmxsafe, run as `cargo xtask <task>`.
 //!
 //! - `demo`: a local demo with real MQTT traffic through the gateway, in network namespaces.
-//! - `test`: installs what the integration tests need, then runs every test of the workspace.
+//! - `test`: installs what the integration tests need, checks the Kubernetes manifests, starts a
+//!   real API server (envtest) when the machine has one, then runs every test of the workspace.
 //! - `deps`: installs the system packages the demo and tests need (Debian/Ubuntu, as root).
 
 mod deps;
+mod kube;
 #[path = "../../gateway-ebpf/toolchain.rs"]
 mod toolchain;
 
@@ -105,13 +107,18 @@ fn run(task: Task) -> anyhow::Result<()> {
             require_root("the tests create network namespaces")?;
             deps::ensure(deps::ALL)?;
             build_ebpf()?;
+            let root = workspace_root();
+            kube::check_manifests(&root, &target_dir(&root).join("manifests"))?;
+            let envtest = kube::Envtest::up(&root)?;
             // Everything, with the sockmap data plane (the build must embed the eBPF object)...
-            let status = cargo()
-                .args(["test", "--workspace"])
+            let mut all = cargo();
+            all.args(["test", "--workspace"])
                 .args(&args)
-                .env("CMX_EBPF", "require")
-                .status()?;
-            check(status, "cargo test")?;
+                .env("CMX_EBPF", "require");
+            if let Some(e) = &envtest {
+                e.apply(&mut all);
+            }
+            check(all.status()?, "cargo test")?;
             // ...and the gateway's integration tests again with the user-space data plane.
             let status = cargo()
                 .args(["test", "-p", "cmx-gateway", "--tests"])

@@ -430,7 +430,7 @@ pub fn gateway_pin_dir(gw: &Netns) -> PathBuf {
     PathBuf::from("/sys/fs/bpf/cmxsafe-test").join(&gw.name)
 }
 
-fn dataplane_config(gw: &Netns, mode: &str) -> String {
+pub fn dataplane_config(gw: &Netns, mode: &str) -> String {
     format!(
         "[dataplane]\nmode = \"{}\"\npin_dir = \"{}\"\ncgroup = \"{}\"\n",
         mode,
@@ -480,6 +480,11 @@ impl GatewayProc {
     }
 
     pub async fn launch_with(hosts: &Hosts, args: &[&str]) -> GatewayProc {
+        GatewayProc::launch_with_env(hosts, args, &[]).await
+    }
+
+    /// Like `launch_with`, with extra environment variables (e.g. the downward API's POD_*).
+    pub async fn launch_with_env(hosts: &Hosts, args: &[&str], env: &[(&str, &str)]) -> GatewayProc {
         let config = hosts.path("gateway.toml");
         let registry_path = hosts.path("identities.toml");
         let mut child = hosts
@@ -495,6 +500,7 @@ impl GatewayProc {
             ])
             .arg(&config)
             .args(args)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
