@@ -53,6 +53,9 @@ enum Cmd {
         /// Where results.json, table.txt and rtt.svg go.
         #[arg(long, default_value = "benches/results/latest")]
         out: PathBuf,
+        /// Measure only the in-gateway hop (sockmap splice vs loopback TCP), a few minutes.
+        #[arg(long)]
+        hop_only: bool,
     },
     /// Re-render table.txt and rtt.svg from a results.json.
     Render {
@@ -67,6 +70,9 @@ enum Cmd {
         iterations: usize,
         #[arg(long)]
         bulk: u64,
+        /// Pin every thread to one CPU: measures the kernel path without cross-CPU wakeups.
+        #[arg(long)]
+        one_cpu: bool,
     },
 }
 
@@ -302,39 +308,47 @@ async fn hops(s: &Sizes, runs: usize) -> anyhow::Result<Vec<hop::HopResult>> {
     let exe = std::env::current_exe()?;
     let mut out = Vec::new();
     for _ in 0..runs {
-        for mode in ["sockmap", "userspace"] {
-            let hosts = support::Hosts::new();
-            let result = Command::new("nsenter")
-                .arg(format!("--net=/run/netns/{}", hosts.gw.name))
-                .arg("--")
-                .arg(&exe)
-                .args([
-                    "hop",
-                    "--mode",
-                    mode,
-                    "--iterations",
-                    &s.hop_iterations.to_string(),
-                    "--bulk",
-                    &s.hop_bulk.to_string(),
-                ])
-                .output()?;
-            anyhow::ensure!(
-                result.status.success(),
-                "hop {mode}: {}",
-                String::from_utf8_lossy(&result.stderr)
-            );
-            out.push(serde_json::from_slice(&result.stdout).context("hop output")?);
+        for one_cpu in [true, false] {
+            for mode in ["sockmap", "userspace"] {
+                let hosts = support::Hosts::new();
+                let mut cmd = Command::new("nsenter");
+                cmd.arg(format!("--net=/run/netns/{}", hosts.gw.name))
+                    .arg("--")
+                    .arg(&exe)
+                    .args([
+                        "hop",
+                        "--mode",
+                        mode,
+                        "--iterations",
+                        &s.hop_iterations.to_string(),
+                        "--bulk",
+                        &s.hop_bulk.to_string(),
+                    ]);
+                if one_cpu {
+                    cmd.arg("--one-cpu");
+                }
+                let result = cmd.output()?;
+                anyhow::ensure!(
+                    result.status.success(),
+                    "hop {mode}: {}",
+                    String::from_utf8_lossy(&result.stderr)
+                );
+                out.push(serde_json::from_slice(&result.stdout).context("hop output")?);
+            }
         }
     }
     Ok(out)
 }
 
-async fn run(quick: bool, runs: usize, out: PathBuf) -> anyhow::Result<()> {
+async fn run(quick: bool, runs: usize, out: PathBuf, hop_only: bool) -> anyhow::Result<()> {
     support::require_root();
     raise_fd_limit();
     let s = Sizes::new(quick);
     let mut specs = vec![(Kind::Direct, "default")];
-    for c in &s.ciphers {
+    if hop_only {
+        specs.clear();
+    }
+    for c in s.ciphers.iter().filter(|_| !hop_only) {
         specs.extend([
             (Kind::OpenSsh, *c),
             (Kind::CmxUserspace, *c),
@@ -409,18 +423,43 @@ async fn run(quick: bool, runs: usize, out: PathBuf) -> anyhow::Result<()> {
     report.complete().map_err(anyhow::Error::msg)
 }
 
+/// Restricts this process to the CPU it is running on now.
+fn pin_to_one_cpu() -> anyhow::Result<()> {
+    // SAFETY: sched_getcpu has no preconditions; cpu_set_t is plain data, zeroed is empty, and
+    // CPU_SET/sched_setaffinity only touch the set we own.
+    unsafe {
+        let cpu = libc::sched_getcpu();
+        anyhow::ensure!(cpu >= 0, "sched_getcpu: {}", std::io::Error::last_os_error());
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu as usize, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            anyhow::bail!("sched_setaffinity: {}", std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Cmd::Hop { one_cpu: true, .. } = cli.command {
+        // Before the runtime exists, so its worker threads inherit the mask.
+        pin_to_one_cpu()?;
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     match cli.command {
-        Cmd::Run { quick, runs, out } => rt.block_on(async {
+        Cmd::Run {
+            quick,
+            runs,
+            out,
+            hop_only,
+        } => rt.block_on(async {
             // Ctrl-C drops the run: every namespace, process, user and cgroup it made is removed
             // by its owner's Drop.
             tokio::select! {
-                r = run(quick, runs, out) => r,
+                r = run(quick, runs, out, hop_only) => r,
                 _ = tokio::signal::ctrl_c() => {
                     eprintln!("interrupted: cleaning up");
                     anyhow::bail!("interrupted")
@@ -437,8 +476,9 @@ fn main() -> anyhow::Result<()> {
             mode,
             iterations,
             bulk,
+            one_cpu,
         } => {
-            let r = rt.block_on(hop::run(&mode, iterations, bulk))?;
+            let r = rt.block_on(hop::run(&mode, iterations, bulk, one_cpu))?;
             println!("{}", serde_json::to_string(&r)?);
             Ok(())
         }

@@ -215,43 +215,69 @@ impl Report {
         if !self.hop.is_empty() {
             let _ = writeln!(
                 out,
-                "\nthe in-gateway hop alone (ID-sock -> Mir-sock), sockmap splice vs loopback TCP"
+                "\nthe in-gateway hop alone (ID-sock -> Mir-sock): sockmap splice vs loopback TCP \
+                 (\"userspace\"), 64 B RTT with tokio and with blocking endpoints"
             );
-            for mode in ["sockmap", "userspace"] {
-                let rs: Vec<&HopResult> = self.hop.iter().filter(|h| h.mode == mode).collect();
-                let p50 = summarize(&rs.iter().map(|h| h.rtt.p50_us).collect::<Vec<_>>());
-                let p99 = summarize(&rs.iter().map(|h| h.rtt.p99_us).collect::<Vec<_>>());
-                let bulk = summarize(&rs.iter().map(|h| h.bulk_mbps).collect::<Vec<_>>());
-                if let (Some(a), Some(b), Some(c)) = (p50, p99, bulk) {
+            for one_cpu in [true, false] {
+                let placement = if one_cpu { "one CPU" } else { "any CPU" };
+                for mode in ["sockmap", "userspace"] {
+                    let rs: Vec<&HopResult> = self
+                        .hop
+                        .iter()
+                        .filter(|h| h.mode == mode && h.one_cpu == one_cpu)
+                        .collect();
+                    if rs.is_empty() {
+                        continue;
+                    }
+                    let median = |f: &dyn Fn(&HopResult) -> Option<f64>| {
+                        summarize(&rs.iter().filter_map(|h| f(h)).collect::<Vec<_>>())
+                            .map_or_else(|| "-".to_string(), |s| fmt(s.median))
+                    };
                     let _ = writeln!(
                         out,
-                        "{mode:<12} 64B RTT p50 {:>8} µs  p99 {:>8} µs  bulk {:>8} MB/s",
-                        fmt(a.median),
-                        fmt(b.median),
-                        fmt(c.median)
+                        "{placement:<8} {mode:<10} tokio p50 {:>6} µs p99 {:>6} µs | blocking p50 {:>6} µs p99 {:>6} µs | bulk {:>6} MB/s",
+                        median(&|h| Some(h.rtt.p50_us)),
+                        median(&|h| Some(h.rtt.p99_us)),
+                        median(&|h| h.kernel_rtt.as_ref().map(|l| l.p50_us)),
+                        median(&|h| h.kernel_rtt.as_ref().map(|l| l.p99_us)),
+                        median(&|h| Some(h.bulk_mbps)),
                     );
                 }
-            }
-            if let Some(r) = self.hop_ratio() {
-                let _ = writeln!(out, "sockmap p50 / loopback TCP p50 = {r:.2} (goal: <= 0.70)");
+                for (what, r) in [
+                    ("tokio", self.hop_ratio(one_cpu, |h| Some(h.rtt.p50_us))),
+                    (
+                        "blocking",
+                        self.hop_ratio(one_cpu, |h| h.kernel_rtt.as_ref().map(|l| l.p50_us)),
+                    ),
+                ] {
+                    if let Some(r) = r {
+                        let verdict = if r <= 0.70 { "met" } else { "NOT met" };
+                        let _ = writeln!(
+                            out,
+                            "{placement:<8} sockmap p50 / loopback TCP p50, {what} endpoints: {r:.2} (goal <= 0.70: {verdict})"
+                        );
+                    }
+                }
             }
         }
         out.push_str(&self.goals());
         out
     }
 
-    pub fn hop_ratio(&self) -> Option<f64> {
-        let p50 = |m: &str| {
+    /// The sockmap hop's p50 over the loopback one, medians over runs, for one RTT figure and
+    /// one CPU placement.
+    pub fn hop_ratio(&self, one_cpu: bool, p50: impl Fn(&HopResult) -> Option<f64>) -> Option<f64> {
+        let median = |m: &str| {
             summarize(
                 &self
                     .hop
                     .iter()
-                    .filter(|h| h.mode == m)
-                    .map(|h| h.rtt.p50_us)
+                    .filter(|h| h.mode == m && h.one_cpu == one_cpu)
+                    .filter_map(&p50)
                     .collect::<Vec<_>>(),
             )
         };
-        Some(p50("sockmap")?.median / p50("userspace")?.median)
+        Some(median("sockmap")?.median / median("userspace")?.median)
     }
 
     fn goals(&self) -> String {
@@ -336,6 +362,16 @@ impl Report {
                 }
                 if self.summary(&v, key).is_none() {
                     return Err(format!("{v}: no value for {key}"));
+                }
+            }
+        }
+        for mode in ["sockmap", "userspace"] {
+            for one_cpu in [true, false] {
+                let measured = self.hop.iter().any(|h| {
+                    h.mode == mode && h.one_cpu == one_cpu && h.rtt.count > 0 && h.kernel_rtt.is_some()
+                });
+                if !measured {
+                    return Err(format!("hop {mode} (one_cpu: {one_cpu}): no RTT measured"));
                 }
             }
         }
