@@ -120,67 +120,9 @@ impl Report {
             },
             h.runs
         );
-        let _ = write!(out, "{:<30} {:<26}", "variant", "cipher negotiated");
-        for (_, head, _) in COLUMNS {
-            let _ = write!(out, " {head:>16}");
+        if !self.records.is_empty() {
+            self.variant_tables(&mut out);
         }
-        out.push('\n');
-        let negotiated: BTreeMap<&str, &str> = self
-            .records
-            .iter()
-            .map(|r| (r.variant.as_str(), r.negotiated.as_str()))
-            .collect();
-        for v in self.variants() {
-            let _ = write!(
-                out,
-                "{:<30} {:<26}",
-                v,
-                negotiated.get(v.as_str()).copied().unwrap_or("?")
-            );
-            for (key, _, _) in COLUMNS {
-                let cell = match self.summary(&v, key) {
-                    Some(s) if s.median > 0.0 => {
-                        let spread = (s.max - s.min) / s.median * 100.0;
-                        format!("{} ±{spread:.0}%", fmt(s.median))
-                    }
-                    _ => "-".into(),
-                };
-                let _ = write!(out, " {cell:>16}");
-            }
-            out.push('\n');
-        }
-
-        let _ = writeln!(
-            out,
-            "\nratios (median / median): to OpenSSH with the same cipher, and to the direct path"
-        );
-        let _ = write!(out, "{:<30}", "variant");
-        for (_, head, _) in COLUMNS {
-            let _ = write!(out, " {head:>16}");
-        }
-        out.push('\n');
-        for v in self
-            .variants()
-            .into_iter()
-            .filter(|v| v != "direct" && !v.starts_with("openssh"))
-        {
-            for (base, label) in [
-                (self.baseline(&v), "÷ openssh"),
-                (Some("direct".to_string()), "÷ direct"),
-            ] {
-                let Some(base) = base else { continue };
-                let _ = write!(out, "{:<30}", format!("{v} {label}"));
-                for (key, _, _) in COLUMNS {
-                    let cell = self
-                        .ratio(&v, &base, key)
-                        .map(|r| format!("{r:.2}×"))
-                        .unwrap_or_else(|| "-".into());
-                    let _ = write!(out, " {cell:>16}");
-                }
-                out.push('\n');
-            }
-        }
-
         if !self.scale.is_empty() {
             let _ = writeln!(out, "\nidle sessions: gateway memory (all its processes)");
             for s in &self.scale {
@@ -260,8 +202,74 @@ impl Report {
                 }
             }
         }
-        out.push_str(&self.goals());
+        if !self.records.is_empty() {
+            out.push_str(&self.goals());
+        }
         out
+    }
+
+    /// Per-variant medians with spreads, then ratios to OpenSSH and to the direct path.
+    fn variant_tables(&self, out: &mut String) {
+        let _ = write!(out, "{:<30} {:<26}", "variant", "cipher negotiated");
+        for (_, head, _) in COLUMNS {
+            let _ = write!(out, " {head:>16}");
+        }
+        out.push('\n');
+        let negotiated: BTreeMap<&str, &str> = self
+            .records
+            .iter()
+            .map(|r| (r.variant.as_str(), r.negotiated.as_str()))
+            .collect();
+        for v in self.variants() {
+            let _ = write!(
+                out,
+                "{:<30} {:<26}",
+                v,
+                negotiated.get(v.as_str()).copied().unwrap_or("?")
+            );
+            for (key, _, _) in COLUMNS {
+                let cell = match self.summary(&v, key) {
+                    Some(s) if s.median > 0.0 => {
+                        let spread = (s.max - s.min) / s.median * 100.0;
+                        format!("{} ±{spread:.0}%", fmt(s.median))
+                    }
+                    _ => "-".into(),
+                };
+                let _ = write!(out, " {cell:>16}");
+            }
+            out.push('\n');
+        }
+
+        let _ = writeln!(
+            out,
+            "\nratios (median / median): to OpenSSH with the same cipher, and to the direct path"
+        );
+        let _ = write!(out, "{:<30}", "variant");
+        for (_, head, _) in COLUMNS {
+            let _ = write!(out, " {head:>16}");
+        }
+        out.push('\n');
+        for v in self
+            .variants()
+            .into_iter()
+            .filter(|v| v != "direct" && !v.starts_with("openssh"))
+        {
+            for (base, label) in [
+                (self.baseline(&v), "÷ openssh"),
+                (Some("direct".to_string()), "÷ direct"),
+            ] {
+                let Some(base) = base else { continue };
+                let _ = write!(out, "{:<30}", format!("{v} {label}"));
+                for (key, _, _) in COLUMNS {
+                    let cell = self
+                        .ratio(&v, &base, key)
+                        .map(|r| format!("{r:.2}×"))
+                        .unwrap_or_else(|| "-".into());
+                    let _ = write!(out, " {cell:>16}");
+                }
+                out.push('\n');
+            }
+        }
     }
 
     /// The sockmap hop's p50 over the loopback one, medians over runs, for one RTT figure and
