@@ -3,33 +3,89 @@
 //! `reason`) so operators can filter and alert on them.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::events::{ConnId, SessionId};
 
 pub const TARGET: &str = "audit";
 
+/// The decisions the audit log records, counted for the metrics endpoint. Counted where they are
+/// logged, so the log and the counters cannot disagree. Per process: one gateway per process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    AuthAccept,
+    AuthDeny,
+    ConnectionDeny,
+    SessionRequestDeny,
+    ForwardAllow,
+    ForwardDeny,
+    KernelDeny,
+}
+
+impl Decision {
+    pub const ALL: [Decision; 7] = [
+        Decision::AuthAccept,
+        Decision::AuthDeny,
+        Decision::ConnectionDeny,
+        Decision::SessionRequestDeny,
+        Decision::ForwardAllow,
+        Decision::ForwardDeny,
+        Decision::KernelDeny,
+    ];
+
+    /// The audit log's `event` and `decision` fields for this decision.
+    pub fn labels(self) -> (&'static str, &'static str) {
+        match self {
+            Decision::AuthAccept => ("auth", "accept"),
+            Decision::AuthDeny => ("auth", "deny"),
+            Decision::ConnectionDeny => ("connection", "deny"),
+            Decision::SessionRequestDeny => ("session-request", "deny"),
+            Decision::ForwardAllow => ("forward", "allow"),
+            Decision::ForwardDeny => ("forward", "deny"),
+            Decision::KernelDeny => ("kernel-deny", "deny"),
+        }
+    }
+
+    /// How many times this decision was taken since the process started.
+    pub fn count(self) -> u64 {
+        COUNTS[self as usize].load(Ordering::Relaxed)
+    }
+
+    pub fn record(self) {
+        COUNTS[self as usize].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+static COUNTS: [AtomicU64; Decision::ALL.len()] = [const { AtomicU64::new(0) }; Decision::ALL.len()];
+
 pub fn auth_accepted(peer: SocketAddr, identity: &str, method: &str) {
+    Decision::AuthAccept.record();
     tracing::info!(target: TARGET, event = "auth", decision = "accept", %peer, identity, method, "authenticated");
 }
 
 pub fn auth_denied(peer: SocketAddr, user: &str, reason: &str) {
+    Decision::AuthDeny.record();
     tracing::warn!(target: TARGET, event = "auth", decision = "deny", %peer, identity = user, reason, "authentication refused");
 }
 
 pub fn connection_refused(peer: SocketAddr, reason: &str) {
+    Decision::ConnectionDeny.record();
     tracing::warn!(target: TARGET, event = "connection", decision = "deny", %peer, reason, "connection refused");
 }
 
 pub fn session_request_refused(session: SessionId, identity: &str, request: &str) {
+    Decision::SessionRequestDeny.record();
     tracing::warn!(target: TARGET, event = "session-request", decision = "deny", %session, identity, request,
         reason = "the gateway only forwards ports", "session request refused");
 }
 
 pub fn forward_allowed(session: SessionId, identity: &str, request: &str, rule: &str) {
+    Decision::ForwardAllow.record();
     tracing::info!(target: TARGET, event = "forward", decision = "allow", %session, identity, request, rule, "forward allowed");
 }
 
 pub fn forward_denied(session: SessionId, identity: &str, request: &str, reason: &str) {
+    Decision::ForwardDeny.record();
     tracing::warn!(target: TARGET, event = "forward", decision = "deny", %session, identity, request, reason, "forward refused");
 }
 

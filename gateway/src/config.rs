@@ -45,6 +45,7 @@ pub struct Config {
     pub limits: Limits,
     pub ssh: SshSettings,
     pub kubernetes: KubernetesSettings,
+    pub admin: AdminSettings,
     /// Tests only (hidden CLI flag): skip the user-space security-context checks so that the
     /// kernel's are exercised alone. Never set from the file.
     #[serde(skip)]
@@ -74,6 +75,23 @@ impl Default for DataPlaneSettings {
             mode: DataPlaneMode::Auto,
             pin_dir: PathBuf::from("/sys/fs/bpf/cmxsafe"),
             cgroup: PathBuf::new(),
+        }
+    }
+}
+
+/// The admin HTTP endpoint (health, readiness, metrics): see `admin`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminSettings {
+    pub enabled: bool,
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminSettings {
+    fn default() -> Self {
+        AdminSettings {
+            enabled: false,
+            listen: SocketAddr::from(([127, 0, 0, 1], 9180)),
         }
     }
 }
@@ -161,6 +179,7 @@ impl Default for Config {
             limits: Limits::default(),
             ssh: SshSettings::default(),
             kubernetes: KubernetesSettings::default(),
+            admin: AdminSettings::default(),
             insecure_skip_userspace_policy: false,
         }
     }
@@ -289,6 +308,12 @@ impl Config {
             problems.push(format!(
                 "dataplane.cgroup {} must be an absolute path",
                 self.dataplane.cgroup.display()
+            ));
+        }
+        if self.admin.enabled && self.admin.listen == self.listen {
+            problems.push(format!(
+                "admin.listen {} is the SSH listen address too; give the admin endpoint its own port",
+                self.admin.listen
             ));
         }
         if self.reload_interval_secs == 0 {
@@ -447,6 +472,14 @@ mod tests {
             (
                 "[kubernetes]\ncontroller = \"yes\"\n",
                 "gw.toml:2: unknown variant `yes`, expected one of `auto`, `on`, `off`",
+            ),
+            (
+                "listen = \"127.0.0.1:2222\"\n[admin]\nenabled = true\nlisten = \"127.0.0.1:2222\"\n",
+                "gw.toml: admin.listen 127.0.0.1:2222 is the SSH listen address too; give the admin endpoint its own port",
+            ),
+            (
+                "[admin]\nlisten = \"localhost\"\n",
+                "gw.toml:2: invalid socket address syntax",
             ),
             (
                 "[ssh]\nciphers = [\"des\"]\n",

@@ -4,6 +4,8 @@
 
 use std::fmt;
 use std::net::{Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::broadcast;
 
@@ -68,15 +70,61 @@ pub enum GatewayEvent {
     },
 }
 
+/// Running totals of the events emitted, kept by the bus itself so that no event is ever missed
+/// (a slow subscriber may lag; these never do). The metrics endpoint exports them.
+#[derive(Debug, Default)]
+pub struct EventTotals {
+    pub sessions_opened: AtomicU64,
+    pub sessions_closed: AtomicU64,
+    pub forwards_added: AtomicU64,
+    pub forwards_removed: AtomicU64,
+    pub forwards_taken_over: AtomicU64,
+    pub pairs_opened: AtomicU64,
+    pub pairs_closed: AtomicU64,
+    /// Bytes of closed pairs, device -> server.
+    pub bytes_to_target: AtomicU64,
+    /// Bytes of closed pairs, server -> device.
+    pub bytes_from_target: AtomicU64,
+}
+
+impl EventTotals {
+    fn count(&self, event: &GatewayEvent) {
+        let add = |c: &AtomicU64, n: u64| {
+            c.fetch_add(n, Ordering::Relaxed);
+        };
+        match event {
+            GatewayEvent::SessionOpened { .. } => add(&self.sessions_opened, 1),
+            GatewayEvent::SessionClosed { .. } => add(&self.sessions_closed, 1),
+            GatewayEvent::ForwardAdded { .. } => add(&self.forwards_added, 1),
+            GatewayEvent::ForwardRemoved { .. } => add(&self.forwards_removed, 1),
+            GatewayEvent::ForwardTakenOver { .. } => add(&self.forwards_taken_over, 1),
+            GatewayEvent::PairOpened { .. } => add(&self.pairs_opened, 1),
+            GatewayEvent::PairClosed {
+                bytes_to_target,
+                bytes_from_target,
+                ..
+            } => {
+                add(&self.pairs_closed, 1);
+                add(&self.bytes_to_target, *bytes_to_target);
+                add(&self.bytes_from_target, *bytes_from_target);
+            }
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct EventBus {
     tx: broadcast::Sender<GatewayEvent>,
+    totals: Arc<EventTotals>,
 }
 
 impl Default for EventBus {
     fn default() -> Self {
         let (tx, _) = broadcast::channel(CAPACITY);
-        EventBus { tx }
+        EventBus {
+            tx,
+            totals: Arc::default(),
+        }
     }
 }
 
@@ -86,7 +134,12 @@ impl EventBus {
     }
 
     pub fn emit(&self, event: GatewayEvent) {
+        self.totals.count(&event);
         // No subscriber is not an error: events are a side channel.
         let _ = self.tx.send(event);
+    }
+
+    pub fn totals(&self) -> &EventTotals {
+        &self.totals
     }
 }

@@ -13,9 +13,11 @@
 //! - `reload`: hot reload of the registry; `netsetup`: the local route for the prefix.
 //! - `events` and `audit`: the event stream for other components and the audit log.
 //! - `controller`: the Kubernetes controller for the per-server Services.
+//! - `admin` and `metrics`: the HTTP health, readiness and Prometheus endpoint.
 //!
 //! `main.rs` only parses arguments and calls [`run`].
 
+pub mod admin;
 pub mod audit;
 pub mod auth;
 pub mod config;
@@ -29,6 +31,7 @@ pub mod hostkey;
 pub mod identity;
 pub mod killswitch;
 pub mod logging;
+pub mod metrics;
 pub mod netsetup;
 pub mod policy;
 pub mod relay;
@@ -66,6 +69,12 @@ pub enum RunError {
     Pod(#[from] controller::pod::PodError),
     #[error("dataplane.mode = \"sockmap\", but the sockmap data plane cannot start: {0}")]
     DataPlane(String),
+    #[error("cannot listen for the admin endpoint (admin.listen) on {addr}: {source}")]
+    AdminBind {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot listen for SSH on {addr}: {source}")]
     Bind {
         addr: std::net::SocketAddr,
@@ -119,6 +128,16 @@ pub async fn serve(
         None
     };
 
+    let admin = if config.admin.enabled {
+        let addr = config.admin.listen;
+        Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| RunError::AdminBind { addr, source })?,
+        )
+    } else {
+        None
+    };
     let dataplane = select_dataplane(&config)?;
     if let Err(e) = dataplane.sync_policy(&registry) {
         tracing::error!(error = %e, "cannot fill the kernel policy maps");
@@ -143,6 +162,11 @@ pub async fn serve(
         );
     }
     gw.dataplane.clone().start(gw.clone());
+    let admin = admin.map(|listener| {
+        let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        tracing::info!(admin = %addr, "admin endpoint listening on {addr}: /healthz /readyz /metrics");
+        tokio::spawn(admin::serve(gw.clone(), listener))
+    });
     let controller = kubernetes.map(|settings| {
         let k = &gw.config.kubernetes;
         let kubeconfig = (!k.kubeconfig.as_os_str().is_empty()).then(|| k.kubeconfig.clone());
@@ -166,6 +190,10 @@ pub async fn serve(
     if let Some(task) = controller {
         // It hands this pod's Services back (bounded): the servers' next replica claims them.
         let _ = task.await;
+    }
+    if let Some(task) = admin {
+        // Served /readyz = 503 through the drain; gone with the process.
+        task.abort();
     }
     gw.dataplane.shutdown();
     if let Some(route) = route {

@@ -447,12 +447,33 @@ fn the_service_account_may_do_exactly_what_the_controller_does() {
     }
 }
 
+/// `dir`'s kustomization rendered, minus the MetalLB custom resources (their CRDs are not
+/// installed here), in a file for `kubectl apply -f`; the namespaces it uses exist.
+fn rendered_for_dry_run(kubeconfig: &Path, dir: &str) -> (tempfile::TempDir, PathBuf) {
+    ensure_deployed(kubeconfig);
+    let rendered = kubectl_ok(
+        kubeconfig,
+        &["kustomize", repo_root().join(dir).to_str().unwrap()],
+    );
+    let docs: Vec<&str> = rendered
+        .split("\n---\n")
+        .filter(|d| !d.contains("apiVersion: metallb.io/"))
+        .collect();
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("rendered.yaml");
+    std::fs::write(&file, docs.join("\n---\n")).unwrap();
+    // A dry run does not create namespaces.
+    for ns in ["external-dns", "cmxsafe-dns"] {
+        let _ = kubectl(kubeconfig, &["create", "namespace", ns]);
+    }
+    (tmp, file)
+}
+
 #[test]
 fn every_manifest_is_admitted_by_the_api_server() {
     let Some(kubeconfig) = envtest() else { return };
     ensure_deployed(&kubeconfig);
-    // deploy/base went in for real above; the kind demo's manifests (all but the MetalLB and
-    // ExternalDNS custom resources, whose CRDs are not installed here) go in as a server dry run.
+    // deploy/base went in for real above; the kind demo's manifests go in as a server dry run.
     let root = repo_root();
     let out = kubectl_ok(
         &kubeconfig,
@@ -464,21 +485,7 @@ fn every_manifest_is_admitted_by_the_api_server() {
         ],
     );
     assert!(out.contains("daemonset.apps/cmxsafe-gateway"), "{out}");
-    let rendered = kubectl_ok(
-        &kubeconfig,
-        &["kustomize", root.join("kind/manifests").to_str().unwrap()],
-    );
-    let docs: Vec<&str> = rendered
-        .split("\n---\n")
-        .filter(|d| !d.contains("apiVersion: metallb.io/"))
-        .collect();
-    assert!(docs.len() > 5, "kind manifests rendered: {rendered}");
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("kind.yaml");
-    std::fs::write(&file, docs.join("\n---\n")).unwrap();
-    // Namespaces first (a dry run does not create them), then everything.
-    let _ = kubectl(&kubeconfig, &["create", "namespace", "external-dns"]);
-    let _ = kubectl(&kubeconfig, &["create", "namespace", "cmxsafe-dns"]);
+    let (_tmp, file) = rendered_for_dry_run(&kubeconfig, "kind/manifests");
     let out = kubectl_ok(
         &kubeconfig,
         &["apply", "--dry-run=server", "-f", file.to_str().unwrap()],
@@ -489,6 +496,65 @@ fn every_manifest_is_admitted_by_the_api_server() {
         "deployment.apps/bind",
     ] {
         assert!(out.contains(object), "{object} not applied: {out}");
+    }
+}
+
+/// The gateway.toml each deployment ships is one the gateway accepts, and it serves what the
+/// DaemonSet expects of it: SSH on the `ssh` port, the admin endpoint (the probes) on `admin`.
+#[test]
+fn shipped_gateway_configs_are_valid_and_serve_the_daemonsets_ports_and_probes() {
+    let Some(kubeconfig) = envtest() else { return };
+    for dir in ["deploy/base", "kind/manifests"] {
+        let (_tmp, file) = rendered_for_dry_run(&kubeconfig, dir);
+        let out = kubectl_ok(
+            &kubeconfig,
+            &[
+                "apply",
+                "--dry-run=server",
+                "-o",
+                "json",
+                "-f",
+                file.to_str().unwrap(),
+            ],
+        );
+        let list: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let object = |kind: &str, name: &str| {
+            list["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+                .unwrap_or_else(|| panic!("{dir}: no {kind} {name}"))
+                .clone()
+        };
+        let toml = object("ConfigMap", "cmxsafe-gateway")["data"]["gateway.toml"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let config = cmx_gateway::config::Config::parse(&toml, Path::new("gateway.toml"))
+            .unwrap_or_else(|e| panic!("{dir}: {e}"));
+        let ds = object("DaemonSet", "cmxsafe-gateway");
+        let container = &ds["spec"]["template"]["spec"]["containers"][0];
+        let port = |name: &str| {
+            container["ports"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|p| p["name"] == name)
+                .and_then(|p| p["containerPort"].as_u64())
+                .unwrap_or_else(|| panic!("{dir}: no container port {name}"))
+        };
+        assert_eq!(u64::from(config.listen.port()), port("ssh"), "{dir}");
+        assert!(config.admin.enabled, "{dir}: the probes need [admin] enabled");
+        assert!(
+            config.admin.listen.ip().is_unspecified(),
+            "{dir}: the kubelet probes the pod IP, so admin.listen must not be loopback"
+        );
+        assert_eq!(u64::from(config.admin.listen.port()), port("admin"), "{dir}");
+        for (probe, path) in [("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")] {
+            assert_eq!(container[probe]["httpGet"]["path"], path, "{dir}: {probe}");
+            assert_eq!(container[probe]["httpGet"]["port"], "admin", "{dir}: {probe}");
+        }
     }
 }
 

@@ -378,6 +378,7 @@ fn log_denial(registry: &Registry, d: &Denial) {
     // `src` is the identity acting (the socket's tag or bound address), `dst` where to.
     let identity = name(&src);
     let address = format!("[{dst}]:{}", d.port);
+    crate::audit::Decision::KernelDeny.record();
     tracing::warn!(
         target: crate::audit::TARGET,
         event = "kernel-deny",

@@ -93,6 +93,15 @@ impl MirrorTable {
             .collect()
     }
 
+    /// Published forwards (open Mir-socks).
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
     /// Removes a forward if `session` owns it. Returns whether it did.
     pub fn cancel(&self, key: &ForwardKey, session: SessionId) -> bool {
         let mut map = self.lock();

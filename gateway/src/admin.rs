@@ -1,0 +1,222 @@
+//! The admin endpoint: plain HTTP for the node's kubelet and the cluster's Prometheus, off by
+//! default (`[admin]` in the configuration).
+//!
+//! - `GET /healthz`: 200 while the process serves requests (liveness).
+//! - `GET /readyz`: 200 while the gateway accepts SSH connections, 503 once it is shutting down,
+//!   so a load balancer stops sending agents here before their sessions are closed.
+//! - `GET /metrics`: Prometheus text format (see `metrics`).
+//!
+//! It carries no secrets and changes nothing; still, bind it to a cluster-internal address and
+//! let the NetworkPolicy keep it off the public side (deploy/ does both).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use crate::gateway::Gateway;
+
+/// Admin connections served at once; more are closed at once (scrapers and probes need few).
+const MAX_CONNECTIONS: usize = 32;
+/// A client must send its request head within this time.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// And be done with its connection within this time.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+
+const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// The response to `method path`.
+pub fn respond(gw: &Gateway, method: &Method, path: &str) -> Response<Full<Bytes>> {
+    let reply = |status: StatusCode, content_type: &str, body: String| {
+        let mut r = Response::new(Full::new(Bytes::from(body)));
+        *r.status_mut() = status;
+        if let Ok(v) = header::HeaderValue::from_str(content_type) {
+            r.headers_mut().insert(header::CONTENT_TYPE, v);
+        }
+        r
+    };
+    let text = "text/plain; charset=utf-8";
+    if method != Method::GET && method != Method::HEAD {
+        let mut r = reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            text,
+            format!("{method} is not supported here; use GET\n"),
+        );
+        r.headers_mut()
+            .insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
+        return r;
+    }
+    match path {
+        "/healthz" => reply(StatusCode::OK, text, "ok\n".into()),
+        "/readyz" if gw.shutdown.is_cancelled() => {
+            reply(StatusCode::SERVICE_UNAVAILABLE, text, "shutting down\n".into())
+        }
+        "/readyz" => reply(StatusCode::OK, text, "ready\n".into()),
+        "/metrics" => reply(StatusCode::OK, PROMETHEUS_TEXT, crate::metrics::render(gw)),
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            text,
+            format!("no {path} here; try /healthz, /readyz or /metrics\n"),
+        ),
+    }
+}
+
+/// Serves the admin endpoint on `listener` until the task is aborted.
+pub async fn serve(gw: Arc<Gateway>, listener: TcpListener) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed on the admin endpoint");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, max = MAX_CONNECTIONS, "admin endpoint busy; connection closed");
+            continue;
+        };
+        let gw = gw.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                let response = respond(&gw, req.method(), req.uri().path());
+                async move { Ok::<_, Infallible>(response) }
+            });
+            let connection = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
+            match tokio::time::timeout(CONNECTION_TIMEOUT, connection).await {
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "admin connection failed"),
+                Err(_) => tracing::debug!(%peer, "admin connection timed out"),
+                Ok(Ok(())) => {}
+            }
+            drop(slot);
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use http_body_util::BodyExt;
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+    use crate::config::Config;
+    use crate::dataplane::UserspaceDataPlane;
+    use crate::events::{EventBus, GatewayEvent};
+    use crate::identity::Registry;
+
+    fn gateway() -> Arc<Gateway> {
+        let config = Config::default();
+        let registry = Registry::parse(
+            "",
+            Path::new("identities.toml"),
+            crate::reload::registry_context(&config),
+        )
+        .unwrap();
+        Gateway::new(
+            config,
+            registry,
+            Arc::new(UserspaceDataPlane::new("test")),
+            EventBus::default(),
+            CancellationToken::new(),
+        )
+    }
+
+    async fn get(gw: &Gateway, method: Method, path: &str) -> (StatusCode, String, String) {
+        let r = respond(gw, &method, path);
+        let content_type = r
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default();
+        let status = r.status();
+        let body = r.into_body().collect().await.unwrap().to_bytes();
+        (status, content_type, String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn health_and_readiness_follow_shutdown() {
+        let gw = gateway();
+        assert_eq!(get(&gw, Method::GET, "/healthz").await.0, StatusCode::OK);
+        assert_eq!(get(&gw, Method::GET, "/readyz").await.0, StatusCode::OK);
+        gw.shutdown.cancel();
+        let (status, _, body) = get(&gw, Method::GET, "/readyz").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body, "shutting down\n");
+        assert_eq!(
+            get(&gw, Method::GET, "/healthz").await.0,
+            StatusCode::OK,
+            "a draining gateway is still alive: the kubelet must not restart it"
+        );
+        assert!(
+            get(&gw, Method::GET, "/metrics")
+                .await
+                .2
+                .contains("\ncmxsafe_ready 0\n")
+        );
+    }
+
+    #[tokio::test]
+    async fn metrics_count_pairs_and_bytes_from_events() {
+        let gw = gateway();
+        let (status, content_type, body) = get(&gw, Method::GET, "/metrics").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(content_type, PROMETHEUS_TEXT);
+        for line in [
+            "cmxsafe_dataplane_info{mode=\"userspace\"} 1",
+            "cmxsafe_ready 1",
+            "cmxsafe_identities 0",
+            "cmxsafe_sessions 0",
+            "cmxsafe_pairs 0",
+            "cmxsafe_audit_decisions_total{event=\"forward\",decision=\"deny\"}",
+        ] {
+            assert!(body.contains(line), "{line:?} missing from:\n{body}");
+        }
+        for conn_id in [1, 2] {
+            gw.events.emit(GatewayEvent::PairOpened {
+                conn_id,
+                device: "dev1".into(),
+                target: "srv1:1883".into(),
+            });
+        }
+        gw.events.emit(GatewayEvent::PairClosed {
+            conn_id: 1,
+            device: "dev1".into(),
+            bytes_to_target: 100,
+            bytes_from_target: 7,
+        });
+        let body = get(&gw, Method::GET, "/metrics").await.2;
+        for line in [
+            "\ncmxsafe_pairs 1\n",
+            "\ncmxsafe_pairs_opened_total 2\n",
+            "\ncmxsafe_pair_bytes_total{direction=\"to_target\"} 100\n",
+            "\ncmxsafe_pair_bytes_total{direction=\"from_target\"} 7\n",
+        ] {
+            assert!(body.contains(line), "{line:?} missing from:\n{body}");
+        }
+    }
+
+    #[tokio::test]
+    async fn unknown_paths_and_methods_are_refused_with_a_hint() {
+        let gw = gateway();
+        let (status, _, body) = get(&gw, Method::GET, "/debug").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert!(body.contains("/healthz, /readyz or /metrics"), "{body}");
+        let r = respond(&gw, &Method::POST, "/metrics");
+        assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(r.headers()[header::ALLOW], "GET, HEAD");
+    }
+}

@@ -1,0 +1,191 @@
+//! The gateway's state and totals in the Prometheus text exposition format (version 0.0.4),
+//! served at `/metrics` by the admin endpoint. Everything here is read from the one place that
+//! owns it: live tables (sessions, forwards, registry), the event bus's totals, the audit log's
+//! decision counters and the data plane's own view of its kernel maps.
+
+use std::fmt::Write;
+use std::sync::atomic::Ordering;
+
+use crate::audit::Decision;
+use crate::gateway::Gateway;
+
+/// One metric family: its name, type, help text and samples (labels, value).
+struct Family<'a> {
+    name: &'a str,
+    kind: &'a str,
+    help: &'a str,
+    samples: Vec<(String, u64)>,
+}
+
+impl Family<'_> {
+    fn write(&self, out: &mut String) {
+        let _ = writeln!(out, "# HELP {} {}", self.name, self.help);
+        let _ = writeln!(out, "# TYPE {} {}", self.name, self.kind);
+        for (labels, value) in &self.samples {
+            let _ = writeln!(out, "{}{labels} {value}", self.name);
+        }
+    }
+}
+
+/// `{k="v",...}` with values escaped as the exposition format requires.
+fn labels(pairs: &[(&str, &str)]) -> String {
+    if pairs.is_empty() {
+        return String::new();
+    }
+    let body: Vec<String> = pairs
+        .iter()
+        .map(|(k, v)| {
+            let v = v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
+            format!("{k}=\"{v}\"")
+        })
+        .collect();
+    format!("{{{}}}", body.join(","))
+}
+
+fn one(value: u64) -> Vec<(String, u64)> {
+    vec![(String::new(), value)]
+}
+
+/// Renders every metric of `gw` now.
+pub fn render(gw: &Gateway) -> String {
+    let totals = gw.events.totals();
+    let total = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    let opened = total(&totals.pairs_opened);
+    let closed = total(&totals.pairs_closed);
+    let families = [
+        Family {
+            name: "cmxsafe_build_info",
+            kind: "gauge",
+            help: "The running cmx-gateway version (always 1).",
+            samples: vec![(labels(&[("version", env!("CARGO_PKG_VERSION"))]), 1)],
+        },
+        Family {
+            name: "cmxsafe_dataplane_info",
+            kind: "gauge",
+            help: "The active data plane (always 1): sockmap or userspace.",
+            samples: vec![(labels(&[("mode", gw.dataplane.name())]), 1)],
+        },
+        Family {
+            name: "cmxsafe_ready",
+            kind: "gauge",
+            help: "1 while the gateway accepts SSH connections, 0 once it is shutting down.",
+            samples: one(u64::from(!gw.shutdown.is_cancelled())),
+        },
+        Family {
+            name: "cmxsafe_identities",
+            kind: "gauge",
+            help: "Identities in the current registry.",
+            samples: one(gw.registry().len() as u64),
+        },
+        Family {
+            name: "cmxsafe_sessions",
+            kind: "gauge",
+            help: "Authenticated SSH sessions now.",
+            samples: one(gw.sessions.len() as u64),
+        },
+        Family {
+            name: "cmxsafe_sessions_opened_total",
+            kind: "counter",
+            help: "Authenticated SSH sessions since start.",
+            samples: one(total(&totals.sessions_opened)),
+        },
+        Family {
+            name: "cmxsafe_forwards",
+            kind: "gauge",
+            help: "Published reverse forwards (Mir-socks) now.",
+            samples: one(gw.mirrors.len() as u64),
+        },
+        Family {
+            name: "cmxsafe_forward_takeovers_total",
+            kind: "counter",
+            help: "Reverse forwards taken over by a newer session of the same identity.",
+            samples: one(total(&totals.forwards_taken_over)),
+        },
+        Family {
+            name: "cmxsafe_pairs",
+            kind: "gauge",
+            help: "Forwarding pairs (ID-sock + Mir-sock) open now.",
+            samples: one(opened.saturating_sub(closed)),
+        },
+        Family {
+            name: "cmxsafe_pairs_opened_total",
+            kind: "counter",
+            help: "Forwarding pairs opened since start.",
+            samples: one(opened),
+        },
+        Family {
+            name: "cmxsafe_pair_bytes_total",
+            kind: "counter",
+            help: "Bytes carried by forwarding pairs, counted when a pair closes.",
+            samples: vec![
+                (
+                    labels(&[("direction", "to_target")]),
+                    total(&totals.bytes_to_target),
+                ),
+                (
+                    labels(&[("direction", "from_target")]),
+                    total(&totals.bytes_from_target),
+                ),
+            ],
+        },
+        Family {
+            name: "cmxsafe_audit_decisions_total",
+            kind: "counter",
+            help: "Security decisions written to the audit log, by event and decision.",
+            samples: Decision::ALL
+                .iter()
+                .map(|d| {
+                    let (event, decision) = d.labels();
+                    (labels(&[("event", event), ("decision", decision)]), d.count())
+                })
+                .collect(),
+        },
+        Family {
+            name: "cmxsafe_dataplane_map_entries",
+            kind: "gauge",
+            help: "Entries in each eBPF map of the sockmap data plane.",
+            samples: gw
+                .dataplane
+                .occupancy()
+                .entries
+                .iter()
+                .map(|(map, n)| (labels(&[("map", map)]), *n as u64))
+                .collect(),
+        },
+    ];
+    let mut out = String::new();
+    for f in &families {
+        f.write(&mut out);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(labels(&[]), "");
+        assert_eq!(
+            labels(&[("a", "x\"y\\z\nw"), ("b", "c")]),
+            r#"{a="x\"y\\z\nw",b="c"}"#
+        );
+    }
+
+    #[test]
+    fn a_family_has_help_type_and_samples() {
+        let mut out = String::new();
+        Family {
+            name: "cmxsafe_x_total",
+            kind: "counter",
+            help: "X.",
+            samples: vec![(labels(&[("k", "v")]), 3), (String::new(), 4)],
+        }
+        .write(&mut out);
+        assert_eq!(
+            out,
+            "# HELP cmxsafe_x_total X.\n# TYPE cmxsafe_x_total counter\ncmxsafe_x_total{k=\"v\"} 3\ncmxsafe_x_total 4\n"
+        );
+    }
+}
