@@ -11,7 +11,7 @@
 //!   the patched russh in third_party/: unpatched, a locally closed channel leaks its receiver.)
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use bytes::BytesMut;
 use russh::{Channel, ChannelId, ChannelMsg, ChannelReadHalf, ChannelWriteHalf};
@@ -93,12 +93,14 @@ async fn tcp_to_channel<S: ChannelSide>(
     tx: Arc<ChannelWriteHalf<S>>,
     counters: Arc<Counters>,
     credit: Option<Arc<Semaphore>>,
+    local_eof: Arc<AtomicBool>,
 ) -> UpEnd {
     let mut buf = BytesMut::with_capacity(CHUNK);
     loop {
         buf.reserve(CHUNK);
         match tcp.read_buf(&mut buf).await {
             Ok(0) => {
+                local_eof.store(true, Ordering::Release);
                 return match tx.eof().await {
                     Ok(()) => UpEnd::Eof,
                     Err(_) => UpEnd::ChannelGone,
@@ -181,12 +183,16 @@ pub async fn relay<S: ChannelSide>(
     let (mut rx, tx) = channel.split();
     let tx = Arc::new(tx);
     let (tcp_r, mut tcp_w) = stream.into_split();
+    // Set once the local side has finished sending (before our EOF goes out), so that a peer
+    // closing right after our EOF is told apart from one closing mid-stream.
+    let local_eof = Arc::new(AtomicBool::new(false));
 
     let up = tokio::spawn(tcp_to_channel(
         tcp_r,
         tx.clone(),
         counters.clone(),
         flow.map(|f| f.read_credit),
+        local_eof.clone(),
     ));
     let abort_up = up.abort_handle();
     let mut up = std::pin::pin!(up);
@@ -232,10 +238,15 @@ pub async fn relay<S: ChannelSide>(
             let up_end = match up_end {
                 Some(e) => e,
                 None => tokio::select! {
+                    biased;
                     r = &mut up => r.unwrap_or(UpEnd::ChannelGone),
-                    // The peer may close without waiting for our EOF.
+                    // The peer may close without waiting for our EOF; if ours was already on
+                    // its way (OpenSSH closes as soon as it has it), both sides did finish.
                     _ = peer_close(&mut rx) => {
                         abort_up.abort();
+                        if local_eof.load(Ordering::Acquire) {
+                            return RelayEnd::Done;
+                        }
                         return RelayEnd::ChannelClosed;
                     }
                 },
