@@ -18,7 +18,7 @@ use std::net::Ipv6Addr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use aya::maps::{Array, HashMap, MapData, PerCpuHashMap, RingBuf, SockHash};
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuHashMap, RingBuf, SockHash};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, SkMsg, SockOps};
 use aya::{Ebpf, EbpfLoader, Pod};
 use cmx_ebpf_common::{self as abi, Denial, ListenKey, OpenKey, PairKey, PrefixConfig, Tag};
@@ -69,7 +69,8 @@ pub struct SockmapDataPlane {
     open: Mutex<HashMap<MapData, OpenKey, u8>>,
     listen: Mutex<HashMap<MapData, ListenKey, u8>>,
     prefix: Mutex<Array<MapData, PrefixConfig>>,
-    socks: Mutex<SockHash<MapData, PairKey>>,
+    /// The SOCKHASH the sk_msg program is attached to: held open for the gateway's lifetime.
+    _socks: SockHash<MapData, PairKey>,
     denials: Mutex<Option<RingBuf<MapData>>>,
     logger: Mutex<Option<aya_log::EbpfLogger<&'static dyn log::Log>>>,
 }
@@ -85,6 +86,21 @@ where
 }
 
 impl SockmapDataPlane {
+    /// A second handle on the pinned map `name`. Counting a map's entries walks its keys, a
+    /// syscall each; on this handle it never holds the locks that `tag` and `pair_closed` take for
+    /// every connection (a metrics scrape must not stall new pairs).
+    fn pinned<M: TryFrom<Map>>(&self, name: &str, variant: fn(MapData) -> Map) -> Option<M>
+    where
+        M::Error: std::fmt::Display,
+    {
+        let path = self.settings.pin_dir.join(name);
+        let map = MapData::from_pin(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|data| M::try_from(variant(data)).map_err(|e| e.to_string()));
+        map.map_err(|e| tracing::debug!(map = name, error = %e, "cannot open the pinned map to count it"))
+            .ok()
+    }
+
     /// Loads and attaches everything. On error nothing stays attached, and the reason says
     /// what was missing (rights, kernel features, the object).
     pub fn load(settings: SockmapSettings) -> Result<SockmapDataPlane, String> {
@@ -165,7 +181,7 @@ impl SockmapDataPlane {
                 listen: Mutex::new(take(&mut ebpf, abi::maps::LISTEN)?),
                 prefix: Mutex::new(take(&mut ebpf, abi::maps::PREFIX)?),
                 denials: Mutex::new(Some(take(&mut ebpf, abi::maps::DENIALS)?)),
-                socks: Mutex::new(socks),
+                _socks: socks,
                 logger: Mutex::new(logger),
                 ebpf: Mutex::new(Some(ebpf)),
                 cgroup: Mutex::new(None),
@@ -286,14 +302,23 @@ impl DataPlane for SockmapDataPlane {
     }
 
     fn occupancy(&self) -> Occupancy {
+        let tags = self.pinned::<HashMap<MapData, u64, Tag>>(abi::maps::TAGS, Map::HashMap);
+        let socks = self.pinned::<SockHash<MapData, PairKey>>(abi::maps::SOCKS, Map::SockHash);
+        let bytes = self.pinned::<PerCpuHashMap<MapData, PairKey, u64>>(abi::maps::BYTES, Map::PerCpuHashMap);
+        let open = self.pinned::<HashMap<MapData, OpenKey, u8>>(abi::maps::OPEN, Map::HashMap);
+        let listen = self.pinned::<HashMap<MapData, ListenKey, u8>>(abi::maps::LISTEN, Map::HashMap);
+        let entries = [
+            (abi::maps::TAGS, tags.map(|m| m.keys().count())),
+            (abi::maps::SOCKS, socks.map(|m| m.keys().count())),
+            (abi::maps::BYTES, bytes.map(|m| m.keys().count())),
+            (abi::maps::OPEN, open.map(|m| m.keys().count())),
+            (abi::maps::LISTEN, listen.map(|m| m.keys().count())),
+        ];
         Occupancy {
-            entries: vec![
-                (abi::maps::TAGS, lock(&self.tags).keys().count()),
-                (abi::maps::SOCKS, lock(&self.socks).keys().count()),
-                (abi::maps::BYTES, lock(&self.bytes).keys().count()),
-                (abi::maps::OPEN, lock(&self.open).keys().count()),
-                (abi::maps::LISTEN, lock(&self.listen).keys().count()),
-            ],
+            entries: entries
+                .into_iter()
+                .filter_map(|(name, n)| Some((name, n?)))
+                .collect(),
         }
     }
 
