@@ -344,17 +344,17 @@ async fn run(quick: bool, runs: usize, out: PathBuf, hop_only: bool) -> anyhow::
     support::require_root();
     raise_fd_limit();
     let s = Sizes::new(quick);
-    let mut specs = vec![(Kind::Direct, "default")];
-    if hop_only {
-        specs.clear();
-    }
-    for c in s.ciphers.iter().filter(|_| !hop_only) {
-        specs.extend([
-            (Kind::OpenSsh, *c),
-            (Kind::CmxUserspace, *c),
-            (Kind::CmxSockmap, *c),
-            (Kind::CmxAgent, *c),
-        ]);
+    let mut specs = Vec::new();
+    if !hop_only {
+        specs.push((Kind::Direct, "default"));
+        for c in &s.ciphers {
+            specs.extend([
+                (Kind::OpenSsh, *c),
+                (Kind::CmxUserspace, *c),
+                (Kind::CmxSockmap, *c),
+                (Kind::CmxAgent, *c),
+            ]);
+        }
     }
     eprintln!("setting up {} variants", specs.len());
     let mut vs = Vec::new();

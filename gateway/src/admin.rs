@@ -35,12 +35,13 @@ const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// The response to `method path`.
 pub fn respond(gw: &Gateway, method: &Method, path: &str) -> Response<Full<Bytes>> {
-    let reply = |status: StatusCode, content_type: &str, body: String| {
+    let reply = |status: StatusCode, content_type: &'static str, body: String| {
         let mut r = Response::new(Full::new(Bytes::from(body)));
         *r.status_mut() = status;
-        if let Ok(v) = header::HeaderValue::from_str(content_type) {
-            r.headers_mut().insert(header::CONTENT_TYPE, v);
-        }
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static(content_type),
+        );
         r
     };
     let text = "text/plain; charset=utf-8";

@@ -51,42 +51,45 @@ impl Decision {
         COUNTS[self as usize].load(Ordering::Relaxed)
     }
 
-    pub fn record(self) {
+    /// Counts this decision; returns its `event` and `decision` fields for the log line, so
+    /// the line and the counter are named in one place.
+    pub fn record(self) -> (&'static str, &'static str) {
         COUNTS[self as usize].fetch_add(1, Ordering::Relaxed);
+        self.labels()
     }
 }
 
 static COUNTS: [AtomicU64; Decision::ALL.len()] = [const { AtomicU64::new(0) }; Decision::ALL.len()];
 
 pub fn auth_accepted(peer: SocketAddr, identity: &str, method: &str) {
-    Decision::AuthAccept.record();
-    tracing::info!(target: TARGET, event = "auth", decision = "accept", %peer, identity, method, "authenticated");
+    let (event, decision) = Decision::AuthAccept.record();
+    tracing::info!(target: TARGET, event, decision, %peer, identity, method, "authenticated");
 }
 
 pub fn auth_denied(peer: SocketAddr, user: &str, reason: &str) {
-    Decision::AuthDeny.record();
-    tracing::warn!(target: TARGET, event = "auth", decision = "deny", %peer, identity = user, reason, "authentication refused");
+    let (event, decision) = Decision::AuthDeny.record();
+    tracing::warn!(target: TARGET, event, decision, %peer, identity = user, reason, "authentication refused");
 }
 
 pub fn connection_refused(peer: SocketAddr, reason: &str) {
-    Decision::ConnectionDeny.record();
-    tracing::warn!(target: TARGET, event = "connection", decision = "deny", %peer, reason, "connection refused");
+    let (event, decision) = Decision::ConnectionDeny.record();
+    tracing::warn!(target: TARGET, event, decision, %peer, reason, "connection refused");
 }
 
 pub fn session_request_refused(session: SessionId, identity: &str, request: &str) {
-    Decision::SessionRequestDeny.record();
-    tracing::warn!(target: TARGET, event = "session-request", decision = "deny", %session, identity, request,
+    let (event, decision) = Decision::SessionRequestDeny.record();
+    tracing::warn!(target: TARGET, event, decision, %session, identity, request,
         reason = "the gateway only forwards ports", "session request refused");
 }
 
 pub fn forward_allowed(session: SessionId, identity: &str, request: &str, rule: &str) {
-    Decision::ForwardAllow.record();
-    tracing::info!(target: TARGET, event = "forward", decision = "allow", %session, identity, request, rule, "forward allowed");
+    let (event, decision) = Decision::ForwardAllow.record();
+    tracing::info!(target: TARGET, event, decision, %session, identity, request, rule, "forward allowed");
 }
 
 pub fn forward_denied(session: SessionId, identity: &str, request: &str, reason: &str) {
-    Decision::ForwardDeny.record();
-    tracing::warn!(target: TARGET, event = "forward", decision = "deny", %session, identity, request, reason, "forward refused");
+    let (event, decision) = Decision::ForwardDeny.record();
+    tracing::warn!(target: TARGET, event, decision, %session, identity, request, reason, "forward refused");
 }
 
 pub fn forward_removed(session: SessionId, identity: &str, request: &str, reason: &str) {

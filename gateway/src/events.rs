@@ -71,13 +71,11 @@ pub enum GatewayEvent {
 }
 
 /// Running totals of the events emitted, kept by the bus itself so that no event is ever missed
-/// (a slow subscriber may lag; these never do). The metrics endpoint exports them.
+/// (a slow subscriber may lag; these never do). The metrics endpoint exports them; what it shows
+/// as "now" (sessions, forwards) comes from the live tables instead.
 #[derive(Debug, Default)]
 pub struct EventTotals {
     pub sessions_opened: AtomicU64,
-    pub sessions_closed: AtomicU64,
-    pub forwards_added: AtomicU64,
-    pub forwards_removed: AtomicU64,
     pub forwards_taken_over: AtomicU64,
     pub pairs_opened: AtomicU64,
     pub pairs_closed: AtomicU64,
@@ -94,9 +92,6 @@ impl EventTotals {
         };
         match event {
             GatewayEvent::SessionOpened { .. } => add(&self.sessions_opened, 1),
-            GatewayEvent::SessionClosed { .. } => add(&self.sessions_closed, 1),
-            GatewayEvent::ForwardAdded { .. } => add(&self.forwards_added, 1),
-            GatewayEvent::ForwardRemoved { .. } => add(&self.forwards_removed, 1),
             GatewayEvent::ForwardTakenOver { .. } => add(&self.forwards_taken_over, 1),
             GatewayEvent::PairOpened { .. } => add(&self.pairs_opened, 1),
             GatewayEvent::PairClosed {
@@ -108,6 +103,9 @@ impl EventTotals {
                 add(&self.bytes_to_target, *bytes_to_target);
                 add(&self.bytes_from_target, *bytes_from_target);
             }
+            GatewayEvent::SessionClosed { .. }
+            | GatewayEvent::ForwardAdded { .. }
+            | GatewayEvent::ForwardRemoved { .. } => {}
         }
     }
 }

@@ -17,7 +17,23 @@ struct Family<'a> {
     samples: Vec<(String, u64)>,
 }
 
-impl Family<'_> {
+impl<'a> Family<'a> {
+    fn gauge(name: &'a str, help: &'a str, samples: Vec<(String, u64)>) -> Self {
+        Family {
+            name,
+            kind: "gauge",
+            help,
+            samples,
+        }
+    }
+
+    fn counter(name: &'a str, help: &'a str, samples: Vec<(String, u64)>) -> Self {
+        Family {
+            kind: "counter",
+            ..Family::gauge(name, help, samples)
+        }
+    }
+
     fn write(&self, out: &mut String) {
         let _ = writeln!(out, "# HELP {} {}", self.name, self.help);
         let _ = writeln!(out, "# TYPE {} {}", self.name, self.kind);
@@ -50,108 +66,91 @@ fn one(value: u64) -> Vec<(String, u64)> {
 pub fn render(gw: &Gateway) -> String {
     let totals = gw.events.totals();
     let total = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
-    let opened = total(&totals.pairs_opened);
-    let closed = total(&totals.pairs_closed);
+    let (opened, closed) = (total(&totals.pairs_opened), total(&totals.pairs_closed));
+    let labelled = |key, value| vec![(labels(&[(key, value)]), 1)];
     let families = [
-        Family {
-            name: "cmxsafe_build_info",
-            kind: "gauge",
-            help: "The running cmx-gateway version (always 1).",
-            samples: vec![(labels(&[("version", env!("CARGO_PKG_VERSION"))]), 1)],
-        },
-        Family {
-            name: "cmxsafe_dataplane_info",
-            kind: "gauge",
-            help: "The active data plane (always 1): sockmap or userspace.",
-            samples: vec![(labels(&[("mode", gw.dataplane.name())]), 1)],
-        },
-        Family {
-            name: "cmxsafe_ready",
-            kind: "gauge",
-            help: "1 while the gateway accepts SSH connections, 0 once it is shutting down.",
-            samples: one(u64::from(!gw.shutdown.is_cancelled())),
-        },
-        Family {
-            name: "cmxsafe_identities",
-            kind: "gauge",
-            help: "Identities in the current registry.",
-            samples: one(gw.registry().len() as u64),
-        },
-        Family {
-            name: "cmxsafe_sessions",
-            kind: "gauge",
-            help: "Authenticated SSH sessions now.",
-            samples: one(gw.sessions.len() as u64),
-        },
-        Family {
-            name: "cmxsafe_sessions_opened_total",
-            kind: "counter",
-            help: "Authenticated SSH sessions since start.",
-            samples: one(total(&totals.sessions_opened)),
-        },
-        Family {
-            name: "cmxsafe_forwards",
-            kind: "gauge",
-            help: "Published reverse forwards (Mir-socks) now.",
-            samples: one(gw.mirrors.len() as u64),
-        },
-        Family {
-            name: "cmxsafe_forward_takeovers_total",
-            kind: "counter",
-            help: "Reverse forwards taken over by a newer session of the same identity.",
-            samples: one(total(&totals.forwards_taken_over)),
-        },
-        Family {
-            name: "cmxsafe_pairs",
-            kind: "gauge",
-            help: "Forwarding pairs (ID-sock + Mir-sock) open now.",
-            samples: one(opened.saturating_sub(closed)),
-        },
-        Family {
-            name: "cmxsafe_pairs_opened_total",
-            kind: "counter",
-            help: "Forwarding pairs opened since start.",
-            samples: one(opened),
-        },
-        Family {
-            name: "cmxsafe_pair_bytes_total",
-            kind: "counter",
-            help: "Bytes carried by forwarding pairs, counted when a pair closes.",
-            samples: vec![
-                (
-                    labels(&[("direction", "to_target")]),
-                    total(&totals.bytes_to_target),
-                ),
-                (
-                    labels(&[("direction", "from_target")]),
-                    total(&totals.bytes_from_target),
-                ),
-            ],
-        },
-        Family {
-            name: "cmxsafe_audit_decisions_total",
-            kind: "counter",
-            help: "Security decisions written to the audit log, by event and decision.",
-            samples: Decision::ALL
+        Family::gauge(
+            "cmxsafe_build_info",
+            "The running cmx-gateway version (always 1).",
+            labelled("version", env!("CARGO_PKG_VERSION")),
+        ),
+        Family::gauge(
+            "cmxsafe_dataplane_info",
+            "The active data plane (always 1): sockmap or userspace.",
+            labelled("mode", gw.dataplane.name()),
+        ),
+        Family::gauge(
+            "cmxsafe_ready",
+            "1 while the gateway accepts SSH connections, 0 once it is shutting down.",
+            one(u64::from(!gw.shutdown.is_cancelled())),
+        ),
+        Family::gauge(
+            "cmxsafe_identities",
+            "Identities in the current registry.",
+            one(gw.registry().len() as u64),
+        ),
+        Family::gauge(
+            "cmxsafe_sessions",
+            "Authenticated SSH sessions now.",
+            one(gw.sessions.len() as u64),
+        ),
+        Family::counter(
+            "cmxsafe_sessions_opened_total",
+            "Authenticated SSH sessions since start.",
+            one(total(&totals.sessions_opened)),
+        ),
+        Family::gauge(
+            "cmxsafe_forwards",
+            "Published reverse forwards (Mir-socks) now.",
+            one(gw.mirrors.len() as u64),
+        ),
+        Family::counter(
+            "cmxsafe_forward_takeovers_total",
+            "Reverse forwards taken over by a newer session of the same identity.",
+            one(total(&totals.forwards_taken_over)),
+        ),
+        Family::gauge(
+            "cmxsafe_pairs",
+            "Forwarding pairs (ID-sock + Mir-sock) open now.",
+            one(opened.saturating_sub(closed)),
+        ),
+        Family::counter(
+            "cmxsafe_pairs_opened_total",
+            "Forwarding pairs opened since start.",
+            one(opened),
+        ),
+        Family::counter(
+            "cmxsafe_pair_bytes_total",
+            "Bytes carried by forwarding pairs, counted when a pair closes.",
+            [
+                ("to_target", &totals.bytes_to_target),
+                ("from_target", &totals.bytes_from_target),
+            ]
+            .iter()
+            .map(|(direction, c)| (labels(&[("direction", direction)]), total(c)))
+            .collect(),
+        ),
+        Family::counter(
+            "cmxsafe_audit_decisions_total",
+            "Security decisions written to the audit log, by event and decision.",
+            Decision::ALL
                 .iter()
                 .map(|d| {
                     let (event, decision) = d.labels();
                     (labels(&[("event", event), ("decision", decision)]), d.count())
                 })
                 .collect(),
-        },
-        Family {
-            name: "cmxsafe_dataplane_map_entries",
-            kind: "gauge",
-            help: "Entries in each eBPF map of the sockmap data plane.",
-            samples: gw
-                .dataplane
+        ),
+        Family::gauge(
+            "cmxsafe_dataplane_map_entries",
+            "Entries in each eBPF map of the sockmap data plane.",
+            gw.dataplane
                 .occupancy()
                 .entries
                 .iter()
                 .map(|(map, n)| (labels(&[("map", map)]), *n as u64))
                 .collect(),
-        },
+        ),
     ];
     let mut out = String::new();
     for f in &families {

@@ -403,11 +403,11 @@ fn log_denial(registry: &Registry, d: &Denial) {
     // `src` is the identity acting (the socket's tag or bound address), `dst` where to.
     let identity = name(&src);
     let address = format!("[{dst}]:{}", d.port);
-    crate::audit::Decision::KernelDeny.record();
+    let (event, decision) = crate::audit::Decision::KernelDeny.record();
     tracing::warn!(
         target: crate::audit::TARGET,
-        event = "kernel-deny",
-        decision = "deny",
+        event,
+        decision,
         identity,
         conn_id = d.conn_id,
         op = op_name(d.op),
