@@ -36,12 +36,7 @@ fn sample(body: &str, name: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn health_readiness_and_metrics_follow_real_sessions_and_traffic() {
     let hosts = Hosts::new();
-    let srv1 = Key::generate(hosts.dir.path(), "srv1");
-    let dev1 = Key::generate(hosts.dir.path(), "dev1");
-    let registry = RegistryText::default()
-        .srv1(&srv1, "permit_listen = [\"1883\"]")
-        .dev1(&dev1, "permit_open = [\"srv1:1883\"]")
-        .build();
+    let (srv1, dev1, registry) = srv1_publishes_dev1_opens(&hosts);
     let mut gw = GatewayProc::start(
         &hosts,
         &registry,

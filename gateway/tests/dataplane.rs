@@ -44,11 +44,7 @@ async fn the_loopback_hop_carries_no_tcp_data_segments_with_sockmap() {
     let mut segments = BTreeMap::new();
     for mode in ["sockmap", "userspace"] {
         let hosts = Hosts::new();
-        let [srv1, dev1] = ["srv1", "dev1"].map(|n| Key::generate(hosts.dir.path(), n));
-        let registry = RegistryText::default()
-            .srv1(&srv1, "permit_listen = [\"1883\"]")
-            .dev1(&dev1, "permit_open = [\"srv1:1883\"]")
-            .build();
+        let (srv1, dev1, registry) = srv1_publishes_dev1_opens(&hosts);
         let gw = GatewayProc::start_with(&hosts, &registry, "", mode, &[]).await;
         let ready = gw
             .log

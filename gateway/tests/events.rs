@@ -24,11 +24,7 @@ async fn next(rx: &mut Receiver<GatewayEvent>) -> GatewayEvent {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sessions_forwards_and_pairs_are_announced_in_order() {
     let hosts = Hosts::new();
-    let [srv1, dev1] = ["srv1", "dev1"].map(|n| Key::generate(hosts.dir.path(), n));
-    let text = RegistryText::default()
-        .srv1(&srv1, "permit_listen = [\"1883\"]")
-        .dev1(&dev1, "permit_open = [\"srv1:1883\"]")
-        .build();
+    let (srv1, dev1, text) = srv1_publishes_dev1_opens(&hosts);
     let config_path = hosts.path("gateway.toml");
     std::fs::write(hosts.path("identities.toml"), &text).unwrap();
     // In-process: the user-space data plane (the sockmap one would move the test process itself

@@ -77,12 +77,7 @@ fn audit_allow(identity: &'static str, request: &'static str) -> impl Fn(&serde_
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn mqtt_messages_cross_the_gateway_and_the_server_learns_the_device_identity() {
     let hosts = Hosts::new();
-    let srv1 = Key::generate(hosts.dir.path(), "srv1");
-    let dev1 = Key::generate(hosts.dir.path(), "dev1");
-    let registry = RegistryText::default()
-        .srv1(&srv1, "permit_listen = [\"1883\"]")
-        .dev1(&dev1, "permit_open = [\"srv1:1883\"]")
-        .build();
+    let (srv1, dev1, registry) = srv1_publishes_dev1_opens(&hosts);
     let gw = GatewayProc::start(&hosts, &registry, "").await;
 
     // A real MQTT broker on the server host, reachable only on its loopback.

@@ -938,6 +938,17 @@ pub fn banner(listener: tokio::net::TcpListener, banner: &'static [u8]) -> Echo 
     svc
 }
 
+/// The usual pair of identities: srv1 may publish 1883, dev1 may open srv1:1883. Their keys,
+/// and the registry text.
+pub fn srv1_publishes_dev1_opens(hosts: &Hosts) -> (Key, Key, String) {
+    let [srv1, dev1] = ["srv1", "dev1"].map(|n| Key::generate(hosts.dir.path(), n));
+    let registry = RegistryText::default()
+        .srv1(&srv1, "permit_listen = [\"1883\"]")
+        .dev1(&dev1, "permit_open = [\"srv1:1883\"]")
+        .build();
+    (srv1, dev1, registry)
+}
+
 /// srv1's service on its host (an echo on 127.0.0.1:5001) published through the gateway with
 /// `ssh -R 1883:127.0.0.1:5001` plus `extra` options; returns once the Mir-sock listens.
 pub async fn publish_echo(hosts: &Hosts, gw: &GatewayProc, srv1: &Key, extra: &[&str]) -> (Echo, SshAgent) {
