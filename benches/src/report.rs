@@ -163,17 +163,12 @@ impl Report {
             for one_cpu in [true, false] {
                 let placement = if one_cpu { "one CPU" } else { "any CPU" };
                 for mode in ["sockmap", "userspace"] {
-                    let rs: Vec<&HopResult> = self
-                        .hop
-                        .iter()
-                        .filter(|h| h.mode == mode && h.one_cpu == one_cpu)
-                        .collect();
-                    if rs.is_empty() {
+                    if !self.hop.iter().any(|h| h.mode == mode && h.one_cpu == one_cpu) {
                         continue;
                     }
                     let median = |f: &dyn Fn(&HopResult) -> Option<f64>| {
-                        summarize(&rs.iter().filter_map(|h| f(h)).collect::<Vec<_>>())
-                            .map_or_else(|| "-".to_string(), |s| fmt(s.median))
+                        self.hop_median(mode, one_cpu, f)
+                            .map_or_else(|| "-".to_string(), fmt)
                     };
                     let _ = writeln!(
                         out,
@@ -272,20 +267,25 @@ impl Report {
         }
     }
 
-    /// The sockmap hop's p50 over the loopback one, medians over runs, for one RTT figure and
-    /// one CPU placement.
-    pub fn hop_ratio(&self, one_cpu: bool, p50: impl Fn(&HopResult) -> Option<f64>) -> Option<f64> {
-        let median = |m: &str| {
-            summarize(
-                &self
-                    .hop
-                    .iter()
-                    .filter(|h| h.mode == m && h.one_cpu == one_cpu)
-                    .filter_map(&p50)
-                    .collect::<Vec<_>>(),
-            )
-        };
-        Some(median("sockmap")?.median / median("userspace")?.median)
+    /// The median over runs of one figure of the `mode` hop at one CPU placement.
+    fn hop_median(
+        &self,
+        mode: &str,
+        one_cpu: bool,
+        figure: impl Fn(&HopResult) -> Option<f64>,
+    ) -> Option<f64> {
+        let values: Vec<f64> = self
+            .hop
+            .iter()
+            .filter(|h| h.mode == mode && h.one_cpu == one_cpu)
+            .filter_map(figure)
+            .collect();
+        summarize(&values).map(|s| s.median)
+    }
+
+    /// The sockmap hop's p50 over the loopback one (medians over runs), at one CPU placement.
+    fn hop_ratio(&self, one_cpu: bool, p50: impl Fn(&HopResult) -> Option<f64>) -> Option<f64> {
+        Some(self.hop_median("sockmap", one_cpu, &p50)? / self.hop_median("userspace", one_cpu, &p50)?)
     }
 
     fn goals(&self) -> String {
