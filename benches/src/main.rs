@@ -469,7 +469,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Render { results } => {
             let report: Report = serde_json::from_slice(&std::fs::read(&results)?)?;
             print!("{}", report.table());
-            report.write(results.parent().unwrap_or(std::path::Path::new(".")))?;
+            report.write_renderings(results.parent().unwrap_or(std::path::Path::new(".")))?;
             Ok(())
         }
         Cmd::Hop {

@@ -459,12 +459,18 @@ impl Report {
         s
     }
 
+    /// results.json, table.txt and rtt.svg in `dir`.
     pub fn write(&self, dir: &Path) -> std::io::Result<()> {
         std::fs::create_dir_all(dir)?;
         std::fs::write(
             dir.join("results.json"),
             serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?,
         )?;
+        self.write_renderings(dir)
+    }
+
+    /// table.txt and rtt.svg only: `render` must not rewrite the measurements it reads.
+    pub fn write_renderings(&self, dir: &Path) -> std::io::Result<()> {
         std::fs::write(dir.join("table.txt"), self.table())?;
         std::fs::write(dir.join("rtt.svg"), self.svg())
     }
