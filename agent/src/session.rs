@@ -223,7 +223,6 @@ pub async fn connect(
         inactivity_timeout: None,
         nodelay: true,
         window_size: 2 * 1024 * 1024,
-        channel_buffer_size: 64,
         ..Default::default()
     });
     let (ended_tx, ended_rx) = oneshot::channel();

@@ -3,7 +3,9 @@
 //! - Backpressure: a TCP read is only followed by the next one once the channel accepted the
 //!   bytes (russh waits for the peer's window), and channel data is only taken once the TCP write
 //!   finished. Nothing buffers without bound: at most one read chunk in flight per direction, plus
-//!   russh's per-channel queue (`channel_buffer_size` messages).
+//!   what the channel's receive window lets the peer send ahead. (The patched russh tops that
+//!   window up only as this relay takes data, so a slow TCP side holds back its own channel and
+//!   never the rest of the session: see third_party/russh/CMXSAFE-PATCH.md.)
 //! - Half-close: TCP EOF becomes channel EOF and channel EOF becomes a TCP write shutdown; the other
 //!   direction keeps flowing. The channel is closed when both directions ended.
 //! - Errors: a TCP error or a channel close ends both directions at once.

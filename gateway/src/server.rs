@@ -23,8 +23,9 @@ use crate::session::{self, SessionHandler};
 use crate::sessions::disconnect;
 use crate::sockets;
 
-/// Messages queued per channel before russh stops reading the connection (backpressure).
-const CHANNEL_BUFFER: usize = 64;
+/// Messages the relays may queue for one session before their writers wait. (Per-channel
+/// queues are bounded by the receive window in the patched russh, not by a message count.)
+const SESSION_QUEUE: usize = 64;
 /// How long a session may take to close after being told to.
 const DISCONNECT_WAIT: Duration = Duration::from_secs(2);
 
@@ -61,8 +62,7 @@ pub fn ssh_config(config: &Config, host_key: PrivateKey) -> russh::server::Confi
         keys: vec![host_key],
         window_size: s.window_size,
         maximum_packet_size: s.max_packet_size,
-        channel_buffer_size: CHANNEL_BUFFER,
-        event_buffer_size: CHANNEL_BUFFER,
+        event_buffer_size: SESSION_QUEUE,
         max_auth_attempts: config.limits.max_auth_tries,
         inactivity_timeout: s.inactivity_timeout(),
         keepalive_interval: s.keepalive_interval(),

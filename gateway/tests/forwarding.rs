@@ -215,6 +215,9 @@ async fn sixty_four_mib_each_way_arrive_byte_exact() {
     assert_eq!(field(&opened, "source"), format!("[{DEV1_ADDR}]:{device_port}"));
 }
 
+/// Also: the stall holds back only that connection's channel. The device's SSH session keeps
+/// carrying its other connections (russh, unpatched, stopped the whole session behind one slow
+/// channel; two sessions joined by relays could then deadlock under bulk traffic both ways).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_server_that_stops_reading_stalls_the_device_without_unbounded_buffering() {
     let s = Scenario::start().await;
@@ -249,12 +252,17 @@ async fn a_server_that_stops_reading_stalls_the_device_without_unbounded_bufferi
         &s.hosts.dev,
         "dev1",
         &s.dev1,
-        &["-L", "127.0.0.1:11884:srv1:1884"],
+        &[
+            "-L",
+            "127.0.0.1:11884:srv1:1884",
+            "-L",
+            "127.0.0.1:11885:srv1:1883",
+        ],
     );
     let mut c = s.hosts.dev.connect_retry("127.0.0.1:11884").await;
 
     // Write until the writes stop being accepted: everything in flight is bounded by socket
-    // buffers, SSH windows and russh's per-channel queues, far below what we offer.
+    // buffers, the pair's flow credit and SSH windows, far below what we offer.
     let offered = 512usize << 20;
     let data = pattern(offered, 7);
     let mut accepted = 0usize;
@@ -276,6 +284,14 @@ async fn a_server_that_stops_reading_stalls_the_device_without_unbounded_bufferi
         "{} MiB were taken in while the server read nothing",
         accepted >> 20
     );
+    // The same session still carries another connection, a megabyte each way (the bound is a
+    // liveness limit, not a timing claim).
+    let other = s.hosts.dev.connect_retry("127.0.0.1:11885").await;
+    let sent = pattern(1 << 20, 9);
+    let echoed = tokio::time::timeout(Duration::from_secs(60), exchange(other, &sent))
+        .await
+        .expect("the session's other channel stalled behind the one whose reader stopped");
+    assert!(echoed == sent, "the other channel's bytes differ");
     // Then the server reads and everything arrives intact.
     go_tx.send(()).unwrap();
     let writer = tokio::spawn(async move {

@@ -225,6 +225,7 @@ async fn serve(gw: Arc<Gateway>, key: ForwardKey, stream: TcpStream, peer: Socke
         return;
     };
     let Some((identity, owner)) = gw.mirrors.owner(&key) else {
+        budget.abandon();
         return;
     };
     sockets::tune_stream(&stream);
@@ -242,9 +243,11 @@ async fn serve(gw: Arc<Gateway>, key: ForwardKey, stream: TcpStream, peer: Socke
         Err(e) => {
             tracing::warn!(conn_id, identity, session = %owner.session, error = %e,
                 "server agent did not accept the forwarded-tcpip channel; closing the connection");
+            budget.abandon();
             return;
         }
     };
+    budget.open_toward_mir();
     let counters = Arc::new(Counters::default());
     let end = relay::relay(channel, stream, counters.clone(), Some(budget.mir_side())).await;
     let (to_server, from_server) = counters.get();

@@ -9,6 +9,15 @@
 //! writer of each direction takes credit before it writes and the reader of that direction
 //! returns it once it read, so at most `FLOW_WINDOW` bytes are in flight per direction whatever
 //! carries them.
+//!
+//! Nothing may travel toward the Mir side before that side is in the kernel's SOCKHASH: bytes the
+//! ID-sock sent by plain TCP while its peer was not joined yet would sit in the peer's TCP receive
+//! queue, and the kernel reads a socket's spliced queue before its TCP queue, so later spliced
+//! bytes would overtake them. The passive end joins when its handshake completes, which the kernel
+//! can defer to softirq time; so the Mir side's credit starts at zero and is granted by the Mir
+//! side once it accepted the connection and the server agent took the channel (by then the
+//! handshake was complete long ago). A Mir side that gives up abandons the pair instead, which
+//! releases the ID side's writer with an error.
 
 use std::collections::HashMap;
 use std::net::SocketAddrV6;
@@ -31,9 +40,20 @@ pub struct PairBudget {
 impl PairBudget {
     fn new() -> Arc<PairBudget> {
         Arc::new(PairBudget {
-            toward_mir: Arc::new(Semaphore::new(FLOW_WINDOW)),
+            toward_mir: Arc::new(Semaphore::new(0)),
             toward_id: Arc::new(Semaphore::new(FLOW_WINDOW)),
         })
+    }
+
+    /// The Mir side is ready to receive: the ID side may start writing toward it.
+    pub fn open_toward_mir(&self) {
+        self.toward_mir.add_permits(FLOW_WINDOW);
+    }
+
+    /// The Mir side will never relay this pair: the ID side's writer stops waiting.
+    pub fn abandon(&self) {
+        self.toward_mir.close();
+        self.toward_id.close();
     }
 
     /// For the ID-sock's relay: it writes toward the Mir side and reads what comes back.
@@ -123,5 +143,30 @@ mod tests {
             0,
             "an untaken registration is removed when its ID-sock gives up"
         );
+    }
+
+    #[tokio::test]
+    async fn the_id_side_writes_only_once_the_mir_side_opened_the_pair() {
+        let budget = PairBudget::new();
+        let id = budget.id_side();
+        assert!(
+            id.write_credit.try_acquire().is_err(),
+            "no credit toward a Mir side that has not joined"
+        );
+        // The Mir side may answer at once: the ID-sock was established when it connected.
+        assert_eq!(budget.mir_side().write_credit.available_permits(), FLOW_WINDOW);
+        budget.open_toward_mir();
+        let permit = id.write_credit.acquire_many(FLOW_WINDOW as u32).await.unwrap();
+        permit.forget();
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_pair_releases_the_waiting_id_side_with_an_error() {
+        let budget = PairBudget::new();
+        let id = budget.id_side();
+        let waiting = tokio::spawn(async move { id.write_credit.acquire_many(1).await.map(|p| p.forget()) });
+        tokio::task::yield_now().await;
+        budget.abandon();
+        assert!(waiting.await.unwrap().is_err(), "the writer must stop waiting");
     }
 }

@@ -573,6 +573,13 @@ impl GatewayProc {
 impl Drop for GatewayProc {
     /// SIGTERM and a short wait (a clean exit removes pins, cgroup and route), then SIGKILL.
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            let lines: Vec<String> = self.log.all().iter().map(|v| v.to_string()).collect();
+            eprintln!(
+                "--- gateway log (test failed) ---\n{}",
+                tail(&lines.join("\n"), 200)
+            );
+        }
         if self.child.try_wait().ok().flatten().is_none() {
             self.signal(libc::SIGTERM);
             let deadline = Instant::now() + Duration::from_secs(8);
@@ -772,9 +779,21 @@ impl SshAgent {
 
 impl Drop for SshAgent {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "--- ssh client output (test failed) ---\n{}",
+                tail(&self.output(), 60)
+            );
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The last `n` lines of `text`: what a failed test prints of a process's output.
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// Options every test client uses: pinned host key, no agent, no prompts, fail fast on forwards.

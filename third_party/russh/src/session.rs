@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use byteorder::{BigEndian, ByteOrder};
 use bytes::Bytes;
-use log::{debug, trace};
+use log::{debug, trace, warn};
 use ssh_encoding::Encode;
 use tokio::sync::oneshot;
 
@@ -78,6 +78,8 @@ pub(crate) struct CommonSession<Config> {
     pub strict_kex: bool,
     pub alive_timeouts: usize,
     pub received_data: bool,
+    /// cmxsafe patch: woken by a channel reader that caught up after its window was withheld.
+    pub window_wake: std::sync::Arc<tokio::sync::Notify>,
 }
 
 impl<C> Debug for CommonSession<C> {
@@ -302,37 +304,66 @@ impl Encrypted {
         }
     }
 
-    pub fn adjust_window_size(
-        &mut self,
-        channel: ChannelId,
-        data: &[u8],
-        target: u32,
-    ) -> Result<bool, crate::Error> {
-        if let Some(channel) = self.channels.get_mut(&channel) {
-            trace!(
-                "adjust_window_size, channel = {}, size = {},",
-                channel.sender_channel, target
-            );
-            // Ignore extra data.
-            // https://tools.ietf.org/html/rfc4254#section-5.2
-            if data.len() as u32 <= channel.sender_window_size {
-                channel.sender_window_size -= data.len() as u32;
+    /// cmxsafe patch: counts an incoming CHANNEL_DATA of `len` bytes against the window we
+    /// granted. `false`: the peer overran the window, and the data must be dropped (RFC 4254
+    /// 5.2; OpenSSH does the same) rather than queued without bound.
+    pub(crate) fn take_window(&mut self, channel: ChannelId, len: usize) -> bool {
+        let Some(channel) = self.channels.get_mut(&channel) else {
+            return true;
+        };
+        match u32::try_from(len) {
+            Ok(len) if len <= channel.sender_window_size => {
+                channel.sender_window_size -= len;
+                true
             }
-            if channel.sender_window_size < target / 2 {
-                debug!(
-                    "sender_window_size {:?}, target {:?}",
-                    channel.sender_window_size, target
+            _ => {
+                warn!(
+                    "channel {}: peer sent {len} bytes with a window of {}; dropped",
+                    channel.sender_channel, channel.sender_window_size
                 );
-                push_packet!(self.write, {
-                    self.write.push(msg::CHANNEL_WINDOW_ADJUST);
-                    channel.recipient_channel.encode(&mut self.write)?;
-                    (target - channel.sender_window_size).encode(&mut self.write)?;
-                });
-                channel.sender_window_size = target;
-                return Ok(true);
+                false
             }
         }
-        Ok(false)
+    }
+
+    /// cmxsafe patch: tops the peer's window up towards `target`, but never beyond what the
+    /// channel's reader has room for (`target` minus what it has not taken yet). When a top-up
+    /// is due and the reader is behind, the channel is marked stalled and its reader wakes
+    /// `wake` once it caught up (see `channels::recv_window`). Returns whether a
+    /// WINDOW_ADJUST was sent.
+    pub(crate) fn grant_window(
+        &mut self,
+        channel: ChannelId,
+        target: u32,
+        reader: &crate::channels::RecvWindow,
+        wake: &std::sync::Arc<tokio::sync::Notify>,
+    ) -> Result<bool, crate::Error> {
+        let Some(channel) = self.channels.get_mut(&channel) else {
+            return Ok(false);
+        };
+        let half = target / 2;
+        if channel.sender_window_size >= half {
+            reader.unstall();
+            return Ok(false);
+        }
+        // Mark first, then read: a reader taking data in between sees the mark.
+        reader.stall(wake, half - channel.sender_window_size);
+        let room = target.saturating_sub(reader.queued());
+        if room.saturating_sub(channel.sender_window_size) < half {
+            trace!(
+                "channel {}: reader behind, window {} withheld",
+                channel.sender_channel, channel.sender_window_size
+            );
+            return Ok(false);
+        }
+        reader.unstall();
+        push_packet!(self.write, {
+            self.write.push(msg::CHANNEL_WINDOW_ADJUST);
+            channel.recipient_channel.encode(&mut self.write)?;
+            (room - channel.sender_window_size).encode(&mut self.write)?;
+        });
+        channel.sender_window_size = room;
+        Ok(true)
     }
 
     fn flush_channel(

@@ -1,18 +1,17 @@
-use tokio::sync::mpsc::Sender;
+use std::sync::Arc;
 
-use super::WindowSizeRef;
-use crate::ChannelMsg;
+use super::{ChannelSender, RecvWindow, WindowSizeRef};
 
 /// A handle to the [`super::Channel`]'s to be able to transmit messages
 /// to it and update it's `window_size`.
 #[derive(Debug)]
 pub struct ChannelRef {
-    pub(super) sender: Sender<ChannelMsg>,
+    pub(super) sender: ChannelSender,
     pub(super) window_size: WindowSizeRef,
 }
 
 impl ChannelRef {
-    pub fn new(sender: Sender<ChannelMsg>) -> Self {
+    pub fn new(sender: ChannelSender) -> Self {
         Self {
             sender,
             window_size: WindowSizeRef::new(0),
@@ -22,10 +21,14 @@ impl ChannelRef {
     pub(crate) fn window_size(&self) -> &WindowSizeRef {
         &self.window_size
     }
+
+    pub(crate) fn recv_window(&self) -> &Arc<RecvWindow> {
+        self.sender.recv_window()
+    }
 }
 
 impl std::ops::Deref for ChannelRef {
-    type Target = Sender<ChannelMsg>;
+    type Target = ChannelSender;
 
     fn deref(&self) -> &Self::Target {
         &self.sender

@@ -2,7 +2,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::mpsc::{Receiver, Sender};
+use tokio::sync::mpsc::Sender;
 use tokio::sync::{Mutex, Notify};
 
 use crate::{ChannelId, ChannelOpenFailure, Error, Pty, Sig};
@@ -11,6 +11,11 @@ pub mod io;
 
 mod channel_ref;
 pub use channel_ref::ChannelRef;
+
+mod recv_window;
+pub(crate) use recv_window::channel_queue;
+pub(crate) use recv_window::RecvWindow;
+pub use recv_window::{ChannelReceiver, ChannelSender};
 
 mod channel_stream;
 pub use channel_stream::ChannelStream;
@@ -144,7 +149,7 @@ impl WindowSizeRef {
 ///
 /// Allows you to read from a channel without borrowing the session
 pub struct ChannelReadHalf {
-    pub(crate) receiver: Receiver<ChannelMsg>,
+    pub(crate) receiver: ChannelReceiver,
 }
 
 impl std::fmt::Debug for ChannelReadHalf {
@@ -466,9 +471,10 @@ impl<S: From<(ChannelId, ChannelMsg)> + Send + Sync + 'static> Channel<S> {
         sender: Sender<S>,
         max_packet_size: u32,
         window_size: u32,
-        channel_buffer_size: usize,
+        _channel_buffer_size: usize,
     ) -> (Self, ChannelRef) {
-        let (tx, rx) = tokio::sync::mpsc::channel(channel_buffer_size);
+        // cmxsafe patch: unbounded; the receive window bounds the data (see recv_window).
+        let (tx, rx) = channel_queue();
         let window_size = WindowSizeRef::new(window_size);
         let read_half = ChannelReadHalf { receiver: rx };
         let write_half = ChannelWriteHalf {

@@ -60,6 +60,42 @@ fn verify_hostkeys_proof(
 }
 
 impl Session {
+    /// cmxsafe patch: tops up the peer's window for `channel` as far as its reader has room.
+    pub(crate) fn grant_window<H: Handler>(
+        &mut self,
+        channel: ChannelId,
+        client: &mut H,
+    ) -> Result<(), H::Error> {
+        // A channel without a reader here (its events go to the handler only) has nothing
+        // queued: the window is topped up as data arrives, as upstream does.
+        let unread = crate::channels::RecvWindow::default();
+        let reader = self.channels.get(&channel).map_or(&unread, |c| &**c.recv_window());
+        let target = self.common.config.window_size;
+        if let Some(enc) = self.common.encrypted.as_mut()
+            && enc.grant_window(channel, target, reader, &self.common.window_wake)?
+        {
+            let next_window = client.adjust_window(channel, self.target_window_size);
+            if next_window > 0 {
+                self.target_window_size = next_window
+            }
+        }
+        Ok(())
+    }
+
+    /// cmxsafe patch: the channels whose readers caught up get their window topped up.
+    pub(crate) fn grant_woken_windows<H: Handler>(&mut self, client: &mut H) -> Result<(), H::Error> {
+        let woken: Vec<ChannelId> = self
+            .channels
+            .iter()
+            .filter(|(_, c)| c.recv_window().take_wakeup())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in woken {
+            self.grant_window(id, client)?;
+        }
+        Ok(())
+    }
+
     pub(crate) async fn client_read_encrypted<H: Handler>(
         &mut self,
         client: &mut H,
@@ -595,23 +631,20 @@ impl Session {
                 if !self.common.is_established_channel(channel_num) {
                     return Ok(());
                 }
-                let target = self.common.config.window_size;
-                #[allow(clippy::collapsible_if)]
-                if let Some(ref mut enc) = self.common.encrypted {
-                    if enc.adjust_window_size(channel_num, &data, target)? {
-                        let next_window =
-                            client.adjust_window(channel_num, self.target_window_size);
-                        if next_window > 0 {
-                            self.target_window_size = next_window
-                        }
-                    }
+                // cmxsafe patch: queue first (never waits), then top the window up by what
+                // the channel's reader has room for (see channels::recv_window).
+                if let Some(ref mut enc) = self.common.encrypted
+                    && !enc.take_window(channel_num, data.len())
+                {
+                    return Ok(());
                 }
 
                 if let Some(chan) = self.channels.get(&channel_num) {
                     let _ = chan.send(ChannelMsg::Data { data: data.clone() }).await;
                 }
 
-                client.data(channel_num, &data, self).await
+                client.data(channel_num, &data, self).await?;
+                self.grant_window(channel_num, client)
             }
             Some((&msg::CHANNEL_EXTENDED_DATA, mut r)) => {
                 debug!("channel_extended_data");
@@ -622,16 +655,12 @@ impl Session {
                 if !self.common.is_established_channel(channel_num) {
                     return Ok(());
                 }
-                let target = self.common.config.window_size;
-                #[allow(clippy::collapsible_if)]
-                if let Some(ref mut enc) = self.common.encrypted {
-                    if enc.adjust_window_size(channel_num, &data, target)? {
-                        let next_window =
-                            client.adjust_window(channel_num, self.target_window_size);
-                        if next_window > 0 {
-                            self.target_window_size = next_window
-                        }
-                    }
+                // cmxsafe patch: queue first (never waits), then top the window up by what
+                // the channel's reader has room for (see channels::recv_window).
+                if let Some(ref mut enc) = self.common.encrypted
+                    && !enc.take_window(channel_num, data.len())
+                {
+                    return Ok(());
                 }
 
                 if let Some(chan) = self.channels.get(&channel_num) {
@@ -645,7 +674,8 @@ impl Session {
 
                 client
                     .extended_data(channel_num, extended_code, &data, self)
-                    .await
+                    .await?;
+                self.grant_window(channel_num, client)
             }
             Some((&msg::CHANNEL_REQUEST, mut r)) => {
                 let channel_num = map_err!(ChannelId::decode(&mut r))?;

@@ -317,6 +317,9 @@ pub struct Handle<H: Handler> {
     sender: Sender<Msg>,
     receiver: UnboundedReceiver<Reply>,
     join: russh_util::runtime::JoinHandle<Result<(), H::Error>>,
+    // cmxsafe patch: channel queues are unbounded (the receive window bounds them); the size
+    // is kept so the configuration API stays as upstream's.
+    #[allow(dead_code)]
     channel_buffer_size: usize,
     agent_session_binding: Option<crate::keys::agent::AgentSessionBinding>,
 }
@@ -740,7 +743,7 @@ impl<H: Handler> Handle<H> {
     /// Wait for confirmation that a channel is open
     async fn wait_channel_confirmation(
         &self,
-        mut receiver: Receiver<ChannelMsg>,
+        mut receiver: crate::channels::ChannelReceiver,
         window_size_ref: WindowSizeRef,
     ) -> Result<Channel<Msg>, crate::Error> {
         loop {
@@ -842,7 +845,7 @@ impl<H: Handler> Handle<H> {
     /// usable when it's confirmed by the server, as indicated by the
     /// `confirmed` field of the corresponding `Channel`.
     pub async fn channel_open_session(&self) -> Result<Channel<Msg>, crate::Error> {
-        let (sender, receiver) = channel(self.channel_buffer_size);
+        let (sender, receiver) = crate::channels::channel_queue();
         let channel_ref = ChannelRef::new(sender);
         let window_size_ref = channel_ref.window_size().clone();
 
@@ -860,7 +863,7 @@ impl<H: Handler> Handle<H> {
         originator_address: A,
         originator_port: u32,
     ) -> Result<Channel<Msg>, crate::Error> {
-        let (sender, receiver) = channel(self.channel_buffer_size);
+        let (sender, receiver) = crate::channels::channel_queue();
         let channel_ref = ChannelRef::new(sender);
         let window_size_ref = channel_ref.window_size().clone();
 
@@ -891,7 +894,7 @@ impl<H: Handler> Handle<H> {
         originator_address: B,
         originator_port: u32,
     ) -> Result<Channel<Msg>, crate::Error> {
-        let (sender, receiver) = channel(self.channel_buffer_size);
+        let (sender, receiver) = crate::channels::channel_queue();
         let channel_ref = ChannelRef::new(sender);
         let window_size_ref = channel_ref.window_size().clone();
 
@@ -913,7 +916,7 @@ impl<H: Handler> Handle<H> {
         &self,
         socket_path: S,
     ) -> Result<Channel<Msg>, crate::Error> {
-        let (sender, receiver) = channel(self.channel_buffer_size);
+        let (sender, receiver) = crate::channels::channel_queue();
         let channel_ref = ChannelRef::new(sender);
         let window_size_ref = channel_ref.window_size().clone();
 
@@ -1251,6 +1254,7 @@ where
             strict_kex: false,
             alive_timeouts: 0,
             received_data: false,
+            window_wake: Default::default(),
             remote_sshid: sshid.into(),
         },
         session_receiver,
@@ -1430,7 +1434,11 @@ impl Session {
             let rekey_timer =
                 crate::future_or_pending(self.rekey_time_remaining(), tokio::time::sleep);
             pin!(rekey_timer);
+            let window_wake = self.common.window_wake.clone();
             tokio::select! {
+                () = window_wake.notified(), if !self.kex.active() => {
+                    self.grant_woken_windows(handler)?;
+                }
                 r = &mut reading => {
                     let (stream_read, mut buffer, mut opening_cipher) = match r {
                         Ok((_, stream_read, buffer, opening_cipher)) => (stream_read, buffer, opening_cipher),
@@ -2186,6 +2194,7 @@ mod tests {
                 strict_kex: false,
                 alive_timeouts: 0,
                 received_data: false,
+                window_wake: Default::default(),
                 remote_sshid: b"SSH-2.0-test".to_vec(),
                 packet_writer: PacketWriter::clear(),
             },
@@ -2493,6 +2502,7 @@ mod tests {
                 strict_kex: false,
                 alive_timeouts: 0,
                 received_data: false,
+                window_wake: Default::default(),
                 remote_sshid: b"SSH-2.0-test".to_vec(),
                 packet_writer: PacketWriter::clear(),
             },

@@ -851,6 +851,7 @@ mod tests {
                 strict_kex: false,
                 alive_timeouts: 0,
                 received_data: false,
+                window_wake: Default::default(),
                 remote_sshid: Vec::new(),
             },
             priority_receiver,
@@ -1433,6 +1434,42 @@ async fn reply_userauth_info_response(
 }
 
 impl Session {
+    /// cmxsafe patch: tops up the peer's window for `channel` as far as its reader has room.
+    pub(crate) fn grant_window<H: Handler>(
+        &mut self,
+        channel: ChannelId,
+        handler: &mut H,
+    ) -> Result<(), H::Error> {
+        // A channel without a reader here (its events go to the handler only) has nothing
+        // queued: the window is topped up as data arrives, as upstream does.
+        let unread = crate::channels::RecvWindow::default();
+        let reader = self.channels.get(&channel).map_or(&unread, |c| &**c.recv_window());
+        let target = self.target_window_size;
+        if let Some(enc) = self.common.encrypted.as_mut()
+            && enc.grant_window(channel, target, reader, &self.common.window_wake)?
+        {
+            let window = handler.adjust_window(channel, self.target_window_size);
+            if window > 0 {
+                self.target_window_size = window
+            }
+        }
+        Ok(())
+    }
+
+    /// cmxsafe patch: the channels whose readers caught up get their window topped up.
+    pub(crate) fn grant_woken_windows<H: Handler>(&mut self, handler: &mut H) -> Result<(), H::Error> {
+        let woken: Vec<ChannelId> = self
+            .channels
+            .iter()
+            .filter(|(_, c)| c.recv_window().take_wakeup())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in woken {
+            self.grant_window(id, handler)?;
+        }
+        Ok(())
+    }
+
     async fn server_read_authenticated<H: Handler + Send, R: Reader>(
         &mut self,
         handler: &mut H,
@@ -1487,18 +1524,13 @@ impl Session {
                 trace!("handler.data {ext:?} {channel_num:?}");
                 let data = map_err!(Bytes::decode(r))?;
                 map_err!(ensure_end(r))?;
-                let target = self.target_window_size;
-
-                #[allow(clippy::collapsible_if)]
-                if let Some(ref mut enc) = self.common.encrypted {
-                    if enc.adjust_window_size(channel_num, &data, target)? {
-                        let window = handler.adjust_window(channel_num, self.target_window_size);
-                        if window > 0 {
-                            self.target_window_size = window
-                        }
-                    }
+                // cmxsafe patch: queue first (never waits), then top the window up by what
+                // the channel's reader has room for (see channels::recv_window).
+                if let Some(ref mut enc) = self.common.encrypted
+                    && !enc.take_window(channel_num, data.len())
+                {
+                    return Ok(());
                 }
-                self.flush()?;
                 if let Some(ext) = ext {
                     if let Some(chan) = self.channels.get(&channel_num) {
                         chan.send(ChannelMsg::ExtendedData {
@@ -1508,15 +1540,18 @@ impl Session {
                         .await
                         .unwrap_or(())
                     }
-                    handler.extended_data(channel_num, ext, &data, self).await
+                    handler.extended_data(channel_num, ext, &data, self).await?;
                 } else {
                     if let Some(chan) = self.channels.get(&channel_num) {
                         chan.send(ChannelMsg::Data { data: data.clone() })
                             .await
                             .unwrap_or(())
                     }
-                    handler.data(channel_num, &data, self).await
+                    handler.data(channel_num, &data, self).await?;
                 }
+                self.grant_window(channel_num, handler)?;
+                self.flush()?;
+                Ok(())
             }
 
             msg::CHANNEL_WINDOW_ADJUST => {

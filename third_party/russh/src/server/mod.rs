@@ -1160,6 +1160,7 @@ async fn read_ssh_id<R: AsyncRead + Unpin>(
         strict_kex: false,
         alive_timeouts: 0,
         received_data: false,
+        window_wake: Default::default(),
         remote_sshid: sshid.into(),
     };
     Ok(session)
