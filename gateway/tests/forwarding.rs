@@ -63,6 +63,53 @@ impl Scenario {
     async fn connect(&self) -> tokio::net::TcpStream {
         self.hosts.dev.connect_retry("127.0.0.1:11883").await
     }
+
+    /// A second service of srv1 on 1884 (its own `ssh -R`, to `local` on the server host), which
+    /// dev1 may open too, and a second device agent: one SSH session forwarding 11884 to
+    /// srv1:1884 and 11885 to srv1:1883 (the echo).
+    async fn second_service(&self, local: &str) -> [SshAgent; 2] {
+        let srv = SshAgent::start(
+            &self.hosts,
+            &self.hosts.srv,
+            "srv1",
+            &self.srv1,
+            &["-R", &format!("1884:{local}")],
+        );
+        self.gw
+            .log
+            .wait("1884", T, |v| {
+                field(v, "request") == "tcpip-forward localhost:1884"
+            })
+            .await;
+        let registry = std::fs::read_to_string(&self.gw.registry)
+            .unwrap()
+            .replace("\"srv1:1883\"", "\"srv1:*\"");
+        self.gw.rewrite_registry(&registry).await;
+        let dev = SshAgent::start(
+            &self.hosts,
+            &self.hosts.dev,
+            "dev1",
+            &self.dev1,
+            &[
+                "-L",
+                "127.0.0.1:11884:srv1:1884",
+                "-L",
+                "127.0.0.1:11885:srv1:1883",
+            ],
+        );
+        [srv, dev]
+    }
+
+    /// The second device agent's session carries a megabyte each way through 11885 (the bound
+    /// is a liveness limit, not a timing claim).
+    async fn other_connection_still_flows(&self) {
+        let other = self.hosts.dev.connect_retry("127.0.0.1:11885").await;
+        let sent = pattern(1 << 20, 9);
+        let echoed = tokio::time::timeout(Duration::from_secs(60), exchange(other, &sent))
+            .await
+            .expect("the session's other channel stalled behind the one that is held back");
+        assert!(echoed == sent, "the other channel's bytes differ");
+    }
 }
 
 fn audit_allow(identity: &'static str, request: &'static str) -> impl Fn(&serde_json::Value) -> bool {
@@ -231,34 +278,7 @@ async fn a_server_that_stops_reading_stalls_the_device_without_unbounded_bufferi
         c.read_to_end(&mut got).await.unwrap();
         got
     });
-    let _srv = SshAgent::start(
-        &s.hosts,
-        &s.hosts.srv,
-        "srv1",
-        &s.srv1,
-        &["-R", "1884:127.0.0.1:5003"],
-    );
-    s.gw.log
-        .wait("1884", T, |v| {
-            field(v, "request") == "tcpip-forward localhost:1884"
-        })
-        .await;
-    let registry = std::fs::read_to_string(&s.gw.registry)
-        .unwrap()
-        .replace("\"srv1:1883\"", "\"srv1:*\"");
-    s.gw.rewrite_registry(&registry).await;
-    let _dev = SshAgent::start(
-        &s.hosts,
-        &s.hosts.dev,
-        "dev1",
-        &s.dev1,
-        &[
-            "-L",
-            "127.0.0.1:11884:srv1:1884",
-            "-L",
-            "127.0.0.1:11885:srv1:1883",
-        ],
-    );
+    let _agents = s.second_service("127.0.0.1:5003").await;
     let mut c = s.hosts.dev.connect_retry("127.0.0.1:11884").await;
 
     // Write until the writes stop being accepted: everything in flight is bounded by socket
@@ -284,14 +304,7 @@ async fn a_server_that_stops_reading_stalls_the_device_without_unbounded_bufferi
         "{} MiB were taken in while the server read nothing",
         accepted >> 20
     );
-    // The same session still carries another connection, a megabyte each way (the bound is a
-    // liveness limit, not a timing claim).
-    let other = s.hosts.dev.connect_retry("127.0.0.1:11885").await;
-    let sent = pattern(1 << 20, 9);
-    let echoed = tokio::time::timeout(Duration::from_secs(60), exchange(other, &sent))
-        .await
-        .expect("the session's other channel stalled behind the one whose reader stopped");
-    assert!(echoed == sent, "the other channel's bytes differ");
+    s.other_connection_still_flows().await;
     // Then the server reads and everything arrives intact.
     go_tx.send(()).unwrap();
     let writer = tokio::spawn(async move {
@@ -305,6 +318,60 @@ async fn a_server_that_stops_reading_stalls_the_device_without_unbounded_bufferi
         .unwrap();
     let data = writer.await.unwrap();
     assert_eq!(got.len(), offered);
+    assert!(got == data, "bytes differ after the stall");
+}
+
+/// The other way round: a device app that stops reading one connection holds back what the
+/// server sends on it (nothing piles up in the gateway), and the device's other connections keep
+/// flowing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_device_that_stops_reading_one_connection_holds_back_only_that_one() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let s = Scenario::start().await;
+    // A server app that sends 128 MiB as fast as it is let.
+    let total = 128usize << 20;
+    let data = pattern(total, 11);
+    let written = Arc::new(AtomicUsize::new(0));
+    let listener = s.hosts.srv.listen("127.0.0.1:5004");
+    let (sent, count) = (data.clone(), written.clone());
+    tokio::spawn(async move {
+        let (mut c, _) = listener.accept().await.unwrap();
+        for chunk in sent.chunks(65536) {
+            c.write_all(chunk).await.unwrap();
+            count.fetch_add(chunk.len(), Ordering::SeqCst);
+        }
+        c.shutdown().await.unwrap();
+    });
+    let _agents = s.second_service("127.0.0.1:5004").await;
+    let mut slow = s.hosts.dev.connect_retry("127.0.0.1:11884").await;
+
+    // The device reads nothing: the server's writes stop being accepted.
+    let mut last = usize::MAX;
+    loop {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let now = written.load(Ordering::SeqCst);
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    eprintln!("sent before the server stalled: {} KiB", last >> 10);
+    assert!(
+        last < 64 << 20,
+        "{} MiB were sent while the device read nothing",
+        last >> 20
+    );
+    s.other_connection_still_flows().await;
+
+    // Then the device reads and everything arrives intact.
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(120), slow.read_to_end(&mut got))
+        .await
+        .expect("the held-back connection never resumed")
+        .unwrap();
+    assert_eq!(got.len(), total);
     assert!(got == data, "bytes differ after the stall");
 }
 
