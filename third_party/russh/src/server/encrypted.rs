@@ -753,7 +753,7 @@ mod tests {
                 session.common.config.window_size,
                 session.common.config.maximum_packet_size,
             );
-        let (sender, _receiver) = tokio::sync::mpsc::channel(1);
+        let (sender, _receiver) = crate::channels::channel_queue();
         session
             .channels
             .insert(channel, crate::channels::ChannelRef::new(sender));
