@@ -38,6 +38,16 @@ async fn setup() -> (Hosts, GatewayProc, Key, Key) {
     (hosts, gw, srv1, dev1)
 }
 
+/// srv1's agent on the server host, with this config body.
+fn server_agent(hosts: &Hosts, srv1: &Key, body: &str) -> AgentProc {
+    AgentProc::start(hosts, &hosts.srv, "server", "srv1", srv1, body)
+}
+
+/// dev1's agent on the device host, with this config body.
+fn device_agent(hosts: &Hosts, dev1: &Key, body: &str) -> AgentProc {
+    AgentProc::start(hosts, &hosts.dev, "device", "dev1", dev1, body)
+}
+
 const FAST: &str = "[keepalive]\ninterval_secs = 1\nmax = 2\n[reconnect]\ninitial_ms = 100\nmax_secs = 1\nconnect_timeout_secs = 3\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -66,11 +76,8 @@ async fn mqtt_through_two_agents_and_the_broker_sees_the_device_identity() {
     pipe_json_lines(broker.0.stderr.take().unwrap(), broker_log.clone());
     drop(hosts.srv.connect_retry("[::1]:1883").await);
 
-    let server = AgentProc::start(
+    let server = server_agent(
         &hosts,
-        &hosts.srv,
-        "server",
-        "srv1",
         &srv1,
         "[[publish]]\nname = \"broker\"\nport = 1883\nto = \"[::1]:1883\"\npreserve_source = true\n",
     );
@@ -79,11 +86,8 @@ async fn mqtt_through_two_agents_and_the_broker_sees_the_device_identity() {
             state(s) == "connected" && tunnel_state(s, "broker") == "up"
         })
         .await;
-    let device = AgentProc::start(
+    let device = device_agent(
         &hosts,
-        &hosts.dev,
-        "device",
-        "dev1",
         &dev1,
         "[[local]]\nname = \"mqtt\"\nlisten = \"127.0.0.1:1883\"\ntarget = \"srv1:1883\"\n",
     );
@@ -177,19 +181,13 @@ async fn mqtt_through_two_agents_and_the_broker_sees_the_device_identity() {
 async fn tunnels_come_back_after_the_gateway_is_killed_and_restarted() {
     let (hosts, mut gw, srv1, dev1) = setup().await;
     let _echo = Echo::serve(hosts.srv.listen("127.0.0.1:5001"));
-    let server = AgentProc::start(
+    let server = server_agent(
         &hosts,
-        &hosts.srv,
-        "server",
-        "srv1",
         &srv1,
         &format!("{FAST}[[publish]]\nname = \"echo\"\nport = 1883\nto = \"127.0.0.1:5001\"\n"),
     );
-    let device = AgentProc::start(
+    let device = device_agent(
         &hosts,
-        &hosts.dev,
-        "device",
-        "dev1",
         &dev1,
         &format!("{FAST}[[local]]\nname = \"echo\"\nlisten = \"127.0.0.1:11883\"\ntarget = \"srv1:1883\"\n"),
     );
@@ -251,11 +249,8 @@ async fn tunnels_come_back_after_the_gateway_is_killed_and_restarted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_dead_link_is_noticed_by_keepalive_and_the_agent_reconnects() {
     let (hosts, gw, _srv1, dev1) = setup().await;
-    let device = AgentProc::start(
+    let device = device_agent(
         &hosts,
-        &hosts.dev,
-        "device",
-        "dev1",
         &dev1,
         &format!(
             "{FAST}[[local]]\nname = \"mqtt\"\nlisten = \"127.0.0.1:11883\"\ntarget = \"srv1:1883\"\noutage = \"refuse\"\n"
@@ -302,21 +297,15 @@ async fn a_dead_link_is_noticed_by_keepalive_and_the_agent_reconnects() {
 async fn a_refused_tunnel_is_reported_and_does_not_disturb_the_others() {
     let (hosts, gw, srv1, dev1) = setup().await;
     let _echo = Echo::serve(hosts.srv.listen("127.0.0.1:5001"));
-    let server = AgentProc::start(
+    let server = server_agent(
         &hosts,
-        &hosts.srv,
-        "server",
-        "srv1",
         &srv1,
         &format!(
             "{FAST}[[publish]]\nname = \"ok\"\nport = 1883\nto = \"127.0.0.1:5001\"\n\n[[publish]]\nname = \"forbidden\"\nport = 8883\nto = \"127.0.0.1:5001\"\n"
         ),
     );
-    let device = AgentProc::start(
+    let device = device_agent(
         &hosts,
-        &hosts.dev,
-        "device",
-        "dev1",
         &dev1,
         &format!(
             "{FAST}[[local]]\nname = \"ok\"\nlisten = \"127.0.0.1:11883\"\ntarget = \"srv1:1883\"\n\n[[local]]\nname = \"forbidden\"\nlisten = \"127.0.0.1:11884\"\ntarget = \"srv1:1884\"\n"
@@ -362,6 +351,48 @@ async fn a_refused_tunnel_is_reported_and_does_not_disturb_the_others() {
     assert_eq!(state(&s), "connected");
     assert_eq!(s["reconnects"], 0);
     drop(gw);
+}
+
+/// A server app that stops reading one published tunnel holds back that tunnel only: the server
+/// agent's session keeps carrying its other tunnel both ways, and the stalled one delivers every
+/// byte once the app reads again. (On unpatched russh the server agent's whole session froze
+/// behind the full channel: see third_party/russh/CMXSAFE-PATCH.md.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_server_app_that_stops_reading_stalls_only_its_own_tunnel() {
+    let hosts = Hosts::new();
+    let [srv1, dev1] = ["srv1", "dev1"].map(|n| Key::generate(hosts.dir.path(), n));
+    let registry = RegistryText::default()
+        .srv1(&srv1, "permit_listen = [\"1883\", \"1884\"]")
+        .dev1(&dev1, "permit_open = [\"srv1:1883\", \"srv1:1884\"]")
+        .build();
+    let _gw = GatewayProc::start(&hosts, &registry, "").await;
+    let _echo = Echo::serve(hosts.srv.listen("127.0.0.1:5001"));
+    let held = HeldReader::serve(hosts.srv.listen("127.0.0.1:5003"));
+    const PUBLISH: &str = "[[publish]]\nname = \"echo\"\nport = 1883\nto = \"127.0.0.1:5001\"\n\n[[publish]]\nname = \"slow\"\nport = 1884\nto = \"127.0.0.1:5003\"\n";
+    const LOCAL: &str = "[[local]]\nname = \"echo\"\nlisten = \"127.0.0.1:11883\"\ntarget = \"srv1:1883\"\n\n[[local]]\nname = \"slow\"\nlisten = \"127.0.0.1:11884\"\ntarget = \"srv1:1884\"\n";
+    let (server, device) = (
+        server_agent(&hosts, &srv1, PUBLISH),
+        device_agent(&hosts, &dev1, LOCAL),
+    );
+    let both_up = |s: &Value| tunnel_state(s, "echo") == "up" && tunnel_state(s, "slow") == "up";
+    server.wait_status("both published", T, both_up).await;
+    device
+        .wait_status("connected", T, |s| state(s) == "connected")
+        .await;
+
+    let stalled = held.fill(hosts.dev.connect_retry("127.0.0.1:11884").await).await;
+    let sent = pattern(1 << 20, 9);
+    let echoed = tokio::time::timeout(
+        Duration::from_secs(60),
+        exchange(hosts.dev.connect_retry("127.0.0.1:11883").await, &sent),
+    )
+    .await
+    .expect("the other tunnel stalled behind the one whose app stopped reading");
+    assert!(echoed == sent, "the other tunnel's bytes differ");
+    stalled.release_and_check().await;
+    for agent in [&server, &device] {
+        assert_eq!(agent.status().unwrap()["reconnects"], 0, "no session was lost");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

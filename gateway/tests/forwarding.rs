@@ -268,57 +268,13 @@ async fn sixty_four_mib_each_way_arrive_byte_exact() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_server_that_stops_reading_stalls_the_device_without_unbounded_buffering() {
     let s = Scenario::start().await;
-    // A server app that accepts and does not read until told to.
-    let listener = s.hosts.srv.listen("127.0.0.1:5003");
-    let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
-    let reader = tokio::spawn(async move {
-        let (mut c, _) = listener.accept().await.unwrap();
-        go_rx.await.unwrap();
-        let mut got = Vec::new();
-        c.read_to_end(&mut got).await.unwrap();
-        got
-    });
+    let held = HeldReader::serve(s.hosts.srv.listen("127.0.0.1:5003"));
     let _agents = s.second_service("127.0.0.1:5003").await;
-    let mut c = s.hosts.dev.connect_retry("127.0.0.1:11884").await;
-
-    // Write until the writes stop being accepted: everything in flight is bounded by socket
-    // buffers, the pair's flow credit and SSH windows, far below what we offer.
-    let offered = 512usize << 20;
-    let data = pattern(offered, 7);
-    let mut accepted = 0usize;
-    while accepted < offered {
-        match tokio::time::timeout(
-            Duration::from_secs(3),
-            c.write(&data[accepted..(accepted + 65536).min(offered)]),
-        )
-        .await
-        {
-            Ok(Ok(n)) => accepted += n,
-            Ok(Err(e)) => panic!("write failed: {e}"),
-            Err(_) => break, // stalled: backpressure reached the device app
-        }
-    }
-    eprintln!("taken in before the device stalled: {} KiB", accepted >> 10);
-    assert!(
-        accepted < 64 << 20,
-        "{} MiB were taken in while the server read nothing",
-        accepted >> 20
-    );
+    let c = s.hosts.dev.connect_retry("127.0.0.1:11884").await;
+    // Everything in flight is bounded by socket buffers, the pair's flow credit and SSH windows.
+    let stalled = held.fill(c).await;
     s.other_connection_still_flows().await;
-    // Then the server reads and everything arrives intact.
-    go_tx.send(()).unwrap();
-    let writer = tokio::spawn(async move {
-        c.write_all(&data[accepted..]).await.unwrap();
-        c.shutdown().await.unwrap();
-        data
-    });
-    let got = tokio::time::timeout(Duration::from_secs(120), reader)
-        .await
-        .unwrap()
-        .unwrap();
-    let data = writer.await.unwrap();
-    assert_eq!(got.len(), offered);
-    assert!(got == data, "bytes differ after the stall");
+    stalled.release_and_check().await;
 }
 
 /// The other way round: a device app that stops reading one connection holds back what the

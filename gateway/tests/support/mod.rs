@@ -936,6 +936,98 @@ impl Echo {
     }
 }
 
+/// A server app that accepts one connection and reads nothing until released: the far end of a
+/// stall test.
+pub struct HeldReader {
+    go: tokio::sync::oneshot::Sender<()>,
+    got: tokio::task::JoinHandle<Vec<u8>>,
+}
+
+/// A connection into a `HeldReader` written until the writes stopped being accepted.
+pub struct Stalled {
+    held: HeldReader,
+    conn: tokio::net::TcpStream,
+    data: Vec<u8>,
+    accepted: usize,
+}
+
+impl HeldReader {
+    pub fn serve(listener: tokio::net::TcpListener) -> HeldReader {
+        let (go, released) = tokio::sync::oneshot::channel::<()>();
+        let got = tokio::spawn(async move {
+            let (mut c, _) = listener.accept().await.unwrap();
+            released.await.unwrap();
+            let mut got = Vec::new();
+            tokio::io::AsyncReadExt::read_to_end(&mut c, &mut got)
+                .await
+                .unwrap();
+            got
+        });
+        HeldReader { go, got }
+    }
+
+    /// Offers 512 MiB through `conn` (which leads to this reader) until a write has not been
+    /// accepted for 3 s, and asserts that what was taken in meanwhile stayed far below that:
+    /// backpressure reached the writer, nothing buffers without bound.
+    pub async fn fill(self, mut conn: tokio::net::TcpStream) -> Stalled {
+        let offered = 512usize << 20;
+        let data = pattern(offered, 7);
+        let mut accepted = 0usize;
+        while accepted < offered {
+            let chunk = &data[accepted..(accepted + 65536).min(offered)];
+            match tokio::time::timeout(
+                Duration::from_secs(3),
+                tokio::io::AsyncWriteExt::write(&mut conn, chunk),
+            )
+            .await
+            {
+                Ok(Ok(n)) => accepted += n,
+                Ok(Err(e)) => panic!("write failed: {e}"),
+                Err(_) => break,
+            }
+        }
+        eprintln!("taken in before the writer stalled: {} KiB", accepted >> 10);
+        assert!(
+            accepted < 64 << 20,
+            "{} MiB were taken in while the reader read nothing",
+            accepted >> 20
+        );
+        Stalled {
+            held: self,
+            conn,
+            data,
+            accepted,
+        }
+    }
+}
+
+impl Stalled {
+    /// Lets the reader read, writes the rest, and checks that every byte arrived in order.
+    pub async fn release_and_check(self) {
+        let Stalled {
+            held,
+            mut conn,
+            data,
+            accepted,
+        } = self;
+        held.go.send(()).unwrap();
+        let writer = tokio::spawn(async move {
+            tokio::io::AsyncWriteExt::write_all(&mut conn, &data[accepted..])
+                .await
+                .unwrap();
+            tokio::io::AsyncWriteExt::shutdown(&mut conn).await.unwrap();
+            data
+        });
+        let got = tokio::time::timeout(Duration::from_secs(120), held.got)
+            .await
+            .expect("the stalled connection never resumed")
+            .unwrap();
+        let data = writer.await.unwrap();
+        assert_eq!(got.len(), data.len());
+        assert!(got == data, "bytes differ after the stall");
+    }
+}
+
 /// A fixed banner service: writes `banner` then closes, counting connections.
 pub fn banner(listener: tokio::net::TcpListener, banner: &'static [u8]) -> Echo {
     let svc = Echo::default();
