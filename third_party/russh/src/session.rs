@@ -82,6 +82,17 @@ pub(crate) struct CommonSession<Config> {
     pub window_wake: std::sync::Arc<tokio::sync::Notify>,
 }
 
+/// cmxsafe patch: the channels whose readers woke the session since it last looked.
+pub(crate) fn woken_channels(
+    channels: &HashMap<ChannelId, crate::channels::ChannelRef>,
+) -> Vec<ChannelId> {
+    channels
+        .iter()
+        .filter(|(_, c)| c.recv_window().take_wakeup())
+        .map(|(id, _)| *id)
+        .collect()
+}
+
 impl<C> Debug for CommonSession<C> {
     fn fmt(&self, f: &mut Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CommonSession")
@@ -329,26 +340,31 @@ impl Encrypted {
     /// cmxsafe patch: tops the peer's window up towards `target`, but never beyond what the
     /// channel's reader has room for (`target` minus what it has not taken yet). When a top-up
     /// is due and the reader is behind, the channel is marked stalled and its reader wakes
-    /// `wake` once it caught up (see `channels::recv_window`). Returns whether a
-    /// WINDOW_ADJUST was sent.
+    /// `wake` once it caught up (see `channels::recv_window`). A channel without a reader here
+    /// (its events go to the handler only) is topped up as data arrives, as upstream does.
+    /// Returns whether a WINDOW_ADJUST was sent.
     pub(crate) fn grant_window(
         &mut self,
         channel: ChannelId,
         target: u32,
-        reader: &crate::channels::RecvWindow,
+        reader: Option<&crate::channels::RecvWindow>,
         wake: &std::sync::Arc<tokio::sync::Notify>,
     ) -> Result<bool, crate::Error> {
         let Some(channel) = self.channels.get_mut(&channel) else {
             return Ok(false);
         };
         let half = target / 2;
+        // Only our grants raise the window, and a grant clears the stall: nothing to undo here.
         if channel.sender_window_size >= half {
-            reader.unstall();
             return Ok(false);
         }
-        // Mark first, then read: a reader taking data in between sees the mark.
-        reader.stall(wake, half - channel.sender_window_size);
-        let room = target.saturating_sub(reader.queued());
+        let mut queued = 0;
+        if let Some(reader) = reader {
+            // Mark first, then read: a reader taking data in between sees the mark.
+            reader.stall(wake, half - channel.sender_window_size);
+            queued = reader.queued();
+        }
+        let room = target.saturating_sub(queued);
         if room.saturating_sub(channel.sender_window_size) < half {
             trace!(
                 "channel {}: reader behind, window {} withheld",
@@ -356,7 +372,9 @@ impl Encrypted {
             );
             return Ok(false);
         }
-        reader.unstall();
+        if let Some(reader) = reader {
+            reader.unstall();
+        }
         push_packet!(self.write, {
             self.write.push(msg::CHANNEL_WINDOW_ADJUST);
             channel.recipient_channel.encode(&mut self.write)?;

@@ -1440,10 +1440,7 @@ impl Session {
         channel: ChannelId,
         handler: &mut H,
     ) -> Result<(), H::Error> {
-        // A channel without a reader here (its events go to the handler only) has nothing
-        // queued: the window is topped up as data arrives, as upstream does.
-        let unread = crate::channels::RecvWindow::default();
-        let reader = self.channels.get(&channel).map_or(&unread, |c| &**c.recv_window());
+        let reader = self.channels.get(&channel).map(|c| &**c.recv_window());
         let target = self.target_window_size;
         if let Some(enc) = self.common.encrypted.as_mut()
             && enc.grant_window(channel, target, reader, &self.common.window_wake)?
@@ -1458,13 +1455,7 @@ impl Session {
 
     /// cmxsafe patch: the channels whose readers caught up get their window topped up.
     pub(crate) fn grant_woken_windows<H: Handler>(&mut self, handler: &mut H) -> Result<(), H::Error> {
-        let woken: Vec<ChannelId> = self
-            .channels
-            .iter()
-            .filter(|(_, c)| c.recv_window().take_wakeup())
-            .map(|(id, _)| *id)
-            .collect();
-        for id in woken {
+        for id in crate::session::woken_channels(&self.channels) {
             self.grant_window(id, handler)?;
         }
         Ok(())
