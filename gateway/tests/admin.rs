@@ -64,24 +64,12 @@ async fn health_readiness_and_metrics_follow_real_sessions_and_traffic() {
     );
 
     // A server publishes, a device forwards to it (and once to somewhere it may not go).
-    let _echo = Echo::serve(hosts.srv.listen("127.0.0.1:5000"));
-    let _server = SshAgent::start(&hosts, &hosts.srv, "srv1", &srv1, &["-R", "1883:127.0.0.1:5000"]);
-    gw.log
-        .wait("srv1 forward", T, |v| {
-            field(v, "event") == "forward" && field(v, "identity") == "srv1"
-        })
-        .await;
-    let _device = SshAgent::start(
+    let (_echo, _server) = publish_echo(&hosts, &gw, &srv1, &[]).await;
+    let _device = SshAgent::local_forwards(
         &hosts,
-        &hosts.dev,
         "dev1",
         &dev1,
-        &[
-            "-L",
-            "127.0.0.1:11883:srv1:1883",
-            "-L",
-            "127.0.0.1:11884:srv1:9999",
-        ],
+        &["127.0.0.1:11883:srv1:1883", "127.0.0.1:11884:srv1:9999"],
     );
     let mut stream = hosts.dev.connect_retry("127.0.0.1:11883").await;
     let data = vec![0x5au8; 100_000];

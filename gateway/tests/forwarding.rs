@@ -85,17 +85,11 @@ impl Scenario {
             .unwrap()
             .replace("\"srv1:1883\"", "\"srv1:*\"");
         self.gw.rewrite_registry(&registry).await;
-        let dev = SshAgent::start(
+        let dev = SshAgent::local_forwards(
             &self.hosts,
-            &self.hosts.dev,
             "dev1",
             &self.dev1,
-            &[
-                "-L",
-                "127.0.0.1:11884:srv1:1884",
-                "-L",
-                "127.0.0.1:11885:srv1:1883",
-            ],
+            &["127.0.0.1:11884:srv1:1884", "127.0.0.1:11885:srv1:1883"],
         );
         [srv, dev]
     }

@@ -50,17 +50,11 @@ async fn registry_changes_apply_without_restart() {
             field(v, "request") == "tcpip-forward localhost:1884"
         })
         .await;
-    let _dev1 = SshAgent::start(
+    let _dev1 = SshAgent::local_forwards(
         &hosts,
-        &hosts.dev,
         "dev1",
         &dev1,
-        &[
-            "-L",
-            "127.0.0.1:11883:srv1:1883",
-            "-L",
-            "127.0.0.1:11884:srv1:1884",
-        ],
+        &["127.0.0.1:11883:srv1:1883", "127.0.0.1:11884:srv1:1884"],
     );
     let mut dev2_agent = SshAgent::start(
         &hosts,

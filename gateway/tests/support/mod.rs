@@ -747,6 +747,13 @@ impl SshAgent {
         SshAgent { child, output }
     }
 
+    /// `ssh -N -L f1 -L f2 ...` from the device host as `user`: a device agent with these local
+    /// forwards (`listen:target:port` each).
+    pub fn local_forwards(hosts: &Hosts, user: &str, key: &Key, forwards: &[&str]) -> SshAgent {
+        let args: Vec<&str> = forwards.iter().flat_map(|f| ["-L", f]).collect();
+        SshAgent::start(hosts, &hosts.dev, user, key, &args)
+    }
+
     pub fn output(&self) -> String {
         self.output.lock().unwrap().clone()
     }
