@@ -20,7 +20,19 @@ PIDS=()
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 
+# On failure, show what each part said before the evidence is deleted.
+show_logs() {
+  local log
+  for log in gateway.log server-agent.log device-agent.log mosquitto.log received; do
+    [[ -s $WORK/$log ]] || continue
+    echo "---- $log (last 60 lines)" >&2
+    tail -n 60 "$WORK/$log" >&2
+  done
+}
+
 cleanup() {
+  local status=$?
+  if ((status != 0)); then show_logs; fi
   for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
   for ns in "$DEV" "$GW" "$SRV"; do ip netns del "$ns" 2>/dev/null || true; done
@@ -28,10 +40,13 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-# Background processes are started with `ip netns exec` directly: it execs, so $! is their pid.
-in_ns() { local ns=$1; shift; ip netns exec "$ns" "$@"; }
+# Runs a command in a host's network namespace. `nsenter --net` rather than `ip netns exec`: the
+# latter remounts /sys, hiding the cgroup v2 hierarchy and bpffs the gateway's sockmap data plane
+# needs. Background processes are started with `nsenter` itself, not this function: nsenter
+# execs, so $! is then the process's own pid and cleanup can stop it.
+in_ns() { local ns=$1; shift; nsenter --net="/run/netns/$ns" "$@"; }
 
-wait_for() { # wait_for DESCRIPTION COMMAND...: retry for 15 s
+wait_for() { # wait_for DESCRIPTION COMMAND...: run COMMAND again until it succeeds, for 15 s
   local what=$1; shift
   for _ in $(seq 150); do "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done
   echo "demo: timed out waiting for $what" >&2
@@ -70,11 +85,12 @@ printf 'listen = "0.0.0.0:2222"\n' > "$WORK/gateway.toml"
 DEV_ADDR=$("$GATEWAY" address a2:3f:f8:68:ec:8f)
 
 say "gateway: cmx-gateway run on the gateway host"
-ip netns exec "$GW" "$GATEWAY" --log-format json run --config "$WORK/gateway.toml" 2> "$WORK/gateway.log" &
+nsenter --net="/run/netns/$GW" "$GATEWAY" --log-format json run --config "$WORK/gateway.toml" 2> "$WORK/gateway.log" &
 PIDS+=($!)
 wait_for "the gateway" grep -q 'cmx-gateway ready' "$WORK/gateway.log"
 HOSTKEY=$(cat "$WORK/ssh_host_ed25519_key.pub")
 printf '[10.1.0.1]:2222 %s\n[10.2.0.1]:2222 %s\n' "$HOSTKEY" "$HOSTKEY" > "$WORK/known_hosts"
+grep -o '"dataplane":"[^"]*"' "$WORK/gateway.log" | head -n 1 | sed -E 's/.*:"(.*)"/    data plane: \1/'
 echo "    host key $(ssh-keygen -lf "$WORK/ssh_host_ed25519_key.pub" | cut -d' ' -f2) (pinned by both agents)"
 
 SSH=(ssh -N -p 2222 -F /dev/null -o BatchMode=yes -o IdentitiesOnly=yes -o StrictHostKeyChecking=yes
@@ -82,10 +98,10 @@ SSH=(ssh -N -p 2222 -F /dev/null -o BatchMode=yes -o IdentitiesOnly=yes -o Stric
 
 say "server host: mosquitto on [::1]:1883, published to the gateway by cmx-agent"
 printf 'listener 1883 ::1\nallow_anonymous true\nlog_dest stderr\nlog_type all\n' > "$WORK/mosquitto.conf"
-ip netns exec "$SRV" mosquitto -c "$WORK/mosquitto.conf" 2> "$WORK/mosquitto.log" &
+nsenter --net="/run/netns/$SRV" mosquitto -c "$WORK/mosquitto.conf" 2> "$WORK/mosquitto.log" &
 PIDS+=($!)
 wait_for "mosquitto" in_ns "$SRV" mosquitto_sub -h ::1 -p 1883 -t probe -W 1 -C 1 -E
-ip netns exec "$SRV" mosquitto_sub -h ::1 -p 1883 -t 'sensors/#' -v > "$WORK/received" &
+nsenter --net="/run/netns/$SRV" mosquitto_sub -h ::1 -p 1883 -t 'sensors/#' -v > "$WORK/received" &
 PIDS+=($!)
 cat > "$WORK/server-agent.toml" <<TOML
 identity = "srv1"
@@ -100,22 +116,25 @@ port = 1883
 to = "[::1]:1883"
 preserve_source = true   # the broker sees who is really connecting
 TOML
-ip netns exec "$SRV" "$AGENT" run --config "$WORK/server-agent.toml" 2> "$WORK/server-agent.log" &
+nsenter --net="/run/netns/$SRV" "$AGENT" run --config "$WORK/server-agent.toml" 2> "$WORK/server-agent.log" &
 PIDS+=($!)
 wait_for "srv1's forward" grep -q '"request":"tcpip-forward :1883"' "$WORK/gateway.log"
 wait_for "srv1's agent status" in_ns "$SRV" "$AGENT" status --config "$WORK/server-agent.toml"
 in_ns "$SRV" "$AGENT" status --config "$WORK/server-agent.toml" | sed 's/^/    /'
 
 say "device host: ssh -L 127.0.0.1:1883:srv1:1883 (the MQTT app keeps talking to localhost)"
-ip netns exec "$DEV" "${SSH[@]}" -i "$WORK/dev" -L 127.0.0.1:1883:srv1:1883 -L 127.0.0.1:8883:srv1:8883 \
+nsenter --net="/run/netns/$DEV" "${SSH[@]}" -i "$WORK/dev" -L 127.0.0.1:1883:srv1:1883 -L 127.0.0.1:8883:srv1:8883 \
   a23ff868ec8f@10.1.0.1 2> "$WORK/device-agent.log" &
 PIDS+=($!)
 wait_for "the device's local port" in_ns "$DEV" bash -c 'exec 3<>/dev/tcp/127.0.0.1/1883'
 
+# A function, so that wait_for counts the lines anew on every try.
+received_at_least() { (($(wc -l < "$WORK/received") >= $1)); }
+
 say "publishing $MESSAGES messages from the device host to localhost:1883"
 for i in $(seq "$MESSAGES"); do
   in_ns "$DEV" mosquitto_pub -h 127.0.0.1 -p 1883 -i "dev-$i" -t sensors/a23ff868ec8f/temperature -m "$((200 + i))e-1 C"
-  wait_for "message $i" test "$(wc -l < "$WORK/received")" -ge "$i"
+  wait_for "message $i" received_at_least "$i"
   seen=$(grep -o "New connection from [^ ]* on port 1883" "$WORK/mosquitto.log" | tail -n 1 | cut -d' ' -f4)
   addr=${seen%:*}
   printf '    broker received: %-45s from %s\n' "$(sed -n "${i}p" "$WORK/received")" "$seen"
@@ -130,9 +149,20 @@ grep '"request":"direct-tcpip srv1:8883"' "$WORK/gateway.log" | head -n 1 |
   sed -E 's/.*"reason":"([^"]*)".*/    gateway refused: \1/'
 
 say "audit trail (the gateway's decisions, one line each)"
-jfield() { grep -o "\"$1\":\"[^\"]*\"" <<< "$2" | head -n 1 | cut -d'"' -f4; }
+# A JSON field of a log line: a string, or a number/boolean; empty when absent.
+jfield() { { grep -o "\"$1\":\"[^\"]*\"" <<< "$2" || true; } | head -n 1 | cut -d'"' -f4; }
+jvalue() { { grep -o "\"$1\":[^,}\"]*" <<< "$2" || true; } | head -n 1 | cut -d: -f2; }
+closed() { # what a closed path carried, and whether the kernel spliced it
+  local to back how="relayed in user space"
+  to=$(jvalue bytes_to_target "$1") back=$(jvalue bytes_from_target "$1")
+  [[ $(jvalue spliced "$1") == true ]] && how="sockmap: $(jvalue spliced_to_target "$1") B spliced"
+  [[ $to$back == 00 ]] && how="no data: the demo's readiness probe"
+  echo "$to B to srv1, $back B back ($how)"
+}
 grep '"target":"audit"' "$WORK/gateway.log" | while IFS= read -r line; do
+  what="$(jfield request "$line")$(jfield destination "$line")"
+  [[ $(jfield event "$line") == pair-closed ]] && what=$(closed "$line")
   printf '    %-12s %-7s %-14s %s\n' "$(jfield event "$line")" "$(jfield decision "$line")" \
-    "$(jfield identity "$line")" "$(jfield request "$line")$(jfield destination "$line")"
+    "$(jfield identity "$line")" "$what"
 done
 say "done: $MESSAGES messages crossed the gateway; cleaning up"
