@@ -178,6 +178,7 @@ impl Netns {
 impl Drop for Netns {
     fn drop(&mut self) {
         let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        remove_empty_test_parents();
     }
 }
 
@@ -411,23 +412,38 @@ pub fn test_dataplane() -> String {
     std::env::var("CMX_TEST_DATAPLANE").unwrap_or_else(|_| "sockmap".into())
 }
 
-pub fn cgroup_v2_mount() -> PathBuf {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    info.lines()
-        .find_map(|l| {
-            let (left, right) = l.split_once(" - ")?;
-            let mount_point = left.split_whitespace().nth(4)?;
-            (right.split_whitespace().next()? == "cgroup2").then(|| PathBuf::from(mount_point))
-        })
-        .expect("a cgroup v2 hierarchy is mounted")
+fn find_cgroup_v2_mount() -> Option<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        let mount_point = left.split_whitespace().nth(4)?;
+        (right.split_whitespace().next()? == "cgroup2").then(|| PathBuf::from(mount_point))
+    })
 }
 
+pub fn cgroup_v2_mount() -> PathBuf {
+    find_cgroup_v2_mount().expect("a cgroup v2 hierarchy is mounted")
+}
+
+/// Parent of every test gateway's cgroup and pin directory.
+const TEST_PARENT: &str = "cmxsafe-test";
+
 pub fn gateway_cgroup(gw: &Netns) -> PathBuf {
-    cgroup_v2_mount().join("cmxsafe-test").join(&gw.name)
+    cgroup_v2_mount().join(TEST_PARENT).join(&gw.name)
 }
 
 pub fn gateway_pin_dir(gw: &Netns) -> PathBuf {
-    PathBuf::from("/sys/fs/bpf/cmxsafe-test").join(&gw.name)
+    Path::new("/sys/fs/bpf").join(TEST_PARENT).join(&gw.name)
+}
+
+/// Removes the shared parents of the test gateways' cgroups and pin directories once they are
+/// empty (each gateway removes its own on exit); while another test's gateway still runs they are
+/// not empty and stay.
+fn remove_empty_test_parents() {
+    let _ = std::fs::remove_dir(Path::new("/sys/fs/bpf").join(TEST_PARENT));
+    if let Some(mount) = find_cgroup_v2_mount() {
+        let _ = std::fs::remove_dir(mount.join(TEST_PARENT));
+    }
 }
 
 pub fn dataplane_config(gw: &Netns, mode: &str) -> String {
