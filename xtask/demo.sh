@@ -80,7 +80,10 @@ keys = ["$(cat "$WORK/dev.pub")"]
 mac = "a2:3f:f8:68:ec:8f"
 permit_open = ["srv1:1883"]
 TOML
-printf 'listen = "0.0.0.0:2222"\n' > "$WORK/gateway.toml"
+# Its own pin directory and cgroup: a gateway already running on this host keeps its own.
+CGROUP2=$(findmnt -n -t cgroup2 -o TARGET | head -n 1 || true)
+printf 'listen = "0.0.0.0:2222"\n[dataplane]\npin_dir = "/sys/fs/bpf/%s"\ncgroup = "%s"\n' \
+  "$NS" "${CGROUP2:+$CGROUP2/$NS}" > "$WORK/gateway.toml"
 "$GATEWAY" check-config "$WORK/gateway.toml"
 DEV_ADDR=$("$GATEWAY" address a2:3f:f8:68:ec:8f)
 

@@ -407,3 +407,101 @@ async fn twenty_restarts_clean_or_killed_leave_nothing_behind() {
     assert_eq!(cmx_objects(), baseline, "nothing left after the last clean exit");
     assert!(!pins.exists() && !cgroup.exists());
 }
+
+/// The names pinned in `dir`, sorted (empty when it does not exist).
+fn pinned(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_second_gateway_on_the_same_pins_or_cgroup_refuses_and_leaves_the_first_intact() {
+    let _serial = SERIAL.lock().await;
+    let hosts = Hosts::new();
+    let srv1 = Key::generate(hosts.dir.path(), "srv1");
+    let registry = RegistryText::default()
+        .srv1(&srv1, "permit_listen = [\"1883\"]")
+        .build();
+    let mut first = GatewayProc::start_with(&hosts, &registry, "", "sockmap", &[]).await;
+    let pins = gateway_pin_dir(&hosts.gw);
+    let cgroup = gateway_cgroup(&hosts.gw);
+    let before = pinned(&pins);
+    assert!(
+        !before.is_empty(),
+        "the first gateway pinned its maps and programs"
+    );
+
+    let other_pins = pins.with_file_name(format!("{}-second", hosts.gw.name));
+    let other_cgroup = cgroup.with_file_name(format!("{}-second", hosts.gw.name));
+    let clashes = [
+        (
+            "same pins, same cgroup (a copied config)",
+            &pins,
+            &cgroup,
+            "is in use by another running gateway",
+        ),
+        (
+            "same pins, own cgroup",
+            &pins,
+            &other_cgroup,
+            "is in use by another running gateway",
+        ),
+        (
+            "own pins, same cgroup",
+            &other_pins,
+            &cgroup,
+            "is used by live processes",
+        ),
+    ];
+    for (case, pin_dir, cgroup_dir, refusal) in clashes {
+        let config = hosts.path("gateway-second.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "listen = \"0.0.0.0:{}\"\n[dataplane]\nmode = \"sockmap\"\npin_dir = \"{}\"\ncgroup = \"{}\"\n",
+                SSH_PORT + 1,
+                pin_dir.display(),
+                cgroup_dir.display()
+            ),
+        )
+        .unwrap();
+        let second = hosts
+            .gw
+            .net_command(&gateway_bin())
+            .args(["run", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&second.stderr);
+        assert!(
+            !second.status.success(),
+            "{case}: the second gateway must not start: {stderr}"
+        );
+        assert!(stderr.contains(refusal), "{case}: the refusal says why: {stderr}");
+        assert_eq!(
+            pinned(&pins),
+            before,
+            "{case}: the first gateway's pins are untouched"
+        );
+        assert!(cgroup.exists(), "{case}: the first gateway's cgroup stays");
+        assert!(
+            !other_cgroup.exists(),
+            "{case}: the refused gateway left no cgroup"
+        );
+        let _ = std::fs::remove_dir(&other_pins);
+    }
+
+    // The first gateway still has its data plane: it exits cleanly, removing what it made.
+    first.signal(libc::SIGTERM);
+    assert_eq!(first.wait_exit(T).await.code(), Some(0));
+    assert!(
+        !pins.exists() && !cgroup.exists(),
+        "the first gateway removed its pins and cgroup"
+    );
+}

@@ -2,7 +2,9 @@
 //! replaced: the directory is emptied at start and removed at clean shutdown.
 
 use std::ffi::CString;
+use std::fs::File;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::path::Path;
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -44,6 +46,19 @@ pub fn ensure_mounted(pin_dir: &Path) -> io::Result<()> {
     }
     tracing::info!(path = %root.display(), "mounted the BPF filesystem");
     Ok(())
+}
+
+/// Creates `dir` and takes an exclusive lock on it for as long as the returned file lives, so two
+/// gateways never share a pin directory (the second would remove the first one's pins). Fails
+/// with `WouldBlock` while another process holds it; the kernel releases it when the holder dies.
+pub fn lock(dir: &Path) -> io::Result<File> {
+    std::fs::create_dir_all(dir)?;
+    let file = File::open(dir)?;
+    // SAFETY: flock on a descriptor we own; no memory is passed.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(file)
 }
 
 /// Removes every pin in `dir` (stale ones from a killed gateway); returns how many.

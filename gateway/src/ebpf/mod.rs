@@ -64,6 +64,8 @@ pub struct SockmapDataPlane {
     /// Programs and their links: dropping it detaches everything.
     ebpf: Mutex<Option<Ebpf>>,
     cgroup: Mutex<Option<cgroup::OwnCgroup>>,
+    /// Held while the pins are ours (see `bpffs::lock`).
+    pin_lock: Mutex<Option<std::fs::File>>,
     tags: Shared<HashMap<MapData, u64, Tag>>,
     bytes: Mutex<PerCpuHashMap<MapData, PairKey, u64>>,
     open: Mutex<HashMap<MapData, OpenKey, u8>>,
@@ -111,14 +113,34 @@ impl SockmapDataPlane {
                 settings.pin_dir.display()
             )
         })?;
-        let stale = bpffs::clear(&settings.pin_dir)
-            .map_err(|e| format!("cannot use pin directory {}: {e}", settings.pin_dir.display()))?;
+        // The pin directory's lock and the cgroup first: either fails while another gateway uses
+        // it, and then the pins (that gateway's) must stay. Once both are ours, pins are stale.
+        let pin_lock = bpffs::lock(&settings.pin_dir).map_err(|e| match e.kind() {
+            std::io::ErrorKind::WouldBlock => format!(
+                "pin directory {} is in use by another running gateway; give each gateway its own dataplane.pin_dir and dataplane.cgroup",
+                settings.pin_dir.display()
+            ),
+            _ => format!("cannot use pin directory {}: {e}", settings.pin_dir.display()),
+        })?;
+        let own_cgroup = cgroup::OwnCgroup::enter(&settings.cgroup).map_err(|e| e.to_string())?;
+        let stale = match bpffs::clear(&settings.pin_dir) {
+            Ok(stale) => stale,
+            Err(e) => {
+                own_cgroup.leave();
+                return Err(format!(
+                    "cannot use pin directory {}: {e}",
+                    settings.pin_dir.display()
+                ));
+            }
+        };
         if stale > 0 {
             tracing::warn!(pin_dir = %settings.pin_dir.display(), stale, "replaced pins left by an earlier gateway");
         }
-        let own_cgroup = cgroup::OwnCgroup::enter(&settings.cgroup).map_err(|e| e.to_string())?;
         match Self::attach(settings, object, own_cgroup) {
-            Ok(dp) => Ok(dp),
+            Ok(dp) => {
+                *lock(&dp.pin_lock) = Some(pin_lock);
+                Ok(dp)
+            }
             Err((reason, own_cgroup, pin_dir)) => {
                 own_cgroup.leave();
                 bpffs::remove(&pin_dir);
@@ -185,6 +207,7 @@ impl SockmapDataPlane {
                 logger: Mutex::new(logger),
                 ebpf: Mutex::new(Some(ebpf)),
                 cgroup: Mutex::new(None),
+                pin_lock: Mutex::new(None),
                 settings: settings.clone(),
             })
         })();
@@ -201,6 +224,7 @@ impl SockmapDataPlane {
     pub fn unload(&self) {
         drop(lock(&self.ebpf).take());
         bpffs::remove(&self.settings.pin_dir);
+        drop(lock(&self.pin_lock).take());
         if let Some(cg) = lock(&self.cgroup).take() {
             cg.leave();
         }
