@@ -194,8 +194,15 @@ fn cargo() -> Command {
     c
 }
 
+/// The workspace this xtask was invoked in. `cargo run` (the `cargo xtask` alias) sets
+/// CARGO_MANIFEST_DIR at run time; that one wins over the build-time path, because a target
+/// directory shared by several clones (CI on a reused machine) may hand any clone an xtask binary
+/// built in another one.
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    manifest_dir
         .parent()
         .expect("xtask lives in the workspace")
         .to_path_buf()
