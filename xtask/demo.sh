@@ -88,7 +88,11 @@ printf 'listen = "0.0.0.0:2222"\n[dataplane]\npin_dir = "/sys/fs/bpf/%s"\ncgroup
 DEV_ADDR=$("$GATEWAY" address a2:3f:f8:68:ec:8f)
 
 say "gateway: cmx-gateway run on the gateway host"
-nsenter --net="/run/netns/$GW" "$GATEWAY" --log-format json run --config "$WORK/gateway.toml" 2> "$WORK/gateway.log" &
+# CI builds with CMX_EBPF=require: there the demo must run the kernel data plane, not fall back.
+DATAPLANE=auto
+[[ ${CMX_EBPF:-} == require ]] && DATAPLANE=sockmap
+nsenter --net="/run/netns/$GW" "$GATEWAY" --log-format json run --config "$WORK/gateway.toml" \
+  --dataplane "$DATAPLANE" 2> "$WORK/gateway.log" &
 PIDS+=($!)
 wait_for "the gateway" grep -q 'cmx-gateway ready' "$WORK/gateway.log"
 HOSTKEY=$(cat "$WORK/ssh_host_ed25519_key.pub")
