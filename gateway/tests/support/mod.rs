@@ -438,7 +438,7 @@ pub fn gateway_pin_dir(gw: &Netns) -> PathBuf {
 
 /// Removes the shared parents of the test gateways' cgroups and pin directories once they are
 /// empty (each gateway removes its own on exit); while another test's gateway still runs they are
-/// not empty and stay.
+/// not empty and stay. Called when a namespace or a gateway goes, whichever is last.
 fn remove_empty_test_parents() {
     let _ = std::fs::remove_dir(Path::new("/sys/fs/bpf").join(TEST_PARENT));
     if let Some(mount) = find_cgroup_v2_mount() {
@@ -605,6 +605,8 @@ impl Drop for GatewayProc {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // Its namespace may have gone first (field order in the bench's variants).
+        remove_empty_test_parents();
     }
 }
 
