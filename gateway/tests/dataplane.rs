@@ -18,6 +18,16 @@ const T: Duration = Duration::from_secs(20);
 /// These tests count kernel objects: one at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// A sockmap gateway whose registry holds srv1 (may listen on 1883), and srv1's key.
+async fn sockmap_gateway_for_srv1(hosts: &Hosts) -> (Key, GatewayProc) {
+    let srv1 = Key::generate(hosts.dir.path(), "srv1");
+    let registry = RegistryText::default()
+        .srv1(&srv1, "permit_listen = [\"1883\"]")
+        .build();
+    let gw = GatewayProc::start_with(hosts, &registry, "", "sockmap", &[]).await;
+    (srv1, gw)
+}
+
 /// `data_segs_out` of the TCP sockets in `ns` whose local address is `[addr]`.
 fn data_segs_out(ns: &Netns, local: &str) -> Vec<u64> {
     let out = ns
@@ -231,11 +241,7 @@ async fn the_kernel_refuses_what_the_registry_forbids_even_if_user_space_does_no
 async fn an_untagged_process_in_the_gateway_cgroup_cannot_reach_a_mir_sock() {
     let _serial = SERIAL.lock().await;
     let hosts = Hosts::new();
-    let srv1 = Key::generate(hosts.dir.path(), "srv1");
-    let registry = RegistryText::default()
-        .srv1(&srv1, "permit_listen = [\"1883\"]")
-        .build();
-    let gw = GatewayProc::start_with(&hosts, &registry, "", "sockmap", &[]).await;
+    let (srv1, gw) = sockmap_gateway_for_srv1(&hosts).await;
     let (echo, _srv) = publish_echo(&hosts, &gw, &srv1, &[]).await;
     let cgroup = gateway_cgroup(&hosts.gw);
     let script = format!(
@@ -358,11 +364,7 @@ async fn twenty_restarts_clean_or_killed_leave_nothing_behind() {
     let _serial = SERIAL.lock().await;
     let baseline = cmx_objects();
     let hosts = Hosts::new();
-    let srv1 = Key::generate(hosts.dir.path(), "srv1");
-    let registry = RegistryText::default()
-        .srv1(&srv1, "permit_listen = [\"1883\"]")
-        .build();
-    let mut gw = GatewayProc::start_with(&hosts, &registry, "", "sockmap", &[]).await;
+    let (_srv1, mut gw) = sockmap_gateway_for_srv1(&hosts).await;
     let loaded = cmx_objects();
     assert!(
         loaded.0 >= baseline.0 + 6,
@@ -424,11 +426,7 @@ fn pinned(dir: &std::path::Path) -> Vec<String> {
 async fn a_second_gateway_on_the_same_pins_or_cgroup_refuses_and_leaves_the_first_intact() {
     let _serial = SERIAL.lock().await;
     let hosts = Hosts::new();
-    let srv1 = Key::generate(hosts.dir.path(), "srv1");
-    let registry = RegistryText::default()
-        .srv1(&srv1, "permit_listen = [\"1883\"]")
-        .build();
-    let mut first = GatewayProc::start_with(&hosts, &registry, "", "sockmap", &[]).await;
+    let (_srv1, mut first) = sockmap_gateway_for_srv1(&hosts).await;
     let pins = gateway_pin_dir(&hosts.gw);
     let cgroup = gateway_cgroup(&hosts.gw);
     let before = pinned(&pins);

@@ -64,8 +64,9 @@ pub struct SockmapDataPlane {
     /// Programs and their links: dropping it detaches everything.
     ebpf: Mutex<Option<Ebpf>>,
     cgroup: Mutex<Option<cgroup::OwnCgroup>>,
-    /// Held while the pins are ours (see `bpffs::lock`).
-    pin_lock: Mutex<Option<std::fs::File>>,
+    /// Held while the pins are ours (see `bpffs::lock`); after `unload` removed the directory it
+    /// locks nothing a later gateway could use.
+    _pin_lock: std::fs::File,
     tags: Shared<HashMap<MapData, u64, Tag>>,
     bytes: Mutex<PerCpuHashMap<MapData, PairKey, u64>>,
     open: Mutex<HashMap<MapData, OpenKey, u8>>,
@@ -136,11 +137,8 @@ impl SockmapDataPlane {
         if stale > 0 {
             tracing::warn!(pin_dir = %settings.pin_dir.display(), stale, "replaced pins left by an earlier gateway");
         }
-        match Self::attach(settings, object, own_cgroup) {
-            Ok(dp) => {
-                *lock(&dp.pin_lock) = Some(pin_lock);
-                Ok(dp)
-            }
+        match Self::attach(settings, object, own_cgroup, pin_lock) {
+            Ok(dp) => Ok(dp),
             Err((reason, own_cgroup, pin_dir)) => {
                 own_cgroup.leave();
                 bpffs::remove(&pin_dir);
@@ -154,6 +152,7 @@ impl SockmapDataPlane {
         settings: SockmapSettings,
         object: &[u8],
         own_cgroup: cgroup::OwnCgroup,
+        pin_lock: std::fs::File,
     ) -> Result<SockmapDataPlane, (String, cgroup::OwnCgroup, PathBuf)> {
         let pin_dir = settings.pin_dir.clone();
         let fail = |reason: String, cg| (reason, cg, pin_dir.clone());
@@ -207,7 +206,7 @@ impl SockmapDataPlane {
                 logger: Mutex::new(logger),
                 ebpf: Mutex::new(Some(ebpf)),
                 cgroup: Mutex::new(None),
-                pin_lock: Mutex::new(None),
+                _pin_lock: pin_lock,
                 settings: settings.clone(),
             })
         })();
@@ -224,7 +223,6 @@ impl SockmapDataPlane {
     pub fn unload(&self) {
         drop(lock(&self.ebpf).take());
         bpffs::remove(&self.settings.pin_dir);
-        drop(lock(&self.pin_lock).take());
         if let Some(cg) = lock(&self.cgroup).take() {
             cg.leave();
         }

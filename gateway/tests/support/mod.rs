@@ -412,17 +412,8 @@ pub fn test_dataplane() -> String {
     std::env::var("CMX_TEST_DATAPLANE").unwrap_or_else(|_| "sockmap".into())
 }
 
-fn find_cgroup_v2_mount() -> Option<PathBuf> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    info.lines().find_map(|l| {
-        let (left, right) = l.split_once(" - ")?;
-        let mount_point = left.split_whitespace().nth(4)?;
-        (right.split_whitespace().next()? == "cgroup2").then(|| PathBuf::from(mount_point))
-    })
-}
-
 pub fn cgroup_v2_mount() -> PathBuf {
-    find_cgroup_v2_mount().expect("a cgroup v2 hierarchy is mounted")
+    cmx_gateway::ebpf::cgroup::v2_mount().expect("a cgroup v2 hierarchy is mounted")
 }
 
 /// Parent of every test gateway's cgroup and pin directory.
@@ -441,7 +432,7 @@ pub fn gateway_pin_dir(gw: &Netns) -> PathBuf {
 /// not empty and stay. Called when a namespace or a gateway goes, whichever is last.
 fn remove_empty_test_parents() {
     let _ = std::fs::remove_dir(Path::new("/sys/fs/bpf").join(TEST_PARENT));
-    if let Some(mount) = find_cgroup_v2_mount() {
+    if let Ok(mount) = cmx_gateway::ebpf::cgroup::v2_mount() {
         let _ = std::fs::remove_dir(mount.join(TEST_PARENT));
     }
 }
