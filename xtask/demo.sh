@@ -40,11 +40,12 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-# Runs a command in a host's network namespace. `nsenter --net` rather than `ip netns exec`: the
-# latter remounts /sys, hiding the cgroup v2 hierarchy and bpffs the gateway's sockmap data plane
-# needs. Background processes are started with `nsenter` itself, not this function: nsenter
-# execs, so $! is then the process's own pid and cleanup can stop it.
-in_ns() { local ns=$1; shift; nsenter --net="/run/netns/$ns" "$@"; }
+# Command prefixes that run in a host's network namespace. `nsenter --net` rather than
+# `ip netns exec`: the latter remounts /sys, hiding the cgroup v2 hierarchy and bpffs the
+# gateway's sockmap data plane needs. nsenter execs, so `"${IN_SRV[@]}" cmd &` leaves cmd's own
+# pid in $! for cleanup to stop.
+IN_DEV=(nsenter --net="/run/netns/$DEV") IN_GW=(nsenter --net="/run/netns/$GW")
+IN_SRV=(nsenter --net="/run/netns/$SRV")
 
 wait_for() { # wait_for DESCRIPTION COMMAND...: run COMMAND again until it succeeds, for 15 s
   local what=$1; shift
@@ -91,7 +92,7 @@ say "gateway: cmx-gateway run on the gateway host"
 # CI builds with CMX_EBPF=require: there the demo must run the kernel data plane, not fall back.
 DATAPLANE=auto
 [[ ${CMX_EBPF:-} == require ]] && DATAPLANE=sockmap
-nsenter --net="/run/netns/$GW" "$GATEWAY" --log-format json run --config "$WORK/gateway.toml" \
+"${IN_GW[@]}" "$GATEWAY" --log-format json run --config "$WORK/gateway.toml" \
   --dataplane "$DATAPLANE" 2> "$WORK/gateway.log" &
 PIDS+=($!)
 wait_for "the gateway" grep -q 'cmx-gateway ready' "$WORK/gateway.log"
@@ -105,10 +106,10 @@ SSH=(ssh -N -p 2222 -F /dev/null -o BatchMode=yes -o IdentitiesOnly=yes -o Stric
 
 say "server host: mosquitto on [::1]:1883, published to the gateway by cmx-agent"
 printf 'listener 1883 ::1\nallow_anonymous true\nlog_dest stderr\nlog_type all\n' > "$WORK/mosquitto.conf"
-nsenter --net="/run/netns/$SRV" mosquitto -c "$WORK/mosquitto.conf" 2> "$WORK/mosquitto.log" &
+"${IN_SRV[@]}" mosquitto -c "$WORK/mosquitto.conf" 2> "$WORK/mosquitto.log" &
 PIDS+=($!)
-wait_for "mosquitto" in_ns "$SRV" mosquitto_sub -h ::1 -p 1883 -t probe -W 1 -C 1 -E
-nsenter --net="/run/netns/$SRV" mosquitto_sub -h ::1 -p 1883 -t 'sensors/#' -v > "$WORK/received" &
+wait_for "mosquitto" "${IN_SRV[@]}" mosquitto_sub -h ::1 -p 1883 -t probe -W 1 -C 1 -E
+"${IN_SRV[@]}" mosquitto_sub -h ::1 -p 1883 -t 'sensors/#' -v > "$WORK/received" &
 PIDS+=($!)
 cat > "$WORK/server-agent.toml" <<TOML
 identity = "srv1"
@@ -123,24 +124,24 @@ port = 1883
 to = "[::1]:1883"
 preserve_source = true   # the broker sees who is really connecting
 TOML
-nsenter --net="/run/netns/$SRV" "$AGENT" run --config "$WORK/server-agent.toml" 2> "$WORK/server-agent.log" &
+"${IN_SRV[@]}" "$AGENT" run --config "$WORK/server-agent.toml" 2> "$WORK/server-agent.log" &
 PIDS+=($!)
 wait_for "srv1's forward" grep -q '"request":"tcpip-forward :1883"' "$WORK/gateway.log"
-wait_for "srv1's agent status" in_ns "$SRV" "$AGENT" status --config "$WORK/server-agent.toml"
-in_ns "$SRV" "$AGENT" status --config "$WORK/server-agent.toml" | sed 's/^/    /'
+wait_for "srv1's agent status" "${IN_SRV[@]}" "$AGENT" status --config "$WORK/server-agent.toml"
+"${IN_SRV[@]}" "$AGENT" status --config "$WORK/server-agent.toml" | sed 's/^/    /'
 
 say "device host: ssh -L 127.0.0.1:1883:srv1:1883 (the MQTT app keeps talking to localhost)"
-nsenter --net="/run/netns/$DEV" "${SSH[@]}" -i "$WORK/dev" -L 127.0.0.1:1883:srv1:1883 -L 127.0.0.1:8883:srv1:8883 \
+"${IN_DEV[@]}" "${SSH[@]}" -i "$WORK/dev" -L 127.0.0.1:1883:srv1:1883 -L 127.0.0.1:8883:srv1:8883 \
   a23ff868ec8f@10.1.0.1 2> "$WORK/device-agent.log" &
 PIDS+=($!)
-wait_for "the device's local port" in_ns "$DEV" bash -c 'exec 3<>/dev/tcp/127.0.0.1/1883'
+wait_for "the device's local port" "${IN_DEV[@]}" bash -c 'exec 3<>/dev/tcp/127.0.0.1/1883'
 
 # A function, so that wait_for counts the lines anew on every try.
 received_at_least() { (($(wc -l < "$WORK/received") >= $1)); }
 
 say "publishing $MESSAGES messages from the device host to localhost:1883"
 for i in $(seq "$MESSAGES"); do
-  in_ns "$DEV" mosquitto_pub -h 127.0.0.1 -p 1883 -i "dev-$i" -t sensors/a23ff868ec8f/temperature -m "$((200 + i))e-1 C"
+  "${IN_DEV[@]}" mosquitto_pub -h 127.0.0.1 -p 1883 -i "dev-$i" -t sensors/a23ff868ec8f/temperature -m "$((200 + i))e-1 C"
   wait_for "message $i" received_at_least "$i"
   seen=$(grep -o "New connection from [^ ]* on port 1883" "$WORK/mosquitto.log" | tail -n 1 | cut -d' ' -f4)
   addr=${seen%:*}
@@ -150,7 +151,7 @@ done
 echo "    (the broker's client address is the identity address of device a23ff868ec8f: $DEV_ADDR)"
 
 say "outside its security context: the device tries srv1:8883"
-in_ns "$DEV" mosquitto_pub -h 127.0.0.1 -p 8883 -t sensors/x -m denied 2>/dev/null || true
+"${IN_DEV[@]}" mosquitto_pub -h 127.0.0.1 -p 8883 -t sensors/x -m denied 2>/dev/null || true
 wait_for "the refusal" grep -q '"request":"direct-tcpip srv1:8883"' "$WORK/gateway.log"
 grep '"request":"direct-tcpip srv1:8883"' "$WORK/gateway.log" | head -n 1 |
   sed -E 's/.*"reason":"([^"]*)".*/    gateway refused: \1/'
@@ -167,9 +168,9 @@ closed() { # what a closed path carried, and whether the kernel spliced it
   echo "$to B to srv1, $back B back ($how)"
 }
 grep '"target":"audit"' "$WORK/gateway.log" | while IFS= read -r line; do
-  what="$(jfield request "$line")$(jfield destination "$line")"
-  [[ $(jfield event "$line") == pair-closed ]] && what=$(closed "$line")
-  printf '    %-12s %-7s %-14s %s\n' "$(jfield event "$line")" "$(jfield decision "$line")" \
+  event=$(jfield event "$line") what="$(jfield request "$line")$(jfield destination "$line")"
+  [[ $event == pair-closed ]] && what=$(closed "$line")
+  printf '    %-12s %-7s %-14s %s\n' "$event" "$(jfield decision "$line")" \
     "$(jfield identity "$line")" "$what"
 done
 say "done: $MESSAGES messages crossed the gateway; cleaning up"
