@@ -20,22 +20,23 @@ fn is_bpffs(path: &Path) -> bool {
     }
 }
 
-/// Makes sure the pin directory lies on a BPF filesystem: if its nearest existing ancestor is
-/// not one (typically /sys/fs/bpf not mounted), mounts one at the pin directory's parent.
+/// Makes sure the pin directory lies on a BPF filesystem. If its nearest existing ancestor is
+/// not one (typically /sys/fs/bpf exists but nothing is mounted there, as on a fresh host without
+/// systemd), a BPF filesystem is mounted on that ancestor, provided it is an empty directory:
+/// never over a directory with content.
 pub fn ensure_mounted(pin_dir: &Path) -> io::Result<()> {
     let existing = pin_dir.ancestors().find(|a| a.exists()).unwrap_or(Path::new("/"));
     if is_bpffs(existing) {
         return Ok(());
     }
-    let root = pin_dir.parent().unwrap_or(Path::new("/sys/fs/bpf"));
-    std::fs::create_dir_all(root)?;
-    let target = CString::new(root.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+    let target = mount_point(existing)?;
+    let target_c = CString::new(target.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
     let fstype = CString::new("bpf").map_err(io::Error::other)?;
     // SAFETY: all pointers are valid C strings; no data argument.
     let rc = unsafe {
         libc::mount(
             fstype.as_ptr(),
-            target.as_ptr(),
+            target_c.as_ptr(),
             fstype.as_ptr(),
             0,
             std::ptr::null(),
@@ -44,8 +45,21 @@ pub fn ensure_mounted(pin_dir: &Path) -> io::Result<()> {
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    tracing::info!(path = %root.display(), "mounted the BPF filesystem");
+    tracing::info!(path = %target.display(), "mounted the BPF filesystem");
     Ok(())
+}
+
+/// Where a BPF filesystem may be mounted for a pin directory whose nearest existing ancestor is
+/// `existing`: that directory itself, if it is empty.
+fn mount_point(existing: &Path) -> io::Result<&Path> {
+    let empty = std::fs::read_dir(existing)?.next().is_none();
+    if !existing.is_dir() || !empty || existing == Path::new("/") {
+        return Err(io::Error::other(format!(
+            "{} is not a BPF filesystem and not an empty directory to mount one on; mount one (mount -t bpf bpf /sys/fs/bpf) or choose a dataplane.pin_dir under one",
+            existing.display()
+        )));
+    }
+    Ok(existing)
 }
 
 /// Creates `dir` and takes an exclusive lock on it for as long as the returned file lives, so two
@@ -81,4 +95,19 @@ pub fn clear(dir: &Path) -> io::Result<usize> {
 pub fn remove(dir: &Path) {
     let _ = clear(dir);
     let _ = std::fs::remove_dir(dir);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bpffs_is_mounted_only_on_an_empty_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(mount_point(dir.path()).unwrap(), dir.path());
+        std::fs::write(dir.path().join("x"), b"").unwrap();
+        let e = mount_point(dir.path()).unwrap_err();
+        assert!(e.to_string().contains("not an empty directory"), "{e}");
+        assert!(mount_point(Path::new("/")).is_err());
+    }
 }
