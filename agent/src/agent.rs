@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cmx_gateway::netsetup::LocalRoute;
+use cmx_net::route::LocalRoute;
 use russh::Disconnect;
 use russh::keys::{Certificate, PrivateKey};
 use tokio::net::TcpListener;
@@ -36,7 +36,7 @@ pub enum AgentError {
         source: std::io::Error,
     },
     #[error(transparent)]
-    Route(#[from] cmx_gateway::netsetup::NetSetupError),
+    Route(#[from] cmx_net::route::NetSetupError),
 }
 
 pub fn load_key(config: &Config) -> Result<(PrivateKey, Option<Certificate>), AgentError> {

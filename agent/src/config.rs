@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use cmx_gateway::text::Lines;
+use cmx_net::text::Lines;
 use ipnet::Ipv6Net;
 use serde::Deserialize;
 use toml::Spanned;
@@ -256,13 +256,13 @@ impl Config {
             );
         }
         for c in &raw.ciphers {
-            if cmx_gateway::server::cipher(c.get_ref()).is_none() {
+            if cmx_net::ssh::cipher(c.get_ref()).is_none() {
                 at(
                     c.span().start,
                     format!(
                         "unknown cipher '{}' (known: {})",
                         c.get_ref(),
-                        cmx_gateway::server::known_ciphers()
+                        cmx_net::ssh::known_ciphers()
                     ),
                 );
             }

@@ -9,7 +9,8 @@
 //! - `status`: the operator's view, written to a JSON file for `cmx-agent status`.
 //! - `backoff`: jittered exponential backoff.
 //!
-//! The byte relay and socket helpers are the gateway's (`cmx_gateway::relay`, `sockets`).
+//! The byte relay, socket helpers, local route and logging come from `cmx-net`, shared with the
+//! gateway; the agent does not depend on the gateway.
 
 pub mod agent;
 pub mod backoff;

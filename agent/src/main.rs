@@ -22,8 +22,8 @@ use tokio_util::sync::CancellationToken;
 #[command(name = "cmx-agent", version, about, long_about = None)]
 struct Cli {
     /// Log format: human-readable text, or one JSON object per line.
-    #[arg(long, value_enum, default_value_t = cmx_gateway::logging::LogFormat::Text, global = true)]
-    log_format: cmx_gateway::logging::LogFormat,
+    #[arg(long, value_enum, default_value_t = cmx_net::logging::LogFormat::Text, global = true)]
+    log_format: cmx_net::logging::LogFormat,
     /// Log filter (tracing EnvFilter syntax); RUST_LOG overrides it.
     #[arg(long, default_value = "info,russh=warn", global = true)]
     log_level: String,
@@ -67,11 +67,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run { config } => {
-            cmx_gateway::logging::init(cli.log_format, &cli.log_level);
+            cmx_net::logging::init(cli.log_format, &cli.log_level);
             run(config)
         }
         Command::Check { config } => {
-            cmx_gateway::logging::init(cli.log_format, "warn");
+            cmx_net::logging::init(cli.log_format, "warn");
             check(config)
         }
         Command::Status { config } => status(config),
@@ -98,7 +98,7 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
     let config = Config::load(&path)?;
     runtime()?.block_on(async {
         let shutdown = CancellationToken::new();
-        cmx_gateway::cancel_on_signals(shutdown.clone()).context("cannot install signal handlers")?;
+        cmx_net::signals::cancel_on_signals(shutdown.clone()).context("cannot install signal handlers")?;
         cmx_agent::run(config, shutdown).await?;
         Ok(())
     })
@@ -165,7 +165,7 @@ fn status(path: PathBuf) -> anyhow::Result<()> {
             config.status_file.display()
         )
     })?;
-    let age = cmx_gateway::auth::now_unix().saturating_sub(s.since_unix);
+    let age = cmx_net::clock::now_unix().saturating_sub(s.since_unix);
     let gateway = s
         .gateway
         .as_deref()

@@ -209,12 +209,8 @@ pub async fn connect(
     let _ = tcp.set_nodelay(true);
     let mut preferred = russh::Preferred::default();
     if !c.ciphers.is_empty() {
-        preferred.cipher = std::borrow::Cow::Owned(
-            c.ciphers
-                .iter()
-                .filter_map(|n| cmx_gateway::server::cipher(n))
-                .collect(),
-        );
+        preferred.cipher =
+            std::borrow::Cow::Owned(c.ciphers.iter().filter_map(|n| cmx_net::ssh::cipher(n)).collect());
     }
     let config = Arc::new(client::Config {
         preferred,

@@ -45,7 +45,7 @@ pub struct Status {
 }
 
 fn now() -> u64 {
-    cmx_gateway::auth::now_unix()
+    cmx_net::clock::now_unix()
 }
 
 impl Status {

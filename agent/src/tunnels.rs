@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use cmx_gateway::relay::{self, Counters};
+use cmx_net::relay::{self, Counters};
 use russh::client::{ChannelOpenHandle, Msg};
 use russh::{Channel, ChannelOpenFailure};
 use tokio::net::{TcpListener, TcpStream};
@@ -280,7 +280,7 @@ async fn refuse_forwarded(shared: &Shared, tunnel: &PublishTunnel, reply: Channe
 async fn connect_local(to: SocketAddr, source: Option<IpAddr>) -> std::io::Result<TcpStream> {
     let stream = match (source, to) {
         (Some(IpAddr::V6(src)), SocketAddr::V6(_)) => {
-            let (socket, _, ()) = cmx_gateway::sockets::identity_socket(src, None, |_| Ok(()))?;
+            let (socket, _, ()) = cmx_net::sockets::identity_socket(src, None, |_| Ok(()))?;
             socket.connect(to).await?
         }
         _ => TcpStream::connect(to).await?,

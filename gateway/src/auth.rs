@@ -5,7 +5,6 @@
 
 use std::fmt;
 use std::net::IpAddr;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use ipnet::IpNet;
 use russh::keys::ssh_key::Fingerprint;
@@ -40,13 +39,6 @@ impl fmt::Display for Credential {
             }
         }
     }
-}
-
-pub fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 /// Whether a key offer is worth a signature: a registered key, or a possible certificate when the

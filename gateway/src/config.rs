@@ -261,7 +261,7 @@ impl Config {
             path: path.to_path_buf(),
             line: e
                 .span()
-                .map(|s| crate::text::Lines::new(text).of(s.start))
+                .map(|s| cmx_net::text::Lines::new(text).of(s.start))
                 .unwrap_or(1),
             message: e.message().trim().to_string(),
         })?;
@@ -348,10 +348,10 @@ impl Config {
             problems.push("ssh.ciphers must name at least one cipher".into());
         }
         for c in &s.ciphers {
-            if crate::server::cipher(c).is_none() {
+            if cmx_net::ssh::cipher(c).is_none() {
                 problems.push(format!(
                     "ssh.ciphers: unknown cipher '{c}' (known: {})",
-                    crate::server::known_ciphers()
+                    cmx_net::ssh::known_ciphers()
                 ));
             }
         }

@@ -8,9 +8,8 @@
 //! - `server`: the SSH listener, pre-authentication limits, session lifecycle.
 //! - `session`: one SSH connection's handler (auth, channels, global requests).
 //! - `forward`: Mir-socks for reverse forwards, ID-socks for direct forwards, pair matching.
-//! - `relay`: channel <-> TCP byte moving with backpressure and half-close.
 //! - `dataplane`: how the loopback hop of a forwarding pair is carried.
-//! - `reload`: hot reload of the registry; `netsetup`: the local route for the prefix.
+//! - `reload`: hot reload of the registry.
 //! - `events` and `audit`: the event stream for other components and the audit log.
 //! - `controller`: the Kubernetes controller for the per-server Services.
 //! - `admin` and `metrics`: the HTTP health, readiness and Prometheus endpoint.
@@ -30,17 +29,12 @@ pub mod gateway;
 pub mod hostkey;
 pub mod identity;
 pub mod killswitch;
-pub mod logging;
 pub mod metrics;
-pub mod netsetup;
 pub mod policy;
-pub mod relay;
 pub mod reload;
 pub mod server;
 pub mod session;
 pub mod sessions;
-pub mod sockets;
-pub mod text;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -55,7 +49,7 @@ use crate::events::EventBus;
 use crate::gateway::Gateway;
 use crate::hostkey::{HostKey, HostKeyError};
 use crate::identity::{Registry, RegistryError};
-use crate::netsetup::{LocalRoute, NetSetupError};
+use cmx_net::route::{self, LocalRoute, NetSetupError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -121,7 +115,7 @@ pub async fn serve(
     let route = if config.manage_local_route {
         Some(LocalRoute::ensure(config.identity_prefix)?)
     } else {
-        if !netsetup::local_route_exists(config.identity_prefix).unwrap_or(false) {
+        if !route::local_route_exists(config.identity_prefix).unwrap_or(false) {
             tracing::warn!(prefix = %config.identity_prefix,
                 "manage_local_route = false and the identity prefix is not local: Mir-socks will be unreachable until 'ip -6 route add local {} dev lo' is done", config.identity_prefix);
         }
@@ -246,20 +240,4 @@ fn fallback(config: &Config, reason: String) -> Result<Arc<dyn DataPlane>, RunEr
         "sockmap data plane unavailable; using the user-space data plane"
     );
     Ok(Arc::new(UserspaceDataPlane::new(reason)))
-}
-
-/// Cancels `token` on SIGTERM or SIGINT.
-pub fn cancel_on_signals(token: CancellationToken) -> std::io::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::spawn(async move {
-        let which = tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
-        };
-        tracing::info!(signal = which, "shutdown requested");
-        token.cancel();
-    });
-    Ok(())
 }

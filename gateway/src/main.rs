@@ -16,8 +16,8 @@ use tokio_util::sync::CancellationToken;
 #[command(name = "cmx-gateway", version, about, long_about = None)]
 struct Cli {
     /// Log format: human-readable text, or one JSON object per line.
-    #[arg(long, value_enum, default_value_t = cmx_gateway::logging::LogFormat::Text, global = true)]
-    log_format: cmx_gateway::logging::LogFormat,
+    #[arg(long, value_enum, default_value_t = cmx_net::logging::LogFormat::Text, global = true)]
+    log_format: cmx_net::logging::LogFormat,
     /// Log filter (tracing EnvFilter syntax); RUST_LOG overrides it.
     #[arg(long, default_value = "info", global = true)]
     log_level: String,
@@ -77,7 +77,7 @@ fn main() -> ExitCode {
             kubeconfig,
             insecure_skip_userspace_policy,
         } => {
-            cmx_gateway::logging::init(cli.log_format, &cli.log_level);
+            cmx_net::logging::init(cli.log_format, &cli.log_level);
             run(config, dataplane, kubeconfig, insecure_skip_userspace_policy)
         }
         Command::CheckConfig { config } => check_config(config),
@@ -118,7 +118,7 @@ fn run(
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async {
         let shutdown = CancellationToken::new();
-        cmx_gateway::cancel_on_signals(shutdown.clone()).context("cannot install signal handlers")?;
+        cmx_net::signals::cancel_on_signals(shutdown.clone()).context("cannot install signal handlers")?;
         cmx_gateway::run(config, shutdown).await?;
         Ok(())
     })

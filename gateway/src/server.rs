@@ -21,30 +21,13 @@ use crate::gateway::Gateway;
 use crate::killswitch::Killable;
 use crate::session::{self, SessionHandler};
 use crate::sessions::disconnect;
-use crate::sockets;
+use cmx_net::sockets;
 
 /// Messages the relays may queue for one session before their writers wait. (Per-channel
 /// queues are bounded by the receive window in the patched russh, not by a message count.)
 const SESSION_QUEUE: usize = 64;
 /// How long a session may take to close after being told to.
 const DISCONNECT_WAIT: Duration = Duration::from_secs(2);
-
-/// The russh cipher named `name`, among those russh implements (minus `none` and `clear`).
-pub fn cipher(name: &str) -> Option<russh::cipher::Name> {
-    russh::cipher::ALL_CIPHERS
-        .iter()
-        .map(|n| **n)
-        .find(|n| n.as_ref() == name && !matches!(name, "none" | "clear"))
-}
-
-pub fn known_ciphers() -> String {
-    russh::cipher::ALL_CIPHERS
-        .iter()
-        .map(|n| n.as_ref())
-        .filter(|n| !matches!(*n, "none" | "clear"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
 
 /// The russh server settings, all chosen explicitly: russh's defaults suit interactive logins,
 /// not persistent IoT sessions.
@@ -69,7 +52,9 @@ pub fn ssh_config(config: &Config, host_key: PrivateKey) -> russh::server::Confi
         keepalive_max: s.keepalive_max,
         nodelay: true,
         preferred: russh::Preferred {
-            cipher: std::borrow::Cow::Owned(s.ciphers.iter().filter_map(|c| cipher(c)).collect()),
+            cipher: std::borrow::Cow::Owned(
+                s.ciphers.iter().filter_map(|c| cmx_net::ssh::cipher(c)).collect(),
+            ),
             ..Default::default()
         },
         ..Default::default()

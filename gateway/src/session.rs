@@ -176,7 +176,13 @@ impl Handler for SessionHandler {
         certificate: &Certificate,
     ) -> Result<Auth, Self::Error> {
         let registry = self.gw.registry();
-        let result = auth::check_certificate(&registry, user, certificate, self.peer.ip(), auth::now_unix());
+        let result = auth::check_certificate(
+            &registry,
+            user,
+            certificate,
+            self.peer.ip(),
+            cmx_net::clock::now_unix(),
+        );
         Ok(self.decide(user, result))
     }
 

@@ -61,7 +61,10 @@ mod tests {
         // Never inside a character: 'é' is two bytes.
         assert_eq!(super::bounded("ééé", 3), "é...(6 bytes)");
         assert_eq!(super::bounded("a\nforged line", 64), "a\\nforged line");
-        assert_eq!(super::for_log(&"x".repeat(250_000)).len(), 256 + "...(250000 bytes)".len());
+        assert_eq!(
+            super::for_log(&"x".repeat(250_000)).len(),
+            256 + "...(250000 bytes)".len()
+        );
     }
 
     #[test]

@@ -33,19 +33,9 @@ fn io_err<'a>(path: &'a Path, what: &'static str) -> impl FnOnce(io::Error) -> C
     }
 }
 
-/// The mount point of the cgroup v2 hierarchy: /sys/fs/cgroup on most systems, and
-/// /sys/fs/cgroup/unified on hybrid setups (such as the build machines).
+/// The mount point of the cgroup v2 hierarchy (see `cmx_net::mounts::cgroup2`).
 pub fn v2_mount() -> Result<PathBuf, CgroupError> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").map_err(|_| CgroupError::NoV2)?;
-    info.lines()
-        .filter_map(|l| {
-            let (left, right) = l.split_once(" - ")?;
-            let fstype = right.split_whitespace().next()?;
-            let mount_point = left.split_whitespace().nth(4)?;
-            (fstype == "cgroup2").then(|| PathBuf::from(mount_point))
-        })
-        .next()
-        .ok_or(CgroupError::NoV2)
+    cmx_net::mounts::cgroup2().ok_or(CgroupError::NoV2)
 }
 
 fn procs(path: &Path) -> String {

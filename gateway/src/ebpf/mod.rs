@@ -267,7 +267,7 @@ impl DataPlane for SockmapDataPlane {
     }
 
     fn tag(&self, socket: &Socket, tag: SocketTag) -> io::Result<TagGuard> {
-        let cookie = crate::sockets::cookie(socket)?;
+        let cookie = cmx_net::sockets::cookie(socket)?;
         let kind = match tag.role {
             SocketRole::IdSock => abi::KIND_ID_SOCK,
             SocketRole::MirListener => abi::KIND_MIR_LISTENER,

@@ -19,9 +19,9 @@ use crate::forward::pairs::PairRegistration;
 use crate::gateway::Gateway;
 use crate::identity::Identity;
 use crate::policy::{Decision, OpenRequest};
-use crate::relay::{self, Counters};
 use crate::session::ChannelSlot;
-use crate::sockets;
+use cmx_net::relay::{self, Counters};
+use cmx_net::sockets;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// SSH_OPEN_ADMINISTRATIVELY_PROHIBITED and SSH_OPEN_CONNECT_FAILED (RFC 4254 §5.1).

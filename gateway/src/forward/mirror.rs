@@ -19,8 +19,8 @@ use crate::audit;
 use crate::dataplane::{SocketRole, SocketTag, TagGuard};
 use crate::events::SessionId;
 use crate::gateway::Gateway;
-use crate::relay::{self, Counters};
-use crate::sockets;
+use cmx_net::relay::{self, Counters};
+use cmx_net::sockets;
 
 pub type ForwardKey = (Ipv6Addr, u16);
 

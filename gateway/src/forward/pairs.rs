@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::Semaphore;
 
 use crate::events::ConnId;
-use crate::relay::Flow;
+use cmx_net::relay::Flow;
 
 /// Bytes in flight per direction of a pair, between the two relays.
 pub const FLOW_WINDOW: usize = 4 << 20;

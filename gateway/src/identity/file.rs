@@ -25,7 +25,7 @@ use std::fmt;
 use std::net::Ipv6Addr;
 use std::path::{Path, PathBuf};
 
-use crate::text::Lines;
+use cmx_net::text::Lines;
 use russh::keys::ssh_key::Fingerprint;
 use russh::keys::{Algorithm, PublicKey};
 use serde::Deserialize;

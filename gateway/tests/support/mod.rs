@@ -413,7 +413,7 @@ pub fn test_dataplane() -> String {
 }
 
 pub fn cgroup_v2_mount() -> PathBuf {
-    cmx_gateway::ebpf::cgroup::v2_mount().expect("a cgroup v2 hierarchy is mounted")
+    cmx_net::mounts::cgroup2().expect("a cgroup v2 hierarchy is mounted")
 }
 
 /// Parent of every test gateway's cgroup and pin directory.
@@ -432,7 +432,7 @@ pub fn gateway_pin_dir(gw: &Netns) -> PathBuf {
 /// not empty and stay. Called when a namespace or a gateway goes, whichever is last.
 fn remove_empty_test_parents() {
     let _ = std::fs::remove_dir(Path::new("/sys/fs/bpf").join(TEST_PARENT));
-    if let Ok(mount) = cmx_gateway::ebpf::cgroup::v2_mount() {
+    if let Some(mount) = cmx_net::mounts::cgroup2() {
         let _ = std::fs::remove_dir(mount.join(TEST_PARENT));
     }
 }
