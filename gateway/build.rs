@@ -3,22 +3,14 @@
 //!
 //! CMX_EBPF=off skips the eBPF build; CMX_EBPF=require fails the build without it (CI).
 
-#[path = "../gateway-ebpf/toolchain.rs"]
-mod toolchain;
-
+use cmx_ebpf_toolchain as toolchain;
 use std::path::PathBuf;
 
 fn main() {
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let ebpf_dir = manifest.join("../gateway-ebpf");
-    for p in [
-        "src",
-        "common/src",
-        "Cargo.toml",
-        "toolchain.rs",
-        ".cargo/config.toml",
-    ] {
+    for p in ["src", "common/src", "Cargo.toml", ".cargo/config.toml"] {
         println!("cargo::rerun-if-changed={}", ebpf_dir.join(p).display());
     }
     println!("cargo::rerun-if-env-changed=CMX_EBPF");

@@ -15,7 +15,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::backoff::Backoff;
 use crate::config::Config;
-use crate::session::{self, Shared};
+use crate::session;
+use crate::shared::Shared;
 use crate::status::{Status, TunnelSnapshot};
 use crate::tunnels;
 

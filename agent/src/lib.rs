@@ -6,6 +6,8 @@
 //! - `session`: one SSH session: connect, host key trust (`trust`), authentication, and the
 //!   channels the gateway opens towards us.
 //! - `tunnels`: local (`-L`-like) and publish (`-R`-like) tunnels.
+//! - `forwarded`: connections the gateway forwards to a published tunnel's local service.
+//! - `shared`: what every session of the agent shares (config, key, status, refusal texts).
 //! - `status`: the operator's view, written to a JSON file for `cmx-agent status`.
 //! - `backoff`: jittered exponential backoff.
 //!
@@ -15,7 +17,9 @@
 pub mod agent;
 pub mod backoff;
 pub mod config;
+pub mod forwarded;
 pub mod session;
+pub mod shared;
 pub mod status;
 pub mod trust;
 pub mod tunnels;

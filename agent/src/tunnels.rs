@@ -3,36 +3,24 @@
 //! tunnels (server side, like `ssh -R`) are requested on every new session and deliver each
 //! forwarded connection to a local service, optionally from the device's identity address.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use cmx_net::relay::{self, Counters};
-use russh::client::{ChannelOpenHandle, Msg};
-use russh::{Channel, ChannelOpenFailure};
+use russh::ChannelOpenFailure;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::config::{LocalTunnel, Outage, PublishTunnel};
-use crate::session::{Session, Shared};
+use crate::session::Session;
+use crate::shared::Shared;
 
 pub type CurrentSession = watch::Receiver<Option<Arc<Session>>>;
 
-const LOCAL_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// On both kinds of tunnel, what the local socket sends goes to the channel: that is outbound.
-fn add_bytes(shared: &Shared, name: &str, counters: &Counters) {
-    let out = counters.to_channel.load(Ordering::Relaxed);
-    let inbound = counters.from_channel.load(Ordering::Relaxed);
-    shared.status.tunnel(name, |t| {
-        t.bytes_out += out;
-        t.bytes_in += inbound;
-    });
-}
-
 /// Accepts on a local tunnel's listener until `stop`.
 pub async fn run_local(
     shared: Arc<Shared>,
@@ -138,7 +126,7 @@ async fn serve_local(
     let counters = Arc::new(Counters::default());
     let end = relay::relay(channel, stream, counters.clone(), None).await;
     tracing::debug!(tunnel = name, %peer, end = %end.as_str(), "connection closed");
-    add_bytes(&shared, name, &counters);
+    shared.count_bytes(name, &counters);
 }
 
 fn refused(shared: &Shared, tunnel: &LocalTunnel, reason: String) {
@@ -223,68 +211,4 @@ async fn publish_one(
             _ = tokio::time::sleep(backoff.next_delay()) => {}
         }
     }
-}
-
-/// Connects a forwarded connection to the tunnel's local service and relays it.
-pub async fn serve_forwarded(
-    shared: Arc<Shared>,
-    tunnel: PublishTunnel,
-    channel: Channel<Msg>,
-    reply: ChannelOpenHandle,
-    origin: (String, u32),
-) {
-    let source = match tunnel.preserve_source {
-        true => origin.0.parse::<IpAddr>().ok(),
-        false => None,
-    };
-    let stream = match tokio::time::timeout(LOCAL_CONNECT_TIMEOUT, connect_local(tunnel.to, source)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            return refuse_forwarded(
-                &shared,
-                &tunnel,
-                reply,
-                format!("cannot connect to {}: {e}", tunnel.to),
-            )
-            .await;
-        }
-        Err(_) => {
-            return refuse_forwarded(
-                &shared,
-                &tunnel,
-                reply,
-                format!("connecting to {} timed out", tunnel.to),
-            )
-            .await;
-        }
-    };
-    reply.accept().await;
-    shared.status.tunnel(&tunnel.name, |t| t.connections += 1);
-    tracing::debug!(tunnel = %tunnel.name, originator = %origin.0, "forwarded connection");
-    let counters = Arc::new(Counters::default());
-    relay::relay(channel, stream, counters.clone(), None).await;
-    add_bytes(&shared, &tunnel.name, &counters);
-}
-
-async fn refuse_forwarded(shared: &Shared, tunnel: &PublishTunnel, reply: ChannelOpenHandle, reason: String) {
-    tracing::warn!(tunnel = %tunnel.name, reason, "local service unreachable: forwarded connection refused");
-    shared.status.tunnel(&tunnel.name, |t| {
-        t.refused += 1;
-        t.detail = Some(reason.clone());
-    });
-    reply.reject(ChannelOpenFailure::ConnectFailed).await;
-}
-
-/// Connects to the local service, from the device's identity address when asked to (the service
-/// then sees who is really connecting).
-async fn connect_local(to: SocketAddr, source: Option<IpAddr>) -> std::io::Result<TcpStream> {
-    let stream = match (source, to) {
-        (Some(IpAddr::V6(src)), SocketAddr::V6(_)) => {
-            let (socket, _, ()) = cmx_net::sockets::identity_socket(src, None, |_| Ok(()))?;
-            socket.connect(to).await?
-        }
-        _ => TcpStream::connect(to).await?,
-    };
-    let _ = stream.set_nodelay(true);
-    Ok(stream)
 }

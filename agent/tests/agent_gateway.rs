@@ -2,14 +2,11 @@
 //! the server's app, resilience (gateway killed, link down), refusals that stay local to one
 //! tunnel, and host key pinning.
 
-#[path = "../../gateway/tests/support/mod.rs"]
-mod support;
-
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use cmx_testbed::*;
 use serde_json::Value;
-use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const T: Duration = Duration::from_secs(30);
@@ -169,11 +166,7 @@ async fn mqtt_through_two_agents_and_the_broker_sees_the_device_identity() {
     assert_eq!(exit.code(), Some(0));
     assert_eq!(server.status().unwrap()["state"], "stopped");
     assert!(!route(&hosts.srv), "the route is removed at exit");
-    gw.log
-        .wait("srv1 left", T, |v| {
-            field(v, "event") == "session-closed" && field(v, "identity") == "srv1"
-        })
-        .await;
+    gw.log.wait_event("srv1 left", session_closed("srv1")).await;
     drop(gw);
 }
 
@@ -444,7 +437,8 @@ async fn an_unknown_or_changed_host_key_is_refused_with_its_fingerprint() {
         .await;
     assert!(s["last_error"].as_str().unwrap().contains(&fingerprint));
     assert_eq!(
-        gw.log.count(|v| field(v, "message") == "session established"),
+        gw.log
+            .count_events(|e| matches!(e, GatewayEvent::SessionOpened { .. })),
         0,
         "no session was ever established"
     );
@@ -508,12 +502,16 @@ async fn an_agent_logs_in_with_a_certificate() {
     );
     let accepted = gw
         .log
-        .wait("cert login", T, |v| {
-            field(v, "event") == "auth" && field(v, "decision") == "accept" && field(v, "identity") == "devc"
-        })
+        .wait_audit(
+            "cert login",
+            audit_is(AuditEvent::Auth, Verdict::Accept, "devc", ""),
+        )
         .await;
     assert!(
-        field(&accepted, "method").starts_with("certificate"),
-        "{accepted}"
+        accepted
+            .method
+            .as_deref()
+            .is_some_and(|m| m.starts_with("certificate")),
+        "{accepted:?}"
     );
 }

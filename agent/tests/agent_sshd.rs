@@ -2,12 +2,9 @@
 //! identity, `Match User` blocks with PermitListen / PermitOpen): the agent must work with the
 //! reference deployment, not only with cmx-gateway.
 
-#[path = "../../gateway/tests/support/mod.rs"]
-mod support;
-
 use std::time::Duration;
 
-use support::*;
+use cmx_testbed::*;
 
 const T: Duration = Duration::from_secs(30);
 

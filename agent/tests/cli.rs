@@ -1,11 +1,8 @@
 //! The agent's operator commands: keygen, check and status, against a real gateway.
 
-#[path = "../../gateway/tests/support/mod.rs"]
-mod support;
-
 use std::time::Duration;
 
-use support::*;
+use cmx_testbed::*;
 
 const T: Duration = Duration::from_secs(30);
 

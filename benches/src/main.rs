@@ -5,9 +5,6 @@
 //! Every gateway under test gets its own device, gateway and server hosts and stays up for the
 //! whole run; the measured runs interleave the variants, so a noisy machine affects them alike.
 
-#[path = "../../gateway/tests/support/mod.rs"]
-mod support;
-
 mod hop;
 mod procs;
 mod report;
@@ -310,7 +307,7 @@ async fn hops(s: &Sizes, runs: usize) -> anyhow::Result<Vec<hop::HopResult>> {
     for _ in 0..runs {
         for one_cpu in [true, false] {
             for mode in ["sockmap", "userspace"] {
-                let hosts = support::Hosts::new();
+                let hosts = cmx_testbed::Hosts::new();
                 let mut cmd = Command::new("nsenter");
                 cmd.arg(format!("--net=/run/netns/{}", hosts.gw.name))
                     .arg("--")
@@ -341,7 +338,7 @@ async fn hops(s: &Sizes, runs: usize) -> anyhow::Result<Vec<hop::HopResult>> {
 }
 
 async fn run(quick: bool, runs: usize, out: PathBuf, hop_only: bool) -> anyhow::Result<()> {
-    support::require_root();
+    cmx_testbed::require_root();
     raise_fd_limit();
     let s = Sizes::new(quick);
     let mut specs = Vec::new();

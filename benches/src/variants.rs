@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 
-use crate::support::*;
+use cmx_testbed::*;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {

@@ -92,6 +92,12 @@ pub fn forward_denied(session: SessionId, identity: &str, request: &str, reason:
     tracing::warn!(target: TARGET, event, decision, %session, identity, request, reason, "forward refused");
 }
 
+/// An allowed forward whose connection could not be made (target down, timeout): not a
+/// security decision, so no `decision` field.
+pub fn pair_failed(session: SessionId, identity: &str, request: &str, reason: &str) {
+    tracing::warn!(target: TARGET, event = "pair-failed", %session, identity, request, reason, "forwarding path failed");
+}
+
 pub fn forward_removed(session: SessionId, identity: &str, request: &str, reason: &str) {
     tracing::info!(target: TARGET, event = "forward-removed", %session, identity, request, reason, "forward removed");
 }

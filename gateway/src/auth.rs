@@ -193,3 +193,245 @@ pub fn still_valid(reg: &Registry, user: &str, cred: &Credential) -> Result<(), 
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    //! Certificates made in-process with a random CA (as russh's own tests make them), checked
+    //! against a registry that trusts that CA: every rule of `check_certificate` in both
+    //! directions, and the re-check after a reload.
+
+    use std::path::Path;
+
+    use russh::keys::ssh_key::certificate::{Builder, CertType};
+    use russh::keys::{Algorithm, PrivateKey};
+
+    use super::*;
+    use crate::identity::RegistryContext;
+
+    const NOW: u64 = 1_800_000_000;
+    const PEER: &str = "10.1.0.2";
+
+    fn key() -> PrivateKey {
+        PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519).unwrap()
+    }
+
+    /// A registry trusting `ca` (and revoking `revoked`), with identity devc (principal "devc").
+    fn registry(ca: &PrivateKey, revoked: &[&PublicKey]) -> Registry {
+        let openssh = |k: &PublicKey| format!("\"{}\"", k.to_openssh().unwrap());
+        let revoked: Vec<String> = revoked.iter().map(|k| openssh(k)).collect();
+        let text = format!(
+            "cert_authorities = [{}]\nrevoked_keys = [{}]\n[[identity]]\nname = \"devc\"\nrole = \"device\"\naddress = \"fd63:6d78::c\"\n",
+            openssh(ca.public_key()),
+            revoked.join(", ")
+        );
+        let ctx = RegistryContext {
+            prefix: "fd63:6d78::/64".parse().unwrap(),
+            service_prefix: "dynamic-service-".into(),
+        };
+        Registry::parse(&text, Path::new("t.toml"), ctx).unwrap()
+    }
+
+    /// What a certificate says; `valid` by default: a user certificate for principal devc, valid
+    /// around NOW, allowed to forward ports.
+    struct Spec {
+        kind: CertType,
+        principals: Vec<&'static str>,
+        valid_after: u64,
+        valid_before: u64,
+        extensions: Vec<&'static str>,
+        critical: Vec<(&'static str, &'static str)>,
+    }
+
+    fn valid() -> Spec {
+        Spec {
+            kind: CertType::User,
+            principals: vec!["devc"],
+            valid_after: NOW - 60,
+            valid_before: NOW + 3600,
+            extensions: vec!["permit-port-forwarding"],
+            critical: vec![],
+        }
+    }
+
+    fn certify(ca: &PrivateKey, user: &PrivateKey, spec: Spec) -> Certificate {
+        let mut b = Builder::new_with_random_nonce(
+            &mut rand::rng(),
+            user.public_key(),
+            spec.valid_after,
+            spec.valid_before,
+        )
+        .unwrap();
+        b.serial(42).unwrap();
+        b.key_id("unit-cert").unwrap();
+        b.cert_type(spec.kind).unwrap();
+        for p in spec.principals {
+            b.valid_principal(p).unwrap();
+        }
+        for e in spec.extensions {
+            b.extension(e, "").unwrap();
+        }
+        for (name, value) in spec.critical {
+            b.critical_option(name, value).unwrap();
+        }
+        b.sign(ca).unwrap()
+    }
+
+    fn check(reg: &Registry, cert: &Certificate) -> Result<Credential, String> {
+        check_certificate(reg, "devc", cert, PEER.parse().unwrap(), NOW)
+    }
+
+    #[test]
+    fn a_valid_certificate_logs_in_with_its_ca_serial_and_principals() {
+        let (ca, user) = (key(), key());
+        let cred = check(&registry(&ca, &[]), &certify(&ca, &user, valid())).unwrap();
+        match cred {
+            Credential::Certificate {
+                serial,
+                key_id,
+                principals,
+                ca: signer,
+                ..
+            } => {
+                assert_eq!((serial, key_id.as_str()), (42, "unit-cert"));
+                assert_eq!(principals, vec!["devc".to_string()]);
+                assert_eq!(signer, fingerprint(ca.public_key()));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn each_rule_refuses_with_its_own_reason() {
+        let (ca, user) = (key(), key());
+        let reg = registry(&ca, &[]);
+        let cases: Vec<(Spec, &str)> = vec![
+            (
+                Spec {
+                    kind: CertType::Host,
+                    ..valid()
+                },
+                "is a host certificate",
+            ),
+            (
+                Spec {
+                    valid_before: NOW,
+                    ..valid()
+                },
+                "expired at",
+            ),
+            (
+                Spec {
+                    valid_after: NOW + 1,
+                    ..valid()
+                },
+                "is not valid before",
+            ),
+            (
+                Spec {
+                    principals: vec!["someone-else"],
+                    ..valid()
+                },
+                "names no principal of identity 'devc'",
+            ),
+            (
+                Spec {
+                    extensions: vec!["permit-pty"],
+                    ..valid()
+                },
+                "does not permit port forwarding",
+            ),
+            (
+                Spec {
+                    critical: vec![("source-address", "192.0.2.0/24")],
+                    ..valid()
+                },
+                "restricted to source-address 192.0.2.0/24, and the client is 10.1.0.2",
+            ),
+            (
+                Spec {
+                    critical: vec![("source-address", "not-an-address")],
+                    ..valid()
+                },
+                "unparsable source-address entry 'not-an-address'",
+            ),
+            (
+                Spec {
+                    critical: vec![("verify-required", "")],
+                    ..valid()
+                },
+                "critical option 'verify-required'",
+            ),
+        ];
+        for (spec, reason) in cases {
+            let err = check(&reg, &certify(&ca, &user, spec)).unwrap_err();
+            assert!(err.contains(reason), "expected {reason:?}, got {err:?}");
+        }
+    }
+
+    #[test]
+    fn source_address_and_force_command_that_fit_are_accepted() {
+        let (ca, user) = (key(), key());
+        let spec = Spec {
+            critical: vec![
+                ("source-address", "192.0.2.1,10.1.0.0/24"),
+                ("force-command", "/bin/false"),
+            ],
+            ..valid()
+        };
+        assert!(check(&registry(&ca, &[]), &certify(&ca, &user, spec)).is_ok());
+        // An IPv4 client seen through an IPv6 socket is matched as IPv4.
+        let mapped = "::ffff:10.1.0.2".parse().unwrap();
+        let spec = Spec {
+            critical: vec![("source-address", "10.1.0.0/24")],
+            ..valid()
+        };
+        let cert = certify(&ca, &user, spec);
+        assert!(check_certificate(&registry(&ca, &[]), "devc", &cert, mapped, NOW).is_ok());
+    }
+
+    #[test]
+    fn untrusted_revoked_and_forged_certificates_are_refused() {
+        let (ca, rogue, user) = (key(), key(), key());
+        let err = check(&registry(&ca, &[]), &certify(&rogue, &user, valid())).unwrap_err();
+        assert!(err.contains("which is not a trusted CA"), "{err}");
+        let err = check(&registry(&ca, &[ca.public_key()]), &certify(&ca, &user, valid())).unwrap_err();
+        assert!(err.contains("signed by revoked CA key"), "{err}");
+        let err = check(
+            &registry(&ca, &[user.public_key()]),
+            &certify(&ca, &user, valid()),
+        )
+        .unwrap_err();
+        assert!(err.contains("certifies revoked key"), "{err}");
+        // A certificate whose signed body was changed after signing (serial 42 -> 43).
+        let mut bytes = certify(&ca, &user, valid()).to_bytes().unwrap();
+        let serial = 42u64.to_be_bytes();
+        let at = bytes
+            .windows(8)
+            .position(|w| w == serial)
+            .expect("the serial is in the encoding");
+        bytes[at + 7] = 43;
+        let forged = Certificate::from_bytes(&bytes).unwrap();
+        assert_eq!(forged.serial(), 43);
+        let err = check(&registry(&ca, &[]), &forged).unwrap_err();
+        assert!(err.contains("invalid CA signature"), "{err}");
+    }
+
+    #[test]
+    fn an_unknown_identity_is_refused_before_anything_else() {
+        let (ca, user) = (key(), key());
+        let cert = certify(&ca, &user, valid());
+        let err = check_certificate(&registry(&ca, &[]), "nobody", &cert, PEER.parse().unwrap(), NOW);
+        assert_eq!(err.unwrap_err(), "no identity named 'nobody'");
+    }
+
+    #[test]
+    fn a_reload_ends_certificate_sessions_whose_ca_or_principal_went_away() {
+        let (ca, user, other_ca) = (key(), key(), key());
+        let cred = check(&registry(&ca, &[]), &certify(&ca, &user, valid())).unwrap();
+        assert!(still_valid(&registry(&ca, &[]), "devc", &cred).is_ok());
+        let err = still_valid(&registry(&other_ca, &[]), "devc", &cred).unwrap_err();
+        assert!(err.contains("is no longer trusted"), "{err}");
+        let err = still_valid(&registry(&ca, &[user.public_key()]), "devc", &cred).unwrap_err();
+        assert!(err.contains("revoked"), "{err}");
+    }
+}

@@ -13,9 +13,14 @@ use std::sync::Arc;
 
 use socket2::Socket;
 
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
 use crate::events::ConnId;
-use crate::gateway::Gateway;
 use crate::identity::Registry;
+
+/// The registry in force, and a notice each time it changes.
+pub type RegistryWatch = watch::Receiver<Arc<Registry>>;
 
 /// What a tagged socket serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,8 +75,8 @@ pub trait DataPlane: Send + Sync + 'static {
     /// Called once a pair's relay ended: the kernel's byte counters (ID side sent, Mir side
     /// sent), which it then forgets.
     fn pair_closed(&self, conn_id: ConnId) -> Option<(u64, u64)>;
-    /// Starts background work (policy sync with the registry, kernel logs) for this gateway.
-    fn start(self: Arc<Self>, gw: Arc<Gateway>);
+    /// Starts background work (policy sync with the registry, kernel logs) until `shutdown`.
+    fn start(self: Arc<Self>, registry: RegistryWatch, shutdown: CancellationToken);
     /// Brings kernel policy in line with `registry` now.
     fn sync_policy(&self, registry: &Registry) -> Result<(), String>;
     fn occupancy(&self) -> Occupancy;
@@ -105,7 +110,7 @@ impl DataPlane for UserspaceDataPlane {
     fn pair_closed(&self, _conn_id: ConnId) -> Option<(u64, u64)> {
         None
     }
-    fn start(self: Arc<Self>, _gw: Arc<Gateway>) {}
+    fn start(self: Arc<Self>, _registry: RegistryWatch, _shutdown: CancellationToken) {}
     fn sync_policy(&self, _registry: &Registry) -> Result<(), String> {
         Ok(())
     }

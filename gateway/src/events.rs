@@ -1,9 +1,10 @@
-//! The gateway's event stream: sessions, forwards and forwarding pairs as they come and go.
-//! Subscribers (the Kubernetes controller, metrics, tests) get every event after they subscribe;
-//! a subscriber that falls more than `CAPACITY` events behind is told how many it missed.
+//! The gateway's event stream: sessions, forwards, forwarding pairs and registry reloads as they
+//! come and go (the types are `cmx_events`'s, shared with the test bed and API clients).
+//! Subscribers (the Kubernetes controller, metrics) get every event after they subscribe; a
+//! subscriber that falls more than `CAPACITY` events behind is told how many it missed. Every
+//! event is also logged at DEBUG under the target `cmx_event`, as JSON in the `record` field:
+//! the stream, machine-readable, for log pipelines and the tests that run the real binary.
 
-use std::fmt;
-use std::net::{Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -11,64 +12,7 @@ use tokio::sync::broadcast;
 
 const CAPACITY: usize = 4096;
 
-/// Identifies one SSH connection for its whole life.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SessionId(pub u64);
-
-impl fmt::Display for SessionId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "s{}", self.0)
-    }
-}
-
-/// Identifies one authorized path (a `direct-tcpip` channel and the sockets serving it).
-pub type ConnId = u64;
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum GatewayEvent {
-    SessionOpened {
-        session: SessionId,
-        identity: String,
-        peer: SocketAddr,
-    },
-    SessionClosed {
-        session: SessionId,
-        identity: String,
-    },
-    /// A Mir-sock now serves `identity` at `[addr]:port` through `session`.
-    ForwardAdded {
-        session: SessionId,
-        identity: String,
-        addr: Ipv6Addr,
-        port: u16,
-    },
-    /// The Mir-sock was closed (cancelled, session ended, or no longer permitted).
-    ForwardRemoved {
-        session: SessionId,
-        identity: String,
-        addr: Ipv6Addr,
-        port: u16,
-    },
-    /// A newer session of the same identity took the forward over; the Mir-sock stayed open.
-    ForwardTakenOver {
-        identity: String,
-        addr: Ipv6Addr,
-        port: u16,
-        from: SessionId,
-        to: SessionId,
-    },
-    PairOpened {
-        conn_id: ConnId,
-        device: String,
-        target: String,
-    },
-    PairClosed {
-        conn_id: ConnId,
-        device: String,
-        bytes_to_target: u64,
-        bytes_from_target: u64,
-    },
-}
+pub use cmx_events::{ConnId, GatewayEvent, SessionId};
 
 /// Running totals of the events emitted, kept by the bus itself so that no event is ever missed
 /// (a slow subscriber may lag; these never do). The metrics endpoint exports them; what it shows
@@ -103,9 +47,14 @@ impl EventTotals {
                 add(&self.bytes_to_target, *bytes_to_target);
                 add(&self.bytes_from_target, *bytes_from_target);
             }
-            GatewayEvent::SessionClosed { .. }
+            GatewayEvent::Ready { .. }
+            | GatewayEvent::Draining
+            | GatewayEvent::Stopped
+            | GatewayEvent::SessionClosed { .. }
             | GatewayEvent::ForwardAdded { .. }
-            | GatewayEvent::ForwardRemoved { .. } => {}
+            | GatewayEvent::ForwardRemoved { .. }
+            | GatewayEvent::RegistryReloaded { .. }
+            | GatewayEvent::RegistryRejected { .. } => {}
         }
     }
 }
@@ -133,6 +82,10 @@ impl EventBus {
 
     pub fn emit(&self, event: GatewayEvent) {
         self.totals.count(&event);
+        if tracing::enabled!(target: cmx_events::EVENT_LOG_TARGET, tracing::Level::DEBUG) {
+            let record = serde_json::to_string(&event).unwrap_or_default();
+            tracing::debug!(target: cmx_events::EVENT_LOG_TARGET, kind = event.kind(), record, "event");
+        }
         // No subscriber is not an error: events are a side channel.
         let _ = self.tx.send(event);
     }

@@ -1,30 +1,41 @@
-//! The state every task shares: configuration, the current registry snapshot, live sessions,
-//! published forwards (Mir-socks), pairs being joined, the event bus and the data plane.
+//! The state every connection and forwarding task shares: configuration, the authorization
+//! decisions, the current registry snapshot, live sessions, published forwards (Mir-socks),
+//! pairs being joined, the event bus, the data plane and the tasks the drain waits for. Its
+//! fields are the crate's own: other crates reach the gateway through `run`/`serve`, its events
+//! and its admin endpoint. The data plane and the controller never see it (they get a registry
+//! watch, a shutdown token and an event feed), so nothing it holds points back at it.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
+use crate::authz::Authz;
 use crate::config::Config;
 use crate::dataplane::DataPlane;
 use crate::events::{ConnId, EventBus, SessionId};
-use crate::forward::mirror::MirrorTable;
 use crate::forward::pairs::PairTable;
+use crate::forward::published::MirrorTable;
 use crate::identity::Registry;
 use crate::sessions::SessionTable;
 
 pub struct Gateway {
-    pub config: Config,
+    pub(crate) config: Config,
+    /// Every authorization decision (see `authz`).
+    pub(crate) authz: Authz,
     registry: watch::Sender<Arc<Registry>>,
-    pub sessions: SessionTable,
-    pub mirrors: MirrorTable,
-    pub pairs: PairTable,
-    pub events: EventBus,
-    pub dataplane: Arc<dyn DataPlane>,
+    pub(crate) sessions: SessionTable,
+    pub(crate) mirrors: MirrorTable,
+    pub(crate) pairs: PairTable,
+    pub(crate) events: EventBus,
+    pub(crate) dataplane: Arc<dyn DataPlane>,
     /// Cancelled when the gateway shuts down.
-    pub shutdown: CancellationToken,
+    pub(crate) shutdown: CancellationToken,
+    /// Forwarding tasks (Mir-sock accept loops, pair relays, direct-tcpip opens): the drain at
+    /// shutdown waits for them as it waits for the sessions.
+    pub(crate) tasks: TaskTracker,
     next_session: AtomicU64,
     next_conn: AtomicU64,
 }
@@ -39,6 +50,7 @@ impl Gateway {
     ) -> Arc<Self> {
         let (registry, _) = watch::channel(Arc::new(registry));
         Arc::new(Gateway {
+            authz: Authz::new(config.insecure_skip_userspace_policy),
             config,
             registry,
             sessions: SessionTable::default(),
@@ -47,6 +59,7 @@ impl Gateway {
             events,
             dataplane,
             shutdown,
+            tasks: TaskTracker::new(),
             next_session: AtomicU64::new(1),
             next_conn: AtomicU64::new(1),
         })

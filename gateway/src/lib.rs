@@ -19,6 +19,7 @@
 pub mod admin;
 pub mod audit;
 pub mod auth;
+pub mod authz;
 pub mod config;
 pub mod controller;
 pub mod dataplane;
@@ -35,6 +36,7 @@ pub mod reload;
 pub mod server;
 pub mod session;
 pub mod sessions;
+pub mod slots;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -93,6 +95,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
 
 /// Runs the gateway on an already-bound SSH listener. `events` carries what happens to sessions,
 /// forwards and pairs: subscribe before calling (the Kubernetes controller, metrics and tests do).
+///
+/// What it sets up on the node (the local route, the admin listener, the data plane's programs,
+/// pins and cgroup) is held by guards declared in that order: on every exit path, an error
+/// half-way through set-up included, they are undone in reverse order.
 pub async fn serve(
     config: Config,
     registry: Registry,
@@ -105,41 +111,17 @@ pub async fn serve(
         .map(|a| a.port())
         .unwrap_or(config.listen.port());
     let kubernetes = controller_settings(&config, port)?;
-    let host_key = HostKey::load_or_generate(&config.host_key)?;
-    if host_key.generated {
-        tracing::warn!(path = %config.host_key.display(), fingerprint = %host_key.fingerprint(),
-            "no host key found: generated a new ed25519 host key; pin this fingerprint in the agents");
-    } else if HostKey::is_too_open(&config.host_key) {
-        tracing::warn!(path = %config.host_key.display(), "host key is readable by group or others; chmod 600 it");
-    }
-    let route = if config.manage_local_route {
-        Some(LocalRoute::ensure(config.identity_prefix)?)
-    } else {
-        if !route::local_route_exists(config.identity_prefix).unwrap_or(false) {
-            tracing::warn!(prefix = %config.identity_prefix,
-                "manage_local_route = false and the identity prefix is not local: Mir-socks will be unreachable until 'ip -6 route add local {} dev lo' is done", config.identity_prefix);
-        }
-        None
-    };
-
-    let admin = if config.admin.enabled {
-        let addr = config.admin.listen;
-        Some(
-            TcpListener::bind(addr)
-                .await
-                .map_err(|source| RunError::AdminBind { addr, source })?,
-        )
-    } else {
-        None
-    };
-    let dataplane = select_dataplane(&config)?;
-    if let Err(e) = dataplane.sync_policy(&registry) {
+    let host_key = load_host_key(&config)?;
+    let route = local_route(&config)?;
+    let admin = bind_admin(&config).await?;
+    let dataplane = DataPlaneGuard(select_dataplane(&config)?);
+    if let Err(e) = dataplane.0.sync_policy(&registry) {
         tracing::error!(error = %e, "cannot fill the kernel policy maps");
     }
     let ssh = Arc::new(server::ssh_config(&config, host_key.key.clone()));
     let listen = listener.local_addr().ok();
     let grace = Duration::from_secs(config.shutdown_grace_secs);
-    let gw = Gateway::new(config, registry, dataplane, events, shutdown.clone());
+    let gw = Gateway::new(config, registry, dataplane.0.clone(), events, shutdown.clone());
     tracing::info!(
         listen = ?listen,
         host_key = %host_key.fingerprint(),
@@ -148,53 +130,134 @@ pub async fn serve(
         dataplane = %gw.dataplane.describe(),
         "cmx-gateway ready; data plane: {}", gw.dataplane.describe()
     );
-
     tracing::info!(dataplane = gw.dataplane.name(), occupancy = ?gw.dataplane.occupancy().entries, "data plane ready");
-    if gw.config.insecure_skip_userspace_policy {
-        tracing::warn!(
-            "INSECURE (tests only): user-space security-context checks are skipped; only the kernel's apply"
-        );
-    }
-    gw.dataplane.clone().start(gw.clone());
-    let admin = admin.map(|listener| {
-        let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
-        tracing::info!(admin = %addr, "admin endpoint listening on {addr}: /healthz /readyz /metrics");
-        tokio::spawn(admin::serve(gw.clone(), listener))
-    });
+    gw.dataplane
+        .clone()
+        .start(gw.watch_registry(), gw.shutdown.clone());
+    let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
+    let admin = admin.map(|listener| AbortOnDrop(tokio::spawn(admin::serve(gw.clone(), listener))));
     let controller = kubernetes.map(|settings| {
         let k = &gw.config.kubernetes;
         let kubeconfig = (!k.kubeconfig.as_os_str().is_empty()).then(|| k.kubeconfig.clone());
-        controller::start(&gw, settings, kubeconfig, Duration::from_secs(k.resync_secs))
+        controller::start(
+            controller_feed(&gw),
+            settings,
+            kubeconfig,
+            Duration::from_secs(k.resync_secs),
+        )
     });
-    let tracker = TaskTracker::new();
-    tracker.spawn(reload::watch(gw.clone()));
-    server::accept_loop(gw.clone(), listener, ssh, tracker.clone()).await;
+    gw.events.emit(events::GatewayEvent::Ready {
+        listen,
+        admin: admin_addr,
+        dataplane: gw.dataplane.name().to_string(),
+    });
+    let connections = TaskTracker::new();
+    connections.spawn(reload::watch(gw.clone()));
+    server::accept_loop(gw.clone(), listener, ssh, connections.clone()).await;
 
+    drain(&gw, &connections, grace).await;
+    if let Some(task) = controller {
+        // It hands this pod's Services back (bounded): the servers' next replica claims them.
+        let _ = task.await;
+    }
+    // The admin endpoint served /readyz = 503 through the drain; then the node's resources go,
+    // in reverse order of set-up.
+    drop((admin, dataplane, route));
+    tracing::info!("cmx-gateway stopped");
+    gw.events.emit(events::GatewayEvent::Stopped);
+    Ok(())
+}
+
+/// Stops taking connections and waits (up to `grace`) for the sessions and their forwarding
+/// tasks to end.
+async fn drain(gw: &Gateway, connections: &TaskTracker, grace: Duration) {
     tracing::info!(
         sessions = gw.sessions.len(),
         "shutting down: no new connections; sessions told to disconnect"
     );
-    tracker.close();
-    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+    gw.events.emit(events::GatewayEvent::Draining);
+    connections.close();
+    gw.tasks.close();
+    let both = async {
+        connections.wait().await;
+        gw.tasks.wait().await;
+    };
+    if tokio::time::timeout(grace, both).await.is_err() {
         tracing::warn!(
             remaining = gw.sessions.len(),
             "shutdown grace period over; closing remaining sessions"
         );
     }
-    if let Some(task) = controller {
-        // It hands this pod's Services back (bounded): the servers' next replica claims them.
-        let _ = task.await;
+}
+
+fn load_host_key(config: &Config) -> Result<HostKey, RunError> {
+    let host_key = HostKey::load_or_generate(&config.host_key)?;
+    if host_key.generated {
+        tracing::warn!(path = %config.host_key.display(), fingerprint = %host_key.fingerprint(),
+            "no host key found: generated a new ed25519 host key; pin this fingerprint in the agents");
+    } else if HostKey::is_too_open(&config.host_key) {
+        tracing::warn!(path = %config.host_key.display(), "host key is readable by group or others; chmod 600 it");
     }
-    if let Some(task) = admin {
-        // Served /readyz = 503 through the drain; gone with the process.
-        task.abort();
+    Ok(host_key)
+}
+
+/// The local route for the identity prefix, when the gateway manages it.
+fn local_route(config: &Config) -> Result<Option<LocalRoute>, RunError> {
+    if config.manage_local_route {
+        return Ok(Some(LocalRoute::ensure(config.identity_prefix)?));
     }
-    gw.dataplane.shutdown();
-    if let Some(route) = route {
-        route.remove();
+    if !route::local_route_exists(config.identity_prefix).unwrap_or(false) {
+        tracing::warn!(prefix = %config.identity_prefix,
+            "manage_local_route = false and the identity prefix is not local: Mir-socks will be unreachable until 'ip -6 route add local {} dev lo' is done", config.identity_prefix);
     }
-    tracing::info!("cmx-gateway stopped");
-    Ok(())
+    Ok(None)
+}
+
+async fn bind_admin(config: &Config) -> Result<Option<TcpListener>, RunError> {
+    if !config.admin.enabled {
+        return Ok(None);
+    }
+    let addr = config.admin.listen;
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| RunError::AdminBind { addr, source })?;
+    let addr = listener.local_addr().unwrap_or(addr);
+    tracing::info!(admin = %addr, "admin endpoint listening on {addr}: /healthz /readyz /metrics");
+    Ok(Some(listener))
+}
+
+/// Undoes what the data plane set up on the node (programs, pins, cgroup) when dropped.
+struct DataPlaneGuard(Arc<dyn DataPlane>);
+
+impl Drop for DataPlaneGuard {
+    fn drop(&mut self) {
+        self.0.shutdown();
+    }
+}
+
+/// A background task that ends with its owner.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// What the controller follows: this gateway's events, the servers it holds, its shutdown.
+fn controller_feed(gw: &Arc<Gateway>) -> controller::Feed {
+    let held = gw.clone();
+    controller::Feed {
+        events: gw.events.subscribe(),
+        held: Box::new(move || {
+            held.mirrors
+                .list()
+                .into_iter()
+                .map(|(_, identity, _)| identity)
+                .collect()
+        }),
+        shutdown: gw.shutdown.clone(),
+    }
 }
 
 /// The Kubernetes controller's settings when it is to run (see `controller::pod`).

@@ -15,7 +15,6 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::events::GatewayEvent;
 use crate::gateway::Gateway;
 use crate::identity::{Registry, RegistryContext};
-use crate::policy::{Decision, ListenRequest};
 use crate::sessions::disconnect;
 use crate::{audit, auth};
 
@@ -59,8 +58,14 @@ pub async fn watch(gw: Arc<Gateway>) {
         let why = if forced { "SIGHUP" } else { "file changed" };
         match Registry::load(&path, registry_context(&gw.config)) {
             Ok(registry) => apply(&gw, registry, why).await,
-            Err(e) => tracing::error!(path = %path.display(), trigger = why,
-                "identity registry reload failed; the previous registry stays in force:\n{e}"),
+            Err(e) => {
+                tracing::error!(path = %path.display(), trigger = why,
+                    "identity registry reload failed; the previous registry stays in force:\n{e}");
+                gw.events.emit(GatewayEvent::RegistryRejected {
+                    trigger: why.to_string(),
+                    error: e.to_string(),
+                });
+            }
         }
     }
 }
@@ -87,28 +92,15 @@ pub async fn apply(gw: &Arc<Gateway>, registry: Registry, why: &str) {
             }
         });
         if let Err(reason) = verdict {
-            audit::session_closed(id, &entry.identity, &reason);
+            // The session's end is audited once, with this reason, when its task cleans up.
+            gw.sessions.closing(id, &reason);
             let handle = entry.handle.clone();
             tokio::spawn(async move { disconnect(&handle, &reason).await });
         }
     }
 
     for ((addr, port), identity, session) in gw.mirrors.list() {
-        let decision = match new.get(&identity) {
-            None => Decision::Deny {
-                reason: format!("identity '{identity}' was removed"),
-            },
-            Some(me) if !me.role.may_publish() => Decision::Deny {
-                reason: format!("identity '{identity}' may no longer publish"),
-            },
-            Some(me) => me.permit_listen.check(&ListenRequest {
-                addr,
-                own: addr == me.address,
-                owner: new.by_address(&addr).map(|i| i.name.as_str()),
-                port,
-            }),
-        };
-        if let Decision::Deny { reason } = decision
+        if let Err(reason) = gw.authz.may_keep_listening(&new, &identity, addr, port)
             && gw.mirrors.remove(&(addr, port)).is_some()
         {
             audit::forward_removed(
@@ -125,4 +117,10 @@ pub async fn apply(gw: &Arc<Gateway>, registry: Registry, why: &str) {
             });
         }
     }
+    // Emitted once live sessions and forwards were brought in line with the new registry.
+    gw.events.emit(GatewayEvent::RegistryReloaded {
+        trigger: why.to_string(),
+        identities: new.len(),
+        previous: old.len(),
+    });
 }

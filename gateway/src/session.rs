@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use russh::keys::Certificate;
 use russh::server::{Auth, ChannelOpenHandle, Handler, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
@@ -18,20 +17,12 @@ use crate::events::{GatewayEvent, SessionId};
 use crate::forward::{direct, mirror};
 use crate::gateway::Gateway;
 use crate::sessions::SessionEntry;
+use crate::slots::{ChannelCount, ChannelSlot};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
     #[error(transparent)]
     Ssh(#[from] russh::Error),
-}
-
-/// Counts a channel the agent opened against `max_channels_per_session` while it lives.
-pub struct ChannelSlot(Arc<AtomicUsize>);
-
-impl Drop for ChannelSlot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
 }
 
 pub struct SessionHandler {
@@ -42,7 +33,7 @@ pub struct SessionHandler {
     authenticated: Option<(String, Credential)>,
     /// Fired once the session is authenticated and registered (ends the login grace timer).
     on_authenticated: Option<oneshot::Sender<()>>,
-    channels: Arc<AtomicUsize>,
+    channels: ChannelCount,
     session_channels: HashMap<ChannelId, ChannelSlot>,
     /// User names this connection tried, and how many credentials we refused, for the summary
     /// line of a connection that never authenticates.
@@ -63,7 +54,7 @@ impl SessionHandler {
             peer,
             authenticated: None,
             on_authenticated: Some(on_authenticated),
-            channels: Arc::new(AtomicUsize::new(0)),
+            channels: ChannelCount::default(),
             session_channels: HashMap::new(),
             users_tried: Vec::new(),
             refusals: 0,
@@ -96,15 +87,7 @@ impl SessionHandler {
     }
 
     fn take_slot(&self) -> Result<ChannelSlot, String> {
-        let max = self.gw.config.limits.max_channels_per_session;
-        let open = self.channels.fetch_add(1, Ordering::Relaxed);
-        let slot = ChannelSlot(self.channels.clone());
-        if open >= max {
-            return Err(format!(
-                "too many channels in this session (max_channels_per_session = {max})"
-            ));
-        }
-        Ok(slot)
+        self.channels.take(self.gw.config.limits.max_channels_per_session)
     }
 
     /// Refuses shell/exec/subsystem with a one-line message and exit status 1.
@@ -195,6 +178,7 @@ impl Handler for SessionHandler {
             peer: self.peer,
             credential,
             handle: session.handle(),
+            closing: None,
         };
         let max = self.gw.config.limits.max_sessions;
         if let Err(live) = self.gw.sessions.insert(self.id, entry, max) {
@@ -270,7 +254,7 @@ impl Handler for SessionHandler {
             originator_port,
         };
         // Resolving and connecting take time: never block the session's other channels on it.
-        tokio::spawn(direct::open(
+        self.gw.tasks.spawn(direct::open(
             self.gw.clone(),
             self.id,
             identity,
@@ -415,6 +399,7 @@ pub fn cleanup(gw: &Gateway, id: SessionId, reason: &str) {
         });
     }
     if let Some(entry) = entry {
+        let reason = entry.closing.as_deref().unwrap_or(reason);
         audit::session_closed(id, &entry.identity, reason);
         gw.events.emit(GatewayEvent::SessionClosed {
             session: id,

@@ -17,6 +17,8 @@ pub struct SessionEntry {
     pub peer: SocketAddr,
     pub credential: Credential,
     pub handle: Handle,
+    /// Why the gateway is closing this session, once it decided to (a reload revoked it).
+    pub closing: Option<String>,
 }
 
 #[derive(Default)]
@@ -38,6 +40,13 @@ impl SessionTable {
         }
         map.insert(id, entry);
         Ok(())
+    }
+
+    /// Records why the gateway is closing session `id`: its end is audited with this reason.
+    pub fn closing(&self, id: SessionId, reason: &str) {
+        if let Some(e) = self.lock().get_mut(&id) {
+            e.closing.get_or_insert_with(|| reason.to_string());
+        }
     }
 
     pub fn remove(&self, id: SessionId) -> Option<SessionEntry> {

@@ -1,11 +1,9 @@
 //! The admin endpoint of a real gateway process: health and readiness, and metrics that follow
 //! what stock OpenSSH agents and real traffic did through it.
 
-mod support;
-
 use std::time::Duration;
 
-use support::*;
+use cmx_testbed::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const T: Duration = Duration::from_secs(20);
@@ -43,13 +41,17 @@ async fn health_readiness_and_metrics_follow_real_sessions_and_traffic() {
         "[admin]\nenabled = true\nlisten = \"127.0.0.1:0\"\n",
     )
     .await;
-    let listening = gw
+    let ready = gw
         .log
-        .wait("admin endpoint", T, |v| {
-            field(v, "message").starts_with("admin endpoint listening")
-        })
+        .wait_event("ready", |e| matches!(e, GatewayEvent::Ready { .. }))
         .await;
-    let admin = field(&listening, "admin").to_string();
+    let GatewayEvent::Ready {
+        admin: Some(admin), ..
+    } = ready
+    else {
+        panic!("the gateway announced no admin endpoint: {ready:?}")
+    };
+    let admin = admin.to_string();
 
     assert_eq!(get(&hosts, &admin, "/healthz").await, (200, "ok\n".into()));
     assert_eq!(get(&hosts, &admin, "/readyz").await, (200, "ready\n".into()));
@@ -78,15 +80,11 @@ async fn health_readiness_and_metrics_follow_real_sessions_and_traffic() {
     let mut back = Vec::new();
     stream.read_to_end(&mut back).await.unwrap();
     assert_eq!(back, data);
-    gw.log
-        .wait("pair closed", T, |v| field(v, "event") == "pair-closed")
-        .await;
+    gw.log.wait_event("pair closed", pair_closed("dev1")).await;
     let mut refused = hosts.dev.connect_retry("127.0.0.1:11884").await;
     let _ = refused.read_to_end(&mut Vec::new()).await;
     gw.log
-        .wait("refused forward", T, |v| {
-            field(v, "event") == "forward" && field(v, "decision") == "deny"
-        })
+        .wait_audit("refused forward", forward_denied("dev1", "", ""))
         .await;
 
     let body = get(&hosts, &admin, "/metrics").await.1;

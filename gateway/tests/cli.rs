@@ -1,11 +1,9 @@
 //! The command line as an operator meets it: help, config checking, derived addresses, and the
 //! refusal to start without the rights it needs.
 
-mod support;
-
 use std::process::Command;
 
-use support::*;
+use cmx_testbed::*;
 
 fn gateway(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(gateway_bin())

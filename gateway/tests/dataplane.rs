@@ -3,14 +3,11 @@
 //! cgroup closed to untagged sockets, the ABI checked against the object's BTF, and restarts
 //! (clean or kill -9) that leave nothing behind.
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::Duration;
 
-use serde_json::Value;
-use support::*;
+use cmx_testbed::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const T: Duration = Duration::from_secs(20);
@@ -58,9 +55,12 @@ async fn the_loopback_hop_carries_no_tcp_data_segments_with_sockmap() {
         let gw = GatewayProc::start_with(&hosts, &registry, "", mode, &[]).await;
         let ready = gw
             .log
-            .find(|v| field(v, "message").starts_with("cmx-gateway ready"))
-            .unwrap();
-        assert!(field(&ready, "dataplane").starts_with(mode), "{ready}");
+            .wait_event("ready", |e| matches!(e, GatewayEvent::Ready { .. }))
+            .await;
+        assert!(
+            matches!(&ready, GatewayEvent::Ready { dataplane, .. } if dataplane == mode),
+            "{ready:?}"
+        );
         let (_echo, _srv) = publish_echo(&hosts, &gw, &srv1, &[]).await;
         let _dev = SshAgent::start(
             &hosts,
@@ -97,13 +97,13 @@ async fn the_loopback_hop_carries_no_tcp_data_segments_with_sockmap() {
         assert!(rest.is_empty());
         let closed = gw
             .log
-            .wait("pair closed", T, |v| field(v, "event") == "pair-closed")
+            .wait_audit("pair closed", |r| r.event == AuditEvent::PairClosed)
             .await;
         if mode == "sockmap" {
-            assert_eq!(closed["spliced_to_target"].as_u64(), Some(4 << 20), "{closed}");
-            assert_eq!(closed["spliced_from_target"].as_u64(), Some(4 << 20), "{closed}");
+            assert_eq!(closed.spliced_to_target, Some(4 << 20), "{closed:?}");
+            assert_eq!(closed.spliced_from_target, Some(4 << 20), "{closed:?}");
         } else {
-            assert_eq!(closed["spliced"], false, "{closed}");
+            assert_eq!(closed.spliced, Some(false), "{closed:?}");
         }
     }
     eprintln!("data segments on the loopback hop (ID side, Mir side): {segments:?}");
@@ -119,10 +119,10 @@ async fn the_loopback_hop_carries_no_tcp_data_segments_with_sockmap() {
     );
 }
 
-fn kernel_denials(log: &LogBook) -> Vec<Value> {
-    log.all()
+fn kernel_denials(log: &LogBook) -> Vec<AuditRecord> {
+    log.audits()
         .into_iter()
-        .filter(|v| field(v, "event") == "kernel-deny")
+        .filter(|r| r.event == AuditEvent::KernelDeny)
         .collect()
 }
 
@@ -152,9 +152,7 @@ async fn the_kernel_refuses_what_the_registry_forbids_even_if_user_space_does_no
         let (_echo, _s1) = publish_echo(&hosts, &gw, &srv1, &[]).await;
         let _s2 = SshAgent::start(&hosts, &hosts.srv, "srv2", &srv2, &["-R", "1883:127.0.0.1:5002"]);
         gw.log
-            .wait("srv2 published", T, |v| {
-                field(v, "decision") == "allow" && field(v, "identity") == "srv2"
-            })
+            .wait_event("srv2 published", forward_added("srv2", 1883))
             .await;
 
         // Connects outside the security context.
@@ -210,11 +208,11 @@ async fn the_kernel_refuses_what_the_registry_forbids_even_if_user_space_does_no
             ];
             for (op, identity, address) in want {
                 gw.log
-                    .wait(&format!("kernel refusal {op} {address}"), T, |v| {
-                        field(v, "event") == "kernel-deny"
-                            && field(v, "op") == op
-                            && field(v, "address") == address
-                            && field(v, "identity") == identity
+                    .wait_audit(&format!("kernel refusal {op} {address}"), |r| {
+                        r.event == AuditEvent::KernelDeny
+                            && r.op.as_deref() == Some(op)
+                            && r.address.as_deref() == Some(address)
+                            && r.identity() == identity
                     })
                     .await;
             }
@@ -223,9 +221,10 @@ async fn the_kernel_refuses_what_the_registry_forbids_even_if_user_space_does_no
         } else {
             // User space refuses first: nothing reaches the kernel.
             gw.log
-                .wait("user-space refusal", T, |v| {
-                    field(v, "decision") == "deny" && field(v, "request") == "direct-tcpip srv2:1883"
-                })
+                .wait_audit(
+                    "user-space refusal",
+                    forward_denied("dev1", "direct-tcpip srv2:1883", ""),
+                )
                 .await;
             tokio::time::sleep(Duration::from_millis(300)).await;
             assert!(
@@ -265,11 +264,11 @@ async fn an_untagged_process_in_the_gateway_cgroup_cannot_reach_a_mir_sock() {
     );
     let d = gw
         .log
-        .wait("kernel refusal", T, |v| {
-            field(v, "event") == "kernel-deny" && field(v, "op") == "connect6"
+        .wait_audit("kernel refusal", |r| {
+            r.event == AuditEvent::KernelDeny && r.op.as_deref() == Some("connect6")
         })
         .await;
-    assert!(field(&d, "reason").starts_with("untagged socket"), "{d}");
+    assert!(d.reason().starts_with("untagged socket"), "{d:?}");
     assert_eq!(echo.count(), 0);
 }
 
@@ -392,11 +391,11 @@ async fn twenty_restarts_clean_or_killed_leave_nothing_behind() {
         }
         let ready = gw
             .log
-            .find(|v| field(v, "message").starts_with("cmx-gateway ready"))
-            .unwrap();
+            .wait_event("ready", |e| matches!(e, GatewayEvent::Ready { .. }))
+            .await;
         assert!(
-            field(&ready, "dataplane").starts_with("sockmap"),
-            "restart {i}: {ready}"
+            matches!(&ready, GatewayEvent::Ready { dataplane, .. } if dataplane == "sockmap"),
+            "restart {i}: {ready:?}"
         );
         assert_eq!(
             cmx_objects(),

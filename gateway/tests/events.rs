@@ -1,14 +1,12 @@
 //! The event stream other components build on (the Kubernetes controller subscribes to it): the
 //! gateway runs in-process here, in the gateway namespace, and real OpenSSH agents drive it.
 
-mod support;
-
 use std::time::Duration;
 
 use cmx_gateway::config::Config;
 use cmx_gateway::events::{EventBus, GatewayEvent};
 use cmx_gateway::identity::Registry;
-use support::*;
+use cmx_testbed::*;
 use tokio::sync::broadcast::Receiver;
 use tokio_util::sync::CancellationToken;
 
@@ -66,6 +64,11 @@ async fn sessions_forwards_and_pairs_are_announced_in_order() {
         format!("[{GW_DEV_IP}]:{SSH_PORT} {host_key}[{GW_SRV_IP}]:{SSH_PORT} {host_key}"),
     )
     .unwrap();
+
+    assert!(
+        matches!(next(&mut rx).await, GatewayEvent::Ready { listen: Some(_), admin: None, dataplane } if dataplane == "userspace"),
+        "the first event says the gateway is ready, and with which data plane"
+    );
 
     let _echo = Echo::serve(hosts.srv.listen("127.0.0.1:5001"));
     let server = SshAgent::start(&hosts, &hosts.srv, "srv1", &srv1, &["-R", "1883:127.0.0.1:5001"]);
@@ -140,4 +143,11 @@ async fn sessions_forwards_and_pairs_are_announced_in_order() {
         .unwrap()
         .unwrap();
     assert!(result.is_ok(), "{result:?}");
+    // The shutdown is announced: draining first (dev1's session then ends), stopped last.
+    let mut rest = Vec::new();
+    while let Ok(e) = rx.try_recv() {
+        rest.push(e);
+    }
+    assert_eq!(rest.first(), Some(&GatewayEvent::Draining), "{rest:?}");
+    assert_eq!(rest.last(), Some(&GatewayEvent::Stopped), "{rest:?}");
 }

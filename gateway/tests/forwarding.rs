@@ -2,12 +2,10 @@
 //! a server publishes with `ssh -R`, a device connects with `ssh -L`, and real traffic crosses
 //! device host -> gateway (ID-sock -> Mir-sock) -> server host.
 
-mod support;
-
 use std::process::Stdio;
 use std::time::Duration;
 
-use support::*;
+use cmx_testbed::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const T: Duration = Duration::from_secs(20);
@@ -40,7 +38,7 @@ impl Scenario {
         let echo = Echo::serve(hosts.srv.listen("127.0.0.1:5000"));
         let server_agent = SshAgent::start(&hosts, &hosts.srv, "srv1", &srv1, &["-R", "1883:127.0.0.1:5000"]);
         gw.log
-            .wait("srv1 forward", T, audit_allow("srv1", "tcpip-forward"))
+            .wait_event("srv1 forward", forward_added("srv1", 1883))
             .await;
         let device_agent = SshAgent::start(
             &hosts,
@@ -75,12 +73,7 @@ impl Scenario {
             &self.srv1,
             &["-R", &format!("1884:{local}")],
         );
-        self.gw
-            .log
-            .wait("1884", T, |v| {
-                field(v, "request") == "tcpip-forward localhost:1884"
-            })
-            .await;
+        self.gw.log.wait_event("1884", forward_added("srv1", 1884)).await;
         let registry = std::fs::read_to_string(&self.gw.registry)
             .unwrap()
             .replace("\"srv1:1883\"", "\"srv1:*\"");
@@ -103,15 +96,6 @@ impl Scenario {
             .await
             .expect("the session's other channel stalled behind the one that is held back");
         assert!(echoed == sent, "the other channel's bytes differ");
-    }
-}
-
-fn audit_allow(identity: &'static str, request: &'static str) -> impl Fn(&serde_json::Value) -> bool {
-    move |v| {
-        field(v, "event") == "forward"
-            && field(v, "decision") == "allow"
-            && field(v, "identity") == identity
-            && field(v, "request").starts_with(request)
     }
 }
 
@@ -158,7 +142,7 @@ async fn mqtt_messages_cross_the_gateway_and_the_server_learns_the_device_identi
 
     let server_agent = SshAgent::start(&hosts, &hosts.srv, "srv1", &srv1, &["-R", "1883:127.0.0.1:1883"]);
     gw.log
-        .wait("srv1 forward", T, audit_allow("srv1", "tcpip-forward"))
+        .wait_event("srv1 forward", forward_added("srv1", 1883))
         .await;
     let _device_agent = SshAgent::start(
         &hosts,
@@ -202,14 +186,17 @@ async fn mqtt_messages_cross_the_gateway_and_the_server_learns_the_device_identi
     // The Mir-sock saw the ID-sock of dev1's identity address...
     let opened = gw
         .log
-        .wait("pair opened", T, |v| field(v, "event") == "pair-opened")
+        .wait_audit("pair opened", |r| r.event == AuditEvent::PairOpened)
         .await;
-    assert_eq!(field(&opened, "identity"), "dev1");
+    assert_eq!(opened.identity(), "dev1");
     assert!(
-        field(&opened, "source").starts_with(&format!("[{DEV1_ADDR}]:")),
-        "{opened}"
+        opened
+            .source
+            .as_deref()
+            .is_some_and(|s| s.starts_with(&format!("[{DEV1_ADDR}]:"))),
+        "{opened:?}"
     );
-    assert_eq!(field(&opened, "destination"), "srv1 [fd63:6d78::1]:1883");
+    assert_eq!(opened.destination.as_deref(), Some("srv1 [fd63:6d78::1]:1883"));
     // ...and the server agent received it as the forwarded-tcpip originator.
     server_agent
         .wait_output(&format!("originator {DEV1_ADDR} port"), T)
@@ -240,20 +227,23 @@ async fn sixty_four_mib_each_way_arrive_byte_exact() {
 
     let closed =
         s.gw.log
-            .wait("pair closed", T, |v| field(v, "event") == "pair-closed")
+            .wait_audit("pair closed", |r| r.event == AuditEvent::PairClosed)
             .await;
-    assert_eq!(closed["bytes_to_target"].as_u64(), Some(64 << 20), "{closed}");
-    assert_eq!(closed["bytes_from_target"].as_u64(), Some(64 << 20), "{closed}");
-    assert_eq!(field(&closed, "end"), "eof both ways");
+    assert_eq!(closed.bytes_to_target, Some(64 << 20), "{closed:?}");
+    assert_eq!(closed.bytes_from_target, Some(64 << 20), "{closed:?}");
+    assert_eq!(closed.end.as_deref(), Some("eof both ways"));
     if test_dataplane() == "sockmap" {
         // The kernel carried the loopback hop: everything the ID-sock sent, and everything it got.
-        assert_eq!(closed["spliced"], true, "{closed}");
-        assert_eq!(closed["spliced_to_target"].as_u64(), Some(64 << 20), "{closed}");
-        assert_eq!(closed["spliced_from_target"].as_u64(), Some(64 << 20), "{closed}");
+        assert_eq!(closed.spliced, Some(true), "{closed:?}");
+        assert_eq!(closed.spliced_to_target, Some(64 << 20), "{closed:?}");
+        assert_eq!(closed.spliced_from_target, Some(64 << 20), "{closed:?}");
     }
     // The ID-sock keeps the device-side originator port when it is free.
-    let opened = s.gw.log.find(|v| field(v, "event") == "pair-opened").unwrap();
-    assert_eq!(field(&opened, "source"), format!("[{DEV1_ADDR}]:{device_port}"));
+    let opened =
+        s.gw.log
+            .wait_audit("pair opened", |r| r.event == AuditEvent::PairOpened)
+            .await;
+    assert_eq!(opened.source, Some(format!("[{DEV1_ADDR}]:{device_port}")));
 }
 
 /// Also: the stall holds back only that connection's channel. The device's SSH session keeps
@@ -352,8 +342,8 @@ async fn half_close_works_in_both_directions() {
         &["-R", "1884:127.0.0.1:5001"],
     );
     s.gw.log
-        .wait("forward 1884", T, |v| {
-            field(v, "event") == "forward" && field(v, "request").ends_with(":1884")
+        .wait_audit("forward 1884", |r| {
+            r.event == AuditEvent::Forward && r.request().ends_with(":1884")
         })
         .await;
     let _dev = SshAgent::start(
@@ -379,11 +369,11 @@ async fn half_close_works_in_both_directions() {
     // Per-pair byte counters, per direction.
     let closed =
         s.gw.log
-            .wait("1884 pair closed", T, |v| {
-                field(v, "event") == "pair-closed" && v["bytes_from_target"].as_u64() == Some(6)
+            .wait_audit("1884 pair closed", |r| {
+                r.event == AuditEvent::PairClosed && r.bytes_from_target == Some(6)
             })
             .await;
-    assert_eq!(closed["bytes_to_target"].as_u64(), Some(22), "{closed}");
+    assert_eq!(closed.bytes_to_target, Some(22), "{closed:?}");
     drop(srv2);
 }
 
@@ -405,11 +395,9 @@ async fn two_hundred_concurrent_channels_share_one_session() {
     }
     assert_eq!(s.echo.count(), 201);
     // All of them went through dev1's single session.
-    let sessions =
-        s.gw.log
-            .count(|v| field(v, "message") == "session established" && field(v, "identity") == "dev1");
+    let sessions = s.gw.log.count_events(session_opened("dev1"));
     assert_eq!(sessions, 1);
-    assert_eq!(s.gw.log.count(|v| field(v, "event") == "pair-opened"), 201);
+    assert_eq!(s.gw.log.count_audits(|r| r.event == AuditEvent::PairOpened), 201);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

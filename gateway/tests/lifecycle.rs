@@ -1,12 +1,9 @@
 //! The gateway over time: hot reload of the registry, pre-authentication limits, certificate
 //! logins, forward takeover, interactive refusals on a live connection, and graceful shutdown.
 
-mod support;
-
 use std::time::Duration;
 
-use serde_json::Value;
-use support::*;
+use cmx_testbed::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const T: Duration = Duration::from_secs(20);
@@ -46,9 +43,7 @@ async fn registry_changes_apply_without_restart() {
         &["-R", "1883:127.0.0.1:5001", "-R", "1884:127.0.0.1:5002"],
     );
     gw.log
-        .wait("1884 published", T, |v| {
-            field(v, "request") == "tcpip-forward localhost:1884"
-        })
+        .wait_event("1884 published", forward_added("srv1", 1884))
         .await;
     let _dev1 = SshAgent::local_forwards(
         &hosts,
@@ -75,9 +70,10 @@ async fn registry_changes_apply_without_restart() {
             .is_empty()
     );
     gw.log
-        .wait("1884 denied", T, |v| {
-            field(v, "decision") == "deny" && field(v, "request") == "direct-tcpip srv1:1884"
-        })
+        .wait_audit(
+            "1884 denied",
+            forward_denied("dev1", "direct-tcpip srv1:1884", ""),
+        )
         .await;
 
     // A permission added applies to the next channel of the same, still-open session.
@@ -92,17 +88,13 @@ async fn registry_changes_apply_without_restart() {
     let mut got = Vec::new();
     c.read_to_end(&mut got).await.unwrap();
     assert_eq!(got, b"on 1884");
-    assert_eq!(
-        gw.log
-            .count(|v| field(v, "message") == "session established" && field(v, "identity") == "dev1"),
-        1
-    );
+    assert_eq!(gw.log.count_events(session_opened("dev1")), 1);
 
     // An invalid file is reported and ignored: the previous registry stays in force.
     std::fs::write(&gw.registry, "[[identity]]\nname = \"broken\"\n").unwrap();
     gw.log
-        .wait("reload failure", T, |v| {
-            field(v, "message").starts_with("identity registry reload failed")
+        .wait_event("reload failure", |e| {
+            matches!(e, GatewayEvent::RegistryRejected { .. })
         })
         .await;
     assert_eq!(
@@ -125,26 +117,28 @@ async fn registry_changes_apply_without_restart() {
         "{}",
         dev2_agent.output()
     );
-    gw.log
-        .wait("dev2 closed", T, |v| {
-            field(v, "event") == "session-closed" && field(v, "identity") == "dev2"
-        })
-        .await;
+    gw.log.wait_event("dev2 closed", session_closed("dev2")).await;
     // And it cannot come back.
     let (status, stderr) = ssh_once(&hosts, &hosts.dev, "dev2", &dev2, &["-N"], &[]);
     assert_eq!(status.code(), Some(255), "{stderr}");
     gw.log
-        .wait("dev2 refused", T, |v| {
-            field(v, "event") == "auth" && field(v, "reason") == "no identity named 'dev2'"
-        })
+        .wait_audit(
+            "dev2 refused",
+            audit_is(
+                AuditEvent::Auth,
+                Verdict::Deny,
+                "dev2",
+                "no identity named 'dev2'",
+            ),
+        )
         .await;
 
     // SIGHUP forces a reload even when nothing changed.
     let reloads =
-        |v: &Value| field(v, "message") == "identity registry reloaded" && field(v, "trigger") == "SIGHUP";
-    let before = gw.log.count(reloads);
+        |e: &GatewayEvent| matches!(e, GatewayEvent::RegistryReloaded { trigger, .. } if trigger == "SIGHUP");
+    let before = gw.log.count_events(reloads);
     gw.signal(libc::SIGHUP);
-    gw.log.wait_more("SIGHUP reload", T, before, reloads).await;
+    gw.log.wait_more_events("SIGHUP reload", before, reloads).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -154,9 +148,7 @@ async fn a_revoked_key_ends_its_session() {
     let text = registry(&srv1, &dev1, &dev2, "permit_open = [\"srv1:1883\"]");
     let gw = GatewayProc::start(&hosts, &text, "").await;
     let mut agent = SshAgent::start(&hosts, &hosts.dev, "dev1", &dev1, &[]);
-    gw.log
-        .wait("dev1 in", T, |v| field(v, "message") == "session established")
-        .await;
+    gw.log.wait_event("dev1 in", session_opened("dev1")).await;
     let revoked = format!("revoked_keys = [\"{}\"]\n{text}", dev1.public());
     gw.rewrite_registry(&revoked).await;
     agent.wait_exit(T).await;
@@ -191,11 +183,11 @@ async fn idle_silent_and_garbage_connections_are_cut_at_login_grace() {
     }
     let refused = gw
         .log
-        .count(|v| field(v, "event") == "connection" && field(v, "decision") == "deny");
+        .count_audits(|r| r.is(AuditEvent::Connection, Verdict::Deny));
     assert!(refused >= 3, "{:?}", summary(&gw.log));
     assert!(
         gw.log
-            .count(|v| field(v, "reason").contains("login grace time (1s)"))
+            .count_audits(|r| r.reason().contains("login grace time (1s)"))
             >= 2,
         "{:?}",
         gw.log.all()
@@ -235,9 +227,15 @@ async fn max_startups_refuses_extra_unauthenticated_connections_with_a_reason() 
         "cmx-gateway: too many unauthenticated connections (max_startups = 3); try again later\r\n"
     );
     gw.log
-        .wait("refusal logged", T, |v| {
-            field(v, "reason").starts_with("too many unauthenticated connections")
-        })
+        .wait_audit(
+            "refusal logged",
+            audit_is(
+                AuditEvent::Connection,
+                Verdict::Deny,
+                "",
+                "too many unauthenticated connections",
+            ),
+        )
         .await;
     // A real agent is refused too, and gets in once a slot frees up.
     let (status, _) = ssh_once(
@@ -252,9 +250,7 @@ async fn max_startups_refuses_extra_unauthenticated_connections_with_a_reason() 
     drop(held.pop());
     let mut agent = SshAgent::start(&hosts, &hosts.dev, "dev1", &dev1, &[]);
     gw.log
-        .wait("dev1 in after a slot freed", T, |v| {
-            field(v, "message") == "session established"
-        })
+        .wait_event("dev1 in after a slot freed", session_opened("dev1"))
         .await;
     let _ = agent.child.kill();
 }
@@ -299,13 +295,17 @@ async fn certificate_logins_forward_like_keys() {
     );
     let accepted = gw
         .log
-        .wait("cert accepted", T, |v| {
-            field(v, "event") == "auth" && field(v, "decision") == "accept" && field(v, "identity") == "devc"
-        })
+        .wait_audit(
+            "cert accepted",
+            audit_is(AuditEvent::Auth, Verdict::Accept, "devc", ""),
+        )
         .await;
     assert!(
-        field(&accepted, "method").starts_with("certificate id='test-cert'"),
-        "{accepted}"
+        accepted
+            .method
+            .as_deref()
+            .is_some_and(|m| m.starts_with("certificate id='test-cert'")),
+        "{accepted:?}"
     );
 }
 
@@ -316,9 +316,7 @@ async fn a_newer_session_takes_a_forward_over_and_the_old_one_is_told() {
     let _new_app = banner(hosts.srv.listen("127.0.0.1:5002"), b"new");
     let old = SshAgent::start(&hosts, &hosts.srv, "srv1", &srv1, &["-R", "1883:127.0.0.1:5001"]);
     gw.log
-        .wait("old published", T, |v| {
-            field(v, "message") == "Mir-sock listening"
-        })
+        .wait_event("old published", forward_added("srv1", 1883))
         .await;
     let _dev = SshAgent::start(
         &hosts,
@@ -339,9 +337,7 @@ async fn a_newer_session_takes_a_forward_over_and_the_old_one_is_told() {
 
     let new = SshAgent::start(&hosts, &hosts.srv, "srv1", &srv1, &["-R", "1883:127.0.0.1:5002"]);
     gw.log
-        .wait("takeover", T, |v| {
-            field(v, "message") == "forward taken over by a newer session of the same identity"
-        })
+        .wait_event("takeover", |e| matches!(e, GatewayEvent::ForwardTakenOver { .. }))
         .await;
     assert_eq!(
         read_all(hosts.dev.connect_retry("127.0.0.1:11883").await).await,
@@ -353,9 +349,7 @@ async fn a_newer_session_takes_a_forward_over_and_the_old_one_is_told() {
     // The old session ending does not take the forward with it.
     drop(old);
     gw.log
-        .wait("old session closed", T, |v| {
-            field(v, "event") == "session-closed" && field(v, "identity") == "srv1"
-        })
+        .wait_event("old session closed", session_closed("srv1"))
         .await;
     assert_eq!(
         read_all(hosts.dev.connect_retry("127.0.0.1:11883").await).await,
@@ -399,11 +393,7 @@ async fn refused_shell_leaves_the_connection_forwarding() {
         exchange(hosts.dev.connect_retry("127.0.0.1:11883").await, b"after").await,
         b"after"
     );
-    assert_eq!(
-        gw.log
-            .count(|v| field(v, "message") == "session established" && field(v, "identity") == "dev1"),
-        1
-    );
+    assert_eq!(gw.log.count_events(session_opened("dev1")), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -419,9 +409,7 @@ async fn sigterm_disconnects_with_a_message_undoes_the_route_and_exits_zero() {
     };
     assert!(route(&hosts.gw), "the gateway makes the identity prefix local");
     let mut agent = SshAgent::start(&hosts, &hosts.srv, "srv1", &srv1, &["-R", "1883:127.0.0.1:5001"]);
-    gw.log
-        .wait("published", T, |v| field(v, "message") == "Mir-sock listening")
-        .await;
+    gw.log.wait_event("published", forward_added("srv1", 1883)).await;
     gw.signal(libc::SIGTERM);
     let status = gw.wait_exit(T).await;
     assert_eq!(status.code(), Some(0));
@@ -435,11 +423,9 @@ async fn sigterm_disconnects_with_a_message_undoes_the_route_and_exits_zero() {
         !route(&hosts.gw),
         "the route the gateway added is removed at exit"
     );
-    assert!(
-        gw.log
-            .find(|v| field(v, "message") == "cmx-gateway stopped")
-            .is_some()
-    );
+    gw.log
+        .wait_event("stopped cleanly", |e| *e == GatewayEvent::Stopped)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -472,16 +458,18 @@ async fn channel_and_session_limits_refuse_with_a_reason() {
             .is_empty()
     );
     gw.log
-        .wait("channel limit", T, |v| {
-            field(v, "decision") == "deny"
-                && field(v, "reason") == "too many channels in this session (max_channels_per_session = 2)"
-        })
+        .wait_audit(
+            "channel limit",
+            forward_denied(
+                "dev1",
+                "",
+                "too many channels in this session (max_channels_per_session = 2)",
+            ),
+        )
         .await;
     // Freeing one makes room again.
     drop(held.pop());
-    gw.log
-        .wait("a pair closed", T, |v| field(v, "event") == "pair-closed")
-        .await;
+    gw.log.wait_event("a pair closed", pair_closed("")).await;
     assert_eq!(
         exchange(hosts.dev.connect("127.0.0.1:11883").unwrap(), b"room").await,
         b"room"
@@ -528,15 +516,14 @@ async fn every_supported_key_type_logs_in_and_failures_are_capped() {
         let mut agent = SshAgent::start(&hosts, &hosts.dev, name, key, &[]);
         let accepted = gw
             .log
-            .wait(name, T, |v| {
-                field(v, "event") == "auth"
-                    && field(v, "decision") == "accept"
-                    && field(v, "identity") == name
-            })
+            .wait_audit(name, audit_is(AuditEvent::Auth, Verdict::Accept, name, ""))
             .await;
         assert!(
-            field(&accepted, "method").starts_with("publickey SHA256:"),
-            "{accepted}"
+            accepted
+                .method
+                .as_deref()
+                .is_some_and(|m| m.starts_with("publickey SHA256:")),
+            "{accepted:?}"
         );
         // OpenSSH signs RSA with rsa-sha2-512; russh would refuse a SHA-1 (ssh-rsa) signature.
         let _ = agent.child.kill();
@@ -593,8 +580,8 @@ async fn cancel_tcpip_forward_closes_the_mir_sock() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     gw.log
-        .wait("cancelled", T, |v| {
-            field(v, "event") == "forward-removed" && field(v, "reason") == "cancelled by the agent"
+        .wait_audit("cancelled", |r| {
+            r.event == AuditEvent::ForwardRemoved && r.reason() == "cancelled by the agent"
         })
         .await;
     assert!(
@@ -603,9 +590,13 @@ async fn cancel_tcpip_forward_closes_the_mir_sock() {
             .is_empty()
     );
     gw.log
-        .wait("not published", T, |v| {
-            field(v, "reason")
-                == "identity 'srv1' publishes nothing on port 1883 (no session of it holds that forward)"
-        })
+        .wait_audit(
+            "not published",
+            forward_denied(
+                "dev1",
+                "",
+                "identity 'srv1' publishes nothing on port 1883 (no session of it holds that forward)",
+            ),
+        )
         .await;
 }

@@ -60,7 +60,8 @@ pub fn local_route_exists(prefix: Ipv6Net) -> Result<bool, NetSetupError> {
     Ok(out.lines().any(|l| l.starts_with("local ")))
 }
 
-/// The local route for the identity prefix, removed on `remove()` if we added it.
+/// The local route for the identity prefix: a guard that removes it when dropped, if this
+/// process added it.
 #[derive(Debug)]
 pub struct LocalRoute {
     prefix: Ipv6Net,
@@ -86,7 +87,15 @@ impl LocalRoute {
         self.added
     }
 
+    /// Removes the route now if this process added it (dropping the guard does the same).
     pub fn remove(self) {
+        drop(self);
+    }
+}
+
+impl Drop for LocalRoute {
+    /// The route goes with its owner, on every exit path (errors after set-up included).
+    fn drop(&mut self) {
         if !self.added {
             return;
         }

@@ -25,7 +25,7 @@ pub const ALL: &[(&str, &str)] = &[
     ("util-linux", "nsenter and setpriv, used by tests"),
 ];
 
-/// The eBPF toolchain (Debian route; see gateway-ebpf/toolchain.rs).
+/// The eBPF toolchain (Debian route; see the cmx-ebpf-toolchain crate, gateway-ebpf/toolchain).
 pub const EBPF: &[(&str, &str)] = &[
     ("rustc-web", "rustc/cargo 1.96 for the eBPF crate"),
     ("cargo-web", "its cargo"),

@@ -122,29 +122,45 @@ pub fn check_manifests(root: &Path, out: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A running envtest API server: `K8S_TEST_KUBECONFIG` for the tests; stopped on drop.
+/// A running test API server for the controller's tests: `K8S_TEST_KUBECONFIG`; stopped on drop.
 pub struct Envtest {
-    tool: PathBuf,
-    pub kubeconfig: PathBuf,
+    kubeconfig: PathBuf,
+    /// Whether a kube-controller-manager runs (garbage collection of owned objects).
+    garbage_collector: bool,
+    stop: Stop,
+}
+
+enum Stop {
+    /// An envtest tool directory (`up`/`down` scripts).
+    Script(PathBuf),
+    /// Processes this xtask started from KUBEBUILDER_ASSETS.
+    Processes(Vec<std::process::Child>),
 }
 
 impl Envtest {
-    /// Starts envtest: `$CMX_ENVTEST_TOOL`, else `shared/tools/envtest` next to the repository
-    /// (the team's machines keep it in /work/shared; a CI clone may live elsewhere).
-    /// `Ok(None)` with a warning when neither the tool nor kubectl is on this machine.
+    /// Starts a test API server, the first of:
+    /// 1. `KUBEBUILDER_ASSETS` (Kubernetes' convention, as setup-envtest prints it): a directory
+    ///    with `kube-apiserver` and `etcd` (and, if present, `kube-controller-manager` for the
+    ///    garbage-collection test); etcd may also come from PATH;
+    /// 2. `CMX_ENVTEST_TOOL`: a directory with `up` and `down` scripts;
+    /// 3. `shared/tools/envtest` beside the repository (the team's machines).
+    ///
+    /// `Ok(None)` with a warning when none is there or kubectl is missing.
     pub fn up(root: &Path) -> anyhow::Result<Option<Envtest>> {
-        let candidates: Vec<PathBuf> = match std::env::var_os("CMX_ENVTEST_TOOL") {
-            Some(p) => vec![PathBuf::from(p)],
-            None => vec![
-                root.join("../shared/tools/envtest"),
-                PathBuf::from("/work/shared/tools/envtest"),
-            ],
+        if !have("kubectl") {
+            eprintln!("xtask: WARNING: SKIPPING the Kubernetes API server tests: no kubectl");
+            return Ok(None);
+        }
+        if let Some(assets) = std::env::var_os("KUBEBUILDER_ASSETS") {
+            return assets::start(Path::new(&assets)).map(Some);
+        }
+        let tool = match std::env::var_os("CMX_ENVTEST_TOOL") {
+            Some(p) => PathBuf::from(p),
+            None => root.join("../shared/tools/envtest"),
         };
-        let found = candidates.iter().find(|t| t.join("up").is_file());
-        let tool = found.unwrap_or(&candidates[0]).clone();
-        if found.is_none() || !have("kubectl") {
+        if !tool.join("up").is_file() {
             eprintln!(
-                "xtask: WARNING: SKIPPING the Kubernetes API server tests: no envtest at {} (set CMX_ENVTEST_TOOL) or no kubectl",
+                "xtask: WARNING: SKIPPING the Kubernetes API server tests: set KUBEBUILDER_ASSETS (setup-envtest) or CMX_ENVTEST_TOOL; nothing at {}",
                 tool.display()
             );
             return Ok(None);
@@ -162,18 +178,243 @@ impl Envtest {
             .map(|v| PathBuf::from(v.trim_matches(['"', '\''])))
             .with_context(|| format!("envtest/up printed no K8S_TEST_KUBECONFIG: {stdout}"))?;
         eprintln!("xtask: envtest API server up ({})", kubeconfig.display());
-        Ok(Some(Envtest { tool, kubeconfig }))
+        Ok(Some(Envtest {
+            kubeconfig,
+            garbage_collector: true,
+            stop: Stop::Script(tool),
+        }))
     }
 
     /// Environment for `cargo test`: the kubeconfig, and a failure instead of a skip.
     pub fn apply(&self, cmd: &mut Command) {
         cmd.env("K8S_TEST_KUBECONFIG", &self.kubeconfig)
             .env("CMX_REQUIRE_ENVTEST", "1");
+        if !self.garbage_collector {
+            cmd.env("CMX_ENVTEST_NO_GC", "1");
+        }
     }
 }
 
 impl Drop for Envtest {
     fn drop(&mut self) {
-        let _ = Command::new(self.tool.join("down")).output();
+        match &mut self.stop {
+            Stop::Script(tool) => {
+                let _ = Command::new(tool.join("down")).output();
+            }
+            Stop::Processes(children) => {
+                for c in children.iter_mut().rev() {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                }
+            }
+        }
+    }
+}
+
+/// An API server from setup-envtest's binaries: fresh PKI and token, etcd on loopback, RBAC on.
+mod assets {
+    use super::*;
+
+    const PORT: u16 = 17443;
+
+    fn openssl(dir: &Path, args: &[&str]) -> anyhow::Result<()> {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .context("cannot run openssl")?;
+        if !out.status.success() {
+            bail!(
+                "openssl {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
+    fn binary(assets: &Path, name: &str) -> Option<PathBuf> {
+        let p = assets.join(name);
+        if p.is_file() {
+            return Some(p);
+        }
+        have(name).then(|| PathBuf::from(name))
+    }
+
+    fn spawn(dir: &Path, program: &Path, args: &[String], log: &str) -> anyhow::Result<std::process::Child> {
+        let log = std::fs::File::create(dir.join(log))?;
+        Command::new(program)
+            .args(args)
+            .current_dir(dir)
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("cannot start {}", program.display()))
+    }
+
+    /// Writes the CA, the API server's certificate, a service-account key and an admin token.
+    fn pki(dir: &Path) -> anyhow::Result<String> {
+        openssl(
+            dir,
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.crt",
+                "-days",
+                "3",
+                "-subj",
+                "/CN=cmxsafe-envtest-ca",
+            ],
+        )?;
+        openssl(
+            dir,
+            &[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                "apiserver.key",
+                "-out",
+                "apiserver.csr",
+                "-subj",
+                "/CN=kube-apiserver",
+            ],
+        )?;
+        std::fs::write(dir.join("ext.cnf"), "subjectAltName=IP:127.0.0.1,DNS:localhost\n")?;
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "apiserver.csr",
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                "apiserver.crt",
+                "-days",
+                "3",
+                "-extfile",
+                "ext.cnf",
+            ],
+        )?;
+        openssl(dir, &["genrsa", "-out", "sa.key", "2048"])?;
+        openssl(dir, &["rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub"])?;
+        let token: String = std::fs::read("/proc/sys/kernel/random/uuid")
+            .map(|b| String::from_utf8_lossy(&b).trim().replace('-', ""))
+            .context("cannot make a token")?;
+        std::fs::write(
+            dir.join("tokens.csv"),
+            format!("{token},admin,admin-uid,system:masters\n"),
+        )?;
+        Ok(token)
+    }
+
+    pub fn start(assets: &Path) -> anyhow::Result<Envtest> {
+        let apiserver = binary(assets, "kube-apiserver")
+            .with_context(|| format!("KUBEBUILDER_ASSETS={} has no kube-apiserver", assets.display()))?;
+        let etcd = binary(assets, "etcd").with_context(|| {
+            format!(
+                "KUBEBUILDER_ASSETS={} has no etcd (nor is it on PATH)",
+                assets.display()
+            )
+        })?;
+        let dir = std::env::temp_dir().join(format!("cmx-envtest-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let token = pki(&dir)?;
+        let kubeconfig = dir.join("kubeconfig");
+        std::fs::write(
+            &kubeconfig,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: envtest\n  cluster: {{server: \"https://127.0.0.1:{PORT}\", certificate-authority: {ca}}}\nusers:\n- name: admin\n  user: {{token: {token}}}\ncontexts:\n- name: admin\n  context: {{cluster: envtest, user: admin, namespace: default}}\ncurrent-context: admin\n",
+                ca = dir.join("ca.crt").display()
+            ),
+        )?;
+        let etcd_port = PORT + 1000;
+        let mut children = vec![spawn(
+            &dir,
+            &etcd,
+            &[
+                format!("--data-dir={}", dir.join("etcd").display()),
+                format!("--listen-client-urls=http://127.0.0.1:{etcd_port}"),
+                format!("--advertise-client-urls=http://127.0.0.1:{etcd_port}"),
+                format!("--listen-peer-urls=http://127.0.0.1:{}", etcd_port + 1),
+            ],
+            "etcd.log",
+        )?];
+        let args: Vec<String> = [
+            format!("--etcd-servers=http://127.0.0.1:{etcd_port}"),
+            "--bind-address=127.0.0.1".into(),
+            "--advertise-address=127.0.0.1".into(),
+            format!("--secure-port={PORT}"),
+            "--tls-cert-file=apiserver.crt".into(),
+            "--tls-private-key-file=apiserver.key".into(),
+            "--client-ca-file=ca.crt".into(),
+            "--token-auth-file=tokens.csv".into(),
+            "--authorization-mode=RBAC".into(),
+            "--service-cluster-ip-range=10.96.0.0/16".into(),
+            "--service-account-issuer=https://kubernetes.default.svc".into(),
+            "--service-account-key-file=sa.pub".into(),
+            "--service-account-signing-key-file=sa.key".into(),
+            format!("--cert-dir={}", dir.join("certs").display()),
+            "--allow-privileged=true".into(),
+        ]
+        .into();
+        children.push(spawn(&dir, &apiserver, &args, "apiserver.log")?);
+        let ready = (0..120).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            Command::new("kubectl")
+                .arg("--kubeconfig")
+                .arg(&kubeconfig)
+                .args(["get", "--raw", "/readyz"])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        });
+        let mut envtest = Envtest {
+            kubeconfig,
+            garbage_collector: false,
+            stop: Stop::Processes(children),
+        };
+        if !ready {
+            bail!(
+                "kube-apiserver from KUBEBUILDER_ASSETS did not become ready; see {}",
+                dir.join("apiserver.log").display()
+            );
+        }
+        if let Some(kcm) = binary(assets, "kube-controller-manager") {
+            let args: Vec<String> = vec![
+                format!("--kubeconfig={}", envtest.kubeconfig.display()),
+                "--leader-elect=false".into(),
+                "--controllers=garbagecollector,namespace,endpoint,endpointslice,serviceaccount,serviceaccount-token".into(),
+                "--service-account-private-key-file=sa.key".into(),
+                "--root-ca-file=ca.crt".into(),
+                "--bind-address=127.0.0.1".into(),
+                format!("--secure-port={}", PORT + 2),
+            ];
+            if let Stop::Processes(children) = &mut envtest.stop {
+                children.push(spawn(&dir, &kcm, &args, "kcm.log")?);
+            }
+            envtest.garbage_collector = true;
+        } else {
+            eprintln!(
+                "xtask: KUBEBUILDER_ASSETS has no kube-controller-manager: the garbage-collection test will say it was skipped"
+            );
+        }
+        eprintln!(
+            "xtask: API server from KUBEBUILDER_ASSETS up ({})",
+            envtest.kubeconfig.display()
+        );
+        Ok(envtest)
     }
 }

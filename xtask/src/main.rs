@@ -7,14 +7,13 @@
 
 mod deps;
 mod kube;
-#[path = "../../gateway-ebpf/toolchain.rs"]
-mod toolchain;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+use cmx_ebpf_toolchain as toolchain;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "cmxsafe developer tasks")]

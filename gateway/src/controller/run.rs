@@ -4,7 +4,6 @@
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use kube::Client;
@@ -15,7 +14,6 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Action, Controller, ControllerError, Settings, plan, retry};
 use crate::events::GatewayEvent;
-use crate::gateway::Gateway;
 
 /// Attempts per event-driven call; what still fails is repaired by the next resync.
 const ATTEMPTS: usize = 5;
@@ -58,33 +56,14 @@ pub struct Feed {
     pub shutdown: CancellationToken,
 }
 
-impl Feed {
-    pub fn of(gw: &Arc<Gateway>) -> Feed {
-        let mirrors = gw.clone();
-        Feed {
-            events: gw.events.subscribe(),
-            held: Box::new(move || {
-                mirrors
-                    .mirrors
-                    .list()
-                    .into_iter()
-                    .map(|(_, identity, _)| identity)
-                    .collect()
-            }),
-            shutdown: gw.shutdown.clone(),
-        }
-    }
-}
-
 /// Connects (retrying with backoff until it works or the gateway stops), then runs the
 /// controller until the gateway stops.
 pub fn start(
-    gw: &Arc<Gateway>,
+    feed: Feed,
     settings: Settings,
     kubeconfig: Option<PathBuf>,
     resync: Duration,
 ) -> tokio::task::JoinHandle<()> {
-    let feed = Feed::of(gw);
     tokio::spawn(async move {
         let mut delay = Duration::from_secs(1);
         let controller = loop {

@@ -26,9 +26,10 @@ use ipnet::Ipv6Net;
 use socket2::Socket;
 use tokio::io::unix::AsyncFd;
 
-use crate::dataplane::{DataPlane, Occupancy, SocketRole, SocketTag, TagGuard};
+use tokio_util::sync::CancellationToken;
+
+use crate::dataplane::{DataPlane, Occupancy, RegistryWatch, SocketRole, SocketTag, TagGuard};
 use crate::events::ConnId;
-use crate::gateway::Gateway;
 use crate::identity::Registry;
 
 /// The eBPF object, embedded by build.rs; empty when the gateway was built without the toolchain.
@@ -219,9 +220,13 @@ impl SockmapDataPlane {
         }
     }
 
-    /// Detaches the programs, removes the pins, leaves and removes the cgroup.
+    /// Detaches the programs, removes the pins, leaves and removes the cgroup. Once; later calls
+    /// (and the drop) do nothing.
     pub fn unload(&self) {
-        drop(lock(&self.ebpf).take());
+        let Some(ebpf) = lock(&self.ebpf).take() else {
+            return; // already unloaded
+        };
+        drop(ebpf);
         bpffs::remove(&self.settings.pin_dir);
         if let Some(cg) = lock(&self.cgroup).take() {
             cg.leave();
@@ -231,6 +236,12 @@ impl SockmapDataPlane {
 
     pub fn cgroup_path(&self) -> PathBuf {
         self.settings.cgroup.clone()
+    }
+}
+
+impl Drop for SockmapDataPlane {
+    fn drop(&mut self) {
+        self.unload();
     }
 }
 
@@ -344,18 +355,18 @@ impl DataPlane for SockmapDataPlane {
         }
     }
 
-    fn start(self: Arc<Self>, gw: Arc<Gateway>) {
+    fn start(self: Arc<Self>, registry: RegistryWatch, shutdown: CancellationToken) {
         if let Some(ring) = lock(&self.denials).take() {
-            tokio::spawn(read_denials(ring, gw.clone()));
+            tokio::spawn(read_denials(ring, registry.clone(), shutdown.clone()));
         }
         if let Some(logger) = lock(&self.logger).take() {
-            tokio::spawn(read_logs(logger, gw.shutdown.clone()));
+            tokio::spawn(read_logs(logger, shutdown.clone()));
         }
         tokio::spawn(async move {
-            let mut registry = gw.watch_registry();
+            let mut registry = registry;
             loop {
                 tokio::select! {
-                    _ = gw.shutdown.cancelled() => return,
+                    _ = shutdown.cancelled() => return,
                     r = registry.changed() => if r.is_err() { return },
                 }
                 let snapshot = registry.borrow_and_update().clone();
@@ -390,7 +401,7 @@ fn reason_text(reason: u32) -> &'static str {
     }
 }
 
-async fn read_denials(ring: RingBuf<MapData>, gw: Arc<Gateway>) {
+async fn read_denials(ring: RingBuf<MapData>, registry: RegistryWatch, shutdown: CancellationToken) {
     // SAFETY: the ring buffer owns its map fd, which stays open and is not replaced while the
     // AsyncFd owns it.
     let Ok(mut fd) = (unsafe { AsyncFd::register(ring) }) else {
@@ -398,10 +409,10 @@ async fn read_denials(ring: RingBuf<MapData>, gw: Arc<Gateway>) {
     };
     loop {
         let mut guard = tokio::select! {
-            _ = gw.shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => return,
             g = fd.readable_mut() => match g { Ok(g) => g, Err(_) => return },
         };
-        let registry = gw.registry();
+        let registry = registry.borrow().clone();
         while let Some(item) = guard.get_inner_mut().next() {
             if item.len() < std::mem::size_of::<Denial>() {
                 continue;
@@ -441,10 +452,7 @@ fn log_denial(registry: &Registry, d: &Denial) {
     );
 }
 
-async fn read_logs(
-    logger: aya_log::EbpfLogger<&'static dyn log::Log>,
-    stop: tokio_util::sync::CancellationToken,
-) {
+async fn read_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>, stop: CancellationToken) {
     // SAFETY: as above: the logger owns its ring buffer's fd for as long as the AsyncFd lives.
     let Ok(mut fd) = (unsafe { AsyncFd::register(logger) }) else {
         return;

@@ -1,105 +1,46 @@
-//! The identity registry's security contexts, as kernel map entries: what each identity address
-//! may connect to (`cmx_open`) and listen on (`cmx_listen`) inside the identity prefix. Derived
-//! from the registry alone, independently of user space's per-request decisions: a bug in those
-//! cannot open a path the registry forbids.
+//! The identity registry's security contexts as kernel map entries: what each identity address
+//! may connect to (`cmx_open`) and listen on (`cmx_listen`) inside the identity prefix. What the
+//! rules mean is decided in one place, `crate::authz` (the same module user space asks); this
+//! file only lays its answers out in the ABI's key types.
 
 use std::collections::HashSet;
-use std::net::{IpAddr, Ipv6Addr};
 
 use cmx_ebpf_common::{ListenKey, OpenKey};
 
+use crate::authz;
 use crate::identity::Registry;
-use crate::policy::{HostPattern, ListenHost, PermitListen, PermitOpen, PortPattern};
 
+/// The kernel's wildcard address (all zeros, as `authz::ANY_ADDRESS`).
 pub const ANY: [u8; 16] = [0; 16];
 
-fn port(p: PortPattern) -> u32 {
-    match p {
-        PortPattern::Any => 0,
-        PortPattern::Port(n) => u32::from(n),
-    }
-}
-
-fn v6_in_prefix(registry: &Registry, ip: IpAddr) -> Option<Ipv6Addr> {
-    match ip {
-        IpAddr::V6(v6) if registry.context().prefix.contains(&v6) => Some(v6),
-        _ => None,
-    }
-}
-
 pub fn open_entries(registry: &Registry) -> HashSet<OpenKey> {
-    let mut out = HashSet::new();
-    for id in registry.iter().filter(|i| i.role.may_connect()) {
-        let src = id.address.octets();
-        let mut add = |dst: [u8; 16], port: u32| {
-            out.insert(OpenKey {
-                src,
-                dst,
-                port,
-                _pad: 0,
-            });
-        };
-        match &id.permit_open {
-            PermitOpen::Any => add(ANY, 0),
-            PermitOpen::Rules(rules) => {
-                for r in rules {
-                    let p = port(r.port);
-                    match &r.host {
-                        HostPattern::Any => add(ANY, p),
-                        HostPattern::Name(n) => {
-                            if let Some(target) = registry.resolve_host(n) {
-                                add(target.address.octets(), p);
-                            }
-                        }
-                        HostPattern::Ip(ip) => {
-                            if let Some(v6) = v6_in_prefix(registry, *ip) {
-                                add(v6.octets(), p);
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-    out
+    authz::kernel_open_rules(registry)
+        .into_iter()
+        .map(|r| OpenKey {
+            src: r.src.octets(),
+            dst: r.dst.octets(),
+            port: u32::from(r.port),
+            _pad: 0,
+        })
+        .collect()
 }
 
 pub fn listen_entries(registry: &Registry) -> HashSet<ListenKey> {
-    let mut out = HashSet::new();
-    for id in registry.iter().filter(|i| i.role.may_publish()) {
-        let owner = id.address.octets();
-        let mut add = |addr: [u8; 16], port: u32| {
-            out.insert(ListenKey { owner, addr, port });
-        };
-        match &id.permit_listen {
-            PermitListen::Any => add(ANY, 0),
-            PermitListen::Rules(rules) => {
-                for r in rules {
-                    let p = port(r.port);
-                    match &r.host {
-                        ListenHost::Own => add(owner, p),
-                        ListenHost::Any => add(ANY, p),
-                        ListenHost::Identity(n) => {
-                            if let Some(other) = registry.get(n) {
-                                add(other.address.octets(), p);
-                            }
-                        }
-                        ListenHost::Ip(ip) => {
-                            if let Some(v6) = v6_in_prefix(registry, *ip) {
-                                add(v6.octets(), p);
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-    out
+    authz::kernel_listen_rules(registry)
+        .into_iter()
+        .map(|r| ListenKey {
+            owner: r.owner.octets(),
+            addr: r.addr.octets(),
+            port: u32::from(r.port),
+        })
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use std::path::Path;
+
+    use std::net::Ipv6Addr;
 
     use super::*;
     use crate::identity::RegistryContext;

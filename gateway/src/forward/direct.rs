@@ -1,10 +1,10 @@
-//! Direct forwards: a device's `direct-tcpip` request is checked against its `permit_open`, the
-//! target is resolved (identity names and addresses first, then DNS), and an ID-sock bound to the
-//! device's identity address connects to it. The target thus sees the device's identity as the
+//! Direct forwards: a device's `direct-tcpip` request is decided by `authz` (its `permit_open`),
+//! the target is resolved (identity names and addresses first, then DNS), and an ID-sock bound to
+//! the device's identity address connects to it. The target thus sees the device's identity as the
 //! source address. When the target is a Mir-sock of this gateway, the two sockets form a forwarding
 //! pair, registered under a fresh ConnID so the Mir-sock side can be matched to this path.
 
-use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6};
+use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,20 +13,17 @@ use russh::{Channel, ChannelOpenFailure};
 use tokio::net::TcpStream;
 
 use crate::audit;
+use crate::authz::{OpenPermit, OpenTarget, Refusal, RefusalCode};
 use crate::dataplane::{SocketRole, SocketTag, TagGuard};
 use crate::events::{ConnId, GatewayEvent, SessionId};
 use crate::forward::pairs::PairRegistration;
 use crate::gateway::Gateway;
 use crate::identity::Identity;
-use crate::policy::{Decision, OpenRequest};
-use crate::session::ChannelSlot;
+use crate::slots::ChannelSlot;
 use cmx_net::relay::{self, Counters};
 use cmx_net::sockets;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// SSH_OPEN_ADMINISTRATIVELY_PROHIBITED and SSH_OPEN_CONNECT_FAILED (RFC 4254 §5.1).
-const PROHIBITED: u32 = 1;
-const CONNECT_FAILED: u32 = 2;
 
 pub struct DirectRequest {
     pub host: String,
@@ -46,18 +43,16 @@ enum Destination {
     External(Vec<SocketAddr>),
 }
 
-struct Refusal {
-    code: u32,
-    reason: String,
+async fn reject(reply: ChannelOpenHandle, refusal: Refusal) {
+    reply
+        .reject(ChannelOpenFailure::Other {
+            code: refusal.code as u32,
+            reason: refusal.reason,
+        })
+        .await;
 }
 
-fn refuse(code: u32, reason: impl Into<String>) -> Refusal {
-    Refusal {
-        code,
-        reason: reason.into(),
-    }
-}
-
+/// Handles one `direct-tcpip` channel: decide (one audit line either way), connect, relay.
 pub async fn open(
     gw: Arc<Gateway>,
     session: SessionId,
@@ -68,170 +63,135 @@ pub async fn open(
     slot: ChannelSlot,
 ) {
     let request = format!("direct-tcpip {}:{}", req.host, req.port);
-    let conn_id = gw.next_conn_id();
-    let (device, destination) = match authorize(&gw, session, &identity, &req, &request).await {
-        Ok(ok) => ok,
-        Err(r) => {
-            audit::forward_denied(session, &identity, &request, &r.reason);
-            reply
-                .reject(ChannelOpenFailure::Other {
-                    code: r.code,
-                    reason: r.reason,
-                })
-                .await;
+    let decided = match gw.authz.may_open(&gw.registry(), &identity, &req.host, req.port) {
+        Ok(permit) => destination(&gw, &permit).await.map(|d| (permit, d)),
+        Err(refusal) => Err(refusal),
+    };
+    let (permit, destination) = match decided {
+        Ok(decided) => decided,
+        Err(refusal) => {
+            audit::forward_denied(session, &identity, &request, &refusal.reason);
+            reject(reply, refusal).await;
             return;
         }
     };
-    let port = req.port as u16;
-    let connected = connect(&gw, &device, &destination, req.originator_port, conn_id).await;
-    let Connected {
-        stream,
-        _registration,
-        _tag,
-    } = match connected {
+    audit::forward_allowed(session, &identity, &request, &permit.rule);
+    let conn_id = gw.next_conn_id();
+    let connected = connect(&gw, &permit.device, &destination, req.originator_port, conn_id).await;
+    let connected = match connected {
         Ok(c) => c,
         Err(reason) => {
-            audit::forward_denied(session, &identity, &request, &reason);
-            reply
-                .reject(ChannelOpenFailure::Other {
-                    code: CONNECT_FAILED,
+            audit::pair_failed(session, &identity, &request, &reason);
+            reject(
+                reply,
+                Refusal {
+                    code: RefusalCode::ConnectFailed,
                     reason,
-                })
-                .await;
+                },
+            )
+            .await;
             return;
         }
     };
     reply.accept().await;
-
-    let source = stream.local_addr().map(|a| a.to_string()).unwrap_or_default();
-    let target = match &destination {
-        Destination::Mirror { server, addr } => format!("{} {addr}", server.name),
-        Destination::External(_) => match stream.peer_addr() {
-            Ok(a) => format!("{}:{port} ({a})", req.host),
-            Err(_) => format!("{}:{port}", req.host),
-        },
-    };
-    audit::pair_opened(conn_id, &identity, &source, &target);
-    gw.events.emit(GatewayEvent::PairOpened {
-        conn_id,
-        device: identity.clone(),
-        target,
-    });
-
-    let counters = Arc::new(Counters::default());
-    let flow = _registration.as_ref().map(|r| r.budget.id_side());
-    let end = relay::relay(channel, stream, counters.clone(), flow).await;
-    drop((_registration, _tag));
-    // The relay counts TCP -> channel (what the target sent) and channel -> TCP (what it got).
-    let (from_target, to_target) = counters.get();
-    let spliced = gw.dataplane.pair_closed(conn_id);
-    audit::pair_closed(conn_id, &identity, to_target, from_target, spliced, &end.as_str());
-    gw.events.emit(GatewayEvent::PairClosed {
-        conn_id,
-        device: identity,
-        bytes_to_target: to_target,
-        bytes_from_target: from_target,
-    });
+    let target = describe(&destination, &connected.stream, &req.host, permit.port);
+    carry(&gw, conn_id, &identity, channel, connected, target).await;
     drop(slot);
 }
 
-/// Checks the request against the device's role and `permit_open`, and says where it goes.
-async fn authorize(
-    gw: &Gateway,
-    session: SessionId,
-    identity: &str,
-    req: &DirectRequest,
-    request: &str,
-) -> Result<(Arc<Identity>, Destination), Refusal> {
-    let port = u16::try_from(req.port)
-        .ok()
-        .filter(|p| *p != 0)
-        .ok_or_else(|| refuse(PROHIBITED, format!("port {} is out of range", req.port)))?;
-    let registry = gw.registry();
-    let device = registry.get(identity).cloned().ok_or_else(|| {
-        refuse(
-            PROHIBITED,
-            format!("identity '{identity}' is no longer in the registry"),
-        )
-    })?;
-    let skip = gw.config.insecure_skip_userspace_policy;
-    if !device.role.may_connect() && !skip {
-        return Err(refuse(
-            PROHIBITED,
-            format!(
-                "identity '{identity}' has role '{}' and may not open connections (direct-tcpip)",
-                device.role.as_str()
-            ),
-        ));
+/// How the audit log names where a path goes.
+fn describe(destination: &Destination, stream: &TcpStream, host: &str, port: u16) -> String {
+    match destination {
+        Destination::Mirror { server, addr } => format!("{} {addr}", server.name),
+        Destination::External(_) => match stream.peer_addr() {
+            Ok(a) => format!("{host}:{port} ({a})"),
+            Err(_) => format!("{host}:{port}"),
+        },
     }
-    let server = registry.resolve_host(&req.host).cloned();
-    let literal = req
-        .host
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .parse::<IpAddr>()
-        .ok();
-    let decision = device.permit_open.check(&OpenRequest {
-        host: &req.host,
-        identity: server.as_ref().map(|s| s.name.as_str()),
-        ip: literal.or(server.as_ref().map(|s| IpAddr::V6(s.address))),
-        port,
-    });
-    let rule = match decision {
-        Decision::Allow { rule } => rule,
-        Decision::Deny { .. } if skip => "(user-space check skipped: tests only)".to_string(),
-        Decision::Deny { reason } => {
-            return Err(refuse(
-                PROHIBITED,
-                format!("{identity} may not open {}:{port}: {reason}", req.host),
-            ));
-        }
-    };
-    audit::forward_allowed(session, identity, request, &rule);
+}
 
-    let prefix = registry.context().prefix;
-    let destination = if let Some(server) = server {
-        let addr = SocketAddrV6::new(server.address, port, 0, 0);
-        if !gw.mirrors.is_published(server.address, port) {
-            return Err(refuse(
-                CONNECT_FAILED,
-                format!(
-                    "identity '{}' publishes nothing on port {port} (no session of it holds that forward)",
-                    server.name
-                ),
-            ));
+/// Relays an accepted path until both sides are done, with its audit lines and events.
+async fn carry(
+    gw: &Gateway,
+    conn_id: ConnId,
+    identity: &str,
+    channel: Channel<Msg>,
+    connected: Connected,
+    target: String,
+) {
+    let Connected {
+        stream,
+        registration,
+        tag,
+    } = connected;
+    let source = stream.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    audit::pair_opened(conn_id, identity, &source, &target);
+    gw.events.emit(GatewayEvent::PairOpened {
+        conn_id,
+        device: identity.to_string(),
+        target,
+    });
+    let counters = Arc::new(Counters::default());
+    let flow = registration.as_ref().map(|r| r.budget.id_side());
+    let end = relay::relay(channel, stream, counters.clone(), flow).await;
+    drop((registration, tag));
+    // The relay counts TCP -> channel (what the target sent) and channel -> TCP (what it got).
+    let (from_target, to_target) = counters.get();
+    let spliced = gw.dataplane.pair_closed(conn_id);
+    audit::pair_closed(conn_id, identity, to_target, from_target, spliced, &end.as_str());
+    gw.events.emit(GatewayEvent::PairClosed {
+        conn_id,
+        device: identity.to_string(),
+        bytes_to_target: to_target,
+        bytes_from_target: from_target,
+    });
+}
+
+/// Where an allowed request goes: the Mir-sock of an identity this gateway holds, an address,
+/// or what DNS says a name is.
+async fn destination(gw: &Gateway, permit: &OpenPermit) -> Result<Destination, Refusal> {
+    let port = permit.port;
+    match &permit.target {
+        OpenTarget::Identity(server) => {
+            if !gw.mirrors.is_published(server.address, port) {
+                return Err(Refusal {
+                    code: RefusalCode::ConnectFailed,
+                    reason: format!(
+                        "identity '{}' publishes nothing on port {port} (no session of it holds that forward)",
+                        server.name
+                    ),
+                });
+            }
+            Ok(Destination::Mirror {
+                server: server.clone(),
+                addr: SocketAddrV6::new(server.address, port, 0, 0),
+            })
         }
-        Destination::Mirror { server, addr }
-    } else if let Some(ip) = literal {
-        if let IpAddr::V6(v6) = ip
-            && prefix.contains(&v6)
-        {
-            return Err(refuse(CONNECT_FAILED, format!("no identity has address {v6}")));
+        OpenTarget::Address(ip) => Ok(Destination::External(vec![SocketAddr::new(*ip, port)])),
+        OpenTarget::Name(host) => {
+            let failed = |reason: String| Refusal {
+                code: RefusalCode::ConnectFailed,
+                reason,
+            };
+            let addrs = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::lookup_host((host.as_str(), port)))
+                .await
+                .map_err(|_| failed(format!("resolving {host} timed out")))?
+                .map_err(|e| failed(format!("cannot resolve {host}: {e}")))?
+                .collect::<Vec<_>>();
+            if addrs.is_empty() {
+                return Err(failed(format!("{host} has no addresses")));
+            }
+            Ok(Destination::External(addrs))
         }
-        Destination::External(vec![SocketAddr::new(ip, port)])
-    } else {
-        let addrs = tokio::time::timeout(
-            CONNECT_TIMEOUT,
-            tokio::net::lookup_host((req.host.as_str(), port)),
-        )
-        .await
-        .map_err(|_| refuse(CONNECT_FAILED, format!("resolving {} timed out", req.host)))?
-        .map_err(|e| refuse(CONNECT_FAILED, format!("cannot resolve {}: {e}", req.host)))?
-        .collect::<Vec<_>>();
-        if addrs.is_empty() {
-            return Err(refuse(CONNECT_FAILED, format!("{} has no addresses", req.host)));
-        }
-        Destination::External(addrs)
-    };
-    Ok((device, destination))
+    }
 }
 
 /// A connected path: the stream, its pair registration and its kernel tag, which must live as
 /// long as the stream.
 struct Connected {
     stream: TcpStream,
-    _registration: Option<PairRegistration>,
-    _tag: TagGuard,
+    registration: Option<PairRegistration>,
+    tag: TagGuard,
 }
 
 async fn connect(
@@ -311,8 +271,8 @@ async fn connect_from_identity(
                 sockets::tune_stream(&stream);
                 return Ok(Connected {
                     stream,
-                    _registration: registration,
-                    _tag: tag,
+                    registration,
+                    tag,
                 });
             }
             Ok(Err(e))

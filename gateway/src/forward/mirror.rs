@@ -6,188 +6,59 @@
 //! forward takes it over without closing the listener (agents reconnect faster than dead sessions
 //! time out); the previous session is told with a `cancel-tcpip-forward` request and the event log.
 
-use std::collections::HashMap;
-use std::io;
 use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
+use cmx_net::relay::{self, Counters};
+use cmx_net::sockets;
 use russh::server::Handle;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
+use super::published::{Entry, ForwardKey, Owner, PublishError, Published};
 use crate::audit;
-use crate::dataplane::{SocketRole, SocketTag, TagGuard};
-use crate::events::SessionId;
+use crate::authz::{self, ListenPermit};
+use crate::dataplane::{SocketRole, SocketTag};
+use crate::events::{GatewayEvent, SessionId};
 use crate::gateway::Gateway;
-use cmx_net::relay::{self, Counters};
-use cmx_net::sockets;
 
-pub type ForwardKey = (Ipv6Addr, u16);
-
-/// The session a forward currently delivers to.
-#[derive(Clone)]
-pub struct Owner {
-    pub session: SessionId,
-    pub handle: Handle,
-    /// The bind address exactly as the agent sent it: OpenSSH clients match `forwarded-tcpip`
-    /// channels to their `-R` entries by this string and the port.
-    pub requested_address: String,
-}
-
-struct Entry {
-    identity: String,
-    owner: Owner,
-    stop: CancellationToken,
-    /// The listener's kernel tag: dropped (untagged) with the entry.
-    _tag: TagGuard,
-}
-
-#[derive(Default)]
-pub struct MirrorTable {
-    inner: Mutex<HashMap<ForwardKey, Entry>>,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum PublishError {
-    #[error("[{addr}]:{port} is already published by identity '{holder}'")]
-    HeldByOther {
-        addr: Ipv6Addr,
-        port: u16,
-        holder: String,
-    },
-    #[error("cannot listen on [{addr}]:{port}: {source}")]
-    Bind {
-        addr: Ipv6Addr,
-        port: u16,
-        #[source]
-        source: io::Error,
-    },
-}
-
-/// What `publish` did.
-pub enum Published {
-    New { port: u16 },
-    TakenOver { port: u16, previous: Owner },
-}
-
-impl MirrorTable {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ForwardKey, Entry>> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    pub fn owner(&self, key: &ForwardKey) -> Option<(String, Owner)> {
-        self.lock()
-            .get(key)
-            .map(|e| (e.identity.clone(), e.owner.clone()))
-    }
-
-    pub fn is_published(&self, addr: Ipv6Addr, port: u16) -> bool {
-        self.lock().contains_key(&(addr, port))
-    }
-
-    /// All forwards: key, identity, owning session.
-    pub fn list(&self) -> Vec<(ForwardKey, String, SessionId)> {
-        self.lock()
-            .iter()
-            .map(|(k, e)| (*k, e.identity.clone(), e.owner.session))
-            .collect()
-    }
-
-    /// Published forwards (open Mir-socks).
-    pub fn len(&self) -> usize {
-        self.lock().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.lock().is_empty()
-    }
-
-    /// Removes a forward if `session` owns it. Returns whether it did.
-    pub fn cancel(&self, key: &ForwardKey, session: SessionId) -> bool {
-        let mut map = self.lock();
-        match map.get(key) {
-            Some(e) if e.owner.session == session => {
-                if let Some(e) = map.remove(key) {
-                    e.stop.cancel();
-                }
-                true
-            }
-            _ => false,
-        }
-    }
-
-    /// Removes a forward whatever its owner (policy change). Returns its identity and owner.
-    pub fn remove(&self, key: &ForwardKey) -> Option<(String, Owner)> {
-        let e = self.lock().remove(key)?;
-        e.stop.cancel();
-        Some((e.identity, e.owner))
-    }
-
-    /// Removes every forward owned by `session`; returns their keys.
-    pub fn release_session(&self, session: SessionId) -> Vec<(ForwardKey, String)> {
-        let mut map = self.lock();
-        let keys: Vec<ForwardKey> = map
-            .iter()
-            .filter(|(_, e)| e.owner.session == session)
-            .map(|(k, _)| *k)
-            .collect();
-        keys.into_iter()
-            .filter_map(|k| {
-                let e = map.remove(&k)?;
-                e.stop.cancel();
-                Some((k, e.identity))
-            })
-            .collect()
-    }
-}
-
-/// Publishes `[addr]:port` for `identity`, or takes it over from an older session of the same
-/// identity. Spawns the accept loop of a new Mir-sock.
-pub fn publish(
-    gw: &Arc<Gateway>,
-    identity: &str,
-    identity_addr: Ipv6Addr,
-    addr: Ipv6Addr,
-    port: u16,
-    owner: Owner,
-) -> Result<Published, PublishError> {
-    let mut map = gw.mirrors.lock();
-    if port != 0
-        && let Some(e) = map.get_mut(&(addr, port))
-    {
-        if e.identity != identity {
-            return Err(PublishError::HeldByOther {
-                addr,
-                port,
-                holder: e.identity.clone(),
-            });
-        }
-        let previous = std::mem::replace(&mut e.owner, owner);
-        return Ok(Published::TakenOver { port, previous });
-    }
-    let tag = SocketTag {
-        conn_id: gw.next_conn_id(),
-        role: SocketRole::MirListener,
-        identity: identity_addr,
-    };
-    let (listener, tag) = sockets::mirror_listener(addr, port, |s| gw.dataplane.tag(s, tag))
-        .map_err(|source| PublishError::Bind { addr, port, source })?;
-    let port = match listener.local_addr() {
-        Ok(a) => a.port(),
-        Err(source) => return Err(PublishError::Bind { addr, port, source }),
-    };
-    let stop = gw.shutdown.child_token();
-    map.insert(
-        (addr, port),
-        Entry {
+/// Opens the Mir-sock for `[addr]:port` (or takes it over, see `MirrorTable::publish`) and
+/// spawns its accept loop.
+fn publish(gw: &Arc<Gateway>, permit: &ListenPermit, owner: Owner) -> Result<Published<()>, PublishError> {
+    let (addr, port) = (permit.addr, permit.port);
+    let identity = permit.server.name.as_str();
+    let published = gw.mirrors.publish(identity, addr, port, owner, |owner| {
+        let tag = SocketTag {
+            conn_id: gw.next_conn_id(),
+            role: SocketRole::MirListener,
+            identity: permit.server.address,
+        };
+        let (listener, tag) = sockets::mirror_listener(addr, port, |s| gw.dataplane.tag(s, tag))
+            .map_err(|source| PublishError::Bind { addr, port, source })?;
+        let port = listener
+            .local_addr()
+            .map_err(|source| PublishError::Bind { addr, port, source })?
+            .port();
+        let stop = gw.shutdown.child_token();
+        let entry = Entry {
             identity: identity.to_string(),
             owner,
             stop: stop.clone(),
-            _tag: tag,
-        },
-    );
-    tokio::spawn(accept_loop(gw.clone(), (addr, port), listener, stop));
-    Ok(Published::New { port })
+            tag,
+        };
+        Ok((port, entry, (listener, stop)))
+    })?;
+    Ok(match published {
+        Published::New {
+            port,
+            listener: (listener, stop),
+        } => {
+            gw.tasks
+                .spawn(accept_loop(gw.clone(), (addr, port), listener, stop));
+            Published::New { port, listener: () }
+        }
+        Published::TakenOver { port, previous } => Published::TakenOver { port, previous },
+    })
 }
 
 async fn accept_loop(gw: Arc<Gateway>, key: ForwardKey, listener: TcpListener, stop: CancellationToken) {
@@ -196,7 +67,7 @@ async fn accept_loop(gw: Arc<Gateway>, key: ForwardKey, listener: TcpListener, s
             _ = stop.cancelled() => break,
             r = listener.accept() => match r {
                 Ok((stream, peer)) => {
-                    tokio::spawn(serve(gw.clone(), key, stream, peer));
+                    gw.tasks.spawn(serve(gw.clone(), key, stream, peer));
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
@@ -255,48 +126,8 @@ async fn serve(gw: Arc<Gateway>, key: ForwardKey, stream: TcpStream, peer: Socke
         "server side of the pair closed");
 }
 
-/// Bind addresses that mean "my identity address", as OpenSSH clients send them for
-/// `-R port:...`, `-R localhost:port:...`, `-R *:port:...` and friends.
-const OWN_ADDRESS_ALIASES: &[&str] = &["", "localhost", "0.0.0.0", "::", "*", "127.0.0.1", "::1"];
-
-/// Resolves a `tcpip-forward` bind address to an identity address: `(addr, own, owner)`.
-fn resolve_bind_address(
-    registry: &crate::identity::Registry,
-    me: &crate::identity::Identity,
-    address: &str,
-) -> Result<(Ipv6Addr, bool, Option<String>), String> {
-    let a = address
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_ascii_lowercase();
-    if OWN_ADDRESS_ALIASES.contains(&a.as_str()) {
-        return Ok((me.address, true, Some(me.name.clone())));
-    }
-    let addr = if let Ok(v6) = a.parse::<Ipv6Addr>() {
-        v6
-    } else if a.parse::<std::net::Ipv4Addr>().is_ok() {
-        return Err(format!(
-            "bind address {address} is IPv4; identity addresses are IPv6"
-        ));
-    } else if let Some(other) = registry.get(&a) {
-        other.address
-    } else {
-        return Err(format!(
-            "bind address '{address}' is neither an identity address nor an identity name"
-        ));
-    };
-    let prefix = registry.context().prefix;
-    if !prefix.contains(&addr) {
-        return Err(format!(
-            "bind address {addr} is outside the identity prefix {prefix}"
-        ));
-    }
-    let owner = registry.by_address(&addr).map(|i| i.name.clone());
-    Ok((addr, addr == me.address, owner))
-}
-
-/// Handles `tcpip-forward`: checks role and `permit_listen`, publishes (or takes over) the
-/// Mir-sock, and returns the port. `Err` is the refusal reason, already audited.
+/// Handles `tcpip-forward`: decides (`authz`: role and `permit_listen`), publishes (or takes
+/// over) the Mir-sock, and returns the port. `Err` is the refusal reason, already audited.
 pub fn request_forward(
     gw: &Arc<Gateway>,
     session: SessionId,
@@ -306,59 +137,32 @@ pub fn request_forward(
     port: u32,
 ) -> Result<u16, String> {
     let request = format!("tcpip-forward {address}:{port}");
-    let result = authorize_and_publish(gw, session, identity, handle, address, port, &request);
-    if let Err(reason) = &result {
-        audit::forward_denied(session, identity, &request, reason);
-    }
-    result
-}
-
-fn authorize_and_publish(
-    gw: &Arc<Gateway>,
-    session: SessionId,
-    identity: &str,
-    handle: Handle,
-    address: &str,
-    port: u32,
-    request: &str,
-) -> Result<u16, String> {
-    let port = u16::try_from(port).map_err(|_| format!("port {port} is out of range"))?;
-    let registry = gw.registry();
-    let me = registry
-        .get(identity)
-        .ok_or_else(|| format!("identity '{identity}' is no longer in the registry"))?;
-    let skip = gw.config.insecure_skip_userspace_policy;
-    if !me.role.may_publish() && !skip {
-        return Err(format!(
-            "identity '{identity}' has role '{}' and may not publish services (tcpip-forward)",
-            me.role.as_str()
-        ));
-    }
-    let (addr, own, owner) = resolve_bind_address(&registry, me, address)?;
-    let decision = me.permit_listen.check(&crate::policy::ListenRequest {
-        addr,
-        own,
-        owner: owner.as_deref(),
-        port,
-    });
-    let rule = match decision {
-        crate::policy::Decision::Allow { rule } => rule,
-        crate::policy::Decision::Deny { .. } if skip => "(user-space check skipped: tests only)".to_string(),
-        crate::policy::Decision::Deny { reason } => {
-            return Err(format!("{identity} may not listen on [{addr}]:{port}: {reason}"));
+    let result = gw
+        .authz
+        .may_listen(&gw.registry(), identity, address, port)
+        .map_err(|r| r.reason)
+        .and_then(|permit| {
+            let owner = Owner {
+                session,
+                handle,
+                requested_address: address.to_string(),
+            };
+            let published = publish(gw, &permit, owner).map_err(|e| e.to_string())?;
+            Ok((permit, published))
+        });
+    let (permit, published) = match result {
+        Ok(ok) => ok,
+        Err(reason) => {
+            audit::forward_denied(session, identity, &request, &reason);
+            return Err(reason);
         }
     };
-    let owner = Owner {
-        session,
-        handle,
-        requested_address: address.to_string(),
-    };
-    let published = publish(gw, identity, me.address, addr, port, owner).map_err(|e| e.to_string())?;
-    audit::forward_allowed(session, identity, request, &rule);
+    audit::forward_allowed(session, identity, &request, &permit.rule);
+    let addr = permit.addr;
     match published {
-        Published::New { port } => {
+        Published::New { port, .. } => {
             tracing::info!(%session, identity, addr = %addr, port, "Mir-sock listening");
-            gw.events.emit(crate::events::GatewayEvent::ForwardAdded {
+            gw.events.emit(GatewayEvent::ForwardAdded {
                 session,
                 identity: identity.to_string(),
                 addr,
@@ -367,25 +171,34 @@ fn authorize_and_publish(
             Ok(port)
         }
         Published::TakenOver { port, previous } => {
-            tracing::warn!(%session, identity, addr = %addr, port, previous_session = %previous.session,
-                "forward taken over by a newer session of the same identity");
-            gw.events.emit(crate::events::GatewayEvent::ForwardTakenOver {
-                identity: identity.to_string(),
-                addr,
-                port,
-                from: previous.session,
-                to: session,
-            });
-            // Tell the previous session its forward is gone; it may be dead, so don't wait long.
-            tokio::spawn(async move {
-                let notice = previous
-                    .handle
-                    .cancel_forward_tcpip(previous.requested_address, u32::from(port));
-                let _ = tokio::time::timeout(std::time::Duration::from_secs(5), notice).await;
-            });
+            taken_over(gw, identity, addr, port, session, previous);
             Ok(port)
         }
     }
+}
+
+/// A newer session of the same identity took `[addr]:port` over from `previous`: a repeated
+/// request of the same session is no takeover and says nothing.
+fn taken_over(gw: &Gateway, identity: &str, addr: Ipv6Addr, port: u16, session: SessionId, previous: Owner) {
+    if previous.session == session {
+        return;
+    }
+    tracing::warn!(%session, identity, addr = %addr, port, previous_session = %previous.session,
+        "forward taken over by a newer session of the same identity");
+    gw.events.emit(GatewayEvent::ForwardTakenOver {
+        identity: identity.to_string(),
+        addr,
+        port,
+        from: previous.session,
+        to: session,
+    });
+    // Tell the previous session its forward is gone; it may be dead, so don't wait long.
+    gw.tasks.spawn(async move {
+        let notice = previous
+            .handle
+            .cancel_forward_tcpip(previous.requested_address, u32::from(port));
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), notice).await;
+    });
 }
 
 /// Handles `cancel-tcpip-forward` from the owning session.
@@ -394,7 +207,7 @@ pub fn cancel_forward(gw: &Gateway, session: SessionId, identity: &str, address:
     let Some(me) = registry.get(identity) else {
         return false;
     };
-    let Ok((addr, _, _)) = resolve_bind_address(&registry, me, address) else {
+    let Ok(addr) = authz::bind_address(&registry, me, address) else {
         return false;
     };
     let Ok(port) = u16::try_from(port) else {
@@ -408,7 +221,7 @@ pub fn cancel_forward(gw: &Gateway, session: SessionId, identity: &str, address:
             &format!("tcpip-forward {address}:{port}"),
             "cancelled by the agent",
         );
-        gw.events.emit(crate::events::GatewayEvent::ForwardRemoved {
+        gw.events.emit(GatewayEvent::ForwardRemoved {
             session,
             identity: identity.to_string(),
             addr,

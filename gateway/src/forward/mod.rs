@@ -5,3 +5,4 @@
 pub mod direct;
 pub mod mirror;
 pub mod pairs;
+pub mod published;

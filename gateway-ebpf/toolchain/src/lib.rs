@@ -1,13 +1,11 @@
 //! Finding and driving the toolchain that builds `gateway-ebpf` for `bpfel-unknown-none`.
-//! Shared, by `#[path]`, between the gateway's build.rs and `cargo xtask build-ebpf`: one place
-//! knows the recipe (see ../shared/FACTS.md):
+//! A crate of its own so that the gateway's build.rs (a build-dependency) and `cargo xtask
+//! build-ebpf` share one recipe:
 //!
 //! - Debian route: `rustc-web` (rustc/cargo 1.96 in /usr/bin) with `rust-web-src` (core sources in
 //!   /usr/lib/rustlib/src/rust), `RUSTC_BOOTSTRAP=1` for `-Z build-std=core`;
 //! - rustup route: a nightly toolchain with the `rust-src` component;
 //! - either way, `bpf-linker` on PATH, in ~/.cache/cmxsafe/bpf-linker/bin or ~/.cargo/bin.
-
-#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -1,0 +1,163 @@
+//! The table of published forwards (Mir-socks): which identity and session each `[addr]:port`
+//! delivers to. Data only; `mirror` opens the listeners and serves them.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::Ipv6Addr;
+use std::sync::Mutex;
+
+use russh::server::Handle;
+use tokio_util::sync::CancellationToken;
+
+use crate::dataplane::TagGuard;
+use crate::events::SessionId;
+
+pub type ForwardKey = (Ipv6Addr, u16);
+
+/// The session a forward currently delivers to.
+#[derive(Clone)]
+pub struct Owner {
+    pub session: SessionId,
+    pub handle: Handle,
+    /// The bind address exactly as the agent sent it: OpenSSH clients match `forwarded-tcpip`
+    /// channels to their `-R` entries by this string and the port.
+    pub requested_address: String,
+}
+
+/// A published forward: who holds it, how to stop its accept loop, and its listener's tag.
+pub struct Entry {
+    pub identity: String,
+    pub owner: Owner,
+    pub stop: CancellationToken,
+    /// The listener's kernel tag: dropped (untagged) with the entry.
+    pub tag: TagGuard,
+}
+
+#[derive(Default)]
+pub struct MirrorTable {
+    inner: Mutex<HashMap<ForwardKey, Entry>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("[{addr}]:{port} is already published by identity '{holder}'")]
+    HeldByOther {
+        addr: Ipv6Addr,
+        port: u16,
+        holder: String,
+    },
+    #[error("cannot listen on [{addr}]:{port}: {source}")]
+    Bind {
+        addr: Ipv6Addr,
+        port: u16,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// What `publish` did: a new listener (to serve), or a takeover of a live one.
+pub enum Published<L> {
+    New { port: u16, listener: L },
+    TakenOver { port: u16, previous: Owner },
+}
+
+impl MirrorTable {
+    /// Publishes `[addr]:port` for `identity`, or hands it to `owner` if the same identity
+    /// already publishes it (`port` 0 always makes a new listener). `listen` makes the listener
+    /// and its entry, under the table's lock, so two sessions never both bind one forward.
+    pub fn publish<L>(
+        &self,
+        identity: &str,
+        addr: Ipv6Addr,
+        port: u16,
+        owner: Owner,
+        listen: impl FnOnce(Owner) -> Result<(u16, Entry, L), PublishError>,
+    ) -> Result<Published<L>, PublishError> {
+        let mut map = self.lock();
+        if port != 0
+            && let Some(e) = map.get_mut(&(addr, port))
+        {
+            if e.identity != identity {
+                return Err(PublishError::HeldByOther {
+                    addr,
+                    port,
+                    holder: e.identity.clone(),
+                });
+            }
+            let previous = std::mem::replace(&mut e.owner, owner);
+            return Ok(Published::TakenOver { port, previous });
+        }
+        let (port, entry, listener) = listen(owner)?;
+        map.insert((addr, port), entry);
+        Ok(Published::New { port, listener })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ForwardKey, Entry>> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn owner(&self, key: &ForwardKey) -> Option<(String, Owner)> {
+        self.lock()
+            .get(key)
+            .map(|e| (e.identity.clone(), e.owner.clone()))
+    }
+
+    pub fn is_published(&self, addr: Ipv6Addr, port: u16) -> bool {
+        self.lock().contains_key(&(addr, port))
+    }
+
+    /// All forwards: key, identity, owning session.
+    pub fn list(&self) -> Vec<(ForwardKey, String, SessionId)> {
+        self.lock()
+            .iter()
+            .map(|(k, e)| (*k, e.identity.clone(), e.owner.session))
+            .collect()
+    }
+
+    /// Published forwards (open Mir-socks).
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
+    /// Removes a forward if `session` owns it. Returns whether it did.
+    pub fn cancel(&self, key: &ForwardKey, session: SessionId) -> bool {
+        let mut map = self.lock();
+        match map.get(key) {
+            Some(e) if e.owner.session == session => {
+                if let Some(e) = map.remove(key) {
+                    e.stop.cancel();
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Removes a forward whatever its owner (policy change). Returns its identity and owner.
+    pub fn remove(&self, key: &ForwardKey) -> Option<(String, Owner)> {
+        let e = self.lock().remove(key)?;
+        e.stop.cancel();
+        Some((e.identity, e.owner))
+    }
+
+    /// Removes every forward owned by `session`; returns their keys.
+    pub fn release_session(&self, session: SessionId) -> Vec<(ForwardKey, String)> {
+        let mut map = self.lock();
+        let keys: Vec<ForwardKey> = map
+            .iter()
+            .filter(|(_, e)| e.owner.session == session)
+            .map(|(k, _)| *k)
+            .collect();
+        keys.into_iter()
+            .filter_map(|k| {
+                let e = map.remove(&k)?;
+                e.stop.cancel();
+                Some((k, e.identity))
+            })
+            .collect()
+    }
+}

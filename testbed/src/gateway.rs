@@ -1,0 +1,189 @@
+//! The real `cmx-gateway` binary in the gateway namespace: its configuration, data plane (each
+//! test gateway gets its own pin directory and cgroup, so tests run in parallel), log and
+//! lifecycle.
+
+use std::path::PathBuf;
+use std::process::{Child, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::bins::gateway_bin;
+use crate::hosts::{GW_DEV_IP, GW_SRV_IP, Hosts, Netns, SSH_PORT};
+use cmx_events::GatewayEvent;
+
+use crate::logbook::{LogBook, pipe_json_lines, tail};
+use crate::nodefs::{self, UsesTestParents};
+
+/// The data plane the tests run the gateway with: `CMX_TEST_DATAPLANE` (sockmap by default; CI
+/// also runs the suite with `userspace`). Each gateway gets its own pin directory and cgroup, so
+/// tests can run in parallel.
+pub fn test_dataplane() -> String {
+    std::env::var("CMX_TEST_DATAPLANE").unwrap_or_else(|_| "sockmap".into())
+}
+
+/// The cgroup a test gateway in `gw` runs its eBPF programs in.
+pub fn gateway_cgroup(gw: &Netns) -> PathBuf {
+    nodefs::test_cgroup(&gw.name)
+}
+
+/// The pin directory of a test gateway in `gw`.
+pub fn gateway_pin_dir(gw: &Netns) -> PathBuf {
+    nodefs::test_pin_dir(&gw.name)
+}
+
+pub fn dataplane_config(gw: &Netns, mode: &str) -> String {
+    format!(
+        "[dataplane]\nmode = \"{}\"\npin_dir = \"{}\"\ncgroup = \"{}\"\n",
+        mode,
+        gateway_pin_dir(gw).display(),
+        gateway_cgroup(gw).display()
+    )
+}
+
+pub struct GatewayProc {
+    pub child: Child,
+    pub log: LogBook,
+    pub config: PathBuf,
+    pub registry: PathBuf,
+    pub host_key_pub: String,
+    /// Dropped after the process exited (field order): the shared test parents may then go.
+    _parents: UsesTestParents,
+}
+
+impl GatewayProc {
+    /// Starts the gateway in the gateway namespace with `registry` and extra config lines, with
+    /// the data plane `CMX_TEST_DATAPLANE` names.
+    pub async fn start(hosts: &Hosts, registry: &str, extra_config: &str) -> GatewayProc {
+        GatewayProc::start_with(hosts, registry, extra_config, &test_dataplane(), &[]).await
+    }
+
+    /// Starts the gateway with an explicit data plane and extra `run` arguments.
+    pub async fn start_with(
+        hosts: &Hosts,
+        registry: &str,
+        extra_config: &str,
+        dataplane: &str,
+        args: &[&str],
+    ) -> GatewayProc {
+        std::fs::write(hosts.path("identities.toml"), registry).unwrap();
+        std::fs::write(
+            hosts.path("gateway.toml"),
+            format!(
+                "listen = \"0.0.0.0:{SSH_PORT}\"\nreload_interval_secs = 1\n{}\n{extra_config}\n",
+                dataplane_config(&hosts.gw, dataplane)
+            ),
+        )
+        .unwrap();
+        GatewayProc::launch_with(hosts, args).await
+    }
+
+    /// Starts (or restarts) the gateway from the files `start` wrote; the host key is kept.
+    pub async fn launch(hosts: &Hosts) -> GatewayProc {
+        GatewayProc::launch_with(hosts, &[]).await
+    }
+
+    pub async fn launch_with(hosts: &Hosts, args: &[&str]) -> GatewayProc {
+        GatewayProc::launch_with_env(hosts, args, &[]).await
+    }
+
+    /// Like `launch_with`, with extra environment variables (e.g. the downward API's POD_*).
+    pub async fn launch_with_env(hosts: &Hosts, args: &[&str], env: &[(&str, &str)]) -> GatewayProc {
+        let config = hosts.path("gateway.toml");
+        let registry_path = hosts.path("identities.toml");
+        let parents = UsesTestParents::take();
+        let mut child = hosts
+            .gw
+            .net_command(&gateway_bin())
+            .args([
+                "--log-format",
+                "json",
+                "--log-level",
+                "info,russh=warn,cmx_event=debug",
+                "run",
+                "--config",
+            ])
+            .arg(&config)
+            .args(args)
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn cmx-gateway");
+        let log = LogBook::default();
+        pipe_json_lines(child.stderr.take().unwrap(), log.clone());
+        log.wait_event("gateway ready", |e| matches!(e, GatewayEvent::Ready { .. }))
+            .await;
+        let host_key_pub = std::fs::read_to_string(hosts.path("ssh_host_ed25519_key.pub"))
+            .unwrap()
+            .trim()
+            .to_string();
+        // Agents on both sides pin the gateway's host key.
+        std::fs::write(
+            hosts.path("known_hosts"),
+            format!("[{GW_DEV_IP}]:{SSH_PORT} {host_key_pub}\n[{GW_SRV_IP}]:{SSH_PORT} {host_key_pub}\n"),
+        )
+        .unwrap();
+        GatewayProc {
+            child,
+            log,
+            config,
+            registry: registry_path,
+            host_key_pub,
+            _parents: parents,
+        }
+    }
+
+    /// SIGKILL: no goodbye to anyone.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Rewrites the registry and waits until the gateway has applied it.
+    pub async fn rewrite_registry(&self, text: &str) {
+        let reloaded = |e: &GatewayEvent| matches!(e, GatewayEvent::RegistryReloaded { .. });
+        let before = self.log.count_events(reloaded);
+        std::fs::write(&self.registry, text).unwrap();
+        self.log
+            .wait_more_events("registry reloaded", before, reloaded)
+            .await;
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill with a pid we spawned.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    /// Waits for the process to exit (after a signal).
+    pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "gateway did not exit");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for GatewayProc {
+    /// SIGTERM and a short wait (a clean exit removes pins, cgroup and route), then SIGKILL.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let lines: Vec<String> = self.log.all().iter().map(|v| v.to_string()).collect();
+            eprintln!(
+                "--- gateway log (test failed) ---\n{}",
+                tail(&lines.join("\n"), 200)
+            );
+        }
+        if self.child.try_wait().ok().flatten().is_none() {
+            self.signal(libc::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(8);
+            while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
