@@ -148,6 +148,49 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
     Ok(())
 }
 
+/// Runs one established session until it ends (or the agent stops): publishes the tunnels,
+/// hands the session to the local tunnels, and takes it back at the end. Returns why it ended.
+async fn hold(
+    shared: &Arc<Shared>,
+    current: &watch::Sender<Option<Arc<session::Session>>>,
+    shutdown: &CancellationToken,
+    gateway: &str,
+    session: session::Session,
+    ended: tokio::sync::oneshot::Receiver<String>,
+) -> String {
+    let status = &shared.status;
+    tracing::info!(gateway, identity = %shared.config.identity, "session established");
+    status.session("connected", Some(gateway.to_string()), None);
+    status.all_tunnels("local", "listening");
+    let session = Arc::new(session);
+    current.send_replace(Some(session.clone()));
+    let session_over = CancellationToken::new();
+    let publisher = tokio::spawn(tunnels::publish_all(
+        shared.clone(),
+        session.clone(),
+        session_over.clone(),
+    ));
+    let reason = tokio::select! {
+        r = ended => r.unwrap_or_else(|_| "session ended".into()),
+        _ = shutdown.cancelled() => {
+            let _ = session.disconnect(Disconnect::ByApplication, "agent shutting down", "en").await;
+            "agent shutting down".into()
+        }
+    };
+    session_over.cancel();
+    let _ = publisher.await;
+    current.send_replace(None);
+    drop(session);
+    shared
+        .published_ports
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clear();
+    status.all_tunnels("local", "waiting");
+    status.all_tunnels("publish", "down");
+    reason
+}
+
 async fn supervise(
     shared: &Arc<Shared>,
     current: &watch::Sender<Option<Arc<session::Session>>>,
@@ -184,36 +227,7 @@ async fn supervise(
             }
             first = false;
             let started = Instant::now();
-            tracing::info!(gateway, identity = %c.identity, "session established");
-            status.session("connected", Some(gateway.clone()), None);
-            status.all_tunnels("local", "listening");
-            let session = Arc::new(session);
-            current.send_replace(Some(session.clone()));
-            let session_over = CancellationToken::new();
-            let publisher = tokio::spawn(tunnels::publish_all(
-                shared.clone(),
-                session.clone(),
-                session_over.clone(),
-            ));
-
-            let reason = tokio::select! {
-                r = ended => r.unwrap_or_else(|_| "session ended".into()),
-                _ = shutdown.cancelled() => {
-                    let _ = session.disconnect(Disconnect::ByApplication, "agent shutting down", "en").await;
-                    "agent shutting down".into()
-                }
-            };
-            session_over.cancel();
-            let _ = publisher.await;
-            current.send_replace(None);
-            drop(session);
-            shared
-                .published_ports
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clear();
-            status.all_tunnels("local", "waiting");
-            status.all_tunnels("publish", "down");
+            let reason = hold(shared, current, shutdown, &gateway, session, ended).await;
             if shutdown.is_cancelled() {
                 return;
             }

@@ -209,133 +209,17 @@ impl Config {
                 problems: vec![format!("{file}:{line}: {}", e.message().trim())],
             }
         })?;
-        let mut problems = Vec::new();
-        let mut at =
-            |offset: usize, msg: String| problems.push(format!("{file}:{}: {msg}", lines.of(offset)));
-
-        if raw.identity.get_ref().is_empty() {
-            at(raw.identity.span().start, "identity must not be empty".into());
-        }
-        let mut gateways = Vec::new();
-        if raw.gateways.get_ref().is_empty() {
-            at(
-                raw.gateways.span().start,
-                "gateways must list at least one host:port".into(),
-            );
-        }
-        for g in raw.gateways.get_ref() {
-            match split_target(g.get_ref()) {
-                Some(hp) => gateways.push(hp),
-                None => at(
-                    g.span().start,
-                    format!("gateway '{}' is not host:port", g.get_ref()),
-                ),
-            }
-        }
-        for fp in &raw.host_key_fingerprints {
-            if !fp.get_ref().starts_with("SHA256:") {
-                at(
-                    fp.span().start,
-                    format!(
-                        "host key fingerprint '{}' must look like SHA256:...",
-                        fp.get_ref()
-                    ),
-                );
-            }
-        }
-        if raw.known_hosts.is_none() && raw.host_key_fingerprints.is_empty() {
-            at(
-                0,
-                "no way to trust the gateway's host key: set known_hosts or host_key_fingerprints (trust_on_first_use also needs known_hosts)".into(),
-            );
-        }
-        if raw.trust_on_first_use && raw.known_hosts.is_none() {
-            at(
-                0,
-                "trust_on_first_use needs known_hosts: the file where the first key seen is recorded".into(),
-            );
-        }
-        for c in &raw.ciphers {
-            if cmx_net::ssh::cipher(c.get_ref()).is_none() {
-                at(
-                    c.span().start,
-                    format!(
-                        "unknown cipher '{}' (known: {})",
-                        c.get_ref(),
-                        cmx_net::ssh::known_ciphers()
-                    ),
-                );
-            }
-        }
-        if raw.keepalive.interval_secs > 0 && raw.keepalive.max == 0 {
-            at(0, "keepalive.max must be at least 1".into());
-        }
-        if raw.reconnect.max_secs == 0
-            || raw.reconnect.initial_ms == 0
-            || raw.reconnect.connect_timeout_secs == 0
-        {
-            at(
-                0,
-                "reconnect.initial_ms, max_secs and connect_timeout_secs must be at least 1".into(),
-            );
-        }
-
-        let mut names = HashSet::new();
-        let mut listens = HashSet::new();
-        for t in &raw.locals {
-            let offset = t.span().start;
-            let l = t.get_ref();
-            if !names.insert(l.name.clone()) {
-                at(offset, format!("tunnel '{}': duplicate tunnel name", l.name));
-            }
-            if !listens.insert(l.listen) {
-                at(
-                    offset,
-                    format!(
-                        "tunnel '{}': listen address {} is used by another tunnel",
-                        l.name, l.listen
-                    ),
-                );
-            }
-            if split_target(&l.target).is_none() {
-                at(
-                    offset,
-                    format!(
-                        "tunnel '{}': target '{}' must be host:port (e.g. srv1:1883)",
-                        l.name, l.target
-                    ),
-                );
-            }
-        }
-        let mut ports = HashSet::new();
-        for t in &raw.publishes {
-            let offset = t.span().start;
-            let p = t.get_ref();
-            if !names.insert(p.name.clone()) {
-                at(offset, format!("tunnel '{}': duplicate tunnel name", p.name));
-            }
-            if p.port != 0 && !ports.insert((p.bind.clone(), p.port)) {
-                at(
-                    offset,
-                    format!(
-                        "tunnel '{}': port {} is published by another tunnel",
-                        p.name, p.port
-                    ),
-                );
-            }
-            if p.preserve_source && !p.to.is_ipv6() {
-                at(
-                    offset,
-                    format!(
-                        "tunnel '{}': preserve_source needs an IPv6 'to' (e.g. \"[::1]:{}\")",
-                        p.name,
-                        p.to.port()
-                    ),
-                );
-            }
-        }
-        if !problems.is_empty() {
-            return Err(ConfigError::Invalid { problems });
+        let mut problems = Problems {
+            file: &file,
+            lines: &lines,
+            found: Vec::new(),
+        };
+        let gateways = problems.session(&raw);
+        problems.tunnels(&raw);
+        if !problems.found.is_empty() {
+            return Err(ConfigError::Invalid {
+                problems: problems.found,
+            });
         }
         Ok(Config {
             identity: raw.identity.into_inner(),
@@ -363,6 +247,131 @@ impl Config {
             locals: raw.locals.into_iter().map(Spanned::into_inner).collect(),
             publishes: raw.publishes.into_iter().map(Spanned::into_inner).collect(),
         })
+    }
+}
+
+/// What is wrong with a configuration file, each problem with its file and line.
+struct Problems<'a> {
+    file: &'a str,
+    lines: &'a Lines,
+    found: Vec<String>,
+}
+
+impl Problems<'_> {
+    fn at(&mut self, offset: usize, msg: String) {
+        self.found
+            .push(format!("{}:{}: {msg}", self.file, self.lines.of(offset)));
+    }
+
+    /// The session settings: identity, gateways (returned as host and port), host key trust,
+    /// ciphers, keepalive and reconnect timing.
+    fn session(&mut self, raw: &RawConfig) -> Vec<(String, u16)> {
+        if raw.identity.get_ref().is_empty() {
+            self.at(raw.identity.span().start, "identity must not be empty".into());
+        }
+        if raw.gateways.get_ref().is_empty() {
+            self.at(
+                raw.gateways.span().start,
+                "gateways must list at least one host:port".into(),
+            );
+        }
+        let mut gateways = Vec::new();
+        for g in raw.gateways.get_ref() {
+            match split_target(g.get_ref()) {
+                Some(hp) => gateways.push(hp),
+                None => self.at(
+                    g.span().start,
+                    format!("gateway '{}' is not host:port", g.get_ref()),
+                ),
+            }
+        }
+        for fp in &raw.host_key_fingerprints {
+            if !fp.get_ref().starts_with("SHA256:") {
+                let msg = format!(
+                    "host key fingerprint '{}' must look like SHA256:...",
+                    fp.get_ref()
+                );
+                self.at(fp.span().start, msg);
+            }
+        }
+        if raw.known_hosts.is_none() && raw.host_key_fingerprints.is_empty() {
+            self.at(0, "no way to trust the gateway's host key: set known_hosts or host_key_fingerprints (trust_on_first_use also needs known_hosts)".into());
+        }
+        if raw.trust_on_first_use && raw.known_hosts.is_none() {
+            self.at(
+                0,
+                "trust_on_first_use needs known_hosts: the file where the first key seen is recorded".into(),
+            );
+        }
+        for c in &raw.ciphers {
+            if cmx_net::ssh::cipher(c.get_ref()).is_none() {
+                let msg = format!(
+                    "unknown cipher '{}' (known: {})",
+                    c.get_ref(),
+                    cmx_net::ssh::known_ciphers()
+                );
+                self.at(c.span().start, msg);
+            }
+        }
+        if raw.keepalive.interval_secs > 0 && raw.keepalive.max == 0 {
+            self.at(0, "keepalive.max must be at least 1".into());
+        }
+        let r = &raw.reconnect;
+        if r.max_secs == 0 || r.initial_ms == 0 || r.connect_timeout_secs == 0 {
+            self.at(
+                0,
+                "reconnect.initial_ms, max_secs and connect_timeout_secs must be at least 1".into(),
+            );
+        }
+        gateways
+    }
+
+    /// The tunnels: unique names, listen addresses and published ports; valid targets.
+    fn tunnels(&mut self, raw: &RawConfig) {
+        let mut names = HashSet::new();
+        let mut listens = HashSet::new();
+        for t in &raw.locals {
+            let (offset, l) = (t.span().start, t.get_ref());
+            if !names.insert(l.name.clone()) {
+                self.at(offset, format!("tunnel '{}': duplicate tunnel name", l.name));
+            }
+            if !listens.insert(l.listen) {
+                let msg = format!(
+                    "tunnel '{}': listen address {} is used by another tunnel",
+                    l.name, l.listen
+                );
+                self.at(offset, msg);
+            }
+            if split_target(&l.target).is_none() {
+                let msg = format!(
+                    "tunnel '{}': target '{}' must be host:port (e.g. srv1:1883)",
+                    l.name, l.target
+                );
+                self.at(offset, msg);
+            }
+        }
+        let mut ports = HashSet::new();
+        for t in &raw.publishes {
+            let (offset, p) = (t.span().start, t.get_ref());
+            if !names.insert(p.name.clone()) {
+                self.at(offset, format!("tunnel '{}': duplicate tunnel name", p.name));
+            }
+            if p.port != 0 && !ports.insert((p.bind.clone(), p.port)) {
+                let msg = format!(
+                    "tunnel '{}': port {} is published by another tunnel",
+                    p.name, p.port
+                );
+                self.at(offset, msg);
+            }
+            if p.preserve_source && !p.to.is_ipv6() {
+                let msg = format!(
+                    "tunnel '{}': preserve_source needs an IPv6 'to' (e.g. \"[::1]:{}\")",
+                    p.name,
+                    p.to.port()
+                );
+                self.at(offset, msg);
+            }
+        }
     }
 }
 

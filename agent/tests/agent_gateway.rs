@@ -470,12 +470,7 @@ async fn an_agent_logs_in_with_a_certificate() {
     let registry = RegistryText::default()
         .ca(&ca)
         .srv1(&srv1, "permit_listen = [\"1883\"]")
-        .identity(
-            "devc",
-            "device",
-            &[],
-            &["address = \"fd63:6d78::c\"", "permit_open = [\"srv1:1883\"]"],
-        )
+        .devc(&[])
         .build();
     let gw = GatewayProc::start(&hosts, &registry, "").await;
     let (_echo, _srv) = publish_echo(&hosts, &gw, &srv1, &[]).await;

@@ -362,35 +362,7 @@ async fn run(quick: bool, runs: usize, out: PathBuf, hop_only: bool) -> anyhow::
                 .with_context(|| format!("setting up {} {cipher}", kind.label()))?,
         );
     }
-    eprintln!("warm-up");
-    let warm = Sizes {
-        rtt: 100,
-        connects: 5,
-        bulk: 4 << 20,
-        fanout_each: 5,
-        ..Sizes::new(true)
-    };
-    for v in &vs {
-        measure(v, &warm).await?;
-    }
-    let mut records = Vec::new();
-    let mut rtt: BTreeMap<String, Histogram<u64>> = BTreeMap::new();
-    for run in 0..runs {
-        for v in &vs {
-            eprintln!("run {}/{runs}: {}", run + 1, v.name);
-            let (metrics, h) = measure(v, &s).await?;
-            rtt.entry(v.name.clone())
-                .or_insert_with(stats::histogram)
-                .add(h)?;
-            records.push(Record {
-                variant: v.name.clone(),
-                cipher: v.cipher.clone(),
-                negotiated: v.negotiated.clone(),
-                run,
-                metrics,
-            });
-        }
-    }
+    let (records, rtt) = interleaved(&vs, &s, runs).await?;
     let mut scales = Vec::new();
     for v in vs
         .iter()
@@ -418,6 +390,45 @@ async fn run(quick: bool, runs: usize, out: PathBuf, hop_only: bool) -> anyhow::
         .with_context(|| format!("writing {}", out.display()))?;
     eprintln!("results in {}", out.display());
     report.complete().map_err(anyhow::Error::msg)
+}
+
+/// A warm-up of every variant, then `runs` rounds measuring each variant in turn (interleaved,
+/// so a noisy moment hits every variant alike). Returns the records and each variant's RTTs.
+async fn interleaved(
+    vs: &[Variant],
+    s: &Sizes,
+    runs: usize,
+) -> anyhow::Result<(Vec<Record>, BTreeMap<String, Histogram<u64>>)> {
+    eprintln!("warm-up");
+    let warm = Sizes {
+        rtt: 100,
+        connects: 5,
+        bulk: 4 << 20,
+        fanout_each: 5,
+        ..Sizes::new(true)
+    };
+    for v in vs {
+        measure(v, &warm).await?;
+    }
+    let mut records = Vec::new();
+    let mut rtt: BTreeMap<String, Histogram<u64>> = BTreeMap::new();
+    for run in 0..runs {
+        for v in vs {
+            eprintln!("run {}/{runs}: {}", run + 1, v.name);
+            let (metrics, h) = measure(v, s).await?;
+            rtt.entry(v.name.clone())
+                .or_insert_with(stats::histogram)
+                .add(h)?;
+            records.push(Record {
+                variant: v.name.clone(),
+                cipher: v.cipher.clone(),
+                negotiated: v.negotiated.clone(),
+                run,
+                metrics,
+            });
+        }
+    }
+    Ok((records, rtt))
 }
 
 /// Restricts this process to the CPU it is running on now.

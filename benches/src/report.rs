@@ -123,84 +123,95 @@ impl Report {
         if !self.records.is_empty() {
             self.variant_tables(&mut out);
         }
-        if !self.scale.is_empty() {
-            let _ = writeln!(out, "\nidle sessions: gateway memory (all its processes)");
-            for s in &self.scale {
-                for (n, rss, pss, per) in &s.points {
-                    let _ = writeln!(
-                        out,
-                        "{:<30} N={n:<6} RSS {rss:>8.1} MiB  PSS {pss:>8.1} MiB  PSS/session {per:>8.1} KiB",
-                        s.variant
-                    );
-                }
-                if let Some(m) = s.max_sessions {
-                    let _ = writeln!(
-                        out,
-                        "{:<30} largest N sustained: {m}{}",
-                        s.variant,
-                        s.max_note
-                            .as_deref()
-                            .map(|n| format!(" ({n})"))
-                            .unwrap_or_default()
-                    );
-                }
-                if let Some(r) = s.sessions_per_sec {
-                    let _ = writeln!(
-                        out,
-                        "{:<30} session establishment: {r:.0} handshakes+auth/s",
-                        s.variant
-                    );
-                }
-            }
-        }
-
-        if !self.hop.is_empty() {
-            let _ = writeln!(
-                out,
-                "\nthe in-gateway hop alone (ID-sock -> Mir-sock): sockmap splice vs loopback TCP \
-                 (\"userspace\"), 64 B RTT with tokio and with blocking endpoints"
-            );
-            for one_cpu in [true, false] {
-                let placement = if one_cpu { "one CPU" } else { "any CPU" };
-                for mode in ["sockmap", "userspace"] {
-                    if !self.hop.iter().any(|h| h.mode == mode && h.one_cpu == one_cpu) {
-                        continue;
-                    }
-                    let median = |f: &dyn Fn(&HopResult) -> Option<f64>| {
-                        self.hop_median(mode, one_cpu, f)
-                            .map_or_else(|| "-".to_string(), fmt)
-                    };
-                    let _ = writeln!(
-                        out,
-                        "{placement:<8} {mode:<10} tokio p50 {:>6} µs p99 {:>6} µs | blocking p50 {:>6} µs p99 {:>6} µs | bulk {:>6} MB/s",
-                        median(&|h| Some(h.rtt.p50_us)),
-                        median(&|h| Some(h.rtt.p99_us)),
-                        median(&|h| h.kernel_rtt.as_ref().map(|l| l.p50_us)),
-                        median(&|h| h.kernel_rtt.as_ref().map(|l| l.p99_us)),
-                        median(&|h| Some(h.bulk_mbps)),
-                    );
-                }
-                for (what, r) in [
-                    ("tokio", self.hop_ratio(one_cpu, |h| Some(h.rtt.p50_us))),
-                    (
-                        "blocking",
-                        self.hop_ratio(one_cpu, |h| h.kernel_rtt.as_ref().map(|l| l.p50_us)),
-                    ),
-                ] {
-                    if let Some(r) = r {
-                        let verdict = if r <= 0.70 { "met" } else { "NOT met" };
-                        let _ = writeln!(
-                            out,
-                            "{placement:<8} sockmap p50 / loopback TCP p50, {what} endpoints: {r:.2} (goal <= 0.70: {verdict})"
-                        );
-                    }
-                }
-            }
-        }
+        self.scale_table(&mut out);
+        self.hop_table(&mut out);
         if !self.records.is_empty() {
             out.push_str(&self.goals());
         }
         out
+    }
+
+    /// Idle sessions: the gateway's memory per session, the most sessions held, handshakes/s.
+    fn scale_table(&self, out: &mut String) {
+        if self.scale.is_empty() {
+            return;
+        }
+        let _ = writeln!(out, "\nidle sessions: gateway memory (all its processes)");
+        for s in &self.scale {
+            for (n, rss, pss, per) in &s.points {
+                let _ = writeln!(
+                    out,
+                    "{:<30} N={n:<6} RSS {rss:>8.1} MiB  PSS {pss:>8.1} MiB  PSS/session {per:>8.1} KiB",
+                    s.variant
+                );
+            }
+            if let Some(m) = s.max_sessions {
+                let _ = writeln!(
+                    out,
+                    "{:<30} largest N sustained: {m}{}",
+                    s.variant,
+                    s.max_note
+                        .as_deref()
+                        .map(|n| format!(" ({n})"))
+                        .unwrap_or_default()
+                );
+            }
+            if let Some(r) = s.sessions_per_sec {
+                let _ = writeln!(
+                    out,
+                    "{:<30} session establishment: {r:.0} handshakes+auth/s",
+                    s.variant
+                );
+            }
+        }
+    }
+
+    /// The in-gateway hop alone: sockmap splice against loopback TCP.
+    fn hop_table(&self, out: &mut String) {
+        if self.hop.is_empty() {
+            return;
+        }
+        let _ = writeln!(
+            out,
+            "\nthe in-gateway hop alone (ID-sock -> Mir-sock): sockmap splice vs loopback TCP \
+             (\"userspace\"), 64 B RTT with tokio and with blocking endpoints"
+        );
+        for one_cpu in [true, false] {
+            let placement = if one_cpu { "one CPU" } else { "any CPU" };
+            for mode in ["sockmap", "userspace"] {
+                if !self.hop.iter().any(|h| h.mode == mode && h.one_cpu == one_cpu) {
+                    continue;
+                }
+                let median = |f: &dyn Fn(&HopResult) -> Option<f64>| {
+                    self.hop_median(mode, one_cpu, f)
+                        .map_or_else(|| "-".to_string(), fmt)
+                };
+                let _ = writeln!(
+                    out,
+                    "{placement:<8} {mode:<10} tokio p50 {:>6} µs p99 {:>6} µs | blocking p50 {:>6} µs p99 {:>6} µs | bulk {:>6} MB/s",
+                    median(&|h| Some(h.rtt.p50_us)),
+                    median(&|h| Some(h.rtt.p99_us)),
+                    median(&|h| h.kernel_rtt.as_ref().map(|l| l.p50_us)),
+                    median(&|h| h.kernel_rtt.as_ref().map(|l| l.p99_us)),
+                    median(&|h| Some(h.bulk_mbps)),
+                );
+            }
+            for (what, r) in [
+                ("tokio", self.hop_ratio(one_cpu, |h| Some(h.rtt.p50_us))),
+                (
+                    "blocking",
+                    self.hop_ratio(one_cpu, |h| h.kernel_rtt.as_ref().map(|l| l.p50_us)),
+                ),
+            ] {
+                if let Some(r) = r {
+                    let verdict = if r <= 0.70 { "met" } else { "NOT met" };
+                    let _ = writeln!(
+                        out,
+                        "{placement:<8} sockmap p50 / loopback TCP p50, {what} endpoints: {r:.2} (goal <= 0.70: {verdict})"
+                    );
+                }
+            }
+        }
     }
 
     /// Per-variant medians with spreads, then ratios to OpenSSH and to the direct path.

@@ -66,6 +66,9 @@ fn negotiated(agent: &SshAgent) -> String {
         .to_string()
 }
 
+/// What a variant keeps alive while it is measured (gateways, agents), dropped with it.
+type Keep = Vec<Box<dyn std::any::Any>>;
+
 pub async fn setup(kind: Kind, cipher: &str, index: usize) -> anyhow::Result<Variant> {
     let hosts = Hosts::new();
     let name = if kind == Kind::Direct {
@@ -73,7 +76,7 @@ pub async fn setup(kind: Kind, cipher: &str, index: usize) -> anyhow::Result<Var
     } else {
         format!("{}/{cipher}", kind.label())
     };
-    let mut keep: Vec<Box<dyn std::any::Any>> = Vec::new();
+    let mut keep: Keep = Vec::new();
     let gw_ssh: SocketAddr = format!("{GW_DEV_IP}:{SSH_PORT}").parse()?;
     let v = |hosts, entry: &str, negotiated: String, ssh, keep| Variant {
         name: name.clone(),
@@ -93,33 +96,8 @@ pub async fn setup(kind: Kind, cipher: &str, index: usize) -> anyhow::Result<Var
         }
         Kind::OpenSsh => {
             crate::service::serve(hosts.srv.listen("127.0.0.1:5001"));
-            let tag = format!("{}{index}", std::process::id() % 10_000);
-            let (su, du) = (format!("cxbs{tag}"), format!("cxbd{tag}"));
-            let srv = Key::generate(hosts.dir.path(), "srv");
-            let dev = Key::generate(hosts.dir.path(), "dev");
-            let gw = OpenSshGateway::start(
-                &hosts,
-                &[(&su, &srv, "1883", "none"), (&du, &dev, "none", "localhost:1883")],
-            )
-            .await;
-            let mut args = cipher_args(cipher);
-            args.extend(["-R", "1883:127.0.0.1:5001"]);
-            let s = SshAgent::start(&hosts, &hosts.srv, &su, &srv, &args);
-            s.wait_output("remote forward success", std::time::Duration::from_secs(20))
-                .await;
-            let mut args = cipher_args(cipher);
-            let l = format!("{ENTRY}:localhost:1883");
-            args.extend(["-L", &l]);
-            let d = SshAgent::start(&hosts, &hosts.dev, &du, &dev, &args);
-            let neg = {
-                d.wait_output("Local forwarding listening", std::time::Duration::from_secs(20))
-                    .await;
-                negotiated(&d)
-            };
-            keep.push(Box::new(gw));
-            keep.push(Box::new(s));
-            keep.push(Box::new(d));
-            Ok(v(hosts, ENTRY, neg, Some((gw_ssh, du, dev)), keep))
+            let (user, key, neg) = openssh_gateway(&hosts, cipher, index, &mut keep).await;
+            Ok(v(hosts, ENTRY, neg, Some((gw_ssh, user, key)), keep))
         }
         Kind::CmxUserspace | Kind::CmxSockmap | Kind::CmxAgent => {
             crate::service::serve(hosts.srv.listen("127.0.0.1:5001"));
@@ -138,53 +116,96 @@ pub async fn setup(kind: Kind, cipher: &str, index: usize) -> anyhow::Result<Var
             let limits = "[limits]\nmax_sessions = 20000\nmax_startups = 200\n";
             let gw = GatewayProc::start_with(&hosts, &registry, limits, mode, &[]).await;
             let neg = if kind == Kind::CmxAgent {
-                let ciphers = if cipher == "default" {
-                    String::new()
-                } else {
-                    format!("ciphers = [\"{cipher}\"]\n")
-                };
-                let s = AgentProc::start(
-                    &hosts,
-                    &hosts.srv,
-                    "server",
-                    "srv1",
-                    &srv1,
-                    &format!("{ciphers}[[publish]]\nname = \"svc\"\nport = 1883\nto = \"127.0.0.1:5001\"\n"),
-                );
-                let d = AgentProc::start(
-                    &hosts,
-                    &hosts.dev,
-                    "device",
-                    "dev1",
-                    &dev1,
-                    &format!(
-                        "{ciphers}[[local]]\nname = \"svc\"\nlisten = \"{ENTRY}\"\ntarget = \"srv1:1883\"\n"
-                    ),
-                );
-                keep.push(Box::new(s));
-                keep.push(Box::new(d));
-                if cipher == "default" {
-                    "russh default (chacha20-poly1305)".into()
-                } else {
-                    cipher.to_string()
-                }
+                cmx_agents(&hosts, cipher, &srv1, &dev1, &mut keep)
             } else {
-                let mut args = cipher_args(cipher);
-                args.extend(["-R", "1883:127.0.0.1:5001"]);
-                let s = SshAgent::start(&hosts, &hosts.srv, "srv1", &srv1, &args);
-                let mut args = cipher_args(cipher);
-                let l = format!("{ENTRY}:srv1:1883");
-                args.extend(["-L", &l]);
-                let d = SshAgent::start(&hosts, &hosts.dev, "dev1", &dev1, &args);
-                d.wait_output("Local forwarding listening", std::time::Duration::from_secs(20))
-                    .await;
-                let neg = negotiated(&d);
-                keep.push(Box::new(s));
-                keep.push(Box::new(d));
-                neg
+                stock_agents(&hosts, cipher, &srv1, &dev1, &mut keep).await
             };
             keep.push(Box::new(gw));
             Ok(v(hosts, ENTRY, neg, Some((gw_ssh, "dev1".into(), dev1)), keep))
         }
     }
+}
+
+/// Stock sshd as the gateway (a Linux user per identity) and stock ssh agents on both sides.
+/// Returns the device's user and key, and the negotiated cipher.
+async fn openssh_gateway(
+    hosts: &Hosts,
+    cipher: &str,
+    index: usize,
+    keep: &mut Keep,
+) -> (String, Key, String) {
+    let tag = format!("{}{index}", std::process::id() % 10_000);
+    let (su, du) = (format!("cxbs{tag}"), format!("cxbd{tag}"));
+    let srv = Key::generate(hosts.dir.path(), "srv");
+    let dev = Key::generate(hosts.dir.path(), "dev");
+    let gw = OpenSshGateway::start(
+        hosts,
+        &[(&su, &srv, "1883", "none"), (&du, &dev, "none", "localhost:1883")],
+    )
+    .await;
+    let mut args = cipher_args(cipher);
+    args.extend(["-R", "1883:127.0.0.1:5001"]);
+    let s = SshAgent::start(hosts, &hosts.srv, &su, &srv, &args);
+    s.wait_output("remote forward success", std::time::Duration::from_secs(20))
+        .await;
+    let mut args = cipher_args(cipher);
+    let l = format!("{ENTRY}:localhost:1883");
+    args.extend(["-L", &l]);
+    let d = SshAgent::start(hosts, &hosts.dev, &du, &dev, &args);
+    d.wait_output("Local forwarding listening", std::time::Duration::from_secs(20))
+        .await;
+    let neg = negotiated(&d);
+    keep.push(Box::new(gw));
+    keep.push(Box::new(s));
+    keep.push(Box::new(d));
+    (du, dev, neg)
+}
+
+/// cmx-agent on both sides of a cmx-gateway; returns the cipher it negotiates.
+fn cmx_agents(hosts: &Hosts, cipher: &str, srv1: &Key, dev1: &Key, keep: &mut Keep) -> String {
+    let ciphers = if cipher == "default" {
+        String::new()
+    } else {
+        format!("ciphers = [\"{cipher}\"]\n")
+    };
+    let s = AgentProc::start(
+        hosts,
+        &hosts.srv,
+        "server",
+        "srv1",
+        srv1,
+        &format!("{ciphers}[[publish]]\nname = \"svc\"\nport = 1883\nto = \"127.0.0.1:5001\"\n"),
+    );
+    let d = AgentProc::start(
+        hosts,
+        &hosts.dev,
+        "device",
+        "dev1",
+        dev1,
+        &format!("{ciphers}[[local]]\nname = \"svc\"\nlisten = \"{ENTRY}\"\ntarget = \"srv1:1883\"\n"),
+    );
+    keep.push(Box::new(s));
+    keep.push(Box::new(d));
+    if cipher == "default" {
+        "russh default (chacha20-poly1305)".into()
+    } else {
+        cipher.to_string()
+    }
+}
+
+/// Stock `ssh -R` / `ssh -L` agents of a cmx-gateway; returns the negotiated cipher.
+async fn stock_agents(hosts: &Hosts, cipher: &str, srv1: &Key, dev1: &Key, keep: &mut Keep) -> String {
+    let mut args = cipher_args(cipher);
+    args.extend(["-R", "1883:127.0.0.1:5001"]);
+    let s = SshAgent::start(hosts, &hosts.srv, "srv1", srv1, &args);
+    let mut args = cipher_args(cipher);
+    let l = format!("{ENTRY}:srv1:1883");
+    args.extend(["-L", &l]);
+    let d = SshAgent::start(hosts, &hosts.dev, "dev1", dev1, &args);
+    d.wait_output("Local forwarding listening", std::time::Duration::from_secs(20))
+        .await;
+    let neg = negotiated(&d);
+    keep.push(Box::new(s));
+    keep.push(Box::new(d));
+    neg
 }

@@ -64,11 +64,21 @@ fn one(value: u64) -> Vec<(String, u64)> {
 
 /// Renders every metric of `gw` now.
 pub fn render(gw: &Gateway) -> String {
-    let totals = gw.events.totals();
-    let total = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
-    let (opened, closed) = (total(&totals.pairs_opened), total(&totals.pairs_closed));
+    let mut out = String::new();
+    for f in process_families(gw)
+        .into_iter()
+        .chain(traffic_families(gw))
+        .chain(decision_families())
+    {
+        f.write(&mut out);
+    }
+    out
+}
+
+/// What this process is: version, data plane and its kernel maps, readiness, registry size.
+fn process_families(gw: &Gateway) -> Vec<Family<'static>> {
     let labelled = |key, value| vec![(labels(&[(key, value)]), 1)];
-    let families = [
+    vec![
         Family::gauge(
             "cmxsafe_build_info",
             "The running cmx-gateway version (always 1).",
@@ -89,6 +99,25 @@ pub fn render(gw: &Gateway) -> String {
             "Identities in the current registry.",
             one(gw.registry().len() as u64),
         ),
+        Family::gauge(
+            "cmxsafe_dataplane_map_entries",
+            "Entries in each eBPF map of the sockmap data plane.",
+            gw.dataplane
+                .occupancy()
+                .entries
+                .iter()
+                .map(|(map, n)| (labels(&[("map", map)]), *n as u64))
+                .collect(),
+        ),
+    ]
+}
+
+/// Sessions, forwards and pairs: live counts from the tables, totals from the event bus.
+fn traffic_families(gw: &Gateway) -> Vec<Family<'static>> {
+    let totals = gw.events.totals();
+    let total = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    let (opened, closed) = (total(&totals.pairs_opened), total(&totals.pairs_closed));
+    vec![
         Family::gauge(
             "cmxsafe_sessions",
             "Authenticated SSH sessions now.",
@@ -130,33 +159,22 @@ pub fn render(gw: &Gateway) -> String {
             .map(|(direction, c)| (labels(&[("direction", direction)]), total(c)))
             .collect(),
         ),
-        Family::counter(
-            "cmxsafe_audit_decisions_total",
-            "Security decisions written to the audit log, by event and decision.",
-            Decision::ALL
-                .iter()
-                .map(|d| {
-                    let (event, decision) = d.labels();
-                    (labels(&[("event", event), ("decision", decision)]), d.count())
-                })
-                .collect(),
-        ),
-        Family::gauge(
-            "cmxsafe_dataplane_map_entries",
-            "Entries in each eBPF map of the sockmap data plane.",
-            gw.dataplane
-                .occupancy()
-                .entries
-                .iter()
-                .map(|(map, n)| (labels(&[("map", map)]), *n as u64))
-                .collect(),
-        ),
-    ];
-    let mut out = String::new();
-    for f in &families {
-        f.write(&mut out);
-    }
-    out
+    ]
+}
+
+/// Every decision of the audit log, by event and decision.
+fn decision_families() -> Vec<Family<'static>> {
+    vec![Family::counter(
+        "cmxsafe_audit_decisions_total",
+        "Security decisions written to the audit log, by event and decision.",
+        Decision::ALL
+            .iter()
+            .map(|d| {
+                let (event, decision) = d.labels();
+                (labels(&[("event", event), ("decision", decision)]), d.count())
+            })
+            .collect(),
+    )]
 }
 
 #[cfg(test)]

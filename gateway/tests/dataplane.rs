@@ -134,12 +134,7 @@ async fn the_kernel_refuses_what_the_registry_forbids_even_if_user_space_does_no
         let [srv1, srv2, dev1] = ["srv1", "srv2", "dev1"].map(|n| Key::generate(hosts.dir.path(), n));
         let registry = RegistryText::default()
             .srv1(&srv1, "permit_listen = [\"1883\"]")
-            .identity(
-                "srv2",
-                "server",
-                &[&srv2],
-                &["address = \"fd63:6d78::2\"", "permit_listen = [\"1883\"]"],
-            )
+            .srv2(&srv2)
             .dev1(&dev1, "permit_open = [\"srv1:1883\"]")
             .build();
         let args: &[&str] = if skip_userspace {

@@ -262,16 +262,7 @@ async fn certificate_logins_forward_like_keys() {
     let text = RegistryText::default()
         .ca(&ca)
         .srv1(&srv1, "permit_listen = [\"1883\"]")
-        .identity(
-            "devc",
-            "device",
-            &[],
-            &[
-                "address = \"fd63:6d78::c\"",
-                "principals = [\"devc\", \"fleet-7\"]",
-                "permit_open = [\"srv1:1883\"]",
-            ],
-        )
+        .devc(&["principals = [\"devc\", \"fleet-7\"]"])
         .build();
     let gw = GatewayProc::start(&hosts, &text, "").await;
     let (_echo, _srv) = publish_echo(&hosts, &gw, &srv1, &[]).await;

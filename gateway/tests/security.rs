@@ -47,12 +47,7 @@ impl World {
             .ca(&ca)
             .revoked(&revoked)
             .srv1(&srv1, "permit_listen = [\"1883\"]")
-            .identity(
-                "srv2",
-                "server",
-                &[&srv2],
-                &["address = \"fd63:6d78::2\"", "permit_listen = [\"1883\"]"],
-            )
+            .srv2(&srv2)
             .dev1(&dev1, "permit_open = [\"srv1:1883\"]")
             .identity(
                 "dev3",
@@ -60,12 +55,7 @@ impl World {
                 &[&revoked],
                 &["address = \"fd63:6d78::3\"", "permit_open = [\"srv1:1883\"]"],
             )
-            .identity(
-                "devc",
-                "device",
-                &[],
-                &["address = \"fd63:6d78::c\"", "permit_open = [\"srv1:1883\"]"],
-            )
+            .devc(&[])
             .build();
         let gw = GatewayProc::start(&hosts, &registry, "").await;
         let canary1 = Echo::serve(hosts.srv.listen("127.0.0.1:5001"));

@@ -209,17 +209,10 @@ pub async fn relay<S: ChannelSide>(
         ));
         loop {
             tokio::select! {
-                r = &mut up, if up_end.is_none() => {
-                    let end = r.unwrap_or(UpEnd::ChannelGone);
-                    match end {
-                        UpEnd::Eof => up_end = Some(end),
-                        UpEnd::Failed(e) => {
-                            let _ = tx.close().await;
-                            return RelayEnd::TcpError(e);
-                        }
-                        UpEnd::ChannelGone => return RelayEnd::ChannelClosed,
-                    }
-                }
+                r = &mut up, if up_end.is_none() => match r.unwrap_or(UpEnd::ChannelGone) {
+                    UpEnd::Eof => up_end = Some(UpEnd::Eof),
+                    other => return closing(&tx, other).await,
+                },
                 d = &mut down => break d,
             }
         }
@@ -232,8 +225,7 @@ pub async fn relay<S: ChannelSide>(
         }
         DownEnd::Failed(e) => {
             abort_up.abort();
-            let _ = tx.close().await;
-            RelayEnd::TcpError(e)
+            closing(&tx, UpEnd::Failed(e)).await
         }
         DownEnd::Eof => {
             // The peer finished sending; keep forwarding TCP -> channel until the local side does.
@@ -253,17 +245,18 @@ pub async fn relay<S: ChannelSide>(
                     }
                 },
             };
-            match up_end {
-                UpEnd::Eof => {
-                    let _ = tx.close().await;
-                    RelayEnd::Done
-                }
-                UpEnd::Failed(e) => {
-                    let _ = tx.close().await;
-                    RelayEnd::TcpError(e)
-                }
-                UpEnd::ChannelGone => RelayEnd::ChannelClosed,
-            }
+            closing(&tx, up_end).await
         }
     }
+}
+
+/// How the relay ends once the TCP side is done: the channel is closed unless it is gone.
+async fn closing<S: ChannelSide>(tx: &ChannelWriteHalf<S>, up_end: UpEnd) -> RelayEnd {
+    let end = match up_end {
+        UpEnd::Eof => RelayEnd::Done,
+        UpEnd::Failed(e) => RelayEnd::TcpError(e),
+        UpEnd::ChannelGone => return RelayEnd::ChannelClosed,
+    };
+    let _ = tx.close().await;
+    end
 }

@@ -49,6 +49,24 @@ impl RegistryText {
         self.identity("srv1", "server", &[key], &[SRV1_ADDRESS, permit_listen])
     }
 
+    /// A second server: srv2 at fd63:6d78::2, which may publish 1883.
+    pub fn srv2(self, key: &Key) -> Self {
+        self.identity(
+            "srv2",
+            "server",
+            &[key],
+            &["address = \"fd63:6d78::2\"", "permit_listen = [\"1883\"]"],
+        )
+    }
+
+    /// A device that logs in with certificates only: devc at fd63:6d78::c, which may open
+    /// srv1:1883; `extra` are more lines (principals).
+    pub fn devc(self, extra: &[&str]) -> Self {
+        let mut fields = vec!["address = \"fd63:6d78::c\"", "permit_open = [\"srv1:1883\"]"];
+        fields.extend_from_slice(extra);
+        self.identity("devc", "device", &[], &fields)
+    }
+
     /// The usual device: dev1 with MAC a2:3f:f8:68:ec:8f, with `permit_open` as given.
     pub fn dev1(self, key: &Key, permit_open: &str) -> Self {
         self.identity("dev1", "device", &[key], &[DEV1_MAC, permit_open])

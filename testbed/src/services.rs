@@ -20,22 +20,29 @@ pub struct Echo {
 
 impl Echo {
     pub fn serve(listener: tokio::net::TcpListener) -> Echo {
-        let echo = Echo::default();
-        let seen = echo.accepted.clone();
+        Echo::accept_each(listener, |mut s| async move {
+            let (mut r, mut w) = s.split();
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+            let _ = tokio::io::AsyncWriteExt::shutdown(&mut w).await;
+        })
+    }
+
+    /// Accepts on `listener` until it fails, counting each peer, and serves each connection
+    /// with `serve` on a task of its own.
+    fn accept_each<F, Fut>(listener: tokio::net::TcpListener, serve: F) -> Echo
+    where
+        F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let svc = Echo::default();
+        let seen = svc.accepted.clone();
         tokio::spawn(async move {
-            loop {
-                let Ok((mut s, peer)) = listener.accept().await else {
-                    return;
-                };
+            while let Ok((s, peer)) = listener.accept().await {
                 seen.lock().unwrap().push(peer);
-                tokio::spawn(async move {
-                    let (mut r, mut w) = s.split();
-                    let _ = tokio::io::copy(&mut r, &mut w).await;
-                    let _ = tokio::io::AsyncWriteExt::shutdown(&mut w).await;
-                });
+                tokio::spawn(serve(s));
             }
         });
-        echo
+        svc
     }
 
     pub fn count(&self) -> usize {
@@ -137,23 +144,12 @@ impl Stalled {
 
 /// A fixed banner service: writes `banner` then closes, counting connections.
 pub fn banner(listener: tokio::net::TcpListener, banner: &'static [u8]) -> Echo {
-    let svc = Echo::default();
-    let seen = svc.accepted.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut s, peer)) = listener.accept().await else {
-                return;
-            };
-            seen.lock().unwrap().push(peer);
-            tokio::spawn(async move {
-                let _ = tokio::io::AsyncWriteExt::write_all(&mut s, banner).await;
-                let _ = tokio::io::AsyncWriteExt::shutdown(&mut s).await;
-                let mut sink = Vec::new();
-                let _ = tokio::io::AsyncReadExt::read_to_end(&mut s, &mut sink).await;
-            });
-        }
-    });
-    svc
+    Echo::accept_each(listener, move |mut s| async move {
+        let _ = tokio::io::AsyncWriteExt::write_all(&mut s, banner).await;
+        let _ = tokio::io::AsyncWriteExt::shutdown(&mut s).await;
+        let mut sink = Vec::new();
+        let _ = tokio::io::AsyncReadExt::read_to_end(&mut s, &mut sink).await;
+    })
 }
 
 /// srv1's service on its host (an echo on 127.0.0.1:5001) published through the gateway with

@@ -133,8 +133,8 @@ pub struct Envtest {
 enum Stop {
     /// An envtest tool directory (`up`/`down` scripts).
     Script(PathBuf),
-    /// Processes this xtask started from KUBEBUILDER_ASSETS.
-    Processes(Vec<std::process::Child>),
+    /// Processes this xtask started from KUBEBUILDER_ASSETS, and their state directory.
+    Processes(Vec<std::process::Child>, PathBuf),
 }
 
 impl Envtest {
@@ -201,11 +201,12 @@ impl Drop for Envtest {
             Stop::Script(tool) => {
                 let _ = Command::new(tool.join("down")).output();
             }
-            Stop::Processes(children) => {
+            Stop::Processes(children, dir) => {
                 for c in children.iter_mut().rev() {
                     let _ = c.kill();
                     let _ = c.wait();
                 }
+                let _ = std::fs::remove_dir_all(dir);
             }
         }
     }
@@ -320,40 +321,21 @@ mod assets {
         Ok(token)
     }
 
-    pub fn start(assets: &Path) -> anyhow::Result<Envtest> {
-        let apiserver = binary(assets, "kube-apiserver")
-            .with_context(|| format!("KUBEBUILDER_ASSETS={} has no kube-apiserver", assets.display()))?;
-        let etcd = binary(assets, "etcd").with_context(|| {
-            format!(
-                "KUBEBUILDER_ASSETS={} has no etcd (nor is it on PATH)",
-                assets.display()
-            )
-        })?;
-        let dir = std::env::temp_dir().join(format!("cmx-envtest-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir)?;
-        let token = pki(&dir)?;
-        let kubeconfig = dir.join("kubeconfig");
+    fn kubeconfig(dir: &Path, token: &str) -> anyhow::Result<PathBuf> {
+        let path = dir.join("kubeconfig");
+        let ca = dir.join("ca.crt");
         std::fs::write(
-            &kubeconfig,
+            &path,
             format!(
-                "apiVersion: v1\nkind: Config\nclusters:\n- name: envtest\n  cluster: {{server: \"https://127.0.0.1:{PORT}\", certificate-authority: {ca}}}\nusers:\n- name: admin\n  user: {{token: {token}}}\ncontexts:\n- name: admin\n  context: {{cluster: envtest, user: admin, namespace: default}}\ncurrent-context: admin\n",
-                ca = dir.join("ca.crt").display()
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: envtest\n  cluster: {{server: \"https://127.0.0.1:{PORT}\", certificate-authority: {}}}\nusers:\n- name: admin\n  user: {{token: {token}}}\ncontexts:\n- name: admin\n  context: {{cluster: envtest, user: admin, namespace: default}}\ncurrent-context: admin\n",
+                ca.display()
             ),
         )?;
-        let etcd_port = PORT + 1000;
-        let mut children = vec![spawn(
-            &dir,
-            &etcd,
-            &[
-                format!("--data-dir={}", dir.join("etcd").display()),
-                format!("--listen-client-urls=http://127.0.0.1:{etcd_port}"),
-                format!("--advertise-client-urls=http://127.0.0.1:{etcd_port}"),
-                format!("--listen-peer-urls=http://127.0.0.1:{}", etcd_port + 1),
-            ],
-            "etcd.log",
-        )?];
-        let args: Vec<String> = [
+        Ok(path)
+    }
+
+    fn apiserver_args(dir: &Path, etcd_port: u16) -> Vec<String> {
+        vec![
             format!("--etcd-servers=http://127.0.0.1:{etcd_port}"),
             "--bind-address=127.0.0.1".into(),
             "--advertise-address=127.0.0.1".into(),
@@ -370,46 +352,76 @@ mod assets {
             format!("--cert-dir={}", dir.join("certs").display()),
             "--allow-privileged=true".into(),
         ]
-        .into();
-        children.push(spawn(&dir, &apiserver, &args, "apiserver.log")?);
-        let ready = (0..120).any(|_| {
+    }
+
+    fn ready(kubeconfig: &Path) -> bool {
+        (0..120).any(|_| {
             std::thread::sleep(std::time::Duration::from_millis(500));
             Command::new("kubectl")
                 .arg("--kubeconfig")
-                .arg(&kubeconfig)
+                .arg(kubeconfig)
                 .args(["get", "--raw", "/readyz"])
                 .output()
                 .is_ok_and(|o| o.status.success())
-        });
+        })
+    }
+
+    pub fn start(assets: &Path) -> anyhow::Result<Envtest> {
+        let missing = |what: &str| format!("KUBEBUILDER_ASSETS={} has no {what}", assets.display());
+        let apiserver = binary(assets, "kube-apiserver").with_context(|| missing("kube-apiserver"))?;
+        let etcd = binary(assets, "etcd").with_context(|| missing("etcd (nor is it on PATH)"))?;
+        let dir = std::env::temp_dir().join(format!("cmx-envtest-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let kubeconfig = kubeconfig(&dir, &pki(&dir)?)?;
+        let etcd_port = PORT + 1000;
+        let etcd_args = [
+            format!("--data-dir={}", dir.join("etcd").display()),
+            format!("--listen-client-urls=http://127.0.0.1:{etcd_port}"),
+            format!("--advertise-client-urls=http://127.0.0.1:{etcd_port}"),
+            format!("--listen-peer-urls=http://127.0.0.1:{}", etcd_port + 1),
+        ];
+        // Owned by the Envtest from the first process on: an error stops what was started.
         let mut envtest = Envtest {
             kubeconfig,
             garbage_collector: false,
-            stop: Stop::Processes(children),
+            stop: Stop::Processes(Vec::new(), dir.clone()),
         };
-        if !ready {
+        let Stop::Processes(children, _) = &mut envtest.stop else {
+            unreachable!("made just above");
+        };
+        children.push(spawn(&dir, &etcd, &etcd_args, "etcd.log")?);
+        children.push(spawn(
+            &dir,
+            &apiserver,
+            &apiserver_args(&dir, etcd_port),
+            "apiserver.log",
+        )?);
+        if !ready(&envtest.kubeconfig) {
             bail!(
                 "kube-apiserver from KUBEBUILDER_ASSETS did not become ready; see {}",
                 dir.join("apiserver.log").display()
             );
         }
-        if let Some(kcm) = binary(assets, "kube-controller-manager") {
-            let args: Vec<String> = vec![
-                format!("--kubeconfig={}", envtest.kubeconfig.display()),
-                "--leader-elect=false".into(),
-                "--controllers=garbagecollector,namespace,endpoint,endpointslice,serviceaccount,serviceaccount-token".into(),
-                "--service-account-private-key-file=sa.key".into(),
-                "--root-ca-file=ca.crt".into(),
-                "--bind-address=127.0.0.1".into(),
-                format!("--secure-port={}", PORT + 2),
-            ];
-            if let Stop::Processes(children) = &mut envtest.stop {
-                children.push(spawn(&dir, &kcm, &args, "kcm.log")?);
+        match binary(assets, "kube-controller-manager") {
+            Some(kcm) => {
+                let args: Vec<String> = vec![
+                    format!("--kubeconfig={}", envtest.kubeconfig.display()),
+                    "--leader-elect=false".into(),
+                    "--controllers=garbagecollector,namespace,endpoint,endpointslice,serviceaccount,serviceaccount-token".into(),
+                    "--service-account-private-key-file=sa.key".into(),
+                    "--root-ca-file=ca.crt".into(),
+                    "--bind-address=127.0.0.1".into(),
+                    format!("--secure-port={}", PORT + 2),
+                ];
+                if let Stop::Processes(children, _) = &mut envtest.stop {
+                    children.push(spawn(&dir, &kcm, &args, "kcm.log")?);
+                }
+                envtest.garbage_collector = true;
             }
-            envtest.garbage_collector = true;
-        } else {
-            eprintln!(
+            None => eprintln!(
                 "xtask: KUBEBUILDER_ASSETS has no kube-controller-manager: the garbage-collection test will say it was skipped"
-            );
+            ),
         }
         eprintln!(
             "xtask: API server from KUBEBUILDER_ASSETS up ({})",

@@ -67,32 +67,7 @@ fn main() -> ExitCode {
 fn run(task: Task) -> anyhow::Result<()> {
     match task {
         Task::Deps => deps::ensure(deps::ALL),
-        Task::Bench { quick, runs } => {
-            require_root("the benchmarks create network namespaces, users and cgroups")?;
-            deps::ensure(deps::ALL)?;
-            build_ebpf()?;
-            let status = cargo()
-                .args([
-                    "build",
-                    "--release",
-                    "-p",
-                    "cmx-gateway",
-                    "-p",
-                    "cmx-agent",
-                    "-p",
-                    "cmx-bench",
-                ])
-                .env("CMX_EBPF", "require")
-                .status()?;
-            check(status, "cargo build --release")?;
-            let root = workspace_root();
-            let mut cmd = Command::new(target_dir(&root).join("release/cmx-bench"));
-            cmd.current_dir(&root).args(["run", "--runs", &runs.to_string()]);
-            if quick {
-                cmd.args(["--quick", "--out", "target/bench-quick"]);
-            }
-            check(cmd.status().context("cannot run cmx-bench")?, "cmx-bench")
-        }
+        Task::Bench { quick, runs } => bench(quick, runs),
         Task::BuildEbpf => {
             let object = build_ebpf()?;
             println!(
@@ -102,52 +77,76 @@ fn run(task: Task) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Task::Test { args } => {
-            require_root("the tests create network namespaces")?;
-            deps::ensure(deps::ALL)?;
-            build_ebpf()?;
-            let root = workspace_root();
-            kube::check_manifests(&root, &target_dir(&root).join("manifests"))?;
-            let envtest = kube::Envtest::up(&root)?;
-            // Everything, with the sockmap data plane (the build must embed the eBPF object)...
-            let mut all = cargo();
-            all.args(["test", "--workspace"])
-                .args(&args)
-                .env("CMX_EBPF", "require");
-            if let Some(e) = &envtest {
-                e.apply(&mut all);
-            }
-            check(all.status()?, "cargo test")?;
-            // ...and the gateway's integration tests again with the user-space data plane (not
-            // the envtest ones: they need the API server, which ran for the first pass only).
-            let status = cargo()
-                .args(["test", "-p", "cmx-gateway"])
-                .args(integration_tests_except(&root, &["controller_envtest"])?)
-                .args(&args)
-                .env("CMX_EBPF", "require")
-                .env("CMX_TEST_DATAPLANE", "userspace")
-                .status()?;
-            check(status, "cargo test (user-space data plane)")
-        }
-        Task::Demo { messages } => {
-            require_root("the demo creates network namespaces")?;
-            deps::ensure(deps::ALL)?;
-            build_ebpf()?;
-            let status = cargo()
-                .args(["build", "--release", "-p", "cmx-gateway", "-p", "cmx-agent"])
-                .env("CMX_EBPF", "require")
-                .status()?;
-            check(status, "cargo build")?;
-            let root = workspace_root();
-            let status = Command::new("bash")
-                .arg(root.join("xtask/demo.sh"))
-                .arg(target_dir(&root).join("release"))
-                .arg(messages.to_string())
-                .status()
-                .context("cannot run xtask/demo.sh")?;
-            check(status, "the demo")
-        }
+        Task::Test { args } => test(&args),
+        Task::Demo { messages } => demo(messages),
     }
+}
+
+/// `cargo build --release` of `packages`, with the eBPF object required.
+fn build_release(packages: &[&str]) -> anyhow::Result<()> {
+    let mut cmd = cargo();
+    cmd.args(["build", "--release"]);
+    for p in packages {
+        cmd.args(["-p", p]);
+    }
+    check(cmd.env("CMX_EBPF", "require").status()?, "cargo build --release")
+}
+
+fn bench(quick: bool, runs: usize) -> anyhow::Result<()> {
+    require_root("the benchmarks create network namespaces, users and cgroups")?;
+    deps::ensure(deps::ALL)?;
+    build_ebpf()?;
+    build_release(&["cmx-gateway", "cmx-agent", "cmx-bench"])?;
+    let root = workspace_root();
+    let mut cmd = Command::new(target_dir(&root).join("release/cmx-bench"));
+    cmd.current_dir(&root).args(["run", "--runs", &runs.to_string()]);
+    if quick {
+        cmd.args(["--quick", "--out", "target/bench-quick"]);
+    }
+    check(cmd.status().context("cannot run cmx-bench")?, "cmx-bench")
+}
+
+fn test(args: &[String]) -> anyhow::Result<()> {
+    require_root("the tests create network namespaces")?;
+    deps::ensure(deps::ALL)?;
+    build_ebpf()?;
+    let root = workspace_root();
+    kube::check_manifests(&root, &target_dir(&root).join("manifests"))?;
+    let envtest = kube::Envtest::up(&root)?;
+    // Everything, with the sockmap data plane (the build must embed the eBPF object)...
+    let mut all = cargo();
+    all.args(["test", "--workspace"])
+        .args(args)
+        .env("CMX_EBPF", "require");
+    if let Some(e) = &envtest {
+        e.apply(&mut all);
+    }
+    check(all.status()?, "cargo test")?;
+    // ...and the gateway's integration tests again with the user-space data plane (not the
+    // envtest ones: they need the API server, which ran for the first pass only).
+    let status = cargo()
+        .args(["test", "-p", "cmx-gateway"])
+        .args(integration_tests_except(&root, &["controller_envtest"])?)
+        .args(args)
+        .env("CMX_EBPF", "require")
+        .env("CMX_TEST_DATAPLANE", "userspace")
+        .status()?;
+    check(status, "cargo test (user-space data plane)")
+}
+
+fn demo(messages: u32) -> anyhow::Result<()> {
+    require_root("the demo creates network namespaces")?;
+    deps::ensure(deps::ALL)?;
+    build_ebpf()?;
+    build_release(&["cmx-gateway", "cmx-agent"])?;
+    let root = workspace_root();
+    let status = Command::new("bash")
+        .arg(root.join("xtask/demo.sh"))
+        .arg(target_dir(&root).join("release"))
+        .arg(messages.to_string())
+        .status()
+        .context("cannot run xtask/demo.sh")?;
+    check(status, "the demo")
 }
 
 /// Installs the eBPF toolchain when missing, then builds the object into target/bpf.

@@ -179,246 +179,342 @@ impl Registry {
             lines: &lines,
             issues: Vec::new(),
         };
-
         let cert_authorities = parse_key_list(&mut c, &raw.cert_authorities, "cert_authorities");
         let revoked: HashSet<Fingerprint> = parse_key_list(&mut c, &raw.revoked_keys, "revoked_keys")
             .into_iter()
             .collect();
-
-        let mut identities = Vec::new();
-        let mut names: HashMap<String, usize> = HashMap::new();
-        let mut addresses: HashMap<Ipv6Addr, (String, usize)> = HashMap::new();
-        let mut keys: HashMap<Fingerprint, (String, usize)> = HashMap::new();
-        let mut principals: HashMap<String, (String, usize)> = HashMap::new();
-        // Identity names referred to by policies, checked once every identity is known.
-        let mut references: Vec<(usize, String, String, String)> = Vec::new();
-
-        for spanned in &raw.identities {
-            let start = spanned.span().start;
-            let raw_id = spanned.get_ref();
-            let name = raw_id.name.get_ref().clone();
-            let name_line = raw_id.name.span().start;
-            let who = Some(name.as_str());
-            let before = c.issues.len();
-
-            if !valid_name(&name) {
-                c.push(name_line, who, format!(
-                    "name '{name}' is not valid: use 1-{MAX_NAME_LEN} lowercase letters, digits and '-' (it becomes part of a DNS name)"
-                ));
-            }
-            let duplicate_name = names.contains_key(&name);
-            if let Some(first) = names.get(&name) {
-                c.push(
-                    name_line,
-                    who,
-                    format!(
-                        "duplicate identity name (first defined at line {})",
-                        lines.of(*first)
-                    ),
-                );
-            } else {
-                names.insert(name.clone(), name_line);
-            }
-            let role = *raw_id.role.get_ref();
-
-            let mut id_keys = Vec::new();
-            for (i, k) in raw_id.keys.iter().enumerate() {
-                match parse_public_key(k.get_ref()) {
-                    Err(e) => c.push(k.span().start, who, format!("keys[{i}]: {e}")),
-                    Ok(key) => {
-                        let fp = fingerprint(&key);
-                        match keys.get(&fp) {
-                            Some((other, line)) => c.push(
-                                k.span().start,
-                                who,
-                                format!(
-                                    "keys[{i}]: key {fp} is also a key of identity '{other}' (line {})",
-                                    lines.of(*line)
-                                ),
-                            ),
-                            None => {
-                                keys.insert(fp, (name.clone(), k.span().start));
-                                id_keys.push(key);
-                            }
-                        }
-                    }
-                }
-            }
-
-            let id_principals: Vec<String> = match &raw_id.principals {
-                None => vec![name.clone()],
-                Some(list) => list.iter().map(|p| p.get_ref().clone()).collect(),
-            };
-            let principal_spans: Vec<usize> = match &raw_id.principals {
-                None => vec![name_line],
-                Some(list) => list.iter().map(|p| p.span().start).collect(),
-            };
-            // A duplicate name already explains a clash of the principals defaulted from it.
-            let check_principals = raw_id.principals.is_some() || !duplicate_name;
-            for (p, &at) in id_principals
-                .iter()
-                .zip(&principal_spans)
-                .filter(|_| check_principals)
-            {
-                if p.is_empty() || p.contains(',') || p.chars().any(char::is_whitespace) {
-                    c.push(
-                        at,
-                        who,
-                        format!("principal '{p}' is not valid (no spaces or commas)"),
-                    );
-                } else if let Some((other, line)) = principals.get(p) {
-                    c.push(
-                        at,
-                        who,
-                        format!(
-                            "principal '{p}' is also a principal of identity '{other}' (line {})",
-                            lines.of(*line)
-                        ),
-                    );
-                } else {
-                    principals.insert(p.clone(), (name.clone(), at));
-                }
-            }
-            if id_keys.is_empty() && raw_id.keys.is_empty() && cert_authorities.is_empty() {
-                c.push(start, who, "has no keys, and the registry trusts no certificate authority (cert_authorities): it could never log in");
-            }
-
-            let mac = match &raw_id.mac {
-                None => None,
-                Some(m) => match m.get_ref().parse::<Mac>() {
-                    Ok(mac) => Some(mac),
-                    Err(e) => {
-                        c.push(m.span().start, who, format!("mac {e}"));
-                        None
-                    }
-                },
-            };
-            let address = match (&raw_id.address, mac) {
-                (Some(a), _) => match a.get_ref().parse::<Ipv6Addr>() {
-                    Ok(addr) if context.prefix.contains(&addr) => Some((addr, a.span().start)),
-                    Ok(addr) => {
-                        c.push(
-                            a.span().start,
-                            who,
-                            format!("address {addr} is outside the identity prefix {}", context.prefix),
-                        );
-                        None
-                    }
-                    Err(_) => {
-                        c.push(
-                            a.span().start,
-                            who,
-                            format!("address '{}' is not an IPv6 address", a.get_ref()),
-                        );
-                        None
-                    }
-                },
-                (None, Some(mac)) => {
-                    let at = raw_id.mac.as_ref().map(|m| m.span().start).unwrap_or(start);
-                    Some((mac.identity_address(context.prefix), at))
-                }
-                (None, None) => {
-                    if raw_id.mac.is_none() {
-                        c.push(
-                            start,
-                            who,
-                            "has neither 'mac' nor 'address': its identity address cannot be derived",
-                        );
-                    }
-                    None
-                }
-            };
-            if let Some((addr, at)) = address {
-                match addresses.get(&addr) {
-                    Some((other, line)) => c.push(
-                        at,
-                        who,
-                        format!(
-                            "identity address {addr} is also the address of identity '{other}' (line {})",
-                            lines.of(*line)
-                        ),
-                    ),
-                    None => {
-                        addresses.insert(addr, (name.clone(), at));
-                    }
-                }
-            }
-
-            let permit_listen = parse_policy(
-                &mut c,
-                who,
-                &raw_id.permit_listen,
-                "permit_listen",
-                PermitListen::parse,
-            );
-            let permit_open =
-                parse_policy(&mut c, who, &raw_id.permit_open, "permit_open", PermitOpen::parse);
-            if let (Some(pl), Some(po)) = (&permit_listen, &permit_open) {
-                if !role.may_publish() && *pl != PermitListen::Rules(vec![]) {
-                    c.push(raw_id.role.span().start, who, format!(
-                        "permit_listen is set but role '{}' cannot publish services; use role = \"server\" or \"both\"", role.as_str()
-                    ));
-                }
-                if !role.may_connect() && *po != PermitOpen::Rules(vec![]) {
-                    c.push(raw_id.role.span().start, who, format!(
-                        "permit_open is set but role '{}' cannot open connections; use role = \"device\" or \"both\"", role.as_str()
-                    ));
-                }
-                for (n, entry) in po.bare_names() {
-                    references.push((span_of(&raw_id.permit_open, entry, start), name.clone(), n.to_string(), format!(
-                        "permit_open entry '{entry}' has no port and names no identity (write host:port for other hosts)"
-                    )));
-                }
-                for (n, entry) in pl.named_identities() {
-                    references.push((span_of(&raw_id.permit_listen, entry, start), name.clone(), n.to_string(), format!(
-                        "permit_listen entry '{entry}' names no identity (use a port, *:port or [address]:port)"
-                    )));
-                }
-                if let PermitListen::Rules(rules) = pl {
-                    for r in rules {
-                        if let ListenHost::Ip(ip) = r.host {
-                            let inside = match ip {
-                                std::net::IpAddr::V6(v6) => context.prefix.contains(&v6),
-                                std::net::IpAddr::V4(_) => false,
-                            };
-                            if !inside {
-                                references.push((span_of(&raw_id.permit_listen, &r.text, start), name.clone(), String::new(), format!(
-                                    "permit_listen entry '{}' is outside the identity prefix {}: the gateway only listens on identity addresses", r.text, context.prefix
-                                )));
-                            }
-                        }
-                    }
-                }
-            }
-
-            if c.issues.len() == before
-                && let (Some((address, _)), Some(permit_listen), Some(permit_open)) =
-                    (address, permit_listen, permit_open)
-            {
-                identities.push(Identity {
-                    name,
-                    role,
-                    keys: id_keys,
-                    principals: id_principals,
-                    mac,
-                    address,
-                    permit_listen,
-                    permit_open,
-                });
-            }
-        }
-
-        for (at, who, target, message) in references {
-            if target.is_empty() || !names.contains_key(&target) {
-                c.push(at, Some(&who), message);
-            }
-        }
-
+        let mut checker = Checker {
+            c,
+            context: &context,
+            trusts_a_ca: !cert_authorities.is_empty(),
+            names: HashMap::new(),
+            addresses: HashMap::new(),
+            keys: HashMap::new(),
+            principals: HashMap::new(),
+            references: Vec::new(),
+        };
+        let identities: Vec<Identity> = raw
+            .identities
+            .iter()
+            .filter_map(|spanned| checker.identity(spanned.span().start, spanned.get_ref()))
+            .collect();
+        let mut c = checker.finish();
         if !c.issues.is_empty() {
             c.issues.sort_by_key(|i| i.line);
             return Err(invalid(c.issues));
         }
         Ok(Registry::build(identities, cert_authorities, revoked, context))
+    }
+}
+
+/// Checks identities one by one against each other: unique names, keys, principals and
+/// addresses, and (at the end) that the identities policies name exist.
+struct Checker<'a> {
+    c: Collector<'a>,
+    context: &'a RegistryContext,
+    trusts_a_ca: bool,
+    /// Name -> where it was defined.
+    names: HashMap<String, usize>,
+    addresses: HashMap<Ipv6Addr, (String, usize)>,
+    keys: HashMap<Fingerprint, (String, usize)>,
+    principals: HashMap<String, (String, usize)>,
+    /// Identity names referred to by policies, checked once every identity is known: (where,
+    /// referring identity, name referred to or "" when always an error, message).
+    references: Vec<(usize, String, String, String)>,
+}
+
+impl<'a> Checker<'a> {
+    /// One `[[identity]]` table starting at offset `start`; `None` if it has issues (recorded).
+    fn identity(&mut self, start: usize, raw: &RawIdentity) -> Option<Identity> {
+        let name = raw.name.get_ref().clone();
+        let before = self.c.issues.len();
+        let duplicate_name = self.name(&raw.name);
+        let who = Some(name.as_str());
+        let role = *raw.role.get_ref();
+        let keys = self.keys(&name, &raw.keys);
+        // A duplicate name already explains a clash of the principals defaulted from it.
+        let principals = match &raw.principals {
+            None if duplicate_name => vec![name.clone()],
+            None => self.principals(&name, &[(name.clone(), raw.name.span().start)]),
+            Some(list) => {
+                let list: Vec<(String, usize)> = list
+                    .iter()
+                    .map(|p| (p.get_ref().clone(), p.span().start))
+                    .collect();
+                self.principals(&name, &list)
+            }
+        };
+        if keys.is_empty() && raw.keys.is_empty() && !self.trusts_a_ca {
+            self.c.push(start, who, "has no keys, and the registry trusts no certificate authority (cert_authorities): it could never log in");
+        }
+        let (mac, address) = self.address(start, &name, raw);
+        let policies = self.policies(start, &name, role, raw);
+        if self.c.issues.len() != before {
+            return None;
+        }
+        let (address, (permit_listen, permit_open)) = (address?, policies?);
+        Some(Identity {
+            name,
+            role,
+            keys,
+            principals,
+            mac,
+            address,
+            permit_listen,
+            permit_open,
+        })
+    }
+
+    /// Checks the name; returns whether it is a duplicate.
+    fn name(&mut self, raw: &Spanned<String>) -> bool {
+        let (name, at) = (raw.get_ref(), raw.span().start);
+        let who = Some(name.as_str());
+        if !valid_name(name) {
+            self.c.push(at, who, format!(
+                "name '{name}' is not valid: use 1-{MAX_NAME_LEN} lowercase letters, digits and '-' (it becomes part of a DNS name)"
+            ));
+        }
+        match self.names.get(name) {
+            Some(first) => {
+                let first = self.c.lines.of(*first);
+                self.c.push(
+                    at,
+                    who,
+                    format!("duplicate identity name (first defined at line {first})"),
+                );
+                true
+            }
+            None => {
+                self.names.insert(name.clone(), at);
+                false
+            }
+        }
+    }
+
+    fn keys(&mut self, name: &str, raw: &[Spanned<String>]) -> Vec<PublicKey> {
+        let mut out = Vec::new();
+        for (i, k) in raw.iter().enumerate() {
+            let at = k.span().start;
+            match parse_public_key(k.get_ref()) {
+                Err(e) => self.c.push(at, Some(name), format!("keys[{i}]: {e}")),
+                Ok(key) => {
+                    let fp = fingerprint(&key);
+                    match self.keys.get(&fp) {
+                        Some((other, line)) => {
+                            let line = self.c.lines.of(*line);
+                            self.c.push(
+                                at,
+                                Some(name),
+                                format!(
+                                    "keys[{i}]: key {fp} is also a key of identity '{other}' (line {line})"
+                                ),
+                            );
+                        }
+                        None => {
+                            self.keys.insert(fp, (name.to_string(), at));
+                            out.push(key);
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn principals(&mut self, name: &str, list: &[(String, usize)]) -> Vec<String> {
+        for (p, at) in list {
+            if p.is_empty() || p.contains(',') || p.chars().any(char::is_whitespace) {
+                self.c.push(
+                    *at,
+                    Some(name),
+                    format!("principal '{p}' is not valid (no spaces or commas)"),
+                );
+            } else if let Some((other, line)) = self.principals.get(p) {
+                let line = self.c.lines.of(*line);
+                self.c.push(
+                    *at,
+                    Some(name),
+                    format!("principal '{p}' is also a principal of identity '{other}' (line {line})"),
+                );
+            } else {
+                self.principals.insert(p.clone(), (name.to_string(), *at));
+            }
+        }
+        list.iter().map(|(p, _)| p.clone()).collect()
+    }
+
+    /// The MAC and the identity address (explicit, or derived from the MAC), unique.
+    fn address(&mut self, start: usize, name: &str, raw: &RawIdentity) -> (Option<Mac>, Option<Ipv6Addr>) {
+        let who = Some(name);
+        let prefix = self.context.prefix;
+        let mac = raw.mac.as_ref().and_then(|m| match m.get_ref().parse::<Mac>() {
+            Ok(mac) => Some(mac),
+            Err(e) => {
+                self.c.push(m.span().start, who, format!("mac {e}"));
+                None
+            }
+        });
+        let address = match (&raw.address, mac) {
+            (Some(a), _) => match a.get_ref().parse::<Ipv6Addr>() {
+                Ok(addr) if prefix.contains(&addr) => Some((addr, a.span().start)),
+                Ok(addr) => {
+                    self.c.push(
+                        a.span().start,
+                        who,
+                        format!("address {addr} is outside the identity prefix {prefix}"),
+                    );
+                    None
+                }
+                Err(_) => {
+                    self.c.push(
+                        a.span().start,
+                        who,
+                        format!("address '{}' is not an IPv6 address", a.get_ref()),
+                    );
+                    None
+                }
+            },
+            (None, Some(mac)) => {
+                let at = raw.mac.as_ref().map(|m| m.span().start).unwrap_or(start);
+                Some((mac.identity_address(prefix), at))
+            }
+            (None, None) => {
+                if raw.mac.is_none() {
+                    self.c.push(
+                        start,
+                        who,
+                        "has neither 'mac' nor 'address': its identity address cannot be derived",
+                    );
+                }
+                None
+            }
+        };
+        let (addr, at) = match address {
+            Some(a) => a,
+            None => return (mac, None),
+        };
+        if let Some((other, line)) = self.addresses.get(&addr) {
+            let line = self.c.lines.of(*line);
+            self.c.push(
+                at,
+                who,
+                format!("identity address {addr} is also the address of identity '{other}' (line {line})"),
+            );
+        } else {
+            self.addresses.insert(addr, (name.to_string(), at));
+        }
+        (mac, Some(addr))
+    }
+
+    /// `permit_listen` and `permit_open`, parsed and checked against the role; the identity
+    /// names they refer to are checked in `finish`.
+    fn policies(
+        &mut self,
+        start: usize,
+        name: &str,
+        role: Role,
+        raw: &RawIdentity,
+    ) -> Option<(PermitListen, PermitOpen)> {
+        let who = Some(name);
+        let permit_listen = parse_policy(
+            &mut self.c,
+            who,
+            &raw.permit_listen,
+            "permit_listen",
+            PermitListen::parse,
+        );
+        let permit_open = parse_policy(
+            &mut self.c,
+            who,
+            &raw.permit_open,
+            "permit_open",
+            PermitOpen::parse,
+        );
+        let (pl, po) = (permit_listen?, permit_open?);
+        let role_at = raw.role.span().start;
+        if !role.may_publish() && pl != PermitListen::Rules(vec![]) {
+            self.c.push(role_at, who, format!(
+                "permit_listen is set but role '{}' cannot publish services; use role = \"server\" or \"both\"", role.as_str()
+            ));
+        }
+        if !role.may_connect() && po != PermitOpen::Rules(vec![]) {
+            self.c.push(role_at, who, format!(
+                "permit_open is set but role '{}' cannot open connections; use role = \"device\" or \"both\"", role.as_str()
+            ));
+        }
+        self.references(start, name, raw, &pl, &po);
+        Some((pl, po))
+    }
+
+    /// Notes the identity names `pl` and `po` refer to (checked in `finish`) and listen rules
+    /// outside the identity prefix.
+    fn references(
+        &mut self,
+        start: usize,
+        name: &str,
+        raw: &RawIdentity,
+        pl: &PermitListen,
+        po: &PermitOpen,
+    ) {
+        let mut refer = |list: &[Spanned<String>], entry: &str, target: &str, message: String| {
+            self.references.push((
+                span_of(list, entry, start),
+                name.to_string(),
+                target.to_string(),
+                message,
+            ));
+        };
+        for (n, entry) in po.bare_names() {
+            refer(
+                &raw.permit_open,
+                entry,
+                n,
+                format!(
+                    "permit_open entry '{entry}' has no port and names no identity (write host:port for other hosts)"
+                ),
+            );
+        }
+        for (n, entry) in pl.named_identities() {
+            refer(
+                &raw.permit_listen,
+                entry,
+                n,
+                format!(
+                    "permit_listen entry '{entry}' names no identity (use a port, *:port or [address]:port)"
+                ),
+            );
+        }
+        let prefix = self.context.prefix;
+        if let PermitListen::Rules(rules) = pl {
+            for r in rules {
+                let outside = match r.host {
+                    ListenHost::Ip(std::net::IpAddr::V6(v6)) => !prefix.contains(&v6),
+                    ListenHost::Ip(std::net::IpAddr::V4(_)) => true,
+                    _ => false,
+                };
+                if outside {
+                    refer(
+                        &raw.permit_listen,
+                        &r.text,
+                        "",
+                        format!(
+                            "permit_listen entry '{}' is outside the identity prefix {prefix}: the gateway only listens on identity addresses",
+                            r.text
+                        ),
+                    );
+                }
+            }
+        }
+    }
+
+    /// Reports references to identities that do not exist; returns every issue found.
+    fn finish(mut self) -> Collector<'a> {
+        for (at, who, target, message) in std::mem::take(&mut self.references) {
+            if target.is_empty() || !self.names.contains_key(&target) {
+                self.c.push(at, Some(&who), message);
+            }
+        }
+        self.c
     }
 }
 
