@@ -69,6 +69,46 @@ pub struct DataPlaneSettings {
     pub cgroup: PathBuf,
 }
 
+/// Placeholders `dataplane.pin_dir` and `dataplane.cgroup` may use, filled from the environment
+/// when the gateway starts (a DaemonSet sets the POD_* ones from the downward API), so that every
+/// pod on a node gets its own pins and cgroup.
+pub const PATH_PLACEHOLDERS: &[&str] = &["POD_NAMESPACE", "POD_NAME", "POD_UID", "HOSTNAME"];
+
+/// Replaces each `${VAR}` of `path` by `env(VAR)`. Errors name the setting and the variable.
+pub fn expand_placeholders(
+    setting: &str,
+    path: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<PathBuf, String> {
+    let text = path.to_string_lossy();
+    let mut out = String::new();
+    let mut rest = text.as_ref();
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after
+            .find('}')
+            .ok_or_else(|| format!("{setting} {text}: '${{' without a closing '}}'"))?;
+        let var = &after[..end];
+        if !PATH_PLACEHOLDERS.contains(&var) {
+            return Err(format!(
+                "{setting} {text}: unknown placeholder ${{{var}}} (known: {})",
+                PATH_PLACEHOLDERS.join(", ")
+            ));
+        }
+        let value = env(var).filter(|v| !v.is_empty()).ok_or_else(|| {
+            format!("{setting} {text} names ${{{var}}}, which is not set in the gateway's environment")
+        })?;
+        if value.contains('/') || value == "." || value == ".." {
+            return Err(format!("{setting}: ${{{var}}} = '{value}' is not a plain name"));
+        }
+        out.push_str(&value);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(PathBuf::from(out))
+}
+
 impl Default for DataPlaneSettings {
     fn default() -> Self {
         DataPlaneSettings {
@@ -275,14 +315,27 @@ impl Config {
     /// Checks what types alone cannot. Returns every problem, one per line.
     pub fn validate(&self) -> Result<(), String> {
         let mut problems = Vec::new();
+        self.check_general(&mut problems);
+        self.limits.check(&mut problems);
+        self.ssh.check(&mut problems);
+        self.kubernetes.check(&mut problems);
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems.join("\n"))
+        }
+    }
+
+    /// The top-level settings, the data plane's paths and the admin endpoint.
+    fn check_general(&self, out: &mut Vec<String>) {
         if self.identity_prefix.prefix_len() > 64 {
-            problems.push(format!(
+            out.push(format!(
                 "identity_prefix {} is longer than /64: EUI-64 identity addresses need 64 host bits",
                 self.identity_prefix
             ));
         }
         if self.identity_prefix.trunc() != self.identity_prefix {
-            problems.push(format!(
+            out.push(format!(
                 "identity_prefix {} has host bits set (did you mean {}?)",
                 self.identity_prefix,
                 self.identity_prefix.trunc()
@@ -294,32 +347,56 @@ impl Config {
                 .bytes()
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         {
-            problems.push(format!(
+            out.push(format!(
                 "service_name_prefix '{p}' must be non-empty lowercase letters, digits and '-'"
             ));
         }
+        for (setting, path) in [
+            ("dataplane.pin_dir", &self.dataplane.pin_dir),
+            ("dataplane.cgroup", &self.dataplane.cgroup),
+        ] {
+            if let Err(e) = expand_placeholders(setting, path, &|_| Some("x".into())) {
+                out.push(e);
+            }
+        }
         if !self.dataplane.pin_dir.is_absolute() {
-            problems.push(format!(
+            out.push(format!(
                 "dataplane.pin_dir {} must be an absolute path",
                 self.dataplane.pin_dir.display()
             ));
         }
         if !self.dataplane.cgroup.as_os_str().is_empty() && !self.dataplane.cgroup.is_absolute() {
-            problems.push(format!(
+            out.push(format!(
                 "dataplane.cgroup {} must be an absolute path",
                 self.dataplane.cgroup.display()
             ));
         }
         if self.admin.enabled && self.admin.listen == self.listen {
-            problems.push(format!(
+            out.push(format!(
                 "admin.listen {} is the SSH listen address too; give the admin endpoint its own port",
                 self.admin.listen
             ));
         }
         if self.reload_interval_secs == 0 {
-            problems.push("reload_interval_secs must be at least 1".into());
+            out.push("reload_interval_secs must be at least 1".into());
         }
-        let l = &self.limits;
+        // The longest server name still has to fit a Service name (a DNS-1035 label, 63).
+        if self.service_name_prefix.len() > 40 {
+            out.push(format!(
+                "service_name_prefix '{}' is longer than 40 characters: Service names are limited to 63",
+                self.service_name_prefix
+            ));
+        }
+    }
+
+    pub fn login_grace_time(&self) -> Duration {
+        Duration::from_secs(self.limits.login_grace_time_secs)
+    }
+}
+
+impl Limits {
+    fn check(&self, out: &mut Vec<String>) {
+        let l = self;
         for (name, v) in [
             ("limits.login_grace_time_secs", l.login_grace_time_secs as usize),
             ("limits.max_auth_tries", l.max_auth_tries),
@@ -328,77 +405,71 @@ impl Config {
             ("limits.max_channels_per_session", l.max_channels_per_session),
         ] {
             if v == 0 {
-                problems.push(format!("{name} must be at least 1"));
+                out.push(format!("{name} must be at least 1"));
             }
         }
-        let s = &self.ssh;
+    }
+}
+
+impl SshSettings {
+    fn check(&self, out: &mut Vec<String>) {
+        let s = self;
         if !(1024..=65535).contains(&s.max_packet_size) {
-            problems.push(format!(
+            out.push(format!(
                 "ssh.max_packet_size {} must be between 1024 and 65535",
                 s.max_packet_size
             ));
         }
         if s.window_size < s.max_packet_size {
-            problems.push(format!(
+            out.push(format!(
                 "ssh.window_size {} must be at least ssh.max_packet_size {}",
                 s.window_size, s.max_packet_size
             ));
         }
         if s.ciphers.is_empty() {
-            problems.push("ssh.ciphers must name at least one cipher".into());
+            out.push("ssh.ciphers must name at least one cipher".into());
         }
         for c in &s.ciphers {
             if cmx_net::ssh::cipher(c).is_none() {
-                problems.push(format!(
+                out.push(format!(
                     "ssh.ciphers: unknown cipher '{c}' (known: {})",
                     cmx_net::ssh::known_ciphers()
                 ));
             }
         }
         if s.keepalive_interval_secs > 0 && s.keepalive_max == 0 {
-            problems.push("ssh.keepalive_max must be at least 1 when keepalives are on".into());
+            out.push("ssh.keepalive_max must be at least 1 when keepalives are on".into());
         }
-        let k = &self.kubernetes;
+    }
+}
+
+impl KubernetesSettings {
+    fn check(&self, out: &mut Vec<String>) {
+        let k = self;
         if !["ClusterIP", "NodePort", "LoadBalancer"].contains(&k.service_type.as_str()) {
-            problems.push(format!(
+            out.push(format!(
                 "kubernetes.service_type '{}' must be ClusterIP, NodePort or LoadBalancer",
                 k.service_type
             ));
         }
         if !k.namespace.is_empty() && !is_dns_label(&k.namespace) {
-            problems.push(format!(
+            out.push(format!(
                 "kubernetes.namespace '{}' is not a valid namespace name",
                 k.namespace
             ));
         }
         if !k.domain.is_empty() && !k.domain.split('.').all(is_dns_label) {
-            problems.push(format!(
+            out.push(format!(
                 "kubernetes.domain '{}' is not a DNS domain (lowercase labels separated by dots)",
                 k.domain
             ));
         }
         if k.service_port == 0 {
-            problems.push("kubernetes.service_port must be between 1 and 65535".into());
+            out.push("kubernetes.service_port must be between 1 and 65535".into());
         }
         if k.resync_secs == 0 {
-            problems.push("kubernetes.resync_secs must be at least 1".into());
+            out.push("kubernetes.resync_secs must be at least 1".into());
         }
-        // The longest server name still has to fit a Service name (a DNS-1035 label, 63).
-        if self.service_name_prefix.len() > 40 {
-            problems.push(format!(
-                "service_name_prefix '{}' is longer than 40 characters: Service names are limited to 63",
-                self.service_name_prefix
-            ));
-        }
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(problems.join("\n"))
-        }
-    }
-
-    pub fn login_grace_time(&self) -> Duration {
-        Duration::from_secs(self.limits.login_grace_time_secs)
     }
 }
 
@@ -413,6 +484,32 @@ mod tests {
         assert_eq!(
             Config::parse("", Path::new("empty.toml")).unwrap(),
             Config::default()
+        );
+    }
+
+    #[test]
+    fn path_placeholders_come_from_the_environment() {
+        let env = |v: &str| match v {
+            "POD_NAMESPACE" => Some("cmxsafe".to_string()),
+            "POD_NAME" => Some("cmxsafe-gateway-x7k2p".to_string()),
+            "POD_UID" => Some("../../etc".to_string()),
+            _ => None,
+        };
+        let p = Path::new("/sys/fs/bpf/cmxsafe/${POD_NAMESPACE}.${POD_NAME}");
+        assert_eq!(
+            expand_placeholders("dataplane.pin_dir", p, &env).unwrap(),
+            Path::new("/sys/fs/bpf/cmxsafe/cmxsafe.cmxsafe-gateway-x7k2p")
+        );
+        let unset = expand_placeholders("dataplane.pin_dir", Path::new("/x/${HOSTNAME}"), &env);
+        assert_eq!(
+            unset.unwrap_err(),
+            "dataplane.pin_dir /x/${HOSTNAME} names ${HOSTNAME}, which is not set in the gateway's environment"
+        );
+        let escape = expand_placeholders("dataplane.cgroup", Path::new("/x/${POD_UID}"), &env);
+        assert!(escape.unwrap_err().contains("is not a plain name"));
+        assert_eq!(
+            expand_placeholders("dataplane.pin_dir", Path::new("/plain"), &env).unwrap(),
+            Path::new("/plain")
         );
     }
 
@@ -484,6 +581,10 @@ mod tests {
             (
                 "[ssh]\nciphers = [\"des\"]\n",
                 "gw.toml: ssh.ciphers: unknown cipher 'des' (known: aes128-ctr",
+            ),
+            (
+                "[dataplane]\npin_dir = \"/sys/fs/bpf/cmxsafe/${NODE}\"\n",
+                "gw.toml: dataplane.pin_dir /sys/fs/bpf/cmxsafe/${NODE}: unknown placeholder ${NODE} (known: POD_NAMESPACE, POD_NAME, POD_UID, HOSTNAME)",
             ),
         ];
         for (text, expected) in cases {

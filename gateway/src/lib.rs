@@ -1,20 +1,37 @@
 //! cmx-gateway: terminates the SSH sessions of cmxsafe agents and joins their forwards.
+//! Nothing else depends on this crate: what the agent shares with it lives in `cmx-net`, the
+//! event and audit vocabulary in `cmx-events`, the eBPF ABI in `cmx-ebpf-common`.
 //!
 //! # Layout
-//! - `config`: the gateway's TOML configuration, defaults and validation.
+//! Decisions (pure functions of a registry snapshot and a request):
 //! - `identity`: identities, their addresses (EUI-64 from MACs) and the registry file.
 //! - `policy`: security contexts (`permit_listen`, `permit_open`) and their matching.
+//! - `authz`: the one place that decides "may X open T", "may X listen on B", whether a forward
+//!   still holds after a reload, and what the kernel's policy maps contain.
 //! - `auth`: which identity a key or certificate logs in as.
+//!
+//! The SSH side:
 //! - `server`: the SSH listener, pre-authentication limits, session lifecycle.
-//! - `session`: one SSH connection's handler (auth, channels, global requests).
-//! - `forward`: Mir-socks for reverse forwards, ID-socks for direct forwards, pair matching.
-//! - `dataplane`: how the loopback hop of a forwarding pair is carried.
+//! - `session`: one SSH connection's handler (auth, channels, global requests); `sessions`: the
+//!   live ones; `slots`: channels counted against their limit.
+//! - `forward`: Mir-socks for reverse forwards (`mirror`, table in `published`), ID-socks for
+//!   direct forwards (`direct`), pair matching and flow credit (`pairs`).
+//!
+//! The node:
+//! - `dataplane`: how the loopback hop of a forwarding pair is carried; `ebpf`: the sockmap data
+//!   plane (programs, pins, own cgroup, kernel policy maps).
+//! - `hostkey`: the gateway's SSH host key; `killswitch`: ending a stuck session's stream.
+//!
+//! Around it:
+//! - `config`: the gateway's TOML configuration, defaults and validation.
 //! - `reload`: hot reload of the registry.
 //! - `events` and `audit`: the event stream for other components and the audit log.
 //! - `controller`: the Kubernetes controller for the per-server Services.
 //! - `admin` and `metrics`: the HTTP health, readiness and Prometheus endpoint.
+//! - `gateway`: the state the connection and forwarding tasks share (crate-private).
 //!
-//! `main.rs` only parses arguments and calls [`run`].
+//! `main.rs` only parses arguments and calls [`run`]; [`serve`] owns what the gateway sets up
+//! on the node through guards, undone in reverse order on every exit path.
 
 pub mod admin;
 pub mod audit;
@@ -63,7 +80,7 @@ pub enum RunError {
     NetSetup(#[from] NetSetupError),
     #[error(transparent)]
     Pod(#[from] controller::pod::PodError),
-    #[error("dataplane.mode = \"sockmap\", but the sockmap data plane cannot start: {0}")]
+    #[error("data plane: {0}")]
     DataPlane(String),
     #[error("cannot listen for the admin endpoint (admin.listen) on {addr}: {source}")]
     AdminBind {
@@ -276,16 +293,20 @@ fn select_dataplane(config: &Config) -> Result<Arc<dyn DataPlane>, RunError> {
         return Ok(Arc::new(UserspaceDataPlane::new("dataplane.mode = userspace")));
     }
     let cgroup = if config.dataplane.cgroup.as_os_str().is_empty() {
-        match ebpf::cgroup::v2_mount() {
-            Ok(mount) => mount.join("cmxsafe-gateway"),
+        match ebpf::cgroup::default_path() {
+            Ok(path) => path,
             Err(e) => return fallback(config, e.to_string()),
         }
     } else {
         config.dataplane.cgroup.clone()
     };
+    let env = |var: &str| std::env::var(var).ok();
+    let expand = |setting, path: &std::path::Path| {
+        config::expand_placeholders(setting, path, &env).map_err(RunError::DataPlane)
+    };
     let settings = ebpf::SockmapSettings {
-        pin_dir: config.dataplane.pin_dir.clone(),
-        cgroup,
+        pin_dir: expand("dataplane.pin_dir", &config.dataplane.pin_dir)?,
+        cgroup: expand("dataplane.cgroup", &cgroup)?,
         prefix: config.identity_prefix,
     };
     match ebpf::SockmapDataPlane::load(settings) {
@@ -296,7 +317,9 @@ fn select_dataplane(config: &Config) -> Result<Arc<dyn DataPlane>, RunError> {
 
 fn fallback(config: &Config, reason: String) -> Result<Arc<dyn DataPlane>, RunError> {
     if config.dataplane.mode == crate::config::DataPlaneMode::Sockmap {
-        return Err(RunError::DataPlane(reason));
+        return Err(RunError::DataPlane(format!(
+            "dataplane.mode = \"sockmap\", but the sockmap data plane cannot start: {reason}"
+        )));
     }
     tracing::warn!(
         reason,

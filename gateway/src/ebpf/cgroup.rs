@@ -46,11 +46,30 @@ fn procs(path: &Path) -> String {
         .join(",")
 }
 
-/// The cgroup the process was in, to return to at exit.
+/// The cgroup the process is in now (the `0::` line of /proc/self/cgroup, under `mount`).
 fn current(mount: &Path) -> Option<PathBuf> {
     let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
-    let rel = text.lines().find_map(|l| l.strip_prefix("0::"))?;
-    Some(mount.join(rel.trim_start_matches('/')))
+    Some(in_hierarchy(mount, &text))
+}
+
+/// The cgroup v2 path a /proc/self/cgroup text names, under `mount` (`0::/` is the root).
+fn in_hierarchy(mount: &Path, proc_cgroup: &str) -> PathBuf {
+    let rel = proc_cgroup
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .unwrap_or("/")
+        .trim();
+    // A process in a cgroup namespace may see its own cgroup as "/": that is the mount.
+    mount.join(rel.trim_start_matches('/'))
+}
+
+/// The default cgroup of the gateway: `cmxsafe-gateway` below the cgroup it runs in, so that
+/// in a container it stays under the container's cgroup (the pod's limits keep applying, and
+/// two gateways on one host never meet), and on a plain host it sits below its service.
+pub fn default_path() -> Result<PathBuf, CgroupError> {
+    let mount = v2_mount()?;
+    let own = current(&mount).unwrap_or_else(|| mount.clone());
+    Ok(own.join("cmxsafe-gateway"))
 }
 
 pub struct OwnCgroup {
@@ -74,8 +93,8 @@ impl OwnCgroup {
             std::fs::remove_dir(path).map_err(io_err(path, "removing a stale cgroup"))?;
             tracing::warn!(cgroup = %path.display(), "removed a stale cgroup left by an earlier gateway");
         }
-        std::fs::create_dir_all(path).map_err(io_err(path, "creating"))?;
         let previous = current(&mount);
+        std::fs::create_dir_all(path).map_err(io_err(path, "creating"))?;
         std::fs::write(path.join("cgroup.procs"), std::process::id().to_string())
             .map_err(io_err(path, "moving the gateway into it"))?;
         Ok(OwnCgroup {
@@ -99,5 +118,22 @@ impl OwnCgroup {
                 tracing::warn!(cgroup = %self.path.display(), error = %e, "could not remove the cgroup")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_own_cgroup_is_read_from_the_unified_line() {
+        let mount = Path::new("/sys/fs/cgroup/unified");
+        let hybrid = "12:cpu,cpuacct:/kubepods/besteffort/pod1/abc\n1:name=systemd:/kubepods/x\n0::/kubepods/besteffort/pod1/abc\n";
+        assert_eq!(
+            in_hierarchy(mount, hybrid),
+            Path::new("/sys/fs/cgroup/unified/kubepods/besteffort/pod1/abc")
+        );
+        assert_eq!(in_hierarchy(mount, "0::/\n"), mount);
+        assert_eq!(in_hierarchy(mount, ""), mount, "no v2 line: the root");
     }
 }
