@@ -29,12 +29,11 @@ pub enum AgentError {
     Key { path: String, reason: String },
     #[error("cannot read certificate {path}: {reason}")]
     Certificate { path: String, reason: String },
-    #[error("tunnel '{name}': cannot listen on {addr}: {source}")]
+    #[error("tunnel '{name}': cannot listen on {addr}: {cause}")]
     Listen {
         name: String,
         addr: std::net::SocketAddr,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error(transparent)]
     Route(#[from] cmx_net::route::NetSetupError),
@@ -99,10 +98,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
     for t in &config.locals {
         let l = TcpListener::bind(t.listen)
             .await
-            .map_err(|source| AgentError::Listen {
+            .map_err(|cause| AgentError::Listen {
                 name: t.name.clone(),
                 addr: t.listen,
-                source,
+                cause,
             })?;
         listeners.push((t.clone(), l));
     }

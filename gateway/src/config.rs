@@ -14,12 +14,8 @@ pub const EXAMPLE: &str = include_str!("../config.example.toml");
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config {path}: {source}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("cannot read config {path}: {cause}")]
+    Read { path: PathBuf, cause: std::io::Error },
     #[error("{path}:{line}: {message}")]
     Parse {
         path: PathBuf,
@@ -40,6 +36,7 @@ pub struct Config {
     pub manage_local_route: bool,
     pub service_name_prefix: String,
     pub reload_interval_secs: u64,
+    pub reload_max_removed_percent: u8,
     pub shutdown_grace_secs: u64,
     pub dataplane: DataPlaneSettings,
     pub limits: Limits,
@@ -107,6 +104,17 @@ pub fn expand_placeholders(
     }
     out.push_str(rest);
     Ok(PathBuf::from(out))
+}
+
+/// The first component of `path` with a '.' in it (the BPF filesystem reserves dotted names for
+/// its own files and refuses others with EPERM).
+pub fn dotted_component(path: &Path) -> Option<String> {
+    path.components()
+        .filter_map(|c| match c {
+            std::path::Component::Normal(n) => Some(n.to_string_lossy().into_owned()),
+            _ => None,
+        })
+        .find(|n| n.contains('.'))
 }
 
 impl Default for DataPlaneSettings {
@@ -214,6 +222,7 @@ impl Default for Config {
             manage_local_route: true,
             service_name_prefix: "dynamic-service-".into(),
             reload_interval_secs: 2,
+            reload_max_removed_percent: 50,
             shutdown_grace_secs: 5,
             dataplane: DataPlaneSettings::default(),
             limits: Limits::default(),
@@ -277,9 +286,9 @@ impl Config {
     /// Reads, parses and validates `path`. Relative paths inside are resolved against its
     /// directory, so a config and its files can move together.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|cause| ConfigError::Read {
             path: path.to_path_buf(),
-            source,
+            cause,
         })?;
         let mut config = Config::parse(&text, path)?;
         let base = path.parent().unwrap_or(Path::new("."));
@@ -359,6 +368,12 @@ impl Config {
                 out.push(e);
             }
         }
+        if let Some(bad) = dotted_component(&self.dataplane.pin_dir) {
+            out.push(format!(
+                "dataplane.pin_dir {}: '{bad}' contains a '.', which the BPF filesystem refuses in names",
+                self.dataplane.pin_dir.display()
+            ));
+        }
         if !self.dataplane.pin_dir.is_absolute() {
             out.push(format!(
                 "dataplane.pin_dir {} must be an absolute path",
@@ -379,6 +394,12 @@ impl Config {
         }
         if self.reload_interval_secs == 0 {
             out.push("reload_interval_secs must be at least 1".into());
+        }
+        if self.reload_max_removed_percent > 100 {
+            out.push(format!(
+                "reload_max_removed_percent {} must be between 0 and 100",
+                self.reload_max_removed_percent
+            ));
         }
         // The longest server name still has to fit a Service name (a DNS-1035 label, 63).
         if self.service_name_prefix.len() > 40 {
@@ -581,6 +602,10 @@ mod tests {
             (
                 "[ssh]\nciphers = [\"des\"]\n",
                 "gw.toml: ssh.ciphers: unknown cipher 'des' (known: aes128-ctr",
+            ),
+            (
+                "[dataplane]\npin_dir = \"/sys/fs/bpf/cmxsafe/${POD_NAMESPACE}.${POD_NAME}\"\n",
+                "gw.toml: dataplane.pin_dir /sys/fs/bpf/cmxsafe/${POD_NAMESPACE}.${POD_NAME}: '${POD_NAMESPACE}.${POD_NAME}' contains a '.', which the BPF filesystem refuses in names",
             ),
             (
                 "[dataplane]\npin_dir = \"/sys/fs/bpf/cmxsafe/${NODE}\"\n",

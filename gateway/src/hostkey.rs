@@ -10,24 +10,16 @@ use russh::keys::{Algorithm, HashAlg, PrivateKey};
 
 #[derive(Debug, thiserror::Error)]
 pub enum HostKeyError {
-    #[error("cannot read host key {path}: {source}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("cannot read host key {path}: {cause}")]
+    Read { path: PathBuf, cause: std::io::Error },
     #[error("host key {path} is not an OpenSSH private key: {reason}")]
     Parse { path: PathBuf, reason: String },
     #[error(
         "host key {path} is encrypted: the gateway needs an unencrypted key (ssh-keygen -p -N '' -f {path})"
     )]
     Encrypted { path: PathBuf },
-    #[error("cannot write generated host key {path}: {source}")]
-    Write {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("cannot write generated host key {path}: {cause}")]
+    Write { path: PathBuf, cause: std::io::Error },
     #[error("cannot generate host key: {0}")]
     Generate(String),
 }
@@ -53,9 +45,9 @@ impl HostKey {
                 key: generate(path)?,
                 generated: true,
             }),
-            Err(source) => Err(HostKeyError::Read {
+            Err(cause) => Err(HostKeyError::Read {
                 path: path.to_path_buf(),
-                source,
+                cause,
             }),
         }
     }
@@ -84,9 +76,9 @@ fn parse(path: &Path, text: &str) -> Result<PrivateKey, HostKeyError> {
 fn generate(path: &Path) -> Result<PrivateKey, HostKeyError> {
     let key = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519)
         .map_err(|e| HostKeyError::Generate(e.to_string()))?;
-    let write_err = |source| HostKeyError::Write {
+    let write_err = |cause| HostKeyError::Write {
         path: path.to_path_buf(),
-        source,
+        cause,
     };
     let text = key
         .to_openssh(LineEnding::LF)

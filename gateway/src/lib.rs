@@ -82,17 +82,15 @@ pub enum RunError {
     Pod(#[from] controller::pod::PodError),
     #[error("data plane: {0}")]
     DataPlane(String),
-    #[error("cannot listen for the admin endpoint (admin.listen) on {addr}: {source}")]
+    #[error("cannot listen for the admin endpoint (admin.listen) on {addr}: {cause}")]
     AdminBind {
         addr: std::net::SocketAddr,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
-    #[error("cannot listen for SSH on {addr}: {source}")]
+    #[error("cannot listen for SSH on {addr}: {cause}")]
     Bind {
         addr: std::net::SocketAddr,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 
@@ -103,9 +101,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     controller_settings(&config, config.listen.port())?;
     let listener = TcpListener::bind(config.listen)
         .await
-        .map_err(|source| RunError::Bind {
+        .map_err(|cause| RunError::Bind {
             addr: config.listen,
-            source,
+            cause,
         })?;
     serve(config, registry, listener, shutdown, EventBus::default()).await
 }
@@ -237,7 +235,7 @@ async fn bind_admin(config: &Config) -> Result<Option<TcpListener>, RunError> {
     let addr = config.admin.listen;
     let listener = TcpListener::bind(addr)
         .await
-        .map_err(|source| RunError::AdminBind { addr, source })?;
+        .map_err(|cause| RunError::AdminBind { addr, cause })?;
     let addr = listener.local_addr().unwrap_or(addr);
     tracing::info!(admin = %addr, "admin endpoint listening on {addr}: /healthz /readyz /metrics");
     Ok(Some(listener))
@@ -304,8 +302,15 @@ fn select_dataplane(config: &Config) -> Result<Arc<dyn DataPlane>, RunError> {
     let expand = |setting, path: &std::path::Path| {
         config::expand_placeholders(setting, path, &env).map_err(RunError::DataPlane)
     };
+    let pin_dir = expand("dataplane.pin_dir", &config.dataplane.pin_dir)?;
+    if let Some(bad) = config::dotted_component(&pin_dir) {
+        return Err(RunError::DataPlane(format!(
+            "dataplane.pin_dir {}: '{bad}' contains a '.', which the BPF filesystem refuses in names (use ${{POD_UID}} rather than a pod name with dots)",
+            pin_dir.display()
+        )));
+    }
     let settings = ebpf::SockmapSettings {
-        pin_dir: expand("dataplane.pin_dir", &config.dataplane.pin_dir)?,
+        pin_dir,
         cgroup: expand("dataplane.cgroup", &cgroup)?,
         prefix: config.identity_prefix,
     };

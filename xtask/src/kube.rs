@@ -53,6 +53,28 @@ fn kubernetes_validate() -> anyhow::Result<PathBuf> {
     Ok(bin)
 }
 
+/// deploy/base uses kustomize's `labels:` field (labels without selectors), which needs the
+/// kustomize of kubectl >= 1.21 (kustomize >= 4.1); Debian's kubectl 1.20 embeds v2.0.3 and
+/// fails with `json: unknown field "labels"`. Says so instead.
+fn kubectl_renders_labels() -> anyhow::Result<()> {
+    let out = Command::new("kubectl")
+        .args(["version", "--client", "-o", "json"])
+        .output()
+        .context("cannot run kubectl version")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let minor: Option<u32> = text
+        .split("\"minor\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').nth(1))
+        .and_then(|m| m.trim_end_matches('+').parse().ok());
+    match minor {
+        Some(m) if m < 21 => bail!(
+            "kubectl 1.{m} embeds a kustomize older than 4.1, which cannot render deploy/base (its `labels:` field); install kubectl >= 1.21 or kustomize >= 4.1"
+        ),
+        _ => Ok(()),
+    }
+}
+
 /// Renders every kustomization, validates everything against the Kubernetes schemas and lints
 /// the kind scripts.
 pub fn check_manifests(root: &Path, out: &Path) -> anyhow::Result<()> {
@@ -60,8 +82,10 @@ pub fn check_manifests(root: &Path, out: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(out)?;
     let mut files: Vec<PathBuf> = Vec::new();
     if have("kubectl") {
+        kubectl_renders_labels()?;
         for (dir, name) in [
             ("deploy/base", "deploy-base.yaml"),
+            ("deploy/overlays/e2e", "deploy-e2e.yaml"),
             ("kind/manifests", "kind.yaml"),
         ] {
             let rendered = Command::new("kubectl")

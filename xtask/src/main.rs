@@ -5,6 +5,7 @@
 //!   real API server (envtest) when the machine has one, then runs every test of the workspace.
 //! - `deps`: installs the system packages the demo and tests need (Debian/Ubuntu, as root).
 
+mod cluster;
 mod deps;
 mod kube;
 
@@ -52,6 +53,10 @@ enum Task {
     /// Build the eBPF programs (gateway-ebpf), installing what they need: Debian's rustc-web,
     /// rust-web-src and llvm-22-dev, and bpf-linker. The gateway's build embeds the result.
     BuildEbpf,
+    /// Only the end-to-end tests on a real one-node cluster (part of `test`): bring the
+    /// minicluster up, build the images from this run's release binaries, deploy the DaemonSet
+    /// through deploy/overlays/e2e, run agents and Mosquitto in pods, take the cluster down.
+    E2eK8s,
 }
 
 fn main() -> ExitCode {
@@ -78,6 +83,12 @@ fn run(task: Task) -> anyhow::Result<()> {
             Ok(())
         }
         Task::Test { args } => test(&args),
+        Task::E2eK8s => {
+            require_root("the cluster runs a kubelet, containerd and kube-proxy")?;
+            deps::ensure(deps::ALL)?;
+            build_ebpf()?;
+            e2e_k8s(&workspace_root())
+        }
         Task::Demo { messages } => demo(messages),
     }
 }
@@ -115,7 +126,7 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     let envtest = kube::Envtest::up(&root)?;
     // Everything, with the sockmap data plane (the build must embed the eBPF object)...
     let mut all = cargo();
-    all.args(["test", "--workspace"])
+    all.args(["test", "--workspace", "--exclude", "cmx-e2e"])
         .args(args)
         .env("CMX_EBPF", "require");
     if let Some(e) = &envtest {
@@ -131,7 +142,26 @@ fn test(args: &[String]) -> anyhow::Result<()> {
         .env("CMX_EBPF", "require")
         .env("CMX_TEST_DATAPLANE", "userspace")
         .status()?;
-    check(status, "cargo test (user-space data plane)")
+    check(status, "cargo test (user-space data plane)")?;
+    drop(envtest);
+    // ...and the DaemonSet on a real kubelet, when the machine has one.
+    e2e_k8s(&root)
+}
+
+/// The end-to-end tests on a real cluster (see `cluster`), or a warning that they were skipped.
+fn e2e_k8s(root: &Path) -> anyhow::Result<()> {
+    let Some(cluster) = cluster::Minicluster::up(root)? else {
+        return Ok(());
+    };
+    build_release(&["cmx-gateway", "cmx-agent"])?;
+    let target = target_dir(root);
+    cluster.build_images(root, &target.join("release"), &target.join("images/context"))?;
+    let status = cargo()
+        .args(["test", "-p", "cmx-e2e", "--", "--test-threads=1"])
+        .env("CMX_E2E_KUBECONFIG", &cluster.kubeconfig)
+        .env("CMX_REQUIRE_E2E", "1")
+        .status()?;
+    check(status, "the end-to-end tests on the cluster")
 }
 
 fn demo(messages: u32) -> anyhow::Result<()> {

@@ -34,12 +34,8 @@ pub use run::{Feed, run, start};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControllerError {
-    #[error("Kubernetes API error on {what}: {source}")]
-    Api {
-        what: String,
-        #[source]
-        source: Box<kube::Error>,
-    },
+    #[error("Kubernetes API error on {what}: {cause}")]
+    Api { what: String, cause: Box<kube::Error> },
     #[error("cannot reach the Kubernetes API: {0}")]
     Client(String),
     #[error("the API server returned {what} without {field}")]
@@ -50,7 +46,7 @@ impl ControllerError {
     /// A short kind for logs and metrics.
     pub fn kind(&self) -> &'static str {
         match self {
-            ControllerError::Api { source, .. } => match source.as_ref() {
+            ControllerError::Api { cause, .. } => match cause.as_ref() {
                 kube::Error::Api(s) if s.code == 409 => "conflict",
                 kube::Error::Api(s) if s.code == 404 => "not-found",
                 kube::Error::Api(s) if s.code >= 500 => "server",
@@ -65,9 +61,9 @@ impl ControllerError {
 
 fn api_err(what: impl Into<String>) -> impl FnOnce(kube::Error) -> ControllerError {
     let what = what.into();
-    move |source| ControllerError::Api {
+    move |cause| ControllerError::Api {
         what,
-        source: Box::new(source),
+        cause: Box::new(cause),
     }
 }
 

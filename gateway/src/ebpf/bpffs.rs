@@ -92,6 +92,43 @@ pub fn clear(dir: &Path) -> io::Result<usize> {
     Ok(removed)
 }
 
+/// Pin directories beside `dir` that gateways which are gone left behind (with a pin directory
+/// per pod, a deleted pod's pins are never reused): removes each directory whose entries are all
+/// `cmx_` pins and whose lock nobody holds. A running gateway holds its own lock, so its pins
+/// are never touched. Returns the directories removed.
+pub fn remove_stale_siblings(dir: &Path) -> Vec<std::path::PathBuf> {
+    let Some(parent) = dir.parent() else {
+        return Vec::new();
+    };
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return Vec::new();
+    };
+    let mut removed = Vec::new();
+    for sibling in entries.flatten().map(|e| e.path()) {
+        if sibling == dir || !sibling.is_dir() || !only_our_pins(&sibling) {
+            continue;
+        }
+        // Locked by a live gateway: WouldBlock, and it stays.
+        if let Ok(_held) = lock(&sibling) {
+            remove(&sibling);
+            removed.push(sibling);
+        }
+    }
+    removed
+}
+
+/// Whether `dir` holds pins and nothing but `cmx_` pins.
+fn only_our_pins(dir: &Path) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    let names: Vec<String> = entries
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    !names.is_empty() && names.iter().all(|n| n.starts_with("cmx_"))
+}
+
 pub fn remove(dir: &Path) {
     let _ = clear(dir);
     let _ = std::fs::remove_dir(dir);
@@ -100,6 +137,31 @@ pub fn remove(dir: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stale_siblings_go_and_live_or_foreign_ones_stay() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = |name: &str, files: &[&str]| {
+            let d = root.path().join(name);
+            std::fs::create_dir_all(&d).unwrap();
+            for f in files {
+                std::fs::write(d.join(f), b"").unwrap();
+            }
+            d
+        };
+        let mine = dir("ns.gw-a", &["cmx_tags"]);
+        let _mine_lock = lock(&mine).unwrap();
+        let stale = dir("ns.gw-dead", &["cmx_tags", "cmx_socks"]);
+        let live = dir("ns.gw-live", &["cmx_tags"]);
+        let _live_lock = lock(&live).unwrap();
+        let foreign = dir("tc", &["globals"]);
+        let empty = dir("starting", &[]);
+        assert_eq!(remove_stale_siblings(&mine), vec![stale.clone()]);
+        assert!(!stale.exists());
+        for stays in [&mine, &live, &foreign, &empty] {
+            assert!(stays.exists(), "{} was removed", stays.display());
+        }
+    }
 
     #[test]
     fn bpffs_is_mounted_only_on_an_empty_directory() {

@@ -16,26 +16,66 @@ pub enum CgroupError {
         "cgroup {path} is used by live processes ({pids}): another gateway? set dataplane.cgroup to another path"
     )]
     Busy { path: PathBuf, pids: String },
-    #[error("cgroup {path}: {what}: {source}")]
+    #[error("cgroup {path}: {what}: {cause}")]
     Io {
         path: PathBuf,
         what: &'static str,
-        #[source]
-        source: io::Error,
+        cause: io::Error,
     },
 }
 
 fn io_err<'a>(path: &'a Path, what: &'static str) -> impl FnOnce(io::Error) -> CgroupError + 'a {
-    move |source| CgroupError::Io {
+    move |cause| CgroupError::Io {
         path: path.to_path_buf(),
         what,
-        source,
+        cause,
     }
 }
 
 /// The mount point of the cgroup v2 hierarchy (see `cmx_net::mounts::cgroup2`).
 pub fn v2_mount() -> Result<PathBuf, CgroupError> {
     cmx_net::mounts::cgroup2().ok_or(CgroupError::NoV2)
+}
+
+/// Where the gateway mounts the cgroup v2 hierarchy when nothing in its mount namespace shows it.
+pub const OWN_V2_MOUNT: &str = "/run/cmxsafe/cgroup2";
+
+/// The cgroup v2 hierarchy, mounted at `OWN_V2_MOUNT` first if this mount namespace has none.
+/// That is the case in containers on hybrid-cgroup hosts (v1 controllers, v2 at
+/// /sys/fs/cgroup/unified): runc mounts only the v1 hierarchies into them. Mounting needs
+/// CAP_SYS_ADMIN, which the sockmap data plane needs anyway; the mount lives in the gateway's
+/// own mount namespace and goes with it.
+pub fn v2_mount_or_mount() -> Result<PathBuf, CgroupError> {
+    if let Ok(mount) = v2_mount() {
+        return Ok(mount);
+    }
+    let target = Path::new(OWN_V2_MOUNT);
+    let failed = |cause| CgroupError::Io {
+        path: target.to_path_buf(),
+        what: "mounting the cgroup v2 hierarchy (none was mounted)",
+        cause,
+    };
+    std::fs::create_dir_all(target).map_err(failed)?;
+    let c = |s: &str| std::ffi::CString::new(s).map_err(io::Error::other);
+    let (fstype, dir) = (c("cgroup2").map_err(failed)?, c(OWN_V2_MOUNT).map_err(failed)?);
+    // SAFETY: valid C strings, no data argument.
+    let rc = unsafe {
+        libc::mount(
+            fstype.as_ptr(),
+            dir.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(failed(io::Error::last_os_error()));
+    }
+    tracing::info!(
+        path = OWN_V2_MOUNT,
+        "no cgroup v2 hierarchy was mounted here: mounted one"
+    );
+    Ok(target.to_path_buf())
 }
 
 fn procs(path: &Path) -> String {
@@ -67,7 +107,7 @@ fn in_hierarchy(mount: &Path, proc_cgroup: &str) -> PathBuf {
 /// in a container it stays under the container's cgroup (the pod's limits keep applying, and
 /// two gateways on one host never meet), and on a plain host it sits below its service.
 pub fn default_path() -> Result<PathBuf, CgroupError> {
-    let mount = v2_mount()?;
+    let mount = v2_mount_or_mount()?;
     let own = current(&mount).unwrap_or_else(|| mount.clone());
     Ok(own.join("cmxsafe-gateway"))
 }
@@ -80,7 +120,7 @@ pub struct OwnCgroup {
 impl OwnCgroup {
     /// Creates `path` (replacing a stale one) and moves this process into it.
     pub fn enter(path: &Path) -> Result<OwnCgroup, CgroupError> {
-        let mount = v2_mount()?;
+        let mount = v2_mount_or_mount()?;
         if path.exists() {
             let pids = procs(path);
             if !pids.is_empty() {

@@ -124,6 +124,9 @@ impl SockmapDataPlane {
             ),
             _ => format!("cannot use pin directory {}: {e}", settings.pin_dir.display()),
         })?;
+        for gone in bpffs::remove_stale_siblings(&settings.pin_dir) {
+            tracing::warn!(pin_dir = %gone.display(), "removed the pins of a gateway that is gone");
+        }
         let own_cgroup = cgroup::OwnCgroup::enter(&settings.cgroup).map_err(|e| e.to_string())?;
         let stale = match bpffs::clear(&settings.pin_dir) {
             Ok(stale) => stale,

@@ -34,10 +34,10 @@ fn publish(gw: &Arc<Gateway>, permit: &ListenPermit, owner: Owner) -> Result<Pub
             identity: permit.server.address,
         };
         let (listener, tag) = sockets::mirror_listener(addr, port, |s| gw.dataplane.tag(s, tag))
-            .map_err(|source| PublishError::Bind { addr, port, source })?;
+            .map_err(|cause| PublishError::Bind { addr, port, cause })?;
         let port = listener
             .local_addr()
-            .map_err(|source| PublishError::Bind { addr, port, source })?
+            .map_err(|cause| PublishError::Bind { addr, port, cause })?
             .port();
         let stop = gw.shutdown.child_token();
         let entry = Entry {

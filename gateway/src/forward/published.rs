@@ -46,12 +46,11 @@ pub enum PublishError {
         port: u16,
         holder: String,
     },
-    #[error("cannot listen on [{addr}]:{port}: {source}")]
+    #[error("cannot listen on [{addr}]:{port}: {cause}")]
     Bind {
         addr: Ipv6Addr,
         port: u16,
-        #[source]
-        source: io::Error,
+        cause: io::Error,
     },
 }
 

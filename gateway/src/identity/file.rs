@@ -47,12 +47,8 @@ pub struct Issue {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
-    #[error("cannot read identity registry {path}: {source}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("cannot read identity registry {path}: {cause}")]
+    Read { path: PathBuf, cause: std::io::Error },
     #[error("{}", IssueList { path, issues })]
     Invalid { path: PathBuf, issues: Vec<Issue> },
 }
@@ -153,9 +149,9 @@ fn valid_name(name: &str) -> bool {
 
 impl Registry {
     pub fn load(path: &Path, context: RegistryContext) -> Result<Registry, RegistryError> {
-        let text = std::fs::read_to_string(path).map_err(|source| RegistryError::Read {
+        let text = std::fs::read_to_string(path).map_err(|cause| RegistryError::Read {
             path: path.to_path_buf(),
-            source,
+            cause,
         })?;
         Registry::parse(&text, path, context)
     }
