@@ -27,6 +27,10 @@ pub struct EventTotals {
     pub bytes_to_target: AtomicU64,
     /// Bytes of closed pairs, server -> device.
     pub bytes_from_target: AtomicU64,
+    pub registry_reloads_applied: AtomicU64,
+    pub registry_reloads_refused: AtomicU64,
+    /// 1 while the registry file on disk was refused and the previous registry is in force.
+    pub registry_refused_now: AtomicU64,
 }
 
 impl EventTotals {
@@ -47,14 +51,20 @@ impl EventTotals {
                 add(&self.bytes_to_target, *bytes_to_target);
                 add(&self.bytes_from_target, *bytes_from_target);
             }
+            GatewayEvent::RegistryReloaded { .. } => {
+                add(&self.registry_reloads_applied, 1);
+                self.registry_refused_now.store(0, Ordering::Relaxed);
+            }
+            GatewayEvent::RegistryRejected { .. } => {
+                add(&self.registry_reloads_refused, 1);
+                self.registry_refused_now.store(1, Ordering::Relaxed);
+            }
             GatewayEvent::Ready { .. }
             | GatewayEvent::Draining
             | GatewayEvent::Stopped
             | GatewayEvent::SessionClosed { .. }
             | GatewayEvent::ForwardAdded { .. }
-            | GatewayEvent::ForwardRemoved { .. }
-            | GatewayEvent::RegistryReloaded { .. }
-            | GatewayEvent::RegistryRejected { .. } => {}
+            | GatewayEvent::ForwardRemoved { .. } => {}
         }
     }
 }

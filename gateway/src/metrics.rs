@@ -78,6 +78,7 @@ pub fn render(gw: &Gateway) -> String {
 /// What this process is: version, data plane and its kernel maps, readiness, registry size.
 fn process_families(gw: &Gateway) -> Vec<Family<'static>> {
     let labelled = |key, value| vec![(labels(&[(key, value)]), 1)];
+    let totals = gw.events.totals();
     vec![
         Family::gauge(
             "cmxsafe_build_info",
@@ -98,6 +99,22 @@ fn process_families(gw: &Gateway) -> Vec<Family<'static>> {
             "cmxsafe_identities",
             "Identities in the current registry.",
             one(gw.registry().len() as u64),
+        ),
+        Family::counter(
+            "cmxsafe_registry_reloads_total",
+            "Registry reloads: applied, or refused (invalid, empty, or removing too many identities).",
+            [
+                ("applied", &totals.registry_reloads_applied),
+                ("refused", &totals.registry_reloads_refused),
+            ]
+            .iter()
+            .map(|(result, c)| (labels(&[("result", result)]), c.load(Ordering::Relaxed)))
+            .collect(),
+        ),
+        Family::gauge(
+            "cmxsafe_registry_file_refused",
+            "1 while the registry file on disk was refused and the previous registry is in force.",
+            one(totals.registry_refused_now.load(Ordering::Relaxed)),
         ),
         Family::gauge(
             "cmxsafe_dataplane_map_entries",

@@ -1,8 +1,10 @@
 //! Hot reload of the identity registry: the file is re-read when its content changes (polled, so
 //! Kubernetes' atomic ConfigMap symlink swaps are seen like any edit) or on SIGHUP. An invalid file
-//! is reported and ignored: the previous registry stays in force. A valid one replaces it at once;
-//! then sessions whose credential no longer holds are disconnected, and forwards no longer
-//! permitted are closed. Changed rights apply to every new channel.
+//! is reported and ignored: the previous registry stays in force. So is a valid one that looks
+//! like an accident (empty, or removing more than `reload_max_removed_percent` of the identities):
+//! SIGUSR1 applies it anyway. An accepted one replaces the registry at once; then sessions whose
+//! credential no longer holds are disconnected, and forwards no longer permitted are closed.
+//! Changed rights apply to every new channel.
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
@@ -32,42 +34,112 @@ pub fn registry_context(gw_config: &crate::config::Config) -> RegistryContext {
     }
 }
 
+/// What made the gateway read the registry file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Trigger {
+    Changed,
+    Hup,
+    /// SIGUSR1: a reload that accepts a large shrink, once.
+    Usr1,
+}
+
+impl Trigger {
+    fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Changed => "file changed",
+            Trigger::Hup => "SIGHUP",
+            Trigger::Usr1 => "SIGUSR1",
+        }
+    }
+}
+
+fn signal_or_warn(kind: SignalKind, name: &str) -> Option<tokio::signal::unix::Signal> {
+    signal(kind)
+        .map_err(|e| tracing::warn!(error = %e, signal = name, "cannot install a signal handler; reloads happen on file changes"))
+        .ok()
+}
+
+async fn next_signal(s: &mut Option<tokio::signal::unix::Signal>) {
+    match s.as_mut() {
+        Some(s) => {
+            s.recv().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
 /// Watches the registry file until shutdown.
 pub async fn watch(gw: Arc<Gateway>) {
     let path = gw.config.identities.clone();
     let interval = Duration::from_secs(gw.config.reload_interval_secs);
     let mut last = content_hash(&path);
-    let mut hup = match signal(SignalKind::hangup()) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot install the SIGHUP handler; reloads happen on file changes only");
-            None
-        }
-    };
+    let mut hup = signal_or_warn(SignalKind::hangup(), "SIGHUP");
+    let mut usr1 = signal_or_warn(SignalKind::user_defined1(), "SIGUSR1");
     loop {
-        let forced = tokio::select! {
+        let trigger = tokio::select! {
             _ = gw.shutdown.cancelled() => return,
-            _ = tokio::time::sleep(interval) => false,
-            Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => true,
+            _ = tokio::time::sleep(interval) => Trigger::Changed,
+            _ = next_signal(&mut hup) => Trigger::Hup,
+            _ = next_signal(&mut usr1) => Trigger::Usr1,
         };
         let now = content_hash(&path);
-        if !forced && now == last {
+        if trigger == Trigger::Changed && now == last {
             continue;
         }
         last = now;
-        let why = if forced { "SIGHUP" } else { "file changed" };
-        match Registry::load(&path, registry_context(&gw.config)) {
+        let why = trigger.as_str();
+        let loaded = Registry::load(&path, registry_context(&gw.config))
+            .map_err(|e| e.to_string())
+            .and_then(|new| {
+                if trigger == Trigger::Usr1 {
+                    return Ok(new);
+                }
+                shrink_guard(&gw.registry(), &new, gw.config.reload_max_removed_percent).map(|()| new)
+            });
+        match loaded {
             Ok(registry) => apply(&gw, registry, why).await,
             Err(e) => {
                 tracing::error!(path = %path.display(), trigger = why,
-                    "identity registry reload failed; the previous registry stays in force:\n{e}");
+                    "identity registry reload refused; the previous registry stays in force:\n{e}");
                 gw.events.emit(GatewayEvent::RegistryRejected {
                     trigger: why.to_string(),
-                    error: e.to_string(),
+                    error: e,
                 });
             }
         }
     }
+}
+
+/// Refuses a new registry that looks like an accident: empty where the one in force is not, or
+/// without more than `max_removed_percent` of the identities in force.
+fn shrink_guard(old: &Registry, new: &Registry, max_removed_percent: u8) -> Result<(), String> {
+    if old.is_empty() {
+        return Ok(());
+    }
+    let removed: Vec<&str> = old
+        .iter()
+        .map(|i| i.name.as_str())
+        .filter(|n| new.get(n).is_none())
+        .collect();
+    let escape = "send SIGUSR1 to apply it anyway, or restart the gateway";
+    if new.is_empty() {
+        return Err(format!(
+            "the new registry has no identities and would disconnect all {} identities in force (an empty or truncated file?); {escape}",
+            old.len()
+        ));
+    }
+    let percent = removed.len() * 100 / old.len();
+    if percent > usize::from(max_removed_percent) {
+        let named: Vec<&str> = removed.iter().take(5).copied().collect();
+        return Err(format!(
+            "the new registry removes {} of {} identities ({percent} %, more than reload_max_removed_percent = {max_removed_percent}: {}{}); a half-written file?; {escape}",
+            removed.len(),
+            old.len(),
+            named.join(", "),
+            if removed.len() > named.len() { ", ..." } else { "" }
+        ));
+    }
+    Ok(())
 }
 
 /// Swaps the registry in and brings live sessions and forwards in line with it.
@@ -123,4 +195,49 @@ pub async fn apply(gw: &Arc<Gateway>, registry: Registry, why: &str) {
         identities: new.len(),
         previous: old.len(),
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    fn registry(names: &[&str]) -> Registry {
+        let mut text = String::from(
+            "cert_authorities = [\"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAOWeqz0RhxzjiASSGbF+lvtms00N1lGxLHlEZ2HCy5o ca\"]\n",
+        );
+        for (i, n) in names.iter().enumerate() {
+            text.push_str(&format!(
+                "[[identity]]\nname = \"{n}\"\nrole = \"device\"\naddress = \"fd63:6d78::{}\"\n",
+                i + 1
+            ));
+        }
+        let ctx = RegistryContext {
+            prefix: "fd63:6d78::/64".parse().unwrap(),
+            service_prefix: "dynamic-service-".into(),
+        };
+        Registry::parse(&text, Path::new("t.toml"), ctx).unwrap()
+    }
+
+    #[test]
+    fn an_empty_or_much_smaller_registry_is_refused() {
+        let four = registry(&["a", "b", "c", "d"]);
+        let err = shrink_guard(&four, &registry(&[]), 50).unwrap_err();
+        assert!(
+            err.starts_with("the new registry has no identities and would disconnect all 4"),
+            "{err}"
+        );
+        let err = shrink_guard(&four, &registry(&["a"]), 50).unwrap_err();
+        assert!(
+            err.starts_with("the new registry removes 3 of 4 identities (75 %"),
+            "{err}"
+        );
+        assert!(err.contains(": b, c, d)"), "{err}");
+        // Up to the limit is fine; so are additions and any change of an empty registry.
+        assert!(shrink_guard(&four, &registry(&["a", "b"]), 50).is_ok());
+        assert!(shrink_guard(&four, &registry(&["a", "b", "c", "d", "e"]), 50).is_ok());
+        assert!(shrink_guard(&registry(&[]), &registry(&[]), 50).is_ok());
+        assert!(shrink_guard(&four, &registry(&["a"]), 100).is_ok());
+    }
 }

@@ -10,25 +10,11 @@ const T: Duration = Duration::from_secs(20);
 
 /// `GET path` over HTTP/1.1 from the gateway host; (status code, body).
 async fn get(hosts: &Hosts, admin: &str, path: &str) -> (u16, String) {
-    let mut s = hosts.gw.connect(admin).expect("connect to the admin endpoint");
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n");
-    s.write_all(request.as_bytes()).await.unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).await.unwrap();
-    let (head, body) = raw.split_once("\r\n\r\n").expect("an HTTP response");
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("no status in {head:?}"));
-    (status, body.to_string())
+    http_get(&hosts.gw, admin, path).await
 }
 
-/// The value of the sample `name` (with its labels) in a Prometheus text body.
 fn sample(body: &str, name: &str) -> u64 {
-    body.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("no sample {name} in:\n{body}"))
+    metric(body, name)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -390,15 +390,7 @@ async fn refused_shell_leaves_the_connection_forwarding() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_disconnects_with_a_message_undoes_the_route_and_exits_zero() {
     let (hosts, mut gw, [srv1, _, _]) = standard("").await;
-    let route = |ns: &Netns| {
-        let out = ns
-            .command("ip")
-            .args(["-6", "route", "show", "table", "local", "exact", "fd63:6d78::/64"])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).contains("local fd63:6d78::/64")
-    };
-    assert!(route(&hosts.gw), "the gateway makes the identity prefix local");
+    assert!(has_route(&hosts.gw), "the gateway makes the identity prefix local");
     let mut agent = SshAgent::start(&hosts, &hosts.srv, "srv1", &srv1, &["-R", "1883:127.0.0.1:5001"]);
     gw.log.wait_event("published", forward_added("srv1", 1883)).await;
     gw.signal(libc::SIGTERM);
@@ -411,7 +403,7 @@ async fn sigterm_disconnects_with_a_message_undoes_the_route_and_exits_zero() {
         agent.output()
     );
     assert!(
-        !route(&hosts.gw),
+        !has_route(&hosts.gw),
         "the route the gateway added is removed at exit"
     );
     gw.log
@@ -590,4 +582,119 @@ async fn cancel_tcpip_forward_closes_the_mir_sock() {
             ),
         )
         .await;
+}
+
+/// An operator's accident: the registry file truncated to nothing (a failed write, a ConfigMap
+/// mounted empty), then half written. Both are refused; the sessions and the registry in force
+/// stay, the refusal is logged and counted; SIGUSR1 applies the smaller registry on purpose.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_empty_or_half_written_registry_is_refused_until_the_operator_insists() {
+    let admin = "[admin]\nenabled = true\nlisten = \"127.0.0.1:0\"\n";
+    let (hosts, gw, [srv1, dev1, dev2]) = standard(admin).await;
+    let admin = gw.admin().await;
+    let full = std::fs::read_to_string(&gw.registry).unwrap();
+    let _dev1 = SshAgent::start(&hosts, &hosts.dev, "dev1", &dev1, &[]);
+    gw.log.wait_event("dev1 in", session_opened("dev1")).await;
+    let refused = |e: &GatewayEvent| matches!(e, GatewayEvent::RegistryRejected { .. });
+
+    // An empty file.
+    std::fs::write(&gw.registry, "").unwrap();
+    let e = gw
+        .log
+        .wait_more_events("the empty registry refused", 0, refused)
+        .await;
+    assert!(
+        matches!(&e, GatewayEvent::RegistryRejected { error, .. } if error.contains("has no identities and would disconnect all 3")),
+        "{e:?}"
+    );
+    let metrics = http_get(&hosts.gw, &admin, "/metrics").await.1;
+    assert_eq!(
+        metric(&metrics, "cmxsafe_identities"),
+        3,
+        "the previous registry is in force"
+    );
+    assert_eq!(metric(&metrics, "cmxsafe_sessions"), 1, "dev1's session stayed");
+    assert_eq!(metric(&metrics, "cmxsafe_registry_file_refused"), 1);
+    assert_eq!(
+        metric(&metrics, "cmxsafe_registry_reloads_total{result=\"refused\"}"),
+        1
+    );
+
+    // A file cut after its first identity: two of three removed.
+    let half = registry(&srv1, &dev1, &dev2, "permit_open = [\"srv1:1883\"]");
+    let cut = half
+        .find("\n[[identity]]\nname = \"dev1\"")
+        .expect("dev1 follows srv1");
+    std::fs::write(&gw.registry, &half[..cut]).unwrap();
+    let e = gw
+        .log
+        .wait_more_events("the half-written registry refused", 1, refused)
+        .await;
+    assert!(
+        matches!(&e, GatewayEvent::RegistryRejected { error, .. } if error.contains("removes 2 of 3 identities (66 %")),
+        "{e:?}"
+    );
+    assert_eq!(
+        gw.log.count_events(session_closed("dev1")),
+        0,
+        "dev1 was never disconnected"
+    );
+
+    // The operator means it: SIGUSR1 applies it, dev1's session ends (it was removed).
+    let applied = |e: &GatewayEvent| matches!(e, GatewayEvent::RegistryReloaded { trigger, identities: 1, .. } if trigger == "SIGUSR1");
+    gw.signal(libc::SIGUSR1);
+    gw.log
+        .wait_event("SIGUSR1 applies the small registry", applied)
+        .await;
+    gw.log.wait_event("dev1 removed", session_closed("dev1")).await;
+    let metrics = http_get(&hosts.gw, &admin, "/metrics").await.1;
+    assert_eq!(metric(&metrics, "cmxsafe_registry_file_refused"), 0);
+
+    // Growing back is no shrink: applied on its own.
+    std::fs::write(&gw.registry, &full).unwrap();
+    let grown = |e: &GatewayEvent| matches!(e, GatewayEvent::RegistryReloaded { identities: 3, .. });
+    gw.log.wait_event("the full registry back", grown).await;
+}
+
+/// Whether the gateway host has a local route for the identity prefix.
+fn has_route(ns: &Netns) -> bool {
+    let out = ns
+        .command("ip")
+        .args(["-6", "route", "show", "table", "local", "exact", "fd63:6d78::/64"])
+        .output()
+        .unwrap();
+    !String::from_utf8_lossy(&out.stdout).trim().is_empty()
+}
+
+/// A gateway killed with SIGKILL leaves its route; the next gateway knows it is a cmxsafe route
+/// (its protocol mark) and removes it at its own clean exit. A route an operator added stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_route_left_by_a_killed_gateway_is_removed_by_the_next_one() {
+    let (hosts, mut gw, _) = standard("").await;
+    assert!(has_route(&hosts.gw));
+    gw.kill9();
+    assert!(has_route(&hosts.gw), "a killed gateway cannot remove its route");
+    let mut gw = GatewayProc::launch(&hosts).await;
+    gw.signal(libc::SIGTERM);
+    assert_eq!(gw.wait_exit(T).await.code(), Some(0));
+    assert!(
+        !has_route(&hosts.gw),
+        "the restarted gateway removed the route left behind"
+    );
+
+    // The operator's own route (no cmxsafe mark) is never the gateway's to remove.
+    let added = hosts
+        .gw
+        .command("ip")
+        .args(["-6", "route", "add", "local", "fd63:6d78::/64", "dev", "lo"])
+        .status()
+        .unwrap();
+    assert!(added.success());
+    let mut gw = GatewayProc::launch(&hosts).await;
+    gw.signal(libc::SIGTERM);
+    assert_eq!(gw.wait_exit(T).await.code(), Some(0));
+    assert!(
+        has_route(&hosts.gw),
+        "a route the gateway did not add is left as found"
+    );
 }

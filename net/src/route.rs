@@ -53,11 +53,45 @@ fn ip(prefix: Ipv6Net, args: &[&str]) -> Result<String, NetSetupError> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Whether `local <prefix>` is already in the local routing table.
-pub fn local_route_exists(prefix: Ipv6Net) -> Result<bool, NetSetupError> {
+/// The routing protocol number cmxsafe marks its routes with (`ip route ... proto 203`): a
+/// route with it was added by a cmxsafe process, so one that restarts after a crash knows the
+/// route it finds is its own to remove. (Numbers above 200 are free for local use; 203 is
+/// arbitrary.)
+pub const ROUTE_PROTOCOL: u8 = 203;
+
+/// Who added the local route for a prefix, as far as the routing table says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Existing {
+    None,
+    /// Marked with `ROUTE_PROTOCOL`: a cmxsafe process added it.
+    Ours,
+    /// Added by someone else (an operator, another tool): left alone.
+    Foreign,
+}
+
+/// What `ip -6 route show table local exact <prefix>` says about the route.
+fn parse_existing(out: &str) -> Existing {
+    let Some(line) = out.lines().find(|l| l.starts_with("local ")) else {
+        return Existing::None;
+    };
+    let mut words = line.split_whitespace();
+    let ours = std::iter::from_fn(|| words.next())
+        .collect::<Vec<_>>()
+        .windows(2)
+        .any(|w| w[0] == "proto" && w[1] == ROUTE_PROTOCOL.to_string());
+    if ours { Existing::Ours } else { Existing::Foreign }
+}
+
+/// Whether `local <prefix>` is already in the local routing table, and whose it is.
+pub fn existing_local_route(prefix: Ipv6Net) -> Result<Existing, NetSetupError> {
     let p = prefix.to_string();
     let out = ip(prefix, &["-6", "route", "show", "table", "local", "exact", &p])?;
-    Ok(out.lines().any(|l| l.starts_with("local ")))
+    Ok(parse_existing(&out))
+}
+
+/// Whether `local <prefix>` is already in the local routing table.
+pub fn local_route_exists(prefix: Ipv6Net) -> Result<bool, NetSetupError> {
+    Ok(existing_local_route(prefix)? != Existing::None)
 }
 
 /// The local route for the identity prefix: a guard that removes it when dropped, if this
@@ -69,16 +103,30 @@ pub struct LocalRoute {
 }
 
 impl LocalRoute {
+    /// Makes `prefix` local. A route already there is kept: if it carries cmxsafe's protocol
+    /// mark (a gateway or agent that was killed left it), it is adopted and removed at exit like
+    /// one added now; otherwise it is someone else's and left as found.
     pub fn ensure(prefix: Ipv6Net) -> Result<LocalRoute, NetSetupError> {
-        if local_route_exists(prefix)? {
-            tracing::info!(%prefix, "identity prefix already local (route present, left as found)");
-            return Ok(LocalRoute { prefix, added: false });
+        match existing_local_route(prefix)? {
+            Existing::Ours => {
+                tracing::info!(%prefix, "identity prefix already local, by a route an earlier cmxsafe process left (proto {ROUTE_PROTOCOL}): adopted, removed at exit");
+                return Ok(LocalRoute { prefix, added: true });
+            }
+            Existing::Foreign => {
+                tracing::info!(%prefix, "identity prefix already local (a route someone else added: left as found)");
+                return Ok(LocalRoute { prefix, added: false });
+            }
+            Existing::None => {}
         }
         if !has_capability(CAP_NET_ADMIN) {
             return Err(NetSetupError::MissingCapability { prefix });
         }
         let p = prefix.to_string();
-        ip(prefix, &["-6", "route", "add", "local", &p, "dev", "lo"])?;
+        let proto = ROUTE_PROTOCOL.to_string();
+        ip(
+            prefix,
+            &["-6", "route", "add", "local", &p, "dev", "lo", "proto", &proto],
+        )?;
         tracing::info!(%prefix, "identity prefix made local: ip -6 route add local {prefix} dev lo");
         Ok(LocalRoute { prefix, added: true })
     }
@@ -107,5 +155,27 @@ impl Drop for LocalRoute {
             Ok(_) => tracing::info!(prefix = %self.prefix, "local route for the identity prefix removed"),
             Err(e) => tracing::warn!(prefix = %self.prefix, error = %e, "could not remove the local route"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_route_s_owner_is_read_from_its_protocol() {
+        assert_eq!(parse_existing(""), Existing::None);
+        assert_eq!(
+            parse_existing("local fd63:6d78::/64 dev lo proto 203 metric 1024 pref medium\n"),
+            Existing::Ours
+        );
+        assert_eq!(
+            parse_existing("local fd63:6d78::/64 dev lo proto boot metric 1024 pref medium\n"),
+            Existing::Foreign
+        );
+        assert_eq!(
+            parse_existing("local fd63:6d78::/64 dev lo metric 1024 proto 2030 pref medium\n"),
+            Existing::Foreign
+        );
     }
 }

@@ -132,6 +132,18 @@ impl GatewayProc {
         }
     }
 
+    /// The admin endpoint's address, from the gateway's Ready event (`[admin] enabled`).
+    pub async fn admin(&self) -> String {
+        let ready = self
+            .log
+            .wait_event("ready", |e| matches!(e, GatewayEvent::Ready { .. }))
+            .await;
+        match ready {
+            GatewayEvent::Ready { admin: Some(a), .. } => a.to_string(),
+            other => panic!("the gateway announced no admin endpoint: {other:?}"),
+        }
+    }
+
     /// SIGKILL: no goodbye to anyone.
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
