@@ -390,7 +390,10 @@ async fn refused_shell_leaves_the_connection_forwarding() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_disconnects_with_a_message_undoes_the_route_and_exits_zero() {
     let (hosts, mut gw, [srv1, _, _]) = standard("").await;
-    assert!(has_route(&hosts.gw), "the gateway makes the identity prefix local");
+    assert!(
+        has_route(&hosts.gw),
+        "the gateway makes the identity prefix local"
+    );
     let mut agent = SshAgent::start(&hosts, &hosts.srv, "srv1", &srv1, &["-R", "1883:127.0.0.1:5001"]);
     gw.log.wait_event("published", forward_added("srv1", 1883)).await;
     gw.signal(libc::SIGTERM);
