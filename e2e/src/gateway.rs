@@ -65,7 +65,12 @@ impl Gateway {
             &["delete", "namespace", namespace, "--wait=true", "--timeout=120s"],
             None,
         );
-        cluster.apply(&rendered);
+        // The namespace, host key and registry first, so that the gateway's first pod starts with
+        // them; the base's empty registry template is never applied over the test's.
+        let docs: Vec<&str> = rendered.split("\n---\n").collect();
+        let (namespace_docs, rest): (Vec<&str>, Vec<&str>) =
+            docs.into_iter().partition(|d| d.contains("kind: Namespace"));
+        cluster.apply(&namespace_docs.join("\n---\n"));
         let key = gw.host_key.path.display().to_string();
         gw.apply_generated(&[
             "secret",
@@ -75,6 +80,11 @@ impl Gateway {
             &format!("--from-file=ssh_host_ed25519_key.pub={key}.pub"),
         ]);
         gw.set_registry(registry);
+        let rest: Vec<&str> = rest
+            .into_iter()
+            .filter(|d| !(d.contains("kind: ConfigMap") && d.contains("name: cmxsafe-registry")))
+            .collect();
+        cluster.apply(&rest.join("\n---\n"));
         gw
     }
 

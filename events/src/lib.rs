@@ -160,6 +160,8 @@ pub enum AuditEvent {
     SessionClosed,
     /// A bind or connect the kernel's cgroup hooks refused.
     KernelDeny,
+    /// A source put in the pre-authentication penalty box.
+    Penalty,
 }
 
 impl AuditEvent {
@@ -175,6 +177,7 @@ impl AuditEvent {
             AuditEvent::PairClosed => "pair-closed",
             AuditEvent::SessionClosed => "session-closed",
             AuditEvent::KernelDeny => "kernel-deny",
+            AuditEvent::Penalty => "penalty",
         }
     }
 }

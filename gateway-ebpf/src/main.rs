@@ -8,7 +8,9 @@
 //!   queue (BPF_F_INGRESS), skipping the loopback TCP stack. No peer yet: normal TCP (SK_PASS).
 //! - `cmx_bind4/6`, `cmx_connect4/6` (cgroup): binds and connects into the identity prefix are
 //!   allowed only to tagged sockets and only as the security contexts allow (`cmx_open`,
-//!   `cmx_listen`, filled from the identity registry). Refusals go to `cmx_denials`.
+//!   `cmx_listen`, filled from the identity registry); a device's connection (a tagged ID-sock)
+//!   anywhere else is checked against the egress list (`cmx_egress`). Refusals go to
+//!   `cmx_denials`. The gateway's own sockets (untagged) outside the prefix are not policed.
 
 #![no_std]
 #![no_main]
@@ -19,7 +21,8 @@ use aya_ebpf::bindings::{
 };
 use aya_ebpf::helpers::bpf_get_socket_cookie;
 use aya_ebpf::macros::{cgroup_sock_addr, map, sk_msg, sock_ops};
-use aya_ebpf::maps::{Array, HashMap, PerCpuHashMap, RingBuf, SockHash};
+use aya_ebpf::maps::lpm_trie::Key as LpmKey;
+use aya_ebpf::maps::{Array, HashMap, LpmTrie, PerCpuHashMap, RingBuf, SockHash};
 use aya_ebpf::programs::{SkMsgContext, SockAddrContext, SockOpsContext};
 use aya_log_ebpf::debug;
 use cmx_ebpf_common::*;
@@ -29,17 +32,17 @@ const ALLOW: i32 = 1;
 const DENY: i32 = 0;
 
 #[map(name = "cmx_tags")]
-static TAGS: HashMap<u64, Tag> = HashMap::pinned(1 << 16, 0);
+static TAGS: HashMap<u64, Tag> = HashMap::pinned(cmx_ebpf_common::maps::TAGS_CAPACITY, 0);
 #[map(name = "cmx_passive")]
 static PASSIVE: HashMap<TupleKey, u64> = HashMap::pinned(1 << 14, 0);
 /// Each spliced socket's own 4-tuple -> its place in the SOCKHASH (sk_msg cannot read cookies).
 #[map(name = "cmx_pairs")]
-static PAIRS: HashMap<TupleKey, PairKey> = HashMap::pinned(1 << 17, 0);
+static PAIRS: HashMap<TupleKey, PairKey> = HashMap::pinned(cmx_ebpf_common::maps::SOCKS_CAPACITY, 0);
 #[map(name = "cmx_socks")]
-static SOCKS: SockHash<PairKey> = SockHash::pinned(1 << 17, 0);
+static SOCKS: SockHash<PairKey> = SockHash::pinned(cmx_ebpf_common::maps::SOCKS_CAPACITY, 0);
 /// Bytes spliced per {ConnID, side}, per CPU (user space sums): no atomics on the hot path.
 #[map(name = "cmx_bytes")]
-static BYTES: PerCpuHashMap<PairKey, u64> = PerCpuHashMap::pinned(1 << 17, 0);
+static BYTES: PerCpuHashMap<PairKey, u64> = PerCpuHashMap::pinned(cmx_ebpf_common::maps::SOCKS_CAPACITY, 0);
 #[map(name = "cmx_open")]
 static OPEN: HashMap<OpenKey, u8> = HashMap::pinned(1 << 16, 0);
 #[map(name = "cmx_listen")]
@@ -48,6 +51,9 @@ static LISTEN: HashMap<ListenKey, u8> = HashMap::pinned(1 << 14, 0);
 static PREFIX: Array<PrefixConfig> = Array::pinned(1, 0);
 #[map(name = "cmx_denials")]
 static DENIALS: RingBuf = RingBuf::pinned(1 << 16, 0);
+/// Where devices may not go outside the identity prefix (IPv4 as v4-mapped IPv6).
+#[map(name = "cmx_egress")]
+static EGRESS: LpmTrie<[u8; 16], u8> = LpmTrie::pinned(1 << 12, 0);
 
 #[inline(always)]
 fn octets(a: [u32; 4]) -> [u8; 16] {
@@ -308,12 +314,26 @@ pub fn cmx_bind6(ctx: SockAddrContext) -> i32 {
     }
 }
 
+/// A device's connection outside the identity prefix: refused where the egress trie's longest
+/// matching prefix says deny.
+#[inline(always)]
+fn egress(ctx: &SockAddrContext, tag: &Tag, op: u32, dst: [u8; 16], port: u32) -> i32 {
+    let key = LpmKey::new(128, dst);
+    match EGRESS.get(&key) {
+        Some(v) if *v == EGRESS_DENY => deny(ctx, Some(tag), op, DENY_EGRESS, tag.addr, dst, port),
+        _ => ALLOW,
+    }
+}
+
 #[cgroup_sock_addr(connect6)]
 pub fn cmx_connect6(ctx: SockAddrContext) -> i32 {
     let Some(prefix) = prefix() else { return ALLOW };
     let dst = octets(read_ip6!((*ctx.sock_addr).user_ip6));
     if !in_prefix(&dst, prefix) {
-        return ALLOW;
+        return match tag_of(&ctx) {
+            Some(tag) if tag.kind == KIND_ID_SOCK => egress(&ctx, tag, OP_CONNECT6, dst, user_port(&ctx)),
+            _ => ALLOW,
+        };
     }
     let port = user_port(&ctx);
     let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
@@ -364,31 +384,49 @@ pub fn cmx_connect6(ctx: SockAddrContext) -> i32 {
     deny(&ctx, Some(tag), OP_CONNECT6, DENY_NOT_PERMITTED, src, dst, port)
 }
 
-/// Identity paths are IPv6: a tagged socket has no business with IPv4.
-#[inline(always)]
-fn v4(ctx: &SockAddrContext, op: u32) -> i32 {
-    match tag_of(ctx) {
+/// Identity addresses are IPv6: a tagged socket never binds IPv4.
+#[cgroup_sock_addr(bind4)]
+pub fn cmx_bind4(ctx: SockAddrContext) -> i32 {
+    match tag_of(&ctx) {
         Some(tag) if prefix().is_some() => deny(
-            ctx,
+            &ctx,
             Some(tag),
-            op,
+            OP_BIND4,
             DENY_NOT_PERMITTED,
             [0; 16],
             [0; 16],
-            user_port(ctx),
+            user_port(&ctx),
         ),
         _ => ALLOW,
     }
 }
 
-#[cgroup_sock_addr(bind4)]
-pub fn cmx_bind4(ctx: SockAddrContext) -> i32 {
-    v4(&ctx, OP_BIND4)
-}
-
+/// A device's connection to an IPv4 host (a tagged ID-sock without an identity source): the
+/// egress list decides; the gateway's own IPv4 sockets are untagged and not policed.
 #[cgroup_sock_addr(connect4)]
 pub fn cmx_connect4(ctx: SockAddrContext) -> i32 {
-    v4(&ctx, OP_CONNECT4)
+    let Some(tag) = tag_of(&ctx) else { return ALLOW };
+    if prefix().is_none() {
+        return ALLOW;
+    }
+    if tag.kind != KIND_ID_SOCK {
+        let port = user_port(&ctx);
+        return deny(
+            &ctx,
+            Some(tag),
+            OP_CONNECT4,
+            DENY_NOT_PERMITTED,
+            [0; 16],
+            [0; 16],
+            port,
+        );
+    }
+    // user_ip4 is in network byte order: its bytes are the octets.
+    let v4: [u8; 4] = unsafe { (*ctx.sock_addr).user_ip4 }.to_ne_bytes();
+    let dst = [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3],
+    ];
+    egress(&ctx, tag, OP_CONNECT4, dst, user_port(&ctx))
 }
 
 /// Every ABI type, as members, so the object's BTF describes them all.

@@ -20,14 +20,13 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 
 use crate::gateway::Gateway;
+use crate::quota::{Limit, Quota};
 
-/// Admin connections served at once; more are closed at once (scrapers and probes need few).
-const MAX_CONNECTIONS: usize = 32;
-/// A client must send its request head within this time.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// A client must send its request head within this time (probes and scrapers send theirs at
+/// once; an idle connection must not hold a slot for long).
+const HEADER_TIMEOUT: Duration = Duration::from_secs(2);
 /// And be done with its connection within this time.
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -70,9 +69,23 @@ pub fn respond(gw: &Gateway, method: &Method, path: &str) -> Response<Full<Bytes
     }
 }
 
-/// Serves the admin endpoint on `listener` until the task is aborted.
+/// Serves the admin endpoint on `listener` until the task is aborted. Connections are counted
+/// per peer address and in total (`admin.max_connections_per_peer`, `admin.max_connections`):
+/// one pod holding idle connections cannot take the slots the kubelet's probes need.
 pub async fn serve(gw: Arc<Gateway>, listener: TcpListener) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let settings = &gw.config.admin;
+    let slots = Quota::new(
+        "admin connections",
+        Limit {
+            max: settings.max_connections_per_peer,
+            setting: "admin.max_connections_per_peer",
+        },
+        Some(Limit {
+            max: settings.max_connections,
+            setting: "admin.max_connections",
+        }),
+    )
+    .per("peer");
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -82,9 +95,12 @@ pub async fn serve(gw: Arc<Gateway>, listener: TcpListener) {
                 continue;
             }
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, max = MAX_CONNECTIONS, "admin endpoint busy; connection closed");
-            continue;
+        let slot = match slots.take(&peer.ip().to_string()) {
+            Ok(slot) => slot,
+            Err(reason) => {
+                tracing::debug!(%peer, reason, "admin connection refused");
+                continue;
+            }
         };
         let gw = gw.clone();
         tokio::spawn(async move {

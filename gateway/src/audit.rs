@@ -1,6 +1,10 @@
 //! The audit trail: one structured log line per security decision, under the `audit` target, with
 //! the same field names everywhere (`event`, `decision`, `identity`, `peer`, `request`, `rule`,
 //! `reason`) so operators can filter and alert on them.
+//!
+//! Every string here may come from a peer (a user name, a requested host, a reason quoting
+//! them): each is bounded (`short` 256 bytes, `long` 1 KiB, as OpenSSH cuts its log lines) and
+//! its control characters escaped, so no peer can grow the log or forge lines.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -61,49 +65,66 @@ impl Decision {
 
 static COUNTS: [AtomicU64; Decision::ALL.len()] = [const { AtomicU64::new(0) }; Decision::ALL.len()];
 
+/// A name or request as a log field: at most 256 bytes.
+fn short(s: &str) -> std::borrow::Cow<'_, str> {
+    cmx_net::text::bounded(s, 256)
+}
+
+/// A reason or rule as a log field: at most 1 KiB (reasons quote what was requested).
+fn long(s: &str) -> std::borrow::Cow<'_, str> {
+    cmx_net::text::bounded(s, 1024)
+}
+
 pub fn auth_accepted(peer: SocketAddr, identity: &str, method: &str) {
     let (event, decision) = Decision::AuthAccept.record();
-    tracing::info!(target: TARGET, event, decision, %peer, identity, method, "authenticated");
+    tracing::info!(target: TARGET, event, decision, %peer, identity = %short(identity), method = %short(method), "authenticated");
 }
 
 pub fn auth_denied(peer: SocketAddr, user: &str, reason: &str) {
     let (event, decision) = Decision::AuthDeny.record();
-    tracing::warn!(target: TARGET, event, decision, %peer, identity = user, reason, "authentication refused");
+    tracing::warn!(target: TARGET, event, decision, %peer, identity = %short(user), reason = %long(reason), "authentication refused");
 }
 
 pub fn connection_refused(peer: SocketAddr, reason: &str) {
     let (event, decision) = Decision::ConnectionDeny.record();
-    tracing::warn!(target: TARGET, event, decision, %peer, reason, "connection refused");
+    tracing::warn!(target: TARGET, event, decision, %peer, reason = %long(reason), "connection refused");
+}
+
+/// A source put in the penalty box (see `preauth`): its next connections are refused for
+/// `seconds`.
+pub fn penalized(source: std::net::IpAddr, offence: &str, seconds: u64) {
+    tracing::warn!(target: TARGET, event = "penalty", %source, offence, seconds,
+        "source {source} penalized for {seconds} s: {offence}");
 }
 
 pub fn session_request_refused(session: SessionId, identity: &str, request: &str) {
     let (event, decision) = Decision::SessionRequestDeny.record();
-    tracing::warn!(target: TARGET, event, decision, %session, identity, request,
+    tracing::warn!(target: TARGET, event, decision, %session, identity = %short(identity), request = %short(request),
         reason = "the gateway only forwards ports", "session request refused");
 }
 
 pub fn forward_allowed(session: SessionId, identity: &str, request: &str, rule: &str) {
     let (event, decision) = Decision::ForwardAllow.record();
-    tracing::info!(target: TARGET, event, decision, %session, identity, request, rule, "forward allowed");
+    tracing::info!(target: TARGET, event, decision, %session, identity = %short(identity), request = %short(request), rule = %long(rule), "forward allowed");
 }
 
 pub fn forward_denied(session: SessionId, identity: &str, request: &str, reason: &str) {
     let (event, decision) = Decision::ForwardDeny.record();
-    tracing::warn!(target: TARGET, event, decision, %session, identity, request, reason, "forward refused");
+    tracing::warn!(target: TARGET, event, decision, %session, identity = %short(identity), request = %short(request), reason = %long(reason), "forward refused");
 }
 
 /// An allowed forward whose connection could not be made (target down, timeout): not a
 /// security decision, so no `decision` field.
 pub fn pair_failed(session: SessionId, identity: &str, request: &str, reason: &str) {
-    tracing::warn!(target: TARGET, event = "pair-failed", %session, identity, request, reason, "forwarding path failed");
+    tracing::warn!(target: TARGET, event = "pair-failed", %session, identity = %short(identity), request = %short(request), reason = %long(reason), "forwarding path failed");
 }
 
 pub fn forward_removed(session: SessionId, identity: &str, request: &str, reason: &str) {
-    tracing::info!(target: TARGET, event = "forward-removed", %session, identity, request, reason, "forward removed");
+    tracing::info!(target: TARGET, event = "forward-removed", %session, identity = %short(identity), request = %short(request), reason = %long(reason), "forward removed");
 }
 
 pub fn pair_opened(conn_id: ConnId, identity: &str, source: &str, destination: &str) {
-    tracing::info!(target: TARGET, event = "pair-opened", conn_id, identity, source, destination, "forwarding path opened");
+    tracing::info!(target: TARGET, event = "pair-opened", conn_id, identity = %short(identity), source = %short(source), destination = %short(destination), "forwarding path opened");
 }
 
 /// `spliced`: bytes the kernel carried between the two sockets (ID side, Mir side), when the
@@ -117,10 +138,10 @@ pub fn pair_closed(
     end: &str,
 ) {
     let (spliced_to_target, spliced_from_target) = spliced.unwrap_or((0, 0));
-    tracing::info!(target: TARGET, event = "pair-closed", conn_id, identity, bytes_to_target, bytes_from_target,
-        spliced = spliced.is_some(), spliced_to_target, spliced_from_target, end, "forwarding path closed");
+    tracing::info!(target: TARGET, event = "pair-closed", conn_id, identity = %short(identity), bytes_to_target, bytes_from_target,
+        spliced = spliced.is_some(), spliced_to_target, spliced_from_target, end = %short(end), "forwarding path closed");
 }
 
 pub fn session_closed(session: SessionId, identity: &str, reason: &str) {
-    tracing::info!(target: TARGET, event = "session-closed", %session, identity, reason, "session closed");
+    tracing::info!(target: TARGET, event = "session-closed", %session, identity = %short(identity), reason = %long(reason), "session closed");
 }

@@ -9,7 +9,9 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use russh::keys::ssh_key::Fingerprint;
 use russh::keys::ssh_key::certificate::CertType;
-use russh::keys::{Certificate, HashAlg, PublicKey};
+use russh::keys::{Algorithm, Certificate, HashAlg, PublicKey};
+
+use cmx_net::clock::utc;
 
 use crate::identity::{Registry, fingerprint};
 
@@ -38,6 +40,19 @@ impl fmt::Display for Credential {
                 write!(f, "certificate id='{key_id}' serial={serial} ca={ca}")
             }
         }
+    }
+}
+
+/// Whether a signature algorithm is acceptable at all: `ssh-rsa` signs with SHA-1 (RFC 8332),
+/// which OpenSSH has refused by default since 8.8. The key itself may still log in with
+/// `rsa-sha2-256` or `rsa-sha2-512`.
+pub fn algorithm_acceptable(algorithm: &Algorithm) -> Result<(), String> {
+    match algorithm {
+        Algorithm::Rsa { hash: None } => Err(
+            "ssh-rsa (SHA-1) signatures are refused; use rsa-sha2-256 or rsa-sha2-512 (OpenSSH >= 7.2 does)"
+                .into(),
+        ),
+        _ => Ok(()),
     }
 }
 
@@ -103,10 +118,13 @@ pub fn check_certificate(
         return Err(format!("{name} certifies revoked key {key} (revoked_keys)"));
     }
     if now < cert.valid_after() {
-        return Err(format!("{name} is not valid before {}", cert.valid_after()));
+        return Err(format!(
+            "{name} is not yet valid (valid from {})",
+            utc(cert.valid_after())
+        ));
     }
     if now >= cert.valid_before() {
-        return Err(format!("{name} expired at {}", cert.valid_before()));
+        return Err(format!("{name} expired at {}", utc(cert.valid_before())));
     }
     if !cert.valid_principals().iter().any(|p| id.principals.contains(p)) {
         return Err(format!(
@@ -281,6 +299,26 @@ mod tests {
     }
 
     #[test]
+    fn sha1_rsa_signatures_are_refused_and_sha2_ones_accepted() {
+        let refused = algorithm_acceptable(&Algorithm::Rsa { hash: None }).unwrap_err();
+        assert!(
+            refused.starts_with("ssh-rsa (SHA-1) signatures are refused"),
+            "{refused}"
+        );
+        for ok in [
+            Algorithm::Rsa {
+                hash: Some(HashAlg::Sha256),
+            },
+            Algorithm::Rsa {
+                hash: Some(HashAlg::Sha512),
+            },
+            Algorithm::Ed25519,
+        ] {
+            assert_eq!(algorithm_acceptable(&ok), Ok(()), "{ok}");
+        }
+    }
+
+    #[test]
     fn a_valid_certificate_logs_in_with_its_ca_serial_and_principals() {
         let (ca, user) = (key(), key());
         let cred = check(&registry(&ca, &[]), &certify(&ca, &user, valid())).unwrap();
@@ -324,7 +362,7 @@ mod tests {
                     valid_after: NOW + 1,
                     ..valid()
                 },
-                "is not valid before",
+                "is not yet valid (valid from",
             ),
             (
                 Spec {

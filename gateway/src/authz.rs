@@ -10,7 +10,7 @@
 //! (like OpenSSH's PermitOpen); resolving it is the caller's job.
 
 use std::collections::HashSet;
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
 use crate::identity::{Identity, Registry};
@@ -31,6 +31,8 @@ pub enum RefusalCode {
     Prohibited = 1,
     /// SSH_OPEN_CONNECT_FAILED: allowed, but there is nothing to connect to.
     ConnectFailed = 2,
+    /// SSH_OPEN_RESOURCE_SHORTAGE: allowed, but the identity (or the gateway) holds its limit.
+    ResourceShortage = 4,
 }
 
 fn prohibited(reason: impl Into<String>) -> Refusal {
@@ -83,21 +85,62 @@ pub struct ListenPermit {
 const OWN_ADDRESS_ALIASES: &[&str] = &["", "localhost", "0.0.0.0", "::", "*", "127.0.0.1", "::1"];
 
 /// The gateway's authorization decisions.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Debug)]
 pub struct Authz {
-    /// Tests only: user-space security-context checks are skipped so that the kernel's are
-    /// exercised alone. Roles, registry membership and address resolution still apply.
+    /// Tests only: user-space security-context and egress checks are skipped so that the
+    /// kernel's are exercised alone. Roles, registry membership and address resolution still
+    /// apply.
     skip_userspace: bool,
+    egress_settings: crate::config::EgressSettings,
+    /// The egress ranges with the gateway's addresses as of the last refresh.
+    egress: std::sync::Mutex<Arc<Egress>>,
 }
 
 impl Authz {
-    pub fn new(skip_userspace: bool) -> Self {
+    pub fn new(skip_userspace: bool, egress: crate::config::EgressSettings) -> Self {
         if skip_userspace {
             tracing::warn!(
                 "INSECURE (tests only): user-space security-context checks are skipped; only the kernel's apply"
             );
         }
-        Authz { skip_userspace }
+        let current = Arc::new(Egress::new(&egress, &cmx_net::host::addresses()));
+        Authz {
+            skip_userspace,
+            egress_settings: egress,
+            egress: std::sync::Mutex::new(current),
+        }
+    }
+
+    /// Re-reads the gateway's own addresses into the egress ranges; returns them (for the
+    /// kernel's trie).
+    pub fn refresh_egress(&self) -> Arc<Egress> {
+        let fresh = Arc::new(Egress::new(&self.egress_settings, &cmx_net::host::addresses()));
+        *self.egress.lock().unwrap_or_else(|p| p.into_inner()) = fresh.clone();
+        fresh
+    }
+
+    /// Which of `addrs` (what a permitted target outside the identity prefix resolved to) a
+    /// device may connect to; refused when none (the reason names the first).
+    pub fn may_reach(&self, addrs: Vec<SocketAddr>) -> Result<Vec<SocketAddr>, Refusal> {
+        if self.skip_userspace {
+            return Ok(addrs);
+        }
+        let egress = self.egress.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut first_refusal = None;
+        let allowed: Vec<SocketAddr> = addrs
+            .into_iter()
+            .filter(|a| match egress.check(a.ip()) {
+                Ok(()) => true,
+                Err(why) => {
+                    first_refusal.get_or_insert(why);
+                    false
+                }
+            })
+            .collect();
+        match (allowed.is_empty(), first_refusal) {
+            (true, Some(why)) => Err(prohibited(why)),
+            _ => Ok(allowed),
+        }
     }
 
     /// The policy's verdict, or the tests-only override of a denial.
@@ -375,4 +418,165 @@ pub fn kernel_listen_rules(registry: &Registry) -> HashSet<KernelListen> {
         }
     }
     out
+}
+
+/// Ranges no device connection outside the identity prefix may reach, whatever `permit_open`
+/// says, and why (the reason a refusal names).
+const ALWAYS_DENIED: &[(&str, &str)] = &[
+    ("127.0.0.0/8", "loopback"),
+    ("::1/128", "loopback"),
+    ("0.0.0.0/8", "an unspecified address"),
+    ("::/128", "an unspecified address"),
+    ("169.254.0.0/16", "link-local (cloud metadata at 169.254.169.254)"),
+    ("fe80::/10", "link-local"),
+    ("224.0.0.0/4", "multicast"),
+    ("255.255.255.255/32", "broadcast"),
+    ("ff00::/8", "multicast"),
+];
+
+/// Where devices may go outside the identity prefix: the longest matching range decides, as in
+/// the kernel's LPM trie that `kernel_egress_entries` fills, so user space and the kernel agree.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Egress {
+    /// (range, true = allowed / false = denied, why).
+    ranges: Vec<(ipnet::IpNet, bool, String)>,
+}
+
+/// One entry of the kernel's egress trie: IPv6 (IPv4 as v4-mapped), prefix length, allowed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct KernelEgress {
+    pub addr: Ipv6Addr,
+    pub prefix_len: u8,
+    pub allow: bool,
+}
+
+impl Egress {
+    /// The built-in ranges, `cluster_cidrs` and the gateway's `own` addresses denied; `allow`
+    /// reopened.
+    pub fn new(settings: &crate::config::EgressSettings, own: &[IpAddr]) -> Egress {
+        let mut ranges: Vec<(ipnet::IpNet, bool, String)> = ALWAYS_DENIED
+            .iter()
+            .filter_map(|(net, why)| Some((net.parse().ok()?, false, why.to_string())))
+            .collect();
+        for net in &settings.cluster_cidrs {
+            ranges.push((*net, false, "a cluster network ([egress] cluster_cidrs)".into()));
+        }
+        for ip in own {
+            ranges.push((
+                ipnet::IpNet::from(*ip),
+                false,
+                "an address of the gateway itself".into(),
+            ));
+        }
+        for net in &settings.allow {
+            ranges.push((*net, true, "allowed ([egress] allow)".into()));
+        }
+        Egress { ranges }
+    }
+
+    /// Whether a device may connect to `ip` (outside the identity prefix); `Err` says why not.
+    pub fn check(&self, ip: IpAddr) -> Result<(), String> {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        // Longest prefix wins; on a tie an allow entry wins (it was written to reopen a range).
+        let best = self
+            .ranges
+            .iter()
+            .filter(|(net, _, _)| net.contains(&ip))
+            .max_by_key(|(net, allow, _)| (net.prefix_len(), *allow));
+        match best {
+            Some((net, false, why)) => Err(format!(
+                "{ip} is {why} ({net}): devices may not reach it ([egress] in the gateway config)"
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// The ranges as kernel trie entries (IPv4 mapped into ::ffff:0:0/96).
+    pub fn kernel_entries(&self) -> Vec<KernelEgress> {
+        let mut out: Vec<KernelEgress> = Vec::new();
+        for (net, allow, _) in &self.ranges {
+            let (addr, prefix_len) = match net {
+                ipnet::IpNet::V4(v4) => (v4.network().to_ipv6_mapped(), 96 + v4.prefix_len()),
+                ipnet::IpNet::V6(v6) => (v6.network(), v6.prefix_len()),
+            };
+            // Later entries (allow) replace equal ones, as in `check`.
+            out.retain(|e| !(e.addr == addr && e.prefix_len == prefix_len) || *allow);
+            if !out.iter().any(|e| e.addr == addr && e.prefix_len == prefix_len) {
+                out.push(KernelEgress {
+                    addr,
+                    prefix_len,
+                    allow: *allow,
+                });
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod egress_tests {
+    use super::*;
+    use crate::config::EgressSettings;
+
+    fn egress(cluster: &[&str], allow: &[&str]) -> Egress {
+        let settings = EgressSettings {
+            cluster_cidrs: cluster.iter().map(|n| n.parse().unwrap()).collect(),
+            allow: allow.iter().map(|n| n.parse().unwrap()).collect(),
+        };
+        Egress::new(
+            &settings,
+            &["10.1.0.1".parse().unwrap(), "2001:db8::7".parse().unwrap()],
+        )
+    }
+
+    #[test]
+    fn loopback_metadata_own_and_cluster_addresses_are_refused() {
+        let e = egress(&["10.96.0.0/12"], &[]);
+        for (ip, why) in [
+            ("127.0.0.1", "loopback"),
+            ("::1", "loopback"),
+            ("::ffff:127.0.0.1", "loopback"),
+            ("169.254.169.254", "cloud metadata"),
+            ("fe80::1", "link-local"),
+            ("0.0.0.0", "unspecified"),
+            ("10.1.0.1", "the gateway itself"),
+            ("2001:db8::7", "the gateway itself"),
+            ("10.96.0.1", "a cluster network"),
+            ("239.1.1.1", "multicast"),
+        ] {
+            let err = e.check(ip.parse().unwrap()).unwrap_err();
+            assert!(err.contains(why), "{ip}: {err}");
+        }
+        for ip in ["10.2.0.2", "192.0.2.10", "2001:db8::8", "8.8.8.8"] {
+            assert!(e.check(ip.parse().unwrap()).is_ok(), "{ip}");
+        }
+    }
+
+    #[test]
+    fn an_allow_entry_reopens_exactly_its_range() {
+        let e = egress(&["10.96.0.0/12"], &["10.96.0.10/32", "169.254.169.254/32"]);
+        assert!(e.check("10.96.0.10".parse().unwrap()).is_ok());
+        assert!(e.check("10.96.0.11".parse().unwrap()).is_err());
+        assert!(e.check("169.254.169.254".parse().unwrap()).is_ok());
+        assert!(e.check("169.254.0.1".parse().unwrap()).is_err());
+    }
+
+    #[test]
+    fn kernel_entries_map_ipv4_and_keep_allows() {
+        let e = egress(&[], &["127.0.0.1/32"]);
+        let entries = e.kernel_entries();
+        let find = |addr: &str, len: u8| {
+            entries
+                .iter()
+                .find(|k| k.addr == addr.parse::<Ipv6Addr>().unwrap() && k.prefix_len == len)
+                .map(|k| k.allow)
+        };
+        assert_eq!(find("::ffff:127.0.0.0", 104), Some(false));
+        assert_eq!(find("::ffff:127.0.0.1", 128), Some(true));
+        assert_eq!(find("fe80::", 10), Some(false));
+        assert_eq!(find("::ffff:10.1.0.1", 128), Some(false));
+    }
 }

@@ -43,6 +43,7 @@ pub struct Config {
     pub ssh: SshSettings,
     pub kubernetes: KubernetesSettings,
     pub admin: AdminSettings,
+    pub egress: EgressSettings,
     /// Tests only (hidden CLI flag): skip the user-space security-context checks so that the
     /// kernel's are exercised alone. Never set from the file.
     #[serde(skip)]
@@ -127,12 +128,24 @@ impl Default for DataPlaneSettings {
     }
 }
 
+/// Where devices may not connect outside the identity prefix, whatever their `permit_open`
+/// says (see `authz::Egress`): loopback, link-local (cloud metadata), unspecified, multicast and
+/// the gateway's own addresses always, plus `cluster_cidrs`; `allow` reopens a range on purpose.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct EgressSettings {
+    pub cluster_cidrs: Vec<ipnet::IpNet>,
+    pub allow: Vec<ipnet::IpNet>,
+}
+
 /// The admin HTTP endpoint (health, readiness, metrics): see `admin`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminSettings {
     pub enabled: bool,
     pub listen: SocketAddr,
+    pub max_connections: usize,
+    pub max_connections_per_peer: usize,
 }
 
 impl Default for AdminSettings {
@@ -140,6 +153,8 @@ impl Default for AdminSettings {
         AdminSettings {
             enabled: false,
             listen: SocketAddr::from(([127, 0, 0, 1], 9180)),
+            max_connections: 64,
+            max_connections_per_peer: 4,
         }
     }
 }
@@ -194,9 +209,79 @@ fn is_dns_label(s: &str) -> bool {
 pub struct Limits {
     pub login_grace_time_secs: u64,
     pub max_auth_tries: usize,
-    pub max_startups: usize,
+    pub max_startups: Startups,
+    pub per_source_max_startups: usize,
+    pub per_source_ipv6_prefix: u8,
+    pub penalty_authfail_secs: u64,
+    pub penalty_junk_secs: u64,
+    pub penalty_grace_secs: u64,
+    pub penalty_max_secs: u64,
+    pub penalty_exempt: Vec<ipnet::IpNet>,
     pub max_sessions: usize,
     pub max_channels_per_session: usize,
+    pub max_sessions_per_identity: usize,
+    pub max_forwards_per_identity: usize,
+    pub max_pairs_per_identity: usize,
+    pub max_forwards: usize,
+    pub max_pairs: usize,
+    pub max_queued_mib: usize,
+    pub forward_open_timeout_secs: u64,
+}
+
+/// OpenSSH's `MaxStartups start:rate:full`: unauthenticated connections are admitted below
+/// `start`, dropped at random from `start` (with probability `rate` %, rising linearly) and all
+/// refused at `full`. A plain number N means N:100:N (no random drop before the limit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Startups {
+    pub start: usize,
+    pub rate: u8,
+    pub full: usize,
+}
+
+impl std::str::FromStr for Startups {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("max_startups '{s}' must be a number or start:rate:full (e.g. \"100:30:400\")");
+        let parts: Vec<&str> = s.split(':').collect();
+        let num = |p: &str| p.trim().parse::<usize>().map_err(|_| bad());
+        match parts.as_slice() {
+            [n] => {
+                let n = num(n)?;
+                Ok(Startups {
+                    start: n,
+                    rate: 100,
+                    full: n,
+                })
+            }
+            [start, rate, full] => {
+                let rate = u8::try_from(num(rate)?).map_err(|_| bad())?;
+                Ok(Startups {
+                    start: num(start)?,
+                    rate,
+                    full: num(full)?,
+                })
+            }
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Startups {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Count(u64),
+            Text(String),
+        }
+        let text = match Raw::deserialize(d)
+            .map_err(|_| serde::de::Error::custom("expected a number or a \"start:rate:full\" string"))?
+        {
+            Raw::Count(n) => n.to_string(),
+            Raw::Text(t) => t,
+        };
+        text.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -229,6 +314,7 @@ impl Default for Config {
             ssh: SshSettings::default(),
             kubernetes: KubernetesSettings::default(),
             admin: AdminSettings::default(),
+            egress: EgressSettings::default(),
             insecure_skip_userspace_policy: false,
         }
     }
@@ -239,9 +325,27 @@ impl Default for Limits {
         Limits {
             login_grace_time_secs: 30,
             max_auth_tries: 6,
-            max_startups: 100,
+            max_startups: Startups {
+                start: 100,
+                rate: 30,
+                full: 400,
+            },
+            per_source_max_startups: 20,
+            per_source_ipv6_prefix: 64,
+            penalty_authfail_secs: 5,
+            penalty_junk_secs: 10,
+            penalty_grace_secs: 10,
+            penalty_max_secs: 120,
+            penalty_exempt: Vec::new(),
             max_sessions: 10_000,
             max_channels_per_session: 1024,
+            max_sessions_per_identity: 8,
+            max_forwards_per_identity: 64,
+            max_pairs_per_identity: 1024,
+            max_forwards: 8192,
+            max_pairs: 49_152,
+            max_queued_mib: 256,
+            forward_open_timeout_secs: 10,
         }
     }
 }
@@ -386,6 +490,9 @@ impl Config {
                 self.dataplane.cgroup.display()
             ));
         }
+        if self.admin.max_connections == 0 || self.admin.max_connections_per_peer == 0 {
+            out.push("admin.max_connections and admin.max_connections_per_peer must be at least 1".into());
+        }
         if self.admin.enabled && self.admin.listen == self.listen {
             out.push(format!(
                 "admin.listen {} is the SSH listen address too; give the admin endpoint its own port",
@@ -413,6 +520,37 @@ impl Config {
     pub fn login_grace_time(&self) -> Duration {
         Duration::from_secs(self.limits.login_grace_time_secs)
     }
+
+    /// Valid settings that can still go wrong at run time, one sentence each (check-config
+    /// prints them, the gateway logs them at start).
+    pub fn warnings(&self) -> Vec<String> {
+        use cmx_ebpf_common::maps::{SOCKS_CAPACITY, TAGS_CAPACITY};
+        let l = &self.limits;
+        let mut out = Vec::new();
+        if l.max_pairs.saturating_add(l.max_forwards) > TAGS_CAPACITY as usize {
+            out.push(format!(
+                "limits.max_pairs ({}) + limits.max_forwards ({}) exceed the {TAGS_CAPACITY} entries of the kernel's cmx_tags map: with the sockmap data plane, pairs and forwards beyond it are refused for every identity",
+                l.max_pairs, l.max_forwards
+            ));
+        }
+        if l.max_pairs.saturating_mul(2) > SOCKS_CAPACITY as usize {
+            out.push(format!(
+                "limits.max_pairs ({}) exceeds the {} pairs the kernel's cmx_socks map holds (two entries each)",
+                l.max_pairs,
+                SOCKS_CAPACITY / 2
+            ));
+        }
+        if l.max_pairs_per_identity >= l.max_pairs || l.max_forwards_per_identity >= l.max_forwards {
+            out.push(
+                "a per-identity limit is not below the gateway-wide one: one identity can take every pair or forward of the gateway".into(),
+            );
+        }
+        out
+    }
+
+    pub fn forward_open_timeout(&self) -> Duration {
+        Duration::from_secs(self.limits.forward_open_timeout_secs)
+    }
 }
 
 impl Limits {
@@ -421,13 +559,44 @@ impl Limits {
         for (name, v) in [
             ("limits.login_grace_time_secs", l.login_grace_time_secs as usize),
             ("limits.max_auth_tries", l.max_auth_tries),
-            ("limits.max_startups", l.max_startups),
+            ("limits.max_startups (full)", l.max_startups.full),
+            ("limits.per_source_max_startups", l.per_source_max_startups),
             ("limits.max_sessions", l.max_sessions),
             ("limits.max_channels_per_session", l.max_channels_per_session),
+            ("limits.max_sessions_per_identity", l.max_sessions_per_identity),
+            ("limits.max_forwards_per_identity", l.max_forwards_per_identity),
+            ("limits.max_pairs_per_identity", l.max_pairs_per_identity),
+            ("limits.max_forwards", l.max_forwards),
+            ("limits.max_pairs", l.max_pairs),
+            ("limits.max_queued_mib", l.max_queued_mib),
+            (
+                "limits.forward_open_timeout_secs",
+                l.forward_open_timeout_secs as usize,
+            ),
         ] {
             if v == 0 {
                 out.push(format!("{name} must be at least 1"));
             }
+        }
+        let m = &l.max_startups;
+        if m.start > m.full || m.rate > 100 {
+            out.push(format!(
+                "limits.max_startups {}:{}:{} needs start <= full and a rate of 0 to 100 (percent)",
+                m.start, m.rate, m.full
+            ));
+        }
+        if !(1..=128).contains(&l.per_source_ipv6_prefix) {
+            out.push(format!(
+                "limits.per_source_ipv6_prefix {} must be between 1 and 128",
+                l.per_source_ipv6_prefix
+            ));
+        }
+        if l.penalty_max_secs
+            < l.penalty_authfail_secs
+                .max(l.penalty_junk_secs)
+                .max(l.penalty_grace_secs)
+        {
+            out.push("limits.penalty_max_secs must be at least each penalty".into());
         }
     }
 }
@@ -557,7 +726,15 @@ mod tests {
             ),
             (
                 "[limits]\nmax_startups = -1\n",
-                "gw.toml:2: invalid value: integer `-1`, expected usize",
+                "gw.toml:2: expected a number or a \"start:rate:full\" string",
+            ),
+            (
+                "[limits]\nmax_startups = \"10:30\"\n",
+                "gw.toml:2: max_startups '10:30' must be a number or start:rate:full",
+            ),
+            (
+                "[limits]\nmax_startups = \"100:30:10\"\n",
+                "gw.toml: limits.max_startups 100:30:10 needs start <= full",
             ),
             (
                 "identity_prefix = \"fd63:6d78::/96\"\n",

@@ -63,6 +63,8 @@ impl Drop for TagGuard {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Occupancy {
     pub entries: Vec<(&'static str, usize)>,
+    /// Per map: inserts refused because it was full, since start.
+    pub full: Vec<(&'static str, u64)>,
 }
 
 pub trait DataPlane: Send + Sync + 'static {
@@ -79,6 +81,10 @@ pub trait DataPlane: Send + Sync + 'static {
     fn start(self: Arc<Self>, registry: RegistryWatch, shutdown: CancellationToken);
     /// Brings kernel policy in line with `registry` now.
     fn sync_policy(&self, registry: &Registry) -> Result<(), String>;
+    /// Brings the kernel's egress list in line with `entries` (see `authz::Egress`).
+    fn sync_egress(&self, _entries: &[crate::authz::KernelEgress]) -> Result<(), String> {
+        Ok(())
+    }
     fn occupancy(&self) -> Occupancy;
     /// Undoes everything the data plane set up (at clean shutdown).
     fn shutdown(&self) {}

@@ -19,16 +19,22 @@ use crate::events::{ConnId, EventBus, SessionId};
 use crate::forward::pairs::PairTable;
 use crate::forward::published::MirrorTable;
 use crate::identity::Registry;
+use crate::preauth::{Admission, Policy};
+use crate::quota::Quotas;
 use crate::sessions::SessionTable;
 
 pub struct Gateway {
     pub(crate) config: Config,
     /// Every authorization decision (see `authz`).
     pub(crate) authz: Authz,
+    /// Who may start a handshake (see `preauth`).
+    pub(crate) admission: Arc<Admission>,
     registry: watch::Sender<Arc<Registry>>,
     pub(crate) sessions: SessionTable,
     pub(crate) mirrors: MirrorTable,
     pub(crate) pairs: PairTable,
+    /// What each identity, and the gateway, holds against `[limits]`.
+    pub(crate) quotas: Quotas,
     pub(crate) events: EventBus,
     pub(crate) dataplane: Arc<dyn DataPlane>,
     /// Cancelled when the gateway shuts down.
@@ -49,13 +55,16 @@ impl Gateway {
         shutdown: CancellationToken,
     ) -> Arc<Self> {
         let (registry, _) = watch::channel(Arc::new(registry));
+        let quotas = Quotas::from_limits(&config.limits);
         Arc::new(Gateway {
-            authz: Authz::new(config.insecure_skip_userspace_policy),
+            authz: Authz::new(config.insecure_skip_userspace_policy, config.egress.clone()),
+            admission: Admission::new(Policy::from_limits(&config.limits)),
             config,
             registry,
             sessions: SessionTable::default(),
             mirrors: MirrorTable::default(),
             pairs: PairTable::default(),
+            quotas,
             events,
             dataplane,
             shutdown,

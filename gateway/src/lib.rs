@@ -11,9 +11,11 @@
 //! - `auth`: which identity a key or certificate logs in as.
 //!
 //! The SSH side:
-//! - `server`: the SSH listener, pre-authentication limits, session lifecycle.
+//! - `server`: the SSH listener and session lifecycle; `preauth`: who may start a handshake
+//!   (max_startups, per-source limits, the penalty box).
 //! - `session`: one SSH connection's handler (auth, channels, global requests); `sessions`: the
-//!   live ones; `slots`: channels counted against their limit.
+//!   live ones; `slots`: channels counted against their limit; `quota`: what one identity, and
+//!   the gateway, may hold (sessions, forwards, pairs).
 //! - `forward`: Mir-socks for reverse forwards (`mirror`, table in `published`), ID-socks for
 //!   direct forwards (`direct`), pair matching and flow credit (`pairs`).
 //!
@@ -49,6 +51,8 @@ pub mod identity;
 pub mod killswitch;
 pub mod metrics;
 pub mod policy;
+pub mod preauth;
+pub mod quota;
 pub mod reload;
 pub mod server;
 pub mod session;
@@ -126,6 +130,11 @@ pub async fn serve(
         .map(|a| a.port())
         .unwrap_or(config.listen.port());
     let kubernetes = controller_settings(&config, port)?;
+    reload::log_warnings(&registry, &config.identities);
+    for warning in config.warnings() {
+        tracing::warn!("configuration: {warning}");
+    }
+    russh::set_channel_queue_budget(config.limits.max_queued_mib.saturating_mul(1 << 20));
     let host_key = load_host_key(&config)?;
     let route = local_route(&config)?;
     let admin = bind_admin(&config).await?;
@@ -137,6 +146,7 @@ pub async fn serve(
     let listen = listener.local_addr().ok();
     let grace = Duration::from_secs(config.shutdown_grace_secs);
     let gw = Gateway::new(config, registry, dataplane.0.clone(), events, shutdown.clone());
+    sync_egress(&gw);
     tracing::info!(
         listen = ?listen,
         host_key = %host_key.fingerprint(),
@@ -181,6 +191,14 @@ pub async fn serve(
     tracing::info!("cmx-gateway stopped");
     gw.events.emit(events::GatewayEvent::Stopped);
     Ok(())
+}
+
+/// Re-reads the gateway's own addresses into the egress list and gives it to the kernel.
+pub(crate) fn sync_egress(gw: &Gateway) {
+    let entries = gw.authz.refresh_egress().kernel_entries();
+    if let Err(e) = gw.dataplane.sync_egress(&entries) {
+        tracing::error!(error = %e, "cannot fill the kernel's egress list");
+    }
 }
 
 /// Stops taking connections and waits (up to `grace`) for the sessions and their forwarding

@@ -128,6 +128,9 @@ fn check_config(path: PathBuf) -> anyhow::Result<()> {
     let config = Config::load(&path)?;
     let registry = Registry::load(&config.identities, cmx_gateway::reload::registry_context(&config))?;
     println!("{}: ok", path.display());
+    for warning in config.warnings() {
+        eprintln!("warning: {}: {warning}", path.display());
+    }
     println!(
         "{}: ok, {} identities",
         config.identities.display(),
@@ -135,6 +138,9 @@ fn check_config(path: PathBuf) -> anyhow::Result<()> {
     );
     for id in registry.iter() {
         println!("  {:<24} {:<6} {}", id.name, id.role.as_str(), id.address);
+    }
+    for warning in registry.warnings() {
+        eprintln!("warning: {}: {warning}", config.identities.display());
     }
     Ok(())
 }

@@ -126,6 +126,39 @@ fn process_families(gw: &Gateway) -> Vec<Family<'static>> {
                 .map(|(map, n)| (labels(&[("map", map)]), *n as u64))
                 .collect(),
         ),
+        Family::counter(
+            "cmxsafe_dataplane_map_full_total",
+            "Sockets refused because an eBPF map of the sockmap data plane was full.",
+            gw.dataplane
+                .occupancy()
+                .full
+                .iter()
+                .map(|(map, n)| (labels(&[("map", map)]), *n))
+                .collect(),
+        ),
+        Family::gauge(
+            "cmxsafe_channel_queue_bytes",
+            "Channel data queued for readers that are behind, all sessions (limits.max_queued_mib bounds it).",
+            one(russh::channel_queue_bytes() as u64),
+        ),
+        Family::gauge(
+            "cmxsafe_limit_held",
+            "What identities hold against [limits] now, by kind (sessions, forwards, pairs).",
+            gw.quotas
+                .all()
+                .iter()
+                .map(|(kind, q)| (labels(&[("kind", kind)]), q.total() as u64))
+                .collect(),
+        ),
+        Family::counter(
+            "cmxsafe_limit_refusals_total",
+            "Requests refused because an identity or the gateway held its [limits], by kind.",
+            gw.quotas
+                .all()
+                .iter()
+                .map(|(kind, q)| (labels(&[("kind", kind)]), q.refused()))
+                .collect(),
+        ),
     ]
 }
 

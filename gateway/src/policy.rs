@@ -340,6 +340,19 @@ impl PermitListen {
         })
     }
 
+    /// Entries that let the identity listen on any address of the identity prefix, other
+    /// identities' included: legal, but rarely what an operator means.
+    pub fn wildcard_entries(&self) -> Vec<&str> {
+        match self {
+            PermitListen::Any => vec!["any"],
+            PermitListen::Rules(r) => r
+                .iter()
+                .filter(|r| r.host == ListenHost::Any)
+                .map(|r| r.text.as_str())
+                .collect(),
+        }
+    }
+
     pub fn check(&self, req: &ListenRequest<'_>) -> Decision {
         let rules = match self {
             PermitListen::Any => return Decision::Allow { rule: "any".into() },

@@ -143,7 +143,15 @@ fn shrink_guard(old: &Registry, new: &Registry, max_removed_percent: u8) -> Resu
 }
 
 /// Swaps the registry in and brings live sessions and forwards in line with it.
+/// Logs what the registry allows that is probably not meant (see `Registry::warnings`).
+pub fn log_warnings(registry: &Registry, path: &std::path::Path) {
+    for warning in registry.warnings() {
+        tracing::warn!(path = %path.display(), "identity registry: {warning}");
+    }
+}
+
 pub async fn apply(gw: &Arc<Gateway>, registry: Registry, why: &str) {
+    log_warnings(&registry, &gw.config.identities);
     let old = gw.replace_registry(registry);
     let new = gw.registry();
     tracing::info!(
@@ -189,6 +197,8 @@ pub async fn apply(gw: &Arc<Gateway>, registry: Registry, why: &str) {
             });
         }
     }
+    // The gateway's own addresses may have changed since: the egress list follows.
+    crate::sync_egress(gw);
     // Emitted once live sessions and forwards were brought in line with the new registry.
     gw.events.emit(GatewayEvent::RegistryReloaded {
         trigger: why.to_string(),

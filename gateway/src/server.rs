@@ -1,17 +1,19 @@
-//! The SSH front door: accepts TCP connections, enforces the pre-authentication limits
-//! (`max_startups`, `login_grace_time`), runs each connection's russh session, and on shutdown
-//! tells every session why it is being disconnected.
+//! The SSH front door: accepts TCP connections, admits them through `preauth` (max_startups
+//! with random early drop, a per-source limit, the penalty box) and the login grace time, runs
+//! each connection's russh session, and on shutdown tells every session why it is being
+//! disconnected.
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
-use russh::keys::PrivateKey;
+use russh::keys::{Algorithm, PrivateKey};
 use russh::{MethodKind, MethodSet, SshId};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -19,6 +21,7 @@ use crate::audit;
 use crate::config::Config;
 use crate::gateway::Gateway;
 use crate::killswitch::Killable;
+use crate::preauth::{Offence, Refused, Startup};
 use crate::session::{self, SessionHandler};
 use crate::sessions::disconnect;
 use cmx_net::sockets;
@@ -55,6 +58,19 @@ pub fn ssh_config(config: &Config, host_key: PrivateKey) -> russh::server::Confi
             cipher: std::borrow::Cow::Owned(
                 s.ciphers.iter().filter_map(|c| cmx_net::ssh::cipher(c)).collect(),
             ),
+            // Host key signatures without ssh-rsa (SHA-1), as OpenSSH >= 8.8.
+            key: Cow::Owned(
+                russh::Preferred::DEFAULT
+                    .key
+                    .iter()
+                    .filter(|a| **a != Algorithm::Rsa { hash: None })
+                    .cloned()
+                    .collect(),
+            ),
+            // No compression: forwarded IoT traffic is small or already compressed, and a
+            // decompressor is a memory-amplification surface an untrusted device would reach
+            // (pre-auth "zlib" even before it authenticates).
+            compression: Cow::Borrowed(&[russh::compression::NONE]),
             ..Default::default()
         },
         ..Default::default()
@@ -68,18 +84,15 @@ pub async fn accept_loop(
     ssh: Arc<russh::server::Config>,
     tracker: TaskTracker,
 ) {
-    let max_startups = gw.config.limits.max_startups;
-    let startups = Arc::new(Semaphore::new(max_startups));
     loop {
         tokio::select! {
             _ = gw.shutdown.cancelled() => break,
             r = listener.accept() => match r {
-                Ok((stream, peer)) => match startups.clone().try_acquire_owned() {
-                    Ok(permit) => {
-                        tracker.spawn(connection(gw.clone(), ssh.clone(), stream, peer, permit));
+                Ok((stream, peer)) => match gw.admission.admit(peer.ip(), Instant::now(), rand::random::<f64>()) {
+                    Ok(startup) => {
+                        tracker.spawn(connection(gw.clone(), ssh.clone(), stream, peer, startup));
                     }
-                    Err(_) => {
-                        let reason = format!("too many unauthenticated connections (max_startups = {max_startups}); try again later");
+                    Err(Refused(reason)) => {
                         audit::connection_refused(peer, &reason);
                         tracker.spawn(refuse(stream, reason));
                     }
@@ -106,7 +119,7 @@ async fn connection(
     ssh: Arc<russh::server::Config>,
     stream: TcpStream,
     peer: SocketAddr,
-    startup: OwnedSemaphorePermit,
+    startup: Startup,
 ) {
     sockets::tune_stream(&stream);
     let kill = CancellationToken::new();
@@ -114,59 +127,24 @@ async fn connection(
     let id = gw.next_session_id();
     let (authenticated_tx, authenticated) = oneshot::channel();
     let handler = SessionHandler::new(gw.clone(), id, peer, authenticated_tx);
-    let grace = gw.config.login_grace_time();
-    let mut deadline = std::pin::pin!(tokio::time::sleep(grace));
-    let grace_exceeded = format!(
-        "not authenticated within the login grace time ({}s)",
-        grace.as_secs()
-    );
-
-    let running = tokio::select! {
-        r = russh::server::run_stream(ssh, stream, handler) => match r {
-            Ok(running) => running,
-            Err(e) => {
-                audit::connection_refused(peer, &format!("SSH handshake failed: {e}"));
-                return;
+    let refusals = handler.refusals();
+    let pre = until_authenticated(&gw, ssh, stream, handler, peer, authenticated, &kill).await;
+    let running = match pre {
+        PreAuth::Authenticated(running) => running,
+        PreAuth::Ended(ended) => {
+            let offence =
+                ended.or_else(|| (refusals.load(Ordering::Relaxed) > 0).then_some(Offence::AuthFail));
+            if let Some(o) = offence
+                && let Some((source, penalty)) = startup.offended(o, Instant::now())
+            {
+                audit::penalized(source, o.as_str(), penalty.as_secs());
             }
-        },
-        _ = &mut deadline => {
-            audit::connection_refused(peer, &grace_exceeded);
             return;
         }
-        _ = gw.shutdown.cancelled() => return,
     };
+    startup.authenticated();
     let handle = running.handle();
     let mut running = std::pin::pin!(running);
-
-    // Until authenticated: the login grace timer runs and the startup slot is held.
-    tokio::select! {
-        r = authenticated => {
-            if r.is_err() {
-                // The handler is gone: the session ended before authenticating.
-                let _ = running.await;
-                return;
-            }
-        }
-        _ = &mut deadline => {
-            audit::connection_refused(peer, &grace_exceeded);
-            disconnect(&handle, &grace_exceeded).await;
-            end(running, &kill).await;
-            return;
-        }
-        r = &mut running => {
-            if let Err(e) = r {
-                tracing::debug!(%peer, error = %e, "connection ended before authentication");
-            }
-            return;
-        }
-        _ = gw.shutdown.cancelled() => {
-            disconnect(&handle, "gateway shutting down").await;
-            end(running, &kill).await;
-            return;
-        }
-    }
-    drop(startup);
-
     let reason = tokio::select! {
         r = &mut running => match r {
             Ok(()) => "connection closed".to_string(),
@@ -179,6 +157,94 @@ async fn connection(
         }
     };
     session::cleanup(&gw, id, &reason);
+}
+
+type Running = russh::server::RunningSession<SessionHandler>;
+
+/// Whether a handshake error is the client hanging up (EOF, reset) rather than a protocol error.
+fn hung_up(e: &session::SessionError) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+    match e {
+        session::SessionError::Ssh(russh::Error::Disconnect) => true,
+        session::SessionError::Ssh(russh::Error::IO(io)) => {
+            matches!(
+                io.kind(),
+                UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe
+            )
+        }
+        _ => false,
+    }
+}
+
+/// How the pre-authentication phase of a connection ended.
+enum PreAuth {
+    Authenticated(Running),
+    /// It ended without authenticating; with an offence that earns its source a penalty, or
+    /// `None` (the refusals counted by the handler then decide).
+    Ended(Option<Offence>),
+}
+
+/// Runs the handshake and authentication under the login grace timer.
+async fn until_authenticated(
+    gw: &Gateway,
+    ssh: Arc<russh::server::Config>,
+    stream: Killable<TcpStream>,
+    handler: SessionHandler,
+    peer: SocketAddr,
+    authenticated: oneshot::Receiver<()>,
+    kill: &CancellationToken,
+) -> PreAuth {
+    let grace = gw.config.login_grace_time();
+    let mut deadline = std::pin::pin!(tokio::time::sleep(grace));
+    let grace_exceeded = format!(
+        "not authenticated within the login grace time ({}s)",
+        grace.as_secs()
+    );
+    let running = tokio::select! {
+        r = russh::server::run_stream(ssh, stream, handler) => match r {
+            Ok(running) => running,
+            Err(e) => {
+                audit::connection_refused(peer, &format!("SSH handshake failed: {e}"));
+                // A client that just connects and goes (a TCP health check) is no offence;
+                // bytes that are not SSH are.
+                return PreAuth::Ended((!hung_up(&e)).then_some(Offence::Junk));
+            }
+        },
+        _ = &mut deadline => {
+            audit::connection_refused(peer, &grace_exceeded);
+            return PreAuth::Ended(Some(Offence::GraceExceeded));
+        }
+        _ = gw.shutdown.cancelled() => return PreAuth::Ended(None),
+    };
+    let handle = running.handle();
+    let mut running = running;
+    tokio::select! {
+        r = authenticated => {
+            if r.is_ok() {
+                return PreAuth::Authenticated(running);
+            }
+            // The handler is gone: the session ended before authenticating.
+            let _ = (&mut running).await;
+            PreAuth::Ended(None)
+        }
+        _ = &mut deadline => {
+            audit::connection_refused(peer, &grace_exceeded);
+            disconnect(&handle, &grace_exceeded).await;
+            end(running, kill).await;
+            PreAuth::Ended(Some(Offence::GraceExceeded))
+        }
+        r = &mut running => {
+            if let Err(e) = r {
+                tracing::debug!(%peer, error = %e, "connection ended before authentication");
+            }
+            PreAuth::Ended(None)
+        }
+        _ = gw.shutdown.cancelled() => {
+            disconnect(&handle, "gateway shutting down").await;
+            end(running, kill).await;
+            PreAuth::Ended(None)
+        }
+    }
 }
 
 /// Gives a session told to disconnect a moment to do so, then kills its stream.

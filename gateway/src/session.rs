@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use russh::keys::Certificate;
 use russh::server::{Auth, ChannelOpenHandle, Handler, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
@@ -16,6 +17,7 @@ use crate::auth::{self, Credential};
 use crate::events::{GatewayEvent, SessionId};
 use crate::forward::{direct, mirror};
 use crate::gateway::Gateway;
+use crate::quota::QuotaGuard;
 use crate::sessions::SessionEntry;
 use crate::slots::{ChannelCount, ChannelSlot};
 
@@ -38,7 +40,11 @@ pub struct SessionHandler {
     /// User names this connection tried, and how many credentials we refused, for the summary
     /// line of a connection that never authenticates.
     users_tried: Vec<String>,
-    refusals: usize,
+    /// Credentials refused so far; shared with the front door, which penalizes a source whose
+    /// connection ends with refusals and no success.
+    refusals: Arc<AtomicUsize>,
+    /// This session's share of its identity's sessions (`limits.max_sessions_per_identity`).
+    session_share: Option<QuotaGuard>,
 }
 
 impl SessionHandler {
@@ -57,8 +63,14 @@ impl SessionHandler {
             channels: ChannelCount::default(),
             session_channels: HashMap::new(),
             users_tried: Vec::new(),
-            refusals: 0,
+            refusals: Arc::new(AtomicUsize::new(0)),
+            session_share: None,
         }
+    }
+
+    /// The count of refused credentials, readable after the handler moved into its session.
+    pub fn refusals(&self) -> Arc<AtomicUsize> {
+        self.refusals.clone()
     }
 
     fn identity(&self) -> &str {
@@ -74,25 +86,50 @@ impl SessionHandler {
             }
             Err(reason) => {
                 audit::auth_denied(self.peer, user, &reason);
-                self.refusals += 1;
+                self.refusals.fetch_add(1, Ordering::Relaxed);
                 reject_publickey_only()
             }
         }
     }
 
     fn note_user(&mut self, user: &str) {
-        if !self.users_tried.iter().any(|u| u == user) && self.users_tried.len() < 8 {
-            self.users_tried.push(user.to_string());
+        let user = cmx_net::text::bounded(user, MAX_USER_LEN);
+        if !self.users_tried.iter().any(|u| *u == user) && self.users_tried.len() < 8 {
+            self.users_tried.push(user.into_owned());
         }
+    }
+
+    /// Refuses a user name longer than any identity's before it is looked up or kept.
+    fn too_long(&mut self, user: &str) -> Option<Auth> {
+        if user.len() <= MAX_USER_LEN {
+            return None;
+        }
+        let reason = format!(
+            "user name of {} bytes is longer than {MAX_USER_LEN} bytes",
+            user.len()
+        );
+        audit::auth_denied(self.peer, user, &reason);
+        self.refusals.fetch_add(1, Ordering::Relaxed);
+        Some(reject_publickey_only())
+    }
+
+    /// Audits a unix-socket forwarding request and returns the refusal reason.
+    fn refuse_streamlocal(&self, kind: &str, socket_path: &str) -> String {
+        let request = format!("{kind} {socket_path}");
+        audit::forward_denied(self.id, self.identity(), &request, NO_STREAMLOCAL);
+        NO_STREAMLOCAL.to_string()
     }
 
     fn take_slot(&self) -> Result<ChannelSlot, String> {
         self.channels.take(self.gw.config.limits.max_channels_per_session)
     }
 
-    /// Refuses shell/exec/subsystem with a one-line message and exit status 1.
+    /// Refuses shell/exec/subsystem with a one-line message and exit status 1, then closes the
+    /// channel and gives its slot back: russh forgets a channel we close (CMXSAFE-PATCH change 1),
+    /// so `channel_close` never runs for it, and a client that never closes its end must not
+    /// keep the slot.
     fn refuse_session_request(
-        &self,
+        &mut self,
         channel: ChannelId,
         session: &mut Session,
         what: &str,
@@ -106,9 +143,17 @@ impl SessionHandler {
         session.exit_status_request(channel, 1)?;
         session.eof(channel)?;
         session.close(channel)?;
+        self.session_channels.remove(&channel);
         Ok(())
     }
 }
+
+/// Why unix-socket forwarding is refused, on the wire (channel opens) and in the audit line.
+const NO_STREAMLOCAL: &str = "unix-socket forwarding is not available: this gateway forwards TCP ports only (use -L/-R with host:port)";
+
+/// Longest user name looked at (identity names are far shorter: see `identity::MAX_NAME_LEN`;
+/// certificate principals are bounded the same way).
+const MAX_USER_LEN: usize = 256;
 
 fn reject_publickey_only() -> Auth {
     Auth::Reject {
@@ -121,11 +166,17 @@ impl Handler for SessionHandler {
     type Error = SessionError;
 
     async fn auth_none(&mut self, user: &str) -> Result<Auth, Self::Error> {
+        if let Some(refused) = self.too_long(user) {
+            return Ok(refused);
+        }
         self.note_user(user);
         Ok(reject_publickey_only())
     }
 
     async fn auth_password(&mut self, user: &str, _password: &str) -> Result<Auth, Self::Error> {
+        if let Some(refused) = self.too_long(user) {
+            return Ok(refused);
+        }
         audit::auth_denied(self.peer, user, "password authentication is disabled");
         Ok(reject_publickey_only())
     }
@@ -135,21 +186,30 @@ impl Handler for SessionHandler {
         user: &str,
         offer: PublicKeyOffer<'_>,
     ) -> Result<Auth, Self::Error> {
+        if let Some(refused) = self.too_long(user) {
+            return Ok(refused);
+        }
         self.note_user(user);
         let registry = self.gw.registry();
-        Ok(match auth::offer_acceptable(&registry, user, offer.public_key) {
+        let acceptable = auth::algorithm_acceptable(offer.algorithm)
+            .and_then(|()| auth::offer_acceptable(&registry, user, offer.public_key));
+        Ok(match acceptable {
             Ok(()) => Auth::Accept,
             Err(reason) => {
                 audit::auth_denied(self.peer, user, &reason);
-                self.refusals += 1;
+                self.refusals.fetch_add(1, Ordering::Relaxed);
                 reject_publickey_only()
             }
         })
     }
 
     async fn auth_publickey(&mut self, user: &str, key: VerifiedPublicKey<'_>) -> Result<Auth, Self::Error> {
+        if let Some(refused) = self.too_long(user) {
+            return Ok(refused);
+        }
         let registry = self.gw.registry();
-        let result = auth::check_key(&registry, user, key.public_key);
+        let result = auth::algorithm_acceptable(key.algorithm)
+            .and_then(|()| auth::check_key(&registry, user, key.public_key));
         Ok(self.decide(user, result))
     }
 
@@ -158,6 +218,9 @@ impl Handler for SessionHandler {
         user: &str,
         certificate: &Certificate,
     ) -> Result<Auth, Self::Error> {
+        if let Some(refused) = self.too_long(user) {
+            return Ok(refused);
+        }
         let registry = self.gw.registry();
         let result = auth::check_certificate(
             &registry,
@@ -176,16 +239,36 @@ impl Handler for SessionHandler {
         let entry = SessionEntry {
             identity: identity.clone(),
             peer: self.peer,
-            credential,
+            credential: credential.clone(),
             handle: session.handle(),
             closing: None,
         };
         let max = self.gw.config.limits.max_sessions;
-        if let Err(live) = self.gw.sessions.insert(self.id, entry, max) {
-            let reason = format!("too many sessions on this gateway ({live} live, max_sessions = {max})");
-            audit::connection_refused(self.peer, &reason);
+        let admitted = self.gw.quotas.sessions.take(&identity).and_then(|share| {
+            self.gw.sessions.insert(self.id, entry, max).map_err(|live| {
+                format!("too many sessions on this gateway ({live} live, max_sessions = {max})")
+            })?;
+            Ok(share)
+        });
+        match admitted {
+            Ok(share) => self.session_share = Some(share),
+            Err(reason) => {
+                audit::auth_denied(self.peer, &identity, &reason);
+                self.authenticated = None;
+                self.users_tried.clear(); // this line was the connection's summary
+                session.disconnect(Disconnect::TooManyConnections, &reason, "en")?;
+                return Ok(());
+            }
+        }
+        // A registry reload between the credential check and this registration did not see
+        // this session: check the credential again under the registry in force now.
+        if let Err(reason) = auth::still_valid(&self.gw.registry(), &identity, &credential) {
+            self.gw.sessions.remove(self.id);
+            let reason = format!("the identity registry changed during login: {reason}");
+            audit::auth_denied(self.peer, &identity, &reason);
             self.authenticated = None;
-            session.disconnect(Disconnect::TooManyConnections, &reason, "en")?;
+            self.users_tried.clear(); // this line was the connection's summary
+            session.disconnect(Disconnect::ByApplication, &reason, "en")?;
             return Ok(());
         }
         tracing::info!(session = %self.id, identity, peer = %self.peer, "session established");
@@ -294,6 +377,29 @@ impl Handler for SessionHandler {
         ))
     }
 
+    async fn channel_open_direct_streamlocal(
+        &mut self,
+        _channel: Channel<Msg>,
+        socket_path: &str,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let reason = self.refuse_streamlocal("direct-streamlocal", socket_path);
+        reply.reject(ChannelOpenFailure::Other { code: 1, reason }).await;
+        Ok(())
+    }
+
+    async fn streamlocal_forward(
+        &mut self,
+        socket_path: &str,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        // A global request's refusal carries no text (RFC 4254 §4): the client prints "remote
+        // port forwarding failed", the audit line says why.
+        self.refuse_streamlocal("streamlocal-forward", socket_path);
+        Ok(false)
+    }
+
     async fn pty_request(
         &mut self,
         channel: ChannelId,
@@ -368,13 +474,13 @@ impl Handler for SessionHandler {
 
 impl Drop for SessionHandler {
     /// A connection that tried and never authenticated gets one summary line. It also covers
-    /// certificates russh refuses before asking us (expired, not yet valid, bad signature): russh
-    /// logs those itself, without the identity.
+    /// certificates whose CA signature russh finds invalid before asking us: russh logs those
+    /// itself, without the identity.
     fn drop(&mut self) {
         if self.authenticated.is_none() && !self.users_tried.is_empty() {
             let reason = format!(
-                "connection closed without authenticating ({} credential(s) refused by the gateway; expired, not yet valid or badly signed certificates are refused earlier by the SSH layer)",
-                self.refusals
+                "connection closed without authenticating ({} credential(s) refused by the gateway; certificates with a bad CA signature are refused earlier by the SSH layer)",
+                self.refusals.load(Ordering::Relaxed)
             );
             audit::auth_denied(self.peer, &self.users_tried.join(","), &reason);
         }

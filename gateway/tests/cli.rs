@@ -72,6 +72,55 @@ fn check_config_names_file_line_and_identity() {
     );
 }
 
+/// A server allowed to publish on any address of the prefix (`*:1883`, `any`) is legal but
+/// lets it take other servers' addresses: check-config says so, naming file and identity, and
+/// still succeeds.
+#[test]
+fn check_config_warns_about_permit_listen_wildcards() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gw.toml");
+    std::fs::write(&config, "").unwrap();
+    let registry = dir.path().join("identities.toml");
+    let key = Key::generate(dir.path(), "k").public();
+    let other = Key::generate(dir.path(), "o").public();
+    std::fs::write(
+        &registry,
+        format!(
+            "[[identity]]\nname = \"srv1\"\nrole = \"server\"\nkeys = [\"{key}\"]\naddress = \"fd63:6d78::1\"\npermit_listen = [\"1883\", \"*:8883\"]\n\n[[identity]]\nname = \"srv2\"\nrole = \"server\"\nkeys = [\"{other}\"]\naddress = \"fd63:6d78::2\"\npermit_listen = [\"1883\"]\n"
+        ),
+    )
+    .unwrap();
+    let (code, out, err) = gateway(&["check-config", config.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("2 identities"), "{out}");
+    assert_eq!(
+        err.trim(),
+        format!(
+            "warning: {}: identity 'srv1': permit_listen entry '*:8883' lets it publish on any address of the identity prefix, other servers' included (a bare port or 'localhost:PORT' means its own address)",
+            registry.display()
+        )
+    );
+}
+
+/// Limits that let pairs and forwards outgrow the kernel's maps are legal but would refuse
+/// every identity's connections once the map is full: check-config says so.
+#[test]
+fn check_config_warns_when_limits_can_exceed_a_kernel_map() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gw.toml");
+    std::fs::write(&config, "[limits]\nmax_pairs = 65000\n").unwrap();
+    std::fs::write(dir.path().join("identities.toml"), "").unwrap();
+    let (code, _, err) = gateway(&["check-config", config.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        err.trim(),
+        format!(
+            "warning: {}: limits.max_pairs (65000) + limits.max_forwards (8192) exceed the 65536 entries of the kernel's cmx_tags map: with the sockmap data plane, pairs and forwards beyond it are refused for every identity",
+            config.display()
+        )
+    );
+}
+
 #[test]
 fn default_config_is_valid_and_address_derives_eui64() {
     let (code, out, _) = gateway(&["default-config"]);

@@ -161,15 +161,20 @@ async fn idle_silent_and_garbage_connections_are_cut_at_login_grace() {
     let gw = GatewayProc::start(&hosts, "", "[limits]\nlogin_grace_time_secs = 1\n").await;
     let gw_addr = format!("{GW_DEV_IP}:{SSH_PORT}");
 
-    // Says nothing at all.
+    // All three are admitted first: once one misbehaves, its source is penalized and refused.
     let mut silent = hosts.dev.connect(&gw_addr).unwrap();
-    // Sends junk instead of an SSH version line.
     let mut junk = hosts.dev.connect(&gw_addr).unwrap();
+    let mut slow = hosts.dev.connect(&gw_addr).unwrap();
+    for c in [&mut silent, &mut junk, &mut slow] {
+        let mut banner = [0u8; 8];
+        c.read_exact(&mut banner).await.unwrap();
+        assert_eq!(&banner, b"SSH-2.0-", "admitted");
+    }
+    // Silent says nothing at all; junk sends junk instead of an SSH version line; slow sends a
+    // version line, then stalls in the handshake.
     junk.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
         .unwrap();
-    // Sends a version line, then stalls in the handshake.
-    let mut slow = hosts.dev.connect(&gw_addr).unwrap();
     slow.write_all(b"SSH-2.0-slowpoke\r\n").await.unwrap();
 
     for (what, conn) in [("silent", &mut silent), ("junk", &mut junk), ("slow", &mut slow)] {
@@ -177,8 +182,8 @@ async fn idle_silent_and_garbage_connections_are_cut_at_login_grace() {
         let r = tokio::time::timeout(T, conn.read_to_end(&mut sink)).await;
         assert!(r.is_ok(), "{what}: the gateway never closed the connection");
         assert!(
-            String::from_utf8_lossy(&sink).starts_with("SSH-2.0-cmx-gateway"),
-            "{what}: {sink:?}"
+            String::from_utf8_lossy(&sink).starts_with("cmx-gateway_"),
+            "{what}: the rest of the banner, then the close: {sink:?}"
         );
     }
     let refused = gw
@@ -224,7 +229,7 @@ async fn max_startups_refuses_extra_unauthenticated_connections_with_a_reason() 
         .unwrap();
     assert_eq!(
         text,
-        "cmx-gateway: too many unauthenticated connections (max_startups = 3); try again later\r\n"
+        "cmx-gateway: too many unauthenticated connections (3 of max_startups 3:100:3); try again later\r\n"
     );
     gw.log
         .wait_audit(
@@ -700,4 +705,47 @@ async fn a_route_left_by_a_killed_gateway_is_removed_by_the_next_one() {
         has_route(&hosts.gw),
         "a route the gateway did not add is left as found"
     );
+}
+
+/// A start that fails after the gateway changed the node (here: the admin port is taken, after
+/// the identity prefix was made local) says what failed and leaves nothing behind: the route is
+/// removed, no pins and no cgroup exist, and the next start succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_start_leaves_nothing_on_the_node() {
+    let hosts = Hosts::new();
+    let (_srv1, _dev1, registry) = srv1_publishes_dev1_opens(&hosts);
+    let taken = hosts.gw.listen("127.0.0.1:9180");
+    std::fs::write(hosts.path("identities.toml"), &registry).unwrap();
+    std::fs::write(
+        hosts.path("gateway.toml"),
+        format!(
+            "listen = \"0.0.0.0:{SSH_PORT}\"\n{}\n[admin]\nenabled = true\nlisten = \"127.0.0.1:9180\"\n",
+            dataplane_config(&hosts.gw, &test_dataplane())
+        ),
+    )
+    .unwrap();
+    let out = hosts
+        .gw
+        .net_command(&gateway_bin())
+        .args(["run", "--config"])
+        .arg(hosts.path("gateway.toml"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("127.0.0.1:9180"),
+        "the error names the address: {stderr}"
+    );
+    assert!(
+        !has_route(&hosts.gw),
+        "the route made before the failure is removed"
+    );
+    assert!(!gateway_pin_dir(&hosts.gw).exists(), "no pins are left");
+    assert!(!gateway_cgroup(&hosts.gw).exists(), "no cgroup is left");
+    drop(taken);
+    let mut gw = GatewayProc::launch(&hosts).await;
+    assert!(has_route(&hosts.gw));
+    gw.signal(libc::SIGTERM);
+    assert_eq!(gw.wait_exit(T).await.code(), Some(0));
 }

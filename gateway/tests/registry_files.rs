@@ -62,6 +62,16 @@ fn valid_full_file_means_what_it_says() {
 }
 
 #[test]
+fn revoked_keys_accept_keys_too_weak_to_register() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/registry");
+    let r = Registry::load(&dir.join("valid/revokes_weak_rsa.toml"), context()).unwrap();
+    let weak = std::fs::read_to_string(dir.join("invalid/weak_rsa.toml")).unwrap();
+    let weak = weak.split('"').find(|s| s.starts_with("ssh-rsa ")).unwrap();
+    let key = russh::keys::PublicKey::from_openssh(weak).unwrap();
+    assert!(r.is_revoked(&cmx_gateway::identity::fingerprint(&key)));
+}
+
+#[test]
 fn invalid_files_fail_with_their_expected_errors() {
     let mut failures = Vec::new();
     for path in files("invalid") {

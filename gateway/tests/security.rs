@@ -242,35 +242,103 @@ reverse_forwards_refused! {
     reverse_outside_the_identity_prefix_is_refused: Who::Srv1, "[fd00::1]:1883:127.0.0.1:5001", "tcpip-forward fd00::1:1883", "outside the identity prefix";
     reverse_on_port_zero_without_a_wildcard_is_refused: Who::Srv1, "0:127.0.0.1:5001", "tcpip-forward localhost:0", "port 0 (allocate a port) needs a wildcard port";
     a_server_may_not_take_another_servers_forward: Who::Srv2, "[fd63:6d78::1]:1883:127.0.0.1:5002", "tcpip-forward fd63:6d78::1:1883", "no permit_listen rule matches";
+    a_unix_socket_may_not_be_published: Who::Srv1, "/run/cmx-never-created.sock:127.0.0.1:5001", "streamlocal-forward /run/cmx-never-created.sock", "unix-socket forwarding is not available";
 }
 
-/// russh itself refuses certificates outside their validity period before the gateway sees
-/// them: its own log line says why, and the connection's audit summary names the identity.
-async fn certificate_out_of_validity_refused(validity: &str) {
+/// A device asking for a unix socket on the gateway host (`ssh -L local.sock:/run/x.sock`) is
+/// refused with a reason its client prints, and audited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unix_socket_on_the_gateway_may_not_be_opened() {
     let w = World::start().await;
-    let log = &w.gw.log;
-    let cert = w.keys.devc.certify(&w.keys.ca, "devc", &["-V", validity]);
-    let russh_says = |v: &serde_json::Value| field(v, "message") == "Certificate is expired or not yet valid";
-    let summary = |r: &AuditRecord| {
-        r.is(AuditEvent::Auth, Verdict::Deny)
-            && r.identity() == "devc"
-            && r.reason().starts_with("connection closed without authenticating")
+    let local = w.hosts.path("dev1-local.sock");
+    let spec = format!("{}:/run/containerd/containerd.sock", local.display());
+    let agent = SshAgent::local_forwards(&w.hosts, "dev1", &w.keys.dev1, &[&spec]);
+    let mut conn = loop {
+        match tokio::net::UnixStream::connect(&local).await {
+            Ok(c) => break c,
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
     };
-    let (before, summaries) = (log.count(russh_says), log.count_audits(summary));
-    w.login_refused("devc", &w.keys.devc, &["-o", &World::certificate_option(&cert)]);
-    log.wait_more(validity, T, before, russh_says).await;
-    log.wait_more_audits(validity, summaries, summary).await;
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(T, tokio::io::AsyncReadExt::read_to_end(&mut conn, &mut got)).await;
+    assert!(got.is_empty(), "nothing comes back through a refused unix socket");
+    w.gw.log
+        .wait_audit(
+            "direct-streamlocal",
+            forward_denied(
+                "dev1",
+                "direct-streamlocal /run/containerd/containerd.sock",
+                "unix-socket forwarding is not available",
+            ),
+        )
+        .await;
+    agent
+        .wait_output(
+            "unix-socket forwarding is not available: this gateway forwards TCP ports only",
+            T,
+        )
+        .await;
     w.assert_nothing_reached(0);
 }
 
+/// An RSA identity logs in with rsa-sha2-256/512, never with ssh-rsa (SHA-1) signatures, as
+/// OpenSSH >= 8.8 by default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssh_rsa_sha1_signatures_are_refused() {
+    let hosts = Hosts::new();
+    let rsa = Key::generate_typed(hosts.dir.path(), "dev-rsa", &["-t", "rsa", "-b", "3072"]);
+    let registry = RegistryText::default()
+        .identity("dev4", "device", &[&rsa], &["address = \"fd63:6d78::4\""])
+        .build();
+    let gw = GatewayProc::start(&hosts, &registry, "").await;
+    // Stock ssh limited to ssh-rsa finds no signature algorithm the gateway takes.
+    let sha1 = ["-o", "PubkeyAcceptedAlgorithms=ssh-rsa"];
+    let (status, stderr) = ssh_once(&hosts, &hosts.dev, "dev4", &rsa, &sha1, &["true"]);
+    assert_eq!(status.code(), Some(255), "{stderr}");
+    assert!(stderr.contains("Permission denied (publickey)"), "{stderr}");
+    // A client that signs with SHA-1 anyway is refused, with the reason.
+    let addr = format!("{GW_DEV_IP}:{SSH_PORT}");
+    let mut raw = raw_session(&hosts.dev, &addr).await.unwrap();
+    assert_eq!(try_login_hashing(&mut raw, "dev4", &rsa, None).await, Ok(false));
+    gw.log
+        .wait_audit(
+            "ssh-rsa refused",
+            audit_is(
+                AuditEvent::Auth,
+                Verdict::Deny,
+                "dev4",
+                "ssh-rsa (SHA-1) signatures are refused",
+            ),
+        )
+        .await;
+    // The same key with SHA-2 signatures logs in (and is told the gateway runs no commands).
+    let (status, stderr) = ssh_once(&hosts, &hosts.dev, "dev4", &rsa, &[], &["true"]);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("command execution is not available"), "{stderr}");
+}
+
+/// Certificates outside their validity period are refused with their own reason, naming the
+/// identity (russh used to refuse them first, and the audit trail could not say why).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_certificate_is_refused() {
-    certificate_out_of_validity_refused("20200101:20200102").await;
+    certificate_refused(
+        Signer::Trusted,
+        "devc",
+        &["-V", "20200101Z:20200102Z"],
+        "expired at 2020-01-02T00:00:00Z",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_not_yet_valid_certificate_is_refused() {
-    certificate_out_of_validity_refused("+52w:+53w").await;
+    certificate_refused(
+        Signer::Trusted,
+        "devc",
+        &["-V", "+52w:+53w"],
+        "is not yet valid (valid from ",
+    )
+    .await;
 }
 
 /// Which CA signs a certificate in a case of the table.

@@ -13,8 +13,10 @@
 //! - `ssh`: SSH algorithm names as configuration files spell them.
 //! - `text`: line numbers for error messages about configuration files; bounded log strings.
 //! - `clock`: wall-clock seconds for certificates and status files.
+//! - `host`: this host's own addresses.
 
 pub mod clock;
+pub mod host;
 pub mod logging;
 pub mod mounts;
 pub mod relay;

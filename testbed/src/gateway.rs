@@ -67,8 +67,9 @@ impl GatewayProc {
         std::fs::write(hosts.path("identities.toml"), registry).unwrap();
         std::fs::write(
             hosts.path("gateway.toml"),
+            // `extra_config` first, so that it may set top-level keys before its own sections.
             format!(
-                "listen = \"0.0.0.0:{SSH_PORT}\"\nreload_interval_secs = 1\n{}\n{extra_config}\n",
+                "listen = \"0.0.0.0:{SSH_PORT}\"\nreload_interval_secs = 1\n{extra_config}\n{}\n",
                 dataplane_config(&hosts.gw, dataplane)
             ),
         )
@@ -142,6 +143,16 @@ impl GatewayProc {
             GatewayEvent::Ready { admin: Some(a), .. } => a.to_string(),
             other => panic!("the gateway announced no admin endpoint: {other:?}"),
         }
+    }
+
+    /// The gateway process's resident memory now, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
     }
 
     /// SIGKILL: no goodbye to anyone.

@@ -120,6 +120,38 @@ impl Netns {
         tokio::net::TcpListener::from_std(std).unwrap()
     }
 
+    /// A tokio listener whose connections have a receive buffer of about `rcvbuf` bytes: a peer
+    /// that does not read stalls its sender after a few KiB instead of megabytes.
+    pub fn listen_with_rcvbuf(&self, addr: &str, rcvbuf: usize) -> tokio::net::TcpListener {
+        let addr: SocketAddr = addr.parse().unwrap();
+        let std: std::net::TcpListener = self.enter(move || {
+            let s = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)
+                .unwrap();
+            s.set_recv_buffer_size(rcvbuf).unwrap();
+            s.set_reuse_address(true).unwrap();
+            s.bind(&addr.into())
+                .unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+            s.listen(16).unwrap();
+            s.set_nonblocking(true).unwrap();
+            s.into()
+        });
+        tokio::net::TcpListener::from_std(std).unwrap()
+    }
+
+    /// A listener on an address that need not be assigned to any interface (`IPV6_FREEBIND`),
+    /// as a process squatting an identity address would make it.
+    pub fn listen_freebind(&self, addr: &str) -> std::net::TcpListener {
+        let addr: SocketAddr = addr.parse().unwrap();
+        self.enter(move || {
+            let s = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None).unwrap();
+            s.set_freebind_v6(true).unwrap();
+            s.bind(&addr.into())
+                .unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+            s.listen(16).unwrap();
+            s.into()
+        })
+    }
+
     /// Connects from inside this namespace.
     pub fn connect(&self, addr: &str) -> std::io::Result<tokio::net::TcpStream> {
         let addr: SocketAddr = addr.parse().unwrap();

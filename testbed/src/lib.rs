@@ -14,6 +14,7 @@
 //! - `nodefs`: the pin directories and cgroups test gateways use on the node.
 //! - `services`: echo, banner and stalling apps behind the tunnels; byte-exact exchanges.
 //! - `openssh`: stock sshd configured as a CMXsafe gateway, with a Linux user per identity.
+//! - `raw`: a scriptable russh client, for attacks stock OpenSSH cannot make.
 //!
 //! Tests import everything: `use cmx_testbed::*;`.
 
@@ -25,6 +26,7 @@ pub mod keys;
 pub mod logbook;
 pub mod nodefs;
 pub mod openssh;
+pub mod raw;
 pub mod registry;
 pub mod services;
 
@@ -37,6 +39,7 @@ pub use keys::*;
 pub use logbook::*;
 pub use nodefs::cgroup_v2_mount;
 pub use openssh::*;
+pub use raw::*;
 pub use registry::*;
 pub use services::*;
 

@@ -48,6 +48,16 @@ impl LogBook {
         self.inner.lock().unwrap().iter().find(|v| pred(v)).cloned()
     }
 
+    /// How many bytes the process has logged so far (its JSON lines as written).
+    pub fn bytes(&self) -> usize {
+        self.inner
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|v| v.to_string().len() + 1)
+            .sum()
+    }
+
     pub fn count(&self, pred: impl Fn(&Value) -> bool) -> usize {
         self.inner.lock().unwrap().iter().filter(|v| pred(v)).count()
     }

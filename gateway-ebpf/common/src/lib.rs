@@ -30,6 +30,13 @@ pub const OP_CONNECT6: u32 = 4;
 pub const DENY_UNTAGGED: u32 = 1;
 pub const DENY_NOT_PERMITTED: u32 = 2;
 pub const DENY_WRONG_SOURCE: u32 = 3;
+/// A device's connection to a range the egress list denies (loopback, link-local, the gateway's
+/// own addresses, cluster networks).
+pub const DENY_EGRESS: u32 = 4;
+
+/// Values of the egress trie (`cmx_egress`): the longest matching prefix decides.
+pub const EGRESS_DENY: u8 = 1;
+pub const EGRESS_ALLOW: u8 = 2;
 
 /// A socket's tag, keyed by its socket cookie (`SO_COOKIE`): which path it serves.
 #[repr(C)]
@@ -117,6 +124,13 @@ pub mod maps {
     pub const LISTEN: &str = "cmx_listen";
     pub const PREFIX: &str = "cmx_prefix";
     pub const DENIALS: &str = "cmx_denials";
+    /// LPM trie: {prefix length, IPv6 address (IPv4 as ::ffff:a.b.c.d)} -> EGRESS_DENY/ALLOW.
+    pub const EGRESS: &str = "cmx_egress";
+
+    /// Entries of `cmx_tags`: one per ID-sock (pair) and one per Mir-sock listener (forward).
+    pub const TAGS_CAPACITY: u32 = 1 << 16;
+    /// Entries of `cmx_pairs`, `cmx_socks` and `cmx_bytes`: two per spliced pair.
+    pub const SOCKS_CAPACITY: u32 = 1 << 17;
 }
 
 /// Program names (the Rust function names in gateway-ebpf).

@@ -18,6 +18,7 @@ use std::net::Ipv6Addr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuHashMap, RingBuf, SockHash};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, SkMsg, SockOps};
 use aya::{Ebpf, EbpfLoader, Pod};
@@ -73,10 +74,14 @@ pub struct SockmapDataPlane {
     open: Mutex<HashMap<MapData, OpenKey, u8>>,
     listen: Mutex<HashMap<MapData, ListenKey, u8>>,
     prefix: Mutex<Array<MapData, PrefixConfig>>,
+    egress: Mutex<LpmTrie<MapData, [u8; 16], u8>>,
     /// The SOCKHASH the sk_msg program is attached to: held open for the gateway's lifetime.
     _socks: SockHash<MapData, PairKey>,
     denials: Mutex<Option<RingBuf<MapData>>>,
     logger: Mutex<Option<aya_log::EbpfLogger<&'static dyn log::Log>>>,
+    /// Sockets refused because `cmx_tags` was full (a metric: the limits did not keep it below
+    /// its capacity).
+    tags_full: std::sync::atomic::AtomicU64,
 }
 
 fn take<T: TryFrom<aya::maps::Map>>(ebpf: &mut Ebpf, name: &str) -> Result<T, String>
@@ -205,8 +210,10 @@ impl SockmapDataPlane {
                 open: Mutex::new(take(&mut ebpf, abi::maps::OPEN)?),
                 listen: Mutex::new(take(&mut ebpf, abi::maps::LISTEN)?),
                 prefix: Mutex::new(take(&mut ebpf, abi::maps::PREFIX)?),
+                egress: Mutex::new(take(&mut ebpf, abi::maps::EGRESS)?),
                 denials: Mutex::new(Some(take(&mut ebpf, abi::maps::DENIALS)?)),
                 _socks: socks,
+                tags_full: Default::default(),
                 logger: Mutex::new(logger),
                 ebpf: Mutex::new(Some(ebpf)),
                 cgroup: Mutex::new(None),
@@ -292,9 +299,15 @@ impl DataPlane for SockmapDataPlane {
             _pad: 0,
             addr: tag.identity.octets(),
         };
-        lock(&self.tags)
-            .insert(cookie, value, 0)
-            .map_err(io::Error::other)?;
+        lock(&self.tags).insert(cookie, value, 0).map_err(|e| {
+            let full = matches!(&e, aya::maps::MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::E2BIG));
+            if full {
+                self.tags_full.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::error!(map = abi::maps::TAGS, capacity = abi::maps::TAGS_CAPACITY, conn_id = tag.conn_id,
+                    "kernel map cmx_tags is full: this connection is refused (lower limits.max_pairs and limits.max_forwards below its capacity)");
+            }
+            io::Error::other(e)
+        })?;
         let tags = self.tags.clone();
         Ok(TagGuard::new(move || {
             let _ = lock(&tags).remove(&cookie);
@@ -337,6 +350,35 @@ impl DataPlane for SockmapDataPlane {
         Ok(())
     }
 
+    fn sync_egress(&self, entries: &[crate::authz::KernelEgress]) -> Result<(), String> {
+        let mut map = lock(&self.egress);
+        let want: std::collections::HashMap<(u32, [u8; 16]), u8> = entries
+            .iter()
+            .map(|e| {
+                let value = if e.allow {
+                    abi::EGRESS_ALLOW
+                } else {
+                    abi::EGRESS_DENY
+                };
+                ((u32::from(e.prefix_len), e.addr.octets()), value)
+            })
+            .collect();
+        let have: Vec<(u32, [u8; 16])> = map
+            .keys()
+            .filter_map(Result::ok)
+            .map(|k| (k.prefix_len(), k.data()))
+            .collect();
+        for (len, addr) in have.iter().filter(|k| !want.contains_key(k)) {
+            map.remove(&LpmKey::new(*len, *addr)).map_err(|e| e.to_string())?;
+        }
+        for ((len, addr), value) in &want {
+            map.insert(&LpmKey::new(*len, *addr), *value, 0)
+                .map_err(|e| format!("egress entry {}/{len}: {e}", Ipv6Addr::from(*addr)))?;
+        }
+        tracing::info!(entries = want.len(), "kernel egress list in step");
+        Ok(())
+    }
+
     fn occupancy(&self) -> Occupancy {
         let tags = self.pinned::<HashMap<MapData, u64, Tag>>(abi::maps::TAGS, Map::HashMap);
         let socks = self.pinned::<SockHash<MapData, PairKey>>(abi::maps::SOCKS, Map::SockHash);
@@ -355,6 +397,10 @@ impl DataPlane for SockmapDataPlane {
                 .into_iter()
                 .filter_map(|(name, n)| Some((name, n?)))
                 .collect(),
+            full: vec![(
+                abi::maps::TAGS,
+                self.tags_full.load(std::sync::atomic::Ordering::Relaxed),
+            )],
         }
     }
 
@@ -400,6 +446,7 @@ fn reason_text(reason: u32) -> &'static str {
         abi::DENY_UNTAGGED => "untagged socket: not opened by the gateway for an authorized path",
         abi::DENY_NOT_PERMITTED => "not allowed by the identity's security context",
         abi::DENY_WRONG_SOURCE => "socket bound to another identity's address",
+        abi::DENY_EGRESS => "a device may not reach this address ([egress])",
         _ => "refused",
     }
 }
@@ -438,7 +485,10 @@ fn log_denial(registry: &Registry, d: &Denial) {
     };
     // `src` is the identity acting (the socket's tag or bound address), `dst` where to.
     let identity = name(&src);
-    let address = format!("[{dst}]:{}", d.port);
+    let address = match dst.to_ipv4_mapped() {
+        Some(v4) => format!("{v4}:{}", d.port),
+        None => format!("[{dst}]:{}", d.port),
+    };
     let (event, decision) = crate::audit::Decision::KernelDeny.record();
     tracing::warn!(
         target: crate::audit::TARGET,

@@ -67,7 +67,15 @@ pub async fn open(
         Ok(permit) => destination(&gw, &permit).await.map(|d| (permit, d)),
         Err(refusal) => Err(refusal),
     };
-    let (permit, destination) = match decided {
+    // An allowed pair still needs a share of the identity's pairs (one decision, one line).
+    let decided = decided.and_then(|(permit, destination)| match gw.quotas.pairs.take(&identity) {
+        Ok(share) => Ok((permit, destination, share)),
+        Err(reason) => Err(Refusal {
+            code: RefusalCode::ResourceShortage,
+            reason,
+        }),
+    });
+    let (permit, destination, pair_share) = match decided {
         Ok(decided) => decided,
         Err(refusal) => {
             audit::forward_denied(session, &identity, &request, &refusal.reason);
@@ -96,7 +104,7 @@ pub async fn open(
     reply.accept().await;
     let target = describe(&destination, &connected.stream, &req.host, permit.port);
     carry(&gw, conn_id, &identity, channel, connected, target).await;
-    drop(slot);
+    drop((slot, pair_share));
 }
 
 /// How the audit log names where a path goes.
@@ -167,7 +175,9 @@ async fn destination(gw: &Gateway, permit: &OpenPermit) -> Result<Destination, R
                 addr: SocketAddrV6::new(server.address, port, 0, 0),
             })
         }
-        OpenTarget::Address(ip) => Ok(Destination::External(vec![SocketAddr::new(*ip, port)])),
+        OpenTarget::Address(ip) => Ok(Destination::External(
+            gw.authz.may_reach(vec![SocketAddr::new(*ip, port)])?,
+        )),
         OpenTarget::Name(host) => {
             let failed = |reason: String| Refusal {
                 code: RefusalCode::ConnectFailed,
@@ -181,7 +191,12 @@ async fn destination(gw: &Gateway, permit: &OpenPermit) -> Result<Destination, R
             if addrs.is_empty() {
                 return Err(failed(format!("{host} has no addresses")));
             }
-            Ok(Destination::External(addrs))
+            Ok(Destination::External(gw.authz.may_reach(addrs).map_err(|r| {
+                Refusal {
+                    reason: format!("{host}: {}", r.reason),
+                    ..r
+                }
+            })?))
         }
     }
 }
@@ -263,7 +278,18 @@ async fn connect_from_identity(
                 let registration = pair.then(|| gw.pairs.register(local, conn_id));
                 (socket, registration, guard)
             }
-            SocketAddr::V4(_) => (sockets::plain_socket(&target)?, None, TagGuard::none()),
+            SocketAddr::V4(_) => {
+                // Reached from the node's address, not an identity's (IPv4); tagged all the same,
+                // so that the kernel's connect4 hook holds it to the egress list.
+                let socket = sockets::plain_socket(&target)?;
+                let tag = SocketTag {
+                    conn_id,
+                    role: SocketRole::IdSock,
+                    identity: source,
+                };
+                let guard = gw.dataplane.tag(&socket2::SockRef::from(&socket), tag)?;
+                (socket, None, guard)
+            }
         };
         match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(target)).await {
             Err(_) => return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out")),

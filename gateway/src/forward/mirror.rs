@@ -28,6 +28,7 @@ fn publish(gw: &Arc<Gateway>, permit: &ListenPermit, owner: Owner) -> Result<Pub
     let (addr, port) = (permit.addr, permit.port);
     let identity = permit.server.name.as_str();
     let published = gw.mirrors.publish(identity, addr, port, owner, |owner| {
+        let share = gw.quotas.forwards.take(identity).map_err(PublishError::Limit)?;
         let tag = SocketTag {
             conn_id: gw.next_conn_id(),
             role: SocketRole::MirListener,
@@ -45,6 +46,7 @@ fn publish(gw: &Arc<Gateway>, permit: &ListenPermit, owner: Owner) -> Result<Pub
             owner,
             stop: stop.clone(),
             tag,
+            share,
         };
         Ok((port, entry, (listener, stop)))
     })?;
@@ -100,19 +102,25 @@ async fn serve(gw: Arc<Gateway>, key: ForwardKey, stream: TcpStream, peer: Socke
         return;
     };
     sockets::tune_stream(&stream);
-    let channel = match owner
-        .handle
-        .channel_open_forwarded_tcpip(
-            owner.requested_address.clone(),
-            u32::from(key.1),
-            peer.ip().to_string(),
-            u32::from(peer.port()),
-        )
-        .await
-    {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::warn!(conn_id, identity, session = %owner.session, error = %e,
+    let opening = owner.handle.channel_open_forwarded_tcpip(
+        owner.requested_address.clone(),
+        u32::from(key.1),
+        peer.ip().to_string(),
+        u32::from(peer.port()),
+    );
+    // A server agent that never answers must not hold the pair (and the device's connection)
+    // forever with zero credit.
+    let channel = match tokio::time::timeout(gw.config.forward_open_timeout(), opening).await {
+        Ok(Ok(c)) => c,
+        outcome => {
+            let error = match outcome {
+                Ok(Err(e)) => e.to_string(),
+                _ => format!(
+                    "no answer within {} s (limits.forward_open_timeout_secs)",
+                    gw.config.limits.forward_open_timeout_secs
+                ),
+            };
+            tracing::warn!(conn_id, identity, session = %owner.session, error,
                 "server agent did not accept the forwarded-tcpip channel; closing the connection");
             budget.abandon();
             return;
@@ -150,7 +158,7 @@ pub fn request_forward(
             let published = publish(gw, &permit, owner).map_err(|e| e.to_string())?;
             Ok((permit, published))
         });
-    let (permit, published) = match result {
+    let (permit, published) = match result.and_then(|ok| still_permitted(gw, identity, ok)) {
         Ok(ok) => ok,
         Err(reason) => {
             audit::forward_denied(session, identity, &request, &reason);
@@ -173,6 +181,32 @@ pub fn request_forward(
         Published::TakenOver { port, previous } => {
             taken_over(gw, identity, addr, port, session, previous);
             Ok(port)
+        }
+    }
+}
+
+/// A registry reload that ran between the decision and the publication did not see this
+/// forward in the table: decide again under the registry in force now, and withdraw the
+/// forward if it lost its permission meanwhile.
+fn still_permitted(
+    gw: &Gateway,
+    identity: &str,
+    (permit, published): (ListenPermit, Published<()>),
+) -> Result<(ListenPermit, Published<()>), String> {
+    let port = match &published {
+        Published::New { port, .. } | Published::TakenOver { port, .. } => *port,
+    };
+    let key = (permit.addr, port);
+    match gw
+        .authz
+        .may_keep_listening(&gw.registry(), identity, key.0, key.1)
+    {
+        Ok(_) => Ok((permit, published)),
+        Err(refusal) => {
+            gw.mirrors.remove(&key);
+            Err(format!(
+                "the identity registry changed while publishing: {refusal}"
+            ))
         }
     }
 }

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::dataplane::TagGuard;
 use crate::events::SessionId;
+use crate::quota::QuotaGuard;
 
 pub type ForwardKey = (Ipv6Addr, u16);
 
@@ -31,6 +32,8 @@ pub struct Entry {
     pub stop: CancellationToken,
     /// The listener's kernel tag: dropped (untagged) with the entry.
     pub tag: TagGuard,
+    /// The forward's share of the identity's (and the gateway's) forwards.
+    pub share: QuotaGuard,
 }
 
 #[derive(Default)]
@@ -46,6 +49,9 @@ pub enum PublishError {
         port: u16,
         holder: String,
     },
+    /// A forwards limit (`limits.max_forwards_per_identity`, `limits.max_forwards`) is reached.
+    #[error("{0}")]
+    Limit(String),
     #[error("cannot listen on [{addr}]:{port}: {cause}")]
     Bind {
         addr: Ipv6Addr,

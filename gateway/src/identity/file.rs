@@ -32,7 +32,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::{Identity, Mac, Registry, RegistryContext, Role, fingerprint};
-use crate::policy::{ListenHost, PermitListen, PermitOpen};
+use crate::policy::{HostPattern, ListenHost, PermitListen, PermitOpen};
 
 /// Longest identity name: `dynamic-service-<name>` must stay a DNS label (63 characters).
 pub const MAX_NAME_LEN: usize = 47;
@@ -117,8 +117,7 @@ impl Collector<'_> {
 }
 
 pub fn parse_public_key(text: &str) -> Result<PublicKey, String> {
-    let key = PublicKey::from_openssh(text.trim())
-        .map_err(|e| format!("not an OpenSSH public key (expected 'ssh-ed25519 AAAA... comment'): {e}"))?;
+    let key = parse_any_public_key(text)?;
     match key.algorithm() {
         Algorithm::Ed25519 | Algorithm::Ecdsa { .. } => Ok(key),
         Algorithm::Rsa { .. } => {
@@ -135,6 +134,13 @@ pub fn parse_public_key(text: &str) -> Result<PublicKey, String> {
             "unsupported key type {other} (use ssh-ed25519, ecdsa-sha2-nistp256/384/521 or ssh-rsa >= {MIN_RSA_BITS} bits)"
         )),
     }
+}
+
+/// Any key OpenSSH could write, whatever its type or size: what `revoked_keys` accepts, since
+/// a key too weak to register may still have been certified by a CA, and must be revocable.
+fn parse_any_public_key(text: &str) -> Result<PublicKey, String> {
+    PublicKey::from_openssh(text.trim())
+        .map_err(|e| format!("not an OpenSSH public key (expected 'ssh-ed25519 AAAA... comment'): {e}"))
 }
 
 fn valid_name(name: &str) -> bool {
@@ -175,10 +181,16 @@ impl Registry {
             lines: &lines,
             issues: Vec::new(),
         };
-        let cert_authorities = parse_key_list(&mut c, &raw.cert_authorities, "cert_authorities");
-        let revoked: HashSet<Fingerprint> = parse_key_list(&mut c, &raw.revoked_keys, "revoked_keys")
-            .into_iter()
-            .collect();
+        let cert_authorities = parse_key_list(
+            &mut c,
+            &raw.cert_authorities,
+            "cert_authorities",
+            parse_public_key,
+        );
+        let revoked: HashSet<Fingerprint> =
+            parse_key_list(&mut c, &raw.revoked_keys, "revoked_keys", parse_any_public_key)
+                .into_iter()
+                .collect();
         let mut checker = Checker {
             c,
             context: &context,
@@ -452,6 +464,7 @@ impl<'a> Checker<'a> {
         pl: &PermitListen,
         po: &PermitOpen,
     ) {
+        let service_prefix = self.context.service_prefix.clone();
         let mut refer = |list: &[Spanned<String>], entry: &str, target: &str, message: String| {
             self.references.push((
                 span_of(list, entry, start),
@@ -469,6 +482,29 @@ impl<'a> Checker<'a> {
                     "permit_open entry '{entry}' has no port and names no identity (write host:port for other hosts)"
                 ),
             );
+        }
+        // A host without a dot is no DNS name: it can only mean an identity (or its service
+        // alias); one that is none is a mistake, not a host to look up.
+        if let PermitOpen::Rules(rules) = po {
+            for r in rules.iter().filter(|r| r.text.contains(':')) {
+                if let HostPattern::Name(n) = &r.host
+                    && !n.contains('.')
+                {
+                    let target = n
+                        .strip_prefix(service_prefix.as_str())
+                        .filter(|t| !t.is_empty())
+                        .unwrap_or(n);
+                    refer(
+                        &raw.permit_open,
+                        &r.text,
+                        target,
+                        format!(
+                            "permit_open entry '{}' names no identity ('{n}'); a host outside the gateway needs its full DNS name or an address",
+                            r.text
+                        ),
+                    );
+                }
+            }
         }
         for (n, entry) in pl.named_identities() {
             refer(
@@ -522,10 +558,15 @@ fn span_of(list: &[Spanned<String>], text: &str, fallback: usize) -> usize {
         .unwrap_or(fallback)
 }
 
-fn parse_key_list(c: &mut Collector<'_>, list: &[Spanned<String>], field: &str) -> Vec<Fingerprint> {
+fn parse_key_list(
+    c: &mut Collector<'_>,
+    list: &[Spanned<String>],
+    field: &str,
+    parse: fn(&str) -> Result<PublicKey, String>,
+) -> Vec<Fingerprint> {
     let mut out = Vec::new();
     for (i, k) in list.iter().enumerate() {
-        match parse_public_key(k.get_ref()) {
+        match parse(k.get_ref()) {
             Ok(key) => out.push(fingerprint(&key)),
             Err(e) => c.push(k.span().start, None, format!("{field}[{i}]: {e}")),
         }

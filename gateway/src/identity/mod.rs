@@ -156,6 +156,21 @@ impl Registry {
         &self.cert_authorities
     }
 
+    /// What is valid but probably not meant, one sentence each (check-config prints them, the
+    /// gateway logs them at every load).
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for id in self.identities.iter().filter(|i| i.role.may_publish()) {
+            for entry in id.permit_listen.wildcard_entries() {
+                out.push(format!(
+                    "identity '{}': permit_listen entry '{entry}' lets it publish on any address of the identity prefix, other servers' included (a bare port or 'localhost:PORT' means its own address)",
+                    id.name
+                ));
+            }
+        }
+        out
+    }
+
     pub fn is_revoked(&self, fp: &Fingerprint) -> bool {
         self.revoked.contains(fp)
     }

@@ -61,6 +61,8 @@ macro_rules! push_packet {
 
 mod channels;
 pub use channels::{Channel, ChannelMsg, ChannelReadHalf, ChannelStream, ChannelWriteHalf};
+/// cmxsafe patch: the process-wide budget of queued channel data (see CMXSAFE-PATCH.md).
+pub use channels::{MAX_QUEUED_CONTROLS, channel_queue_bytes, set_channel_queue_budget};
 
 mod parsing;
 mod session;

@@ -318,6 +318,8 @@ impl Encrypted {
     /// cmxsafe patch: counts an incoming CHANNEL_DATA of `len` bytes against the window we
     /// granted. `false`: the peer overran the window, and the data must be dropped (RFC 4254
     /// 5.2; OpenSSH does the same) rather than queued without bound.
+    /// cmxsafe patch: data beyond the window is dropped (RFC 4254 §5.2) with a warning; see
+    /// `beyond_window_warning` for its rate.
     pub(crate) fn take_window(&mut self, channel: ChannelId, len: usize) -> bool {
         let Some(channel) = self.channels.get_mut(&channel) else {
             return true;
@@ -328,10 +330,7 @@ impl Encrypted {
                 true
             }
             _ => {
-                warn!(
-                    "channel {}: peer sent {len} bytes with a window of {}; dropped",
-                    channel.sender_channel, channel.sender_window_size
-                );
+                beyond_window_warning(channel.sender_channel, len, channel.sender_window_size);
                 false
             }
         }
@@ -1607,5 +1606,52 @@ mod tests {
         assert_eq!(channel.pending_data.back().unwrap().0.as_ref(), b"new");
         assert!(encrypted.write.is_empty());
         assert!(writer.buffer().buffer.is_empty());
+    }
+}
+
+/// cmxsafe patch: at most one warning a second of one kind, for the whole process; the next
+/// one says how many it stands for. A peer that can trigger a warning per packet would otherwise
+/// flood the log.
+struct RateLimited {
+    last_second: std::sync::atomic::AtomicU64,
+    suppressed: std::sync::atomic::AtomicU64,
+}
+
+impl RateLimited {
+    const fn new() -> Self {
+        RateLimited {
+            last_second: std::sync::atomic::AtomicU64::new(0),
+            suppressed: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(suppressed since the last one)` if a warning may be written now.
+    fn allow(&self) -> Option<u64> {
+        use std::sync::atomic::Ordering;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        if self.last_second.swap(now, Ordering::Relaxed) == now {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(self.suppressed.swap(0, Ordering::Relaxed))
+    }
+}
+
+/// cmxsafe patch: data beyond the window is dropped with a rate-limited warning.
+fn beyond_window_warning(channel: ChannelId, len: usize, window: u32) {
+    static LIMIT: RateLimited = RateLimited::new();
+    if let Some(more) = LIMIT.allow() {
+        warn!("channel {channel}: peer sent {len} bytes with a window of {window}; dropped ({more} more such drops not logged since the last warning)");
+    }
+}
+
+/// cmxsafe patch: a channel closed because the process-wide queue budget is spent.
+pub(crate) fn over_budget_warning(channel: ChannelId) {
+    static LIMIT: RateLimited = RateLimited::new();
+    if let Some(more) = LIMIT.allow() {
+        warn!("channel {channel}: closed, the budget for queued channel data ({} bytes queued) is spent and this channel's reader is behind ({more} more such closes not logged since the last warning)", crate::channel_queue_bytes());
     }
 }

@@ -15,7 +15,9 @@ pub use channel_ref::ChannelRef;
 mod recv_window;
 pub(crate) use recv_window::channel_queue;
 pub(crate) use recv_window::RecvWindow;
-pub use recv_window::{ChannelReceiver, ChannelSender};
+pub use recv_window::{
+    ChannelReceiver, ChannelSender, MAX_QUEUED_CONTROLS, channel_queue_bytes, set_channel_queue_budget,
+};
 
 mod channel_stream;
 pub use channel_stream::ChannelStream;

@@ -14,7 +14,6 @@
 //
 use core::str;
 use std::cell::RefCell;
-use std::time::SystemTime;
 
 use auth::*;
 use byteorder::{BigEndian, ByteOrder};
@@ -1110,20 +1109,9 @@ impl Encrypted {
                 let pubkey = match pk_or_cert {
                     PublicKeyOrCertificate::PublicKey { ref key, .. } => key.clone(),
                     PublicKeyOrCertificate::Certificate(ref cert) => {
-                        // Validate certificate expiration. The bounds are None
-                        // for OpenSSH's "always valid" sentinels (PROTOCOL.certkeys),
-                        // which skips the corresponding check.
-                        let now = SystemTime::now();
-                        if cert.valid_after_time().map(|t| now < t).unwrap_or_default()
-                            || cert
-                                .valid_before_time()
-                                .map(|t| now > t)
-                                .unwrap_or_default()
-                        {
-                            warn!("Certificate is expired or not yet valid");
-                            reject_auth_request(until, &mut self.write, auth_request).await?;
-                            return Ok(());
-                        }
+                        // cmxsafe (CMXSAFE-PATCH change 4): the validity period is
+                        // checked by the handler (`auth_openssh_certificate`), which
+                        // can say which bound failed and for which identity.
 
                         // Verify the certificate’s signature
                         if cert.verify_signature().is_err() {
@@ -1453,6 +1441,26 @@ impl Session {
         Ok(())
     }
 
+    /// cmxsafe patch: the process-wide budget of queued channel data is spent and `channel`
+    /// holds a share of it: close the channel (its reader gets what was queued, then `Close`)
+    /// rather than hold more, and tell the handler as if the peer had closed it.
+    async fn close_over_budget<H: Handler + Send>(
+        &mut self,
+        channel: ChannelId,
+        handler: &mut H,
+    ) -> Result<(), H::Error> {
+        crate::session::over_budget_warning(channel);
+        if let Some(enc) = self.common.encrypted.as_mut() {
+            enc.close(channel)?;
+        }
+        if let Some(chan) = self.channels.remove(&channel) {
+            chan.send(ChannelMsg::Close).await.unwrap_or(());
+        }
+        handler.channel_close(channel, self).await?;
+        self.flush()?;
+        Ok(())
+    }
+
     /// cmxsafe patch: the channels whose readers caught up get their window topped up.
     pub(crate) fn grant_woken_windows<H: Handler>(&mut self, handler: &mut H) -> Result<(), H::Error> {
         for id in crate::session::woken_channels(&self.channels) {
@@ -1522,22 +1530,25 @@ impl Session {
                 {
                     return Ok(());
                 }
+                let msg = match ext {
+                    Some(ext) => ChannelMsg::ExtendedData {
+                        ext,
+                        data: data.clone(),
+                    },
+                    None => ChannelMsg::Data { data: data.clone() },
+                };
+                // cmxsafe patch: data refused because the process-wide queue budget is spent
+                // closes the channel that holds it (see channels::recv_window).
+                let over_budget = match self.channels.get(&channel_num) {
+                    Some(chan) => chan.try_send(msg).is_err() && chan.over_budget(),
+                    None => false,
+                };
+                if over_budget {
+                    return self.close_over_budget(channel_num, handler).await;
+                }
                 if let Some(ext) = ext {
-                    if let Some(chan) = self.channels.get(&channel_num) {
-                        chan.send(ChannelMsg::ExtendedData {
-                            ext,
-                            data: data.clone(),
-                        })
-                        .await
-                        .unwrap_or(())
-                    }
                     handler.extended_data(channel_num, ext, &data, self).await?;
                 } else {
-                    if let Some(chan) = self.channels.get(&channel_num) {
-                        chan.send(ChannelMsg::Data { data: data.clone() })
-                            .await
-                            .unwrap_or(())
-                    }
                     handler.data(channel_num, &data, self).await?;
                 }
                 self.grant_window(channel_num, handler)?;

@@ -1,0 +1,381 @@
+//! Who may start an SSH handshake: the defences OpenSSH puts in front of authentication, so that
+//! a stranger cannot lock every agent out.
+//!
+//! - `max_startups = "start:rate:full"` (OpenSSH `MaxStartups`): below `start` unauthenticated
+//!   connections every new one is admitted; from `start` on, each is dropped with a probability
+//!   rising linearly from `rate` % to 100 % at `full`.
+//! - `per_source_max_startups`: unauthenticated connections from one source (an IPv4 address, an
+//!   IPv6 /64 by default) at once (OpenSSH `PerSourceMaxStartups`).
+//! - A penalty box (OpenSSH 9.8's `PerSourcePenalties`): a source whose connection failed to
+//!   authenticate, sent something that is not SSH, or let the login grace time run out is refused
+//!   for a while; repeated offences add up, to a maximum. Exempt networks are never penalized.
+//!
+//! Pure bookkeeping (time and randomness come from the caller), so every rule is unit-tested.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ipnet::IpNet;
+
+use crate::config::{Limits, Startups};
+
+/// Penalized sources remembered at most; beyond it, expired entries go first, then the oldest.
+const MAX_PENALIZED: usize = 65_536;
+
+/// What a connection did that earns its source a penalty.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Offence {
+    /// Credentials were refused and the connection ended without authenticating.
+    AuthFail,
+    /// The bytes were not SSH (the handshake failed).
+    Junk,
+    /// Nothing authenticated within the login grace time.
+    GraceExceeded,
+}
+
+impl Offence {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Offence::AuthFail => "authentication failed",
+            Offence::Junk => "not SSH",
+            Offence::GraceExceeded => "login grace time exceeded",
+        }
+    }
+}
+
+/// The settings, from `[limits]`.
+#[derive(Clone, Debug)]
+pub struct Policy {
+    pub startups: Startups,
+    pub per_source: usize,
+    pub v6_block: u8,
+    pub authfail: Duration,
+    pub junk: Duration,
+    pub grace: Duration,
+    pub max: Duration,
+    pub exempt: Vec<IpNet>,
+}
+
+impl Policy {
+    pub fn from_limits(l: &Limits) -> Policy {
+        Policy {
+            startups: l.max_startups,
+            per_source: l.per_source_max_startups,
+            v6_block: l.per_source_ipv6_prefix,
+            authfail: Duration::from_secs(l.penalty_authfail_secs),
+            junk: Duration::from_secs(l.penalty_junk_secs),
+            grace: Duration::from_secs(l.penalty_grace_secs),
+            max: Duration::from_secs(l.penalty_max_secs),
+            exempt: l.penalty_exempt.clone(),
+        }
+    }
+
+    fn penalty(&self, o: Offence) -> Duration {
+        match o {
+            Offence::AuthFail => self.authfail,
+            Offence::Junk => self.junk,
+            Offence::GraceExceeded => self.grace,
+        }
+    }
+
+    /// The source a peer counts as: its IPv4 address, or its IPv6 address's /`v6_block`.
+    fn source(&self, ip: IpAddr) -> IpAddr {
+        match ip {
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None => ipnet::Ipv6Net::new(v6, self.v6_block)
+                    .map(|n| IpAddr::V6(n.network()))
+                    .unwrap_or(IpAddr::V6(v6)),
+            },
+            v4 => v4,
+        }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    unauthenticated: usize,
+    per_source: HashMap<IpAddr, usize>,
+    /// Source -> (penalized until, penalty accumulated).
+    penalized: HashMap<IpAddr, (Instant, Duration)>,
+}
+
+/// The gateway's admission state: shared by the accept loop and every pre-auth connection.
+pub struct Admission {
+    policy: Policy,
+    state: Mutex<State>,
+}
+
+/// Why a connection was not admitted (the text is the client's and the audit log's reason).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refused(pub String);
+
+impl Admission {
+    pub fn new(policy: Policy) -> Arc<Admission> {
+        Arc::new(Admission {
+            policy,
+            state: Mutex::new(State::default()),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Admits a connection from `peer` at `now`; `roll` is uniform in [0, 1) (the random early
+    /// drop's die). The returned slot is held until the connection authenticates or ends.
+    pub fn admit(self: &Arc<Self>, peer: IpAddr, now: Instant, roll: f64) -> Result<Startup, Refused> {
+        let p = &self.policy;
+        let source = p.source(peer);
+        let mut st = self.lock();
+        if let Some((until, _)) = st.penalized.get(&source)
+            && *until > now
+        {
+            let left = until.duration_since(now).as_secs().max(1);
+            return Err(Refused(format!(
+                "source {source} is penalized for {left} s more (earlier connections failed to authenticate, sent junk or timed out)"
+            )));
+        }
+        let Startups { start, rate, full } = p.startups;
+        if st.unauthenticated >= full {
+            return Err(Refused(format!(
+                "too many unauthenticated connections ({} of max_startups {start}:{rate}:{full}); try again later",
+                st.unauthenticated
+            )));
+        }
+        if st.unauthenticated >= start {
+            // Linear from `rate` % at `start` to 100 % at `full`, as OpenSSH does.
+            let span = (full - start).max(1) as f64;
+            let drop = f64::from(rate) / 100.0
+                + (1.0 - f64::from(rate) / 100.0) * (st.unauthenticated - start) as f64 / span;
+            if roll < drop {
+                return Err(Refused(format!(
+                    "too many unauthenticated connections ({}, random early drop past {start} of max_startups {start}:{rate}:{full}); try again later",
+                    st.unauthenticated
+                )));
+            }
+        }
+        let from_source = st.per_source.get(&source).copied().unwrap_or(0);
+        if from_source >= p.per_source {
+            return Err(Refused(format!(
+                "too many unauthenticated connections from {source} ({from_source}, per_source_max_startups = {})",
+                p.per_source
+            )));
+        }
+        st.unauthenticated += 1;
+        *st.per_source.entry(source).or_insert(0) += 1;
+        Ok(Startup {
+            admission: self.clone(),
+            source,
+            released: false,
+        })
+    }
+
+    /// Sources in the penalty box now.
+    pub fn penalized(&self, now: Instant) -> usize {
+        self.lock()
+            .penalized
+            .values()
+            .filter(|(until, _)| *until > now)
+            .count()
+    }
+
+    fn release(&self, source: IpAddr) {
+        let mut st = self.lock();
+        st.unauthenticated = st.unauthenticated.saturating_sub(1);
+        if let Some(n) = st.per_source.get_mut(&source) {
+            *n -= 1;
+            if *n == 0 {
+                st.per_source.remove(&source);
+            }
+        }
+    }
+
+    /// Penalizes `source` for `offence` at `now`; returns how long it is refused.
+    fn penalize(&self, source: IpAddr, offence: Offence, now: Instant) -> Option<Duration> {
+        let p = &self.policy;
+        if p.exempt.iter().any(|net| net.contains(&source)) {
+            return None;
+        }
+        let add = p.penalty(offence);
+        if add.is_zero() {
+            return None;
+        }
+        let mut st = self.lock();
+        if st.penalized.len() >= MAX_PENALIZED && !st.penalized.contains_key(&source) {
+            st.penalized.retain(|_, (until, _)| *until > now);
+            if st.penalized.len() >= MAX_PENALIZED
+                && let Some(oldest) = st.penalized.iter().min_by_key(|(_, (u, _))| *u).map(|(k, _)| *k)
+            {
+                st.penalized.remove(&oldest);
+            }
+        }
+        let entry = st.penalized.entry(source).or_insert((now, Duration::ZERO));
+        // An expired penalty is forgotten; a live one grows.
+        let carried = if entry.0 > now { entry.1 } else { Duration::ZERO };
+        let total = (carried + add).min(p.max);
+        *entry = (now + total, total);
+        Some(total)
+    }
+}
+
+/// An admitted, not yet authenticated connection: counted until it authenticates or ends.
+pub struct Startup {
+    admission: Arc<Admission>,
+    source: IpAddr,
+    released: bool,
+}
+
+impl Startup {
+    /// The connection authenticated: it no longer counts, and its source is not penalized.
+    pub fn authenticated(mut self) {
+        self.admission.release(self.source);
+        self.released = true;
+    }
+
+    /// The connection ended for `offence`: its source is penalized (unless exempt). Returns the
+    /// source and how long it is refused now, for the log.
+    pub fn offended(mut self, offence: Offence, now: Instant) -> Option<(IpAddr, Duration)> {
+        self.admission.release(self.source);
+        self.released = true;
+        self.admission
+            .penalize(self.source, offence, now)
+            .map(|d| (self.source, d))
+    }
+}
+
+impl Drop for Startup {
+    fn drop(&mut self) {
+        if !self.released {
+            self.admission.release(self.source);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> Policy {
+        Policy {
+            startups: Startups {
+                start: 4,
+                rate: 50,
+                full: 8,
+            },
+            per_source: 3,
+            v6_block: 64,
+            authfail: Duration::from_secs(5),
+            junk: Duration::from_secs(10),
+            grace: Duration::from_secs(10),
+            max: Duration::from_secs(25),
+            exempt: vec!["10.9.0.0/16".parse().unwrap()],
+        }
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn one_source_cannot_take_every_slot() {
+        let a = Admission::new(policy());
+        let now = Instant::now();
+        let held: Vec<Startup> = (0..3)
+            .map(|_| a.admit(ip("10.1.0.2"), now, 0.99).unwrap())
+            .collect();
+        let r = a.admit(ip("10.1.0.2"), now, 0.99).err().unwrap();
+        assert!(
+            r.0.contains("from 10.1.0.2 (3, per_source_max_startups = 3)"),
+            "{r:?}"
+        );
+        // Another source still gets in.
+        assert!(a.admit(ip("10.2.0.2"), now, 0.99).is_ok());
+        drop(held);
+        assert!(
+            a.admit(ip("10.1.0.2"), now, 0.99).is_ok(),
+            "slots come back when connections end"
+        );
+    }
+
+    #[test]
+    fn ipv6_sources_are_counted_by_prefix_and_mapped_ipv4_as_ipv4() {
+        let a = Admission::new(policy());
+        let now = Instant::now();
+        let _held: Vec<Startup> = ["2001:db8::1", "2001:db8::2", "2001:db8::3"]
+            .iter()
+            .map(|s| a.admit(ip(s), now, 0.99).unwrap())
+            .collect();
+        assert!(a.admit(ip("2001:db8::ffff"), now, 0.99).is_err(), "same /64");
+        assert!(a.admit(ip("2001:db8:0:1::1"), now, 0.99).is_ok(), "another /64");
+        let _v4: Vec<Startup> = (0..3)
+            .map(|_| a.admit(ip("10.5.0.1"), now, 0.99).unwrap())
+            .collect();
+        assert!(a.admit(ip("::ffff:10.5.0.1"), now, 0.99).is_err());
+    }
+
+    #[test]
+    fn random_early_drop_rises_from_rate_to_full() {
+        let a = Admission::new(policy());
+        let now = Instant::now();
+        let sources = [
+            "10.3.0.1", "10.3.0.2", "10.3.0.3", "10.3.0.4", "10.3.0.5", "10.3.0.6", "10.3.0.7", "10.3.0.8",
+        ];
+        let mut held = Vec::new();
+        // Below start: always admitted, whatever the die says.
+        for s in &sources[..4] {
+            held.push(a.admit(ip(s), now, 0.0).unwrap());
+        }
+        // At start the drop probability is rate (50 %): a roll under it is dropped, over it not.
+        assert!(a.admit(ip(sources[4]), now, 0.49).is_err());
+        held.push(a.admit(ip(sources[4]), now, 0.51).unwrap());
+        // Past start it rises: 5 of 8 -> 62.5 %.
+        assert!(a.admit(ip(sources[5]), now, 0.6).is_err());
+        held.push(a.admit(ip(sources[5]), now, 0.63).unwrap());
+        held.push(a.admit(ip(sources[6]), now, 0.99).unwrap());
+        held.push(a.admit(ip(sources[7]), now, 0.99).unwrap());
+        // At full, nothing gets in.
+        let r = a.admit(ip("10.3.0.9"), now, 0.9999).err().unwrap();
+        assert!(r.0.contains("8 of max_startups 4:50:8"), "{r:?}");
+    }
+
+    #[test]
+    fn offenders_wait_penalties_add_up_to_a_maximum_and_expire() {
+        let a = Admission::new(policy());
+        let t0 = Instant::now();
+        let s = a.admit(ip("10.1.0.2"), t0, 0.99).unwrap();
+        assert_eq!(
+            s.offended(Offence::Junk, t0),
+            Some((ip("10.1.0.2"), Duration::from_secs(10)))
+        );
+        let r = a
+            .admit(ip("10.1.0.2"), t0 + Duration::from_secs(3), 0.99)
+            .err()
+            .unwrap();
+        assert!(r.0.contains("penalized for 7 s more"), "{r:?}");
+        assert_eq!(a.penalized(t0), 1);
+        // After it expires the source is admitted; offending again while penalized adds up.
+        let t1 = t0 + Duration::from_secs(11);
+        let s = a.admit(ip("10.1.0.2"), t1, 0.99).unwrap();
+        assert_eq!(
+            s.offended(Offence::GraceExceeded, t1).unwrap().1,
+            Duration::from_secs(10)
+        );
+        let s2_source = a.admit(ip("10.1.0.9"), t1, 0.99).unwrap();
+        drop(s2_source);
+        let t2 = t1 + Duration::from_secs(1);
+        // A connection admitted before the penalty ends in an offence too: 10 + 10 + 5, capped at 25.
+        a.penalize(ip("10.1.0.2"), Offence::GraceExceeded, t2);
+        let total = a.penalize(ip("10.1.0.2"), Offence::AuthFail, t2).unwrap();
+        assert_eq!(total, Duration::from_secs(25));
+        // Authenticated connections and exempt networks are never penalized.
+        let ok = a.admit(ip("10.7.0.1"), t2, 0.99).unwrap();
+        ok.authenticated();
+        assert!(a.admit(ip("10.7.0.1"), t2, 0.99).is_ok());
+        let exempt = a.admit(ip("10.9.1.1"), t2, 0.99).unwrap();
+        assert_eq!(exempt.offended(Offence::Junk, t2), None);
+        assert!(a.admit(ip("10.9.1.1"), t2, 0.99).is_ok());
+    }
+}
