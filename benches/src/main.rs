@@ -10,6 +10,7 @@ mod procs;
 mod report;
 mod service;
 mod sessions;
+mod soak;
 mod stats;
 mod variants;
 mod workloads;
@@ -58,6 +59,20 @@ enum Cmd {
     Render {
         /// The results.json of an earlier run.
         results: PathBuf,
+    },
+    /// Soak: 2,000 idle sessions and 300 new forwarded connections/s through one cmx-gateway
+    /// (sockmap, cmx-agent) for N minutes; prints fds, RSS and eBPF map entries every interval
+    /// and fails if they grew after the first interval (the warm-up) or connections failed.
+    Soak {
+        #[arg(long, default_value_t = 10.0)]
+        minutes: f64,
+        #[arg(long, default_value_t = 2000)]
+        sessions: usize,
+        /// New forwarded connections per second.
+        #[arg(long, default_value_t = 300)]
+        rate: usize,
+        #[arg(long, default_value_t = 60)]
+        interval_secs: u64,
     },
     /// (internal) Measure the in-gateway hop in this process's network namespace.
     Hop {
@@ -479,6 +494,26 @@ fn main() -> anyhow::Result<()> {
             print!("{}", report.table());
             report.write_renderings(results.parent().unwrap_or(std::path::Path::new(".")))?;
             Ok(())
+        }
+        Cmd::Soak {
+            minutes,
+            sessions,
+            rate,
+            interval_secs,
+        } => {
+            raise_fd_limit();
+            let settings = soak::Settings {
+                minutes,
+                sessions,
+                rate,
+                interval: std::time::Duration::from_secs(interval_secs.max(1)),
+            };
+            rt.block_on(async {
+                tokio::select! {
+                    r = soak::run(settings) => r,
+                    _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted"),
+                }
+            })
         }
         Cmd::Hop {
             mode,

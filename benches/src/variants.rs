@@ -112,9 +112,11 @@ pub async fn setup(kind: Kind, cipher: &str, index: usize) -> anyhow::Result<Var
             } else {
                 "sockmap"
             };
-            // Room for the scale runs: many sessions, handshakes in batches.
+            // Room for the scale runs: many sessions, handshakes in batches. The admin endpoint
+            // gives the soak the gateway's map occupancy.
             let limits = "[limits]\nmax_sessions = 20000\nmax_startups = 200\nper_source_max_startups = 200\n\
-                 max_sessions_per_identity = 20000\nmax_pairs_per_identity = 40000\nmax_pairs = 49152\n";
+                 max_sessions_per_identity = 20000\nmax_pairs_per_identity = 40000\nmax_pairs = 49152\n\
+                 [admin]\nenabled = true\nlisten = \"127.0.0.1:9180\"\n";
             let gw = GatewayProc::start_with(&hosts, &registry, limits, mode, &[]).await;
             let neg = if kind == Kind::CmxAgent {
                 cmx_agents(&hosts, cipher, &srv1, &dev1, &mut keep)

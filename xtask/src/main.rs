@@ -50,6 +50,13 @@ enum Task {
         #[arg(long, default_value_t = 3)]
         runs: usize,
     },
+    /// Soak: 2,000 idle sessions and 300 new forwarded connections/s through one cmx-gateway
+    /// (sockmap, cmx-agent) for N minutes; prints open fds, RSS and eBPF map entries every
+    /// minute and fails if they grew after the warm-up. `test` runs a one-minute smoke of it.
+    Soak {
+        #[arg(long, default_value_t = 10.0)]
+        minutes: f64,
+    },
     /// Build the eBPF programs (gateway-ebpf), installing what they need: Debian's rustc-web,
     /// rust-web-src and llvm-22-dev, and bpf-linker. The gateway's build embeds the result.
     BuildEbpf,
@@ -73,6 +80,12 @@ fn run(task: Task) -> anyhow::Result<()> {
     match task {
         Task::Deps => deps::ensure(deps::ALL),
         Task::Bench { quick, runs } => bench(quick, runs),
+        Task::Soak { minutes } => {
+            require_root("the soak creates network namespaces")?;
+            deps::ensure(deps::ALL)?;
+            build_ebpf()?;
+            soak(&workspace_root(), minutes, 60)
+        }
         Task::BuildEbpf => {
             let object = build_ebpf()?;
             println!(
@@ -117,6 +130,18 @@ fn bench(quick: bool, runs: usize) -> anyhow::Result<()> {
     check(cmd.status().context("cannot run cmx-bench")?, "cmx-bench")
 }
 
+/// `cmx-bench soak` for `minutes`, sampling every `interval_secs`.
+fn soak(root: &Path, minutes: f64, interval_secs: u64) -> anyhow::Result<()> {
+    build_release(&["cmx-gateway", "cmx-agent", "cmx-bench"])?;
+    let status = Command::new(target_dir(root).join("release/cmx-bench"))
+        .current_dir(root)
+        .args(["soak", "--minutes", &minutes.to_string()])
+        .args(["--interval-secs", &interval_secs.to_string()])
+        .status()
+        .context("cannot run cmx-bench")?;
+    check(status, "the soak")
+}
+
 fn test(args: &[String]) -> anyhow::Result<()> {
     require_root("the tests create network namespaces")?;
     deps::ensure(deps::ALL)?;
@@ -144,6 +169,8 @@ fn test(args: &[String]) -> anyhow::Result<()> {
         .status()?;
     check(status, "cargo test (user-space data plane)")?;
     drop(envtest);
+    // ...a one-minute soak (release binaries, reused by the cluster images below)...
+    soak(&root, 1.0, 15)?;
     // ...and the DaemonSet on a real kubelet, when the machine has one.
     e2e_k8s(&root)
 }
