@@ -67,6 +67,7 @@ pub fn render(gw: &Gateway) -> String {
     let mut out = String::new();
     for f in process_families(gw)
         .into_iter()
+        .chain(limit_families(gw))
         .chain(traffic_families(gw))
         .chain(decision_families())
     {
@@ -126,6 +127,13 @@ fn process_families(gw: &Gateway) -> Vec<Family<'static>> {
                 .map(|(map, n)| (labels(&[("map", map)]), *n as u64))
                 .collect(),
         ),
+    ]
+}
+
+/// What bounds the gateway: kernel maps that filled up, queued channel data, and what
+/// identities hold against `[limits]`.
+fn limit_families(gw: &Gateway) -> Vec<Family<'static>> {
+    vec![
         Family::counter(
             "cmxsafe_dataplane_map_full_total",
             "Sockets refused because an eBPF map of the sockmap data plane was full.",

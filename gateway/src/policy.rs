@@ -210,16 +210,25 @@ impl PermitOpen {
 
     /// Names used as bare entries (no port): each must be an identity, checked by the registry.
     pub fn bare_names(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.named_hosts(false)
+    }
+
+    /// `host:port` entries whose host is a single label (no dot): no DNS name, so it can only
+    /// mean an identity or its service alias. (name, entry text).
+    pub fn single_label_hosts(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.named_hosts(true).filter(|(n, _)| !n.contains('.'))
+    }
+
+    /// Entries naming a host, with a port (`with_port`) or without.
+    fn named_hosts(&self, with_port: bool) -> impl Iterator<Item = (&str, &str)> {
         let rules: &[OpenRule] = match self {
             PermitOpen::Any => &[],
             PermitOpen::Rules(r) => r,
         };
-        rules
-            .iter()
-            .filter_map(|r| match (&r.host, r.text.contains(':')) {
-                (HostPattern::Name(n), false) => Some((n.as_str(), r.text.as_str())),
-                _ => None,
-            })
+        rules.iter().filter_map(move |r| match &r.host {
+            HostPattern::Name(n) if r.text.contains(':') == with_port => Some((n.as_str(), r.text.as_str())),
+            _ => None,
+        })
     }
 
     pub fn check(&self, req: &OpenRequest<'_>) -> Decision {

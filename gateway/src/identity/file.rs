@@ -32,7 +32,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::{Identity, Mac, Registry, RegistryContext, Role, fingerprint};
-use crate::policy::{HostPattern, ListenHost, PermitListen, PermitOpen};
+use crate::policy::{ListenHost, PermitListen, PermitOpen};
 
 /// Longest identity name: `dynamic-service-<name>` must stay a DNS label (63 characters).
 pub const MAX_NAME_LEN: usize = 47;
@@ -485,26 +485,19 @@ impl<'a> Checker<'a> {
         }
         // A host without a dot is no DNS name: it can only mean an identity (or its service
         // alias); one that is none is a mistake, not a host to look up.
-        if let PermitOpen::Rules(rules) = po {
-            for r in rules.iter().filter(|r| r.text.contains(':')) {
-                if let HostPattern::Name(n) = &r.host
-                    && !n.contains('.')
-                {
-                    let target = n
-                        .strip_prefix(service_prefix.as_str())
-                        .filter(|t| !t.is_empty())
-                        .unwrap_or(n);
-                    refer(
-                        &raw.permit_open,
-                        &r.text,
-                        target,
-                        format!(
-                            "permit_open entry '{}' names no identity ('{n}'); a host outside the gateway needs its full DNS name or an address",
-                            r.text
-                        ),
-                    );
-                }
-            }
+        for (n, entry) in po.single_label_hosts() {
+            let target = n
+                .strip_prefix(service_prefix.as_str())
+                .filter(|t| !t.is_empty())
+                .unwrap_or(n);
+            refer(
+                &raw.permit_open,
+                entry,
+                target,
+                format!(
+                    "permit_open entry '{entry}' names no identity ('{n}'); a host outside the gateway needs its full DNS name or an address"
+                ),
+            );
         }
         for (n, entry) in pl.named_identities() {
             refer(
