@@ -108,53 +108,53 @@ impl IotPod {
     /// Publishes `message` to the broker behind the device's tunnel (QoS 1, client id `client`),
     /// retrying while the tunnel is not up yet.
     pub fn publish(&self, client: &str, message: &str) {
+        self.publish_within(client, message, SLOW, || self.logs());
+    }
+
+    /// Publishes one message (QoS 1) through the pod's tunnel, retrying for `timeout`; panics with
+    /// `diagnose()` if it never goes through.
+    pub fn publish_within(
+        &self,
+        client: &str,
+        message: &str,
+        timeout: Duration,
+        diagnose: impl Fn() -> String,
+    ) {
         poll(
             &format!("{} publishes '{message}'", self.name),
-            SLOW,
-            || {
-                self.exec(&[
-                    "mosquitto_pub",
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                    "1883",
-                    "-q",
-                    "1",
-                    "-i",
-                    client,
-                    "-t",
-                    "sensors/e2e",
-                    "-m",
-                    message,
-                ])
-                .ok()
-            },
-            || self.logs(),
+            timeout,
+            || self.exec(&mosquitto_pub(client, message)).ok(),
+            diagnose,
         );
     }
 
     /// Whether a publish is refused now (the tunnel exists but the gateway refuses the path).
     pub fn publish_fails(&self, client: &str) -> bool {
-        self.exec(&[
-            "timeout",
-            "10",
-            "mosquitto_pub",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            "1883",
-            "-q",
-            "1",
-            "-i",
-            client,
-            "-t",
-            "sensors/e2e",
-            "-m",
-            "refused?",
-        ])
-        .is_err()
+        let mut args = vec!["timeout", "10"];
+        let publish = mosquitto_pub(client, "refused?");
+        args.extend(publish.iter().copied());
+        self.exec(&args).is_err()
     }
 }
 
 /// How long an agent may take to notice a gateway went away and be back.
 pub const RECONNECT: Duration = Duration::from_secs(120);
+
+/// `mosquitto_pub` of `message` (QoS 1, topic sensors/e2e) to the pod's own tunnel entry.
+fn mosquitto_pub<'a>(client: &'a str, message: &'a str) -> [&'a str; 13] {
+    [
+        "mosquitto_pub",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        "1883",
+        "-q",
+        "1",
+        "-i",
+        client,
+        "-t",
+        "sensors/e2e",
+        "-m",
+        message,
+    ]
+}

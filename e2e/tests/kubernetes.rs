@@ -211,29 +211,10 @@ fn services_and_agents_follow_a_rolling_update_and_a_deleted_pod() {
     fleet
         .device
         .point(SRV1_NAME, &gw.cluster_ip("dynamic-service-srv1"));
-    poll(
-        "the device back after the update",
-        RECONNECT,
-        || {
-            fleet
-                .device
-                .exec(&[
-                    "mosquitto_pub",
-                    "-h",
-                    "127.0.0.1",
-                    "-q",
-                    "1",
-                    "-i",
-                    "dev1-rolled",
-                    "-t",
-                    "sensors/e2e",
-                    "-m",
-                    "rolled",
-                ])
-                .ok()
-        },
-        || gw.describe(),
-    );
+    // The device publishes again after the update.
+    fleet
+        .device
+        .publish_within("dev1-rolled", "rolled", RECONNECT, || gw.describe());
     fleet.broker_got("dev1-rolled");
 
     // Deleting the pod: its Services go with it (owner references), the DaemonSet's next pod
@@ -245,29 +226,10 @@ fn services_and_agents_follow_a_rolling_update_and_a_deleted_pod() {
     fleet
         .device
         .point(SRV1_NAME, &gw.cluster_ip("dynamic-service-srv1"));
-    poll(
-        "the device back after the pod was deleted",
-        RECONNECT,
-        || {
-            fleet
-                .device
-                .exec(&[
-                    "mosquitto_pub",
-                    "-h",
-                    "127.0.0.1",
-                    "-q",
-                    "1",
-                    "-i",
-                    "dev1-deleted",
-                    "-t",
-                    "sensors/e2e",
-                    "-m",
-                    "deleted",
-                ])
-                .ok()
-        },
-        || gw.describe(),
-    );
+    // The device publishes again after the pod was deleted.
+    fleet
+        .device
+        .publish_within("dev1-deleted", "deleted", RECONNECT, || gw.describe());
     fleet.broker_got("dev1-deleted");
     let services = gw
         .cluster

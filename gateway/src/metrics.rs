@@ -7,6 +7,7 @@ use std::fmt::Write;
 use std::sync::atomic::Ordering;
 
 use crate::audit::Decision;
+use crate::dataplane::Occupancy;
 use crate::gateway::Gateway;
 
 /// One metric family: its name, type, help text and samples (labels, value).
@@ -65,9 +66,11 @@ fn one(value: u64) -> Vec<(String, u64)> {
 /// Renders every metric of `gw` now.
 pub fn render(gw: &Gateway) -> String {
     let mut out = String::new();
-    for f in process_families(gw)
+    // Counting a map's entries walks its keys (a syscall each): once per scrape.
+    let occupancy = gw.dataplane.occupancy();
+    for f in process_families(gw, &occupancy)
         .into_iter()
-        .chain(limit_families(gw))
+        .chain(limit_families(gw, &occupancy))
         .chain(traffic_families(gw))
         .chain(decision_families())
     {
@@ -77,7 +80,7 @@ pub fn render(gw: &Gateway) -> String {
 }
 
 /// What this process is: version, data plane and its kernel maps, readiness, registry size.
-fn process_families(gw: &Gateway) -> Vec<Family<'static>> {
+fn process_families(gw: &Gateway, occupancy: &Occupancy) -> Vec<Family<'static>> {
     let labelled = |key, value| vec![(labels(&[(key, value)]), 1)];
     let totals = gw.events.totals();
     vec![
@@ -120,8 +123,7 @@ fn process_families(gw: &Gateway) -> Vec<Family<'static>> {
         Family::gauge(
             "cmxsafe_dataplane_map_entries",
             "Entries in each eBPF map of the sockmap data plane.",
-            gw.dataplane
-                .occupancy()
+            occupancy
                 .entries
                 .iter()
                 .map(|(map, n)| (labels(&[("map", map)]), *n as u64))
@@ -132,13 +134,12 @@ fn process_families(gw: &Gateway) -> Vec<Family<'static>> {
 
 /// What bounds the gateway: kernel maps that filled up, queued channel data, and what
 /// identities hold against `[limits]`.
-fn limit_families(gw: &Gateway) -> Vec<Family<'static>> {
+fn limit_families(gw: &Gateway, occupancy: &Occupancy) -> Vec<Family<'static>> {
     vec![
         Family::counter(
             "cmxsafe_dataplane_map_full_total",
             "Sockets refused because an eBPF map of the sockmap data plane was full.",
-            gw.dataplane
-                .occupancy()
+            occupancy
                 .full
                 .iter()
                 .map(|(map, n)| (labels(&[("map", map)]), *n))
