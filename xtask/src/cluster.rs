@@ -45,10 +45,7 @@ impl Minicluster {
     /// Starts the cluster (installing what it needs the first time), or `Ok(None)` with a
     /// warning when the machine has no minicluster tool.
     pub fn up(root: &Path) -> anyhow::Result<Option<Minicluster>> {
-        let tool = match std::env::var_os("CMX_MINICLUSTER_TOOL") {
-            Some(p) => PathBuf::from(p),
-            None => root.join("../shared/tools/minicluster"),
-        };
+        let tool = crate::shared_tool(root, "CMX_MINICLUSTER_TOOL", "minicluster");
         if !tool.join("up").is_file() {
             eprintln!(
                 "xtask: WARNING: SKIPPING the end-to-end tests on a real cluster: no minicluster tool at {} (set CMX_MINICLUSTER_TOOL)",

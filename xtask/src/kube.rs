@@ -178,10 +178,7 @@ impl Envtest {
         if let Some(assets) = std::env::var_os("KUBEBUILDER_ASSETS") {
             return assets::start(Path::new(&assets)).map(Some);
         }
-        let tool = match std::env::var_os("CMX_ENVTEST_TOOL") {
-            Some(p) => PathBuf::from(p),
-            None => root.join("../shared/tools/envtest"),
-        };
+        let tool = crate::shared_tool(root, "CMX_ENVTEST_TOOL", "envtest");
         if !tool.join("up").is_file() {
             eprintln!(
                 "xtask: WARNING: SKIPPING the Kubernetes API server tests: set KUBEBUILDER_ASSETS (setup-envtest) or CMX_ENVTEST_TOOL; nothing at {}",

@@ -106,6 +106,15 @@ fn run(task: Task) -> anyhow::Result<()> {
     }
 }
 
+/// A machine's tool (`minicluster`, `envtest`): where `$env` says, else beside the checkout in
+/// ../shared/tools/<name> (.ci/run exports the variables when it finds the tools).
+fn shared_tool(root: &Path, env: &str, name: &str) -> PathBuf {
+    match std::env::var_os(env) {
+        Some(p) => PathBuf::from(p),
+        None => root.join("../shared/tools").join(name),
+    }
+}
+
 /// `cargo build --release` of `packages`, with the eBPF object required.
 fn build_release(packages: &[&str]) -> anyhow::Result<()> {
     let mut cmd = cargo();

@@ -1,7 +1,7 @@
 //! The BPF filesystem and the gateway's pin directory. Pins left by a gateway that was killed are
 //! replaced: the directory is emptied at start and removed at clean shutdown.
 
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
@@ -30,8 +30,15 @@ pub fn ensure_mounted(pin_dir: &Path) -> io::Result<()> {
         return Ok(());
     }
     let target = mount_point(existing)?;
+    mount(c"bpf", target)?;
+    tracing::info!(path = %target.display(), "mounted the BPF filesystem");
+    Ok(())
+}
+
+/// Mounts a pseudo filesystem of type `fstype` (its source named like it) on `target`, without
+/// options: the bpf filesystem here, the cgroup v2 hierarchy in `cgroup`.
+pub(super) fn mount(fstype: &CStr, target: &Path) -> io::Result<()> {
     let target_c = CString::new(target.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
-    let fstype = CString::new("bpf").map_err(io::Error::other)?;
     // SAFETY: all pointers are valid C strings; no data argument.
     let rc = unsafe {
         libc::mount(
@@ -45,7 +52,6 @@ pub fn ensure_mounted(pin_dir: &Path) -> io::Result<()> {
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    tracing::info!(path = %target.display(), "mounted the BPF filesystem");
     Ok(())
 }
 

@@ -56,21 +56,7 @@ pub fn v2_mount_or_mount() -> Result<PathBuf, CgroupError> {
         cause,
     };
     std::fs::create_dir_all(target).map_err(failed)?;
-    let c = |s: &str| std::ffi::CString::new(s).map_err(io::Error::other);
-    let (fstype, dir) = (c("cgroup2").map_err(failed)?, c(OWN_V2_MOUNT).map_err(failed)?);
-    // SAFETY: valid C strings, no data argument.
-    let rc = unsafe {
-        libc::mount(
-            fstype.as_ptr(),
-            dir.as_ptr(),
-            fstype.as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if rc != 0 {
-        return Err(failed(io::Error::last_os_error()));
-    }
+    super::bpffs::mount(c"cgroup2", target).map_err(failed)?;
     tracing::info!(
         path = OWN_V2_MOUNT,
         "no cgroup v2 hierarchy was mounted here: mounted one"
