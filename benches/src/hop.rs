@@ -71,6 +71,7 @@ pub async fn run(mode: &str, iterations: usize, bulk: u64, one_cpu: bool) -> any
                     pin_dir,
                     cgroup,
                     prefix,
+                    tags_capacity: cmx_gateway::config::DataPlaneSettings::default().tags_capacity,
                 })
                 .map_err(anyhow::Error::msg)?,
             )

@@ -12,6 +12,7 @@ use russh::keys::ssh_key::certificate::CertType;
 use russh::keys::{Algorithm, Certificate, HashAlg, PublicKey};
 
 use cmx_net::clock::utc;
+use cmx_net::text::for_log;
 
 use crate::identity::{Registry, fingerprint};
 
@@ -97,7 +98,12 @@ pub fn check_certificate(
     now: u64,
 ) -> Result<Credential, String> {
     let id = reg.get(user).ok_or_else(|| unknown_identity(user))?;
-    let name = format!("certificate '{}' (serial {})", cert.key_id(), cert.serial());
+    // The key id, principals and option values are the peer's: bounded before any log line.
+    let name = format!(
+        "certificate '{}' (serial {})",
+        for_log(cert.key_id()),
+        cert.serial()
+    );
     if cert.cert_type() != CertType::User {
         return Err(format!("{name} is a host certificate, not a user certificate"));
     }
@@ -129,7 +135,7 @@ pub fn check_certificate(
     if !cert.valid_principals().iter().any(|p| id.principals.contains(p)) {
         return Err(format!(
             "{name} names no principal of identity '{user}' (certificate principals: [{}], identity principals: [{}])",
-            cert.valid_principals().join(", "),
+            for_log(&cert.valid_principals().join(", ")),
             id.principals.join(", ")
         ));
     }
@@ -140,7 +146,8 @@ pub fn check_certificate(
             "source-address" => check_source_address(&name, value, peer)?,
             other => {
                 return Err(format!(
-                    "{name} has critical option '{other}', which the gateway does not support"
+                    "{name} has critical option '{}', which the gateway does not support",
+                    for_log(other)
                 ));
             }
         }
@@ -164,17 +171,33 @@ fn check_source_address(name: &str, list: &str, peer: IpAddr) -> Result<(), Stri
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
         v4 => v4,
     };
-    for item in list.split(',').map(str::trim) {
-        let net = item
-            .parse::<IpNet>()
-            .or_else(|_| item.parse::<IpAddr>().map(IpNet::from))
-            .map_err(|_| format!("{name} has an unparsable source-address entry '{item}'"))?;
-        if net.contains(&peer) {
-            return Ok(());
-        }
+    // As OpenSSH (addr_match_cidr_list): every entry must be an address or a network without
+    // host bits, or the whole list is refused, even when an earlier entry matched.
+    let mut networks = Vec::new();
+    for item in list.split(',') {
+        let net = match item.parse::<IpNet>() {
+            Ok(net) if net.trunc() != net => {
+                return Err(format!(
+                    "{name} has source-address entry '{}' with bits set beyond its mask",
+                    for_log(item)
+                ));
+            }
+            Ok(net) => net,
+            Err(_) => item.parse::<IpAddr>().map(IpNet::from).map_err(|_| {
+                format!(
+                    "{name} has an unparsable source-address entry '{}'",
+                    for_log(item)
+                )
+            })?,
+        };
+        networks.push(net);
+    }
+    if networks.iter().any(|net| net.contains(&peer)) {
+        return Ok(());
     }
     Err(format!(
-        "{name} is restricted to source-address {list}, and the client is {peer}"
+        "{name} is restricted to source-address {}, and the client is {peer}",
+        for_log(list)
     ))
 }
 
@@ -391,6 +414,28 @@ mod tests {
                     ..valid()
                 },
                 "unparsable source-address entry 'not-an-address'",
+            ),
+            (
+                // As OpenSSH: one bad entry refuses the list, even after a matching one.
+                Spec {
+                    critical: vec![("source-address", "10.1.0.2,not-an-address")],
+                    ..valid()
+                },
+                "unparsable source-address entry 'not-an-address'",
+            ),
+            (
+                Spec {
+                    critical: vec![("source-address", "10.1.0.2/8")],
+                    ..valid()
+                },
+                "source-address entry '10.1.0.2/8' with bits set beyond its mask",
+            ),
+            (
+                Spec {
+                    critical: vec![("source-address", "10.1.0.2, 10.1.0.3")],
+                    ..valid()
+                },
+                "unparsable source-address entry ' 10.1.0.3'",
             ),
             (
                 Spec {

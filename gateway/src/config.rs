@@ -65,7 +65,14 @@ pub struct DataPlaneSettings {
     pub mode: DataPlaneMode,
     pub pin_dir: PathBuf,
     pub cgroup: PathBuf,
+    /// Entries of the kernel's cmx_tags map: one per Mir-sock listener and per ID-sock, so the
+    /// gateway's forwards plus its pairs. Each costs about 100 bytes of kernel memory.
+    pub tags_capacity: u32,
 }
+
+/// Bounds of `dataplane.tags_capacity`: below, a gateway holds nothing useful; above, the map's
+/// kernel memory (about 100 MiB) outgrows what a node gives a gateway.
+pub const TAGS_CAPACITY_RANGE: std::ops::RangeInclusive<u32> = 16..=(1 << 20);
 
 /// Placeholders `dataplane.pin_dir` and `dataplane.cgroup` may use, filled from the environment
 /// when the gateway starts (a DaemonSet sets the POD_* ones from the downward API), so that every
@@ -124,6 +131,7 @@ impl Default for DataPlaneSettings {
             mode: DataPlaneMode::Auto,
             pin_dir: PathBuf::from("/sys/fs/bpf/cmxsafe"),
             cgroup: PathBuf::new(),
+            tags_capacity: cmx_ebpf_common::maps::TAGS_CAPACITY,
         }
     }
 }
@@ -294,7 +302,22 @@ pub struct SshSettings {
     pub max_packet_size: u32,
     pub auth_rejection_delay_ms: u64,
     pub ciphers: Vec<String>,
+    /// Key exchanges offered. Finite-field Diffie-Hellman above 2048 bits is left out by
+    /// default: russh computes it in pure Rust, and before authentication a stranger choosing
+    /// group18 made the gateway spend about a second of CPU per connection (see `warnings`).
+    pub kex_algorithms: Vec<String>,
 }
+
+/// Key exchanges that cost the gateway far more CPU than curve25519 (pure-Rust modular
+/// exponentiation of 3072 to 8192 bits), and that any client can pick before authenticating.
+pub const COSTLY_KEX: &[&str] = &[
+    "diffie-hellman-group15-sha512",
+    "diffie-hellman-group16-sha512",
+    "diffie-hellman-group17-sha512",
+    "diffie-hellman-group18-sha512",
+    "diffie-hellman-group-exchange-sha256",
+    "diffie-hellman-group-exchange-sha1",
+];
 
 impl Default for Config {
     fn default() -> Self {
@@ -366,6 +389,15 @@ impl Default for SshSettings {
                 "aes128-ctr",
                 "aes192-ctr",
                 "aes256-ctr",
+            ]
+            .map(String::from)
+            .to_vec(),
+            kex_algorithms: [
+                "mlkem768x25519-sha256",
+                "curve25519-sha256",
+                "curve25519-sha256@libssh.org",
+                "ecdh-sha2-nistp256",
+                "diffie-hellman-group14-sha256",
             ]
             .map(String::from)
             .to_vec(),
@@ -490,6 +522,14 @@ impl Config {
                 self.dataplane.cgroup.display()
             ));
         }
+        if !TAGS_CAPACITY_RANGE.contains(&self.dataplane.tags_capacity) {
+            out.push(format!(
+                "dataplane.tags_capacity {} must be between {} and {}",
+                self.dataplane.tags_capacity,
+                TAGS_CAPACITY_RANGE.start(),
+                TAGS_CAPACITY_RANGE.end()
+            ));
+        }
         if self.admin.max_connections == 0 || self.admin.max_connections_per_peer == 0 {
             out.push("admin.max_connections and admin.max_connections_per_peer must be at least 1".into());
         }
@@ -524,12 +564,13 @@ impl Config {
     /// Valid settings that can still go wrong at run time, one sentence each (check-config
     /// prints them, the gateway logs them at start).
     pub fn warnings(&self) -> Vec<String> {
-        use cmx_ebpf_common::maps::{SOCKS_CAPACITY, TAGS_CAPACITY};
+        use cmx_ebpf_common::maps::SOCKS_CAPACITY;
         let l = &self.limits;
+        let tags = self.dataplane.tags_capacity;
         let mut out = Vec::new();
-        if l.max_pairs.saturating_add(l.max_forwards) > TAGS_CAPACITY as usize {
+        if l.max_pairs.saturating_add(l.max_forwards) > tags as usize {
             out.push(format!(
-                "limits.max_pairs ({}) + limits.max_forwards ({}) exceed the {TAGS_CAPACITY} entries of the kernel's cmx_tags map: with the sockmap data plane, pairs and forwards beyond it are refused for every identity",
+                "limits.max_pairs ({}) + limits.max_forwards ({}) exceed the {tags} entries of the kernel's cmx_tags map (dataplane.tags_capacity): with the sockmap data plane, pairs and forwards beyond it are refused for every identity",
                 l.max_pairs, l.max_forwards
             ));
         }
@@ -538,6 +579,16 @@ impl Config {
                 "limits.max_pairs ({}) exceeds the {} pairs the kernel's cmx_socks map holds (two entries each)",
                 l.max_pairs,
                 SOCKS_CAPACITY / 2
+            ));
+        }
+        for costly in self
+            .ssh
+            .kex_algorithms
+            .iter()
+            .filter(|k| COSTLY_KEX.contains(&k.as_str()))
+        {
+            out.push(format!(
+                "ssh.kex_algorithms offers {costly}: any client may choose it before authenticating, and it costs the gateway tens to hundreds of times the CPU of curve25519-sha256 per connection"
             ));
         }
         if l.max_pairs_per_identity >= l.max_pairs || l.max_forwards_per_identity >= l.max_forwards {
@@ -624,6 +675,17 @@ impl SshSettings {
                 out.push(format!(
                     "ssh.ciphers: unknown cipher '{c}' (known: {})",
                     cmx_net::ssh::known_ciphers()
+                ));
+            }
+        }
+        if s.kex_algorithms.is_empty() {
+            out.push("ssh.kex_algorithms must name at least one key exchange".into());
+        }
+        for k in &s.kex_algorithms {
+            if cmx_net::ssh::kex(k).is_none() {
+                out.push(format!(
+                    "ssh.kex_algorithms: unknown key exchange '{k}' (known: {})",
+                    cmx_net::ssh::known_kex()
                 ));
             }
         }
@@ -751,6 +813,14 @@ mod tests {
             (
                 "[limits]\nmax_sessions = 0\n",
                 "gw.toml: limits.max_sessions must be at least 1",
+            ),
+            (
+                "[ssh]\nkex_algorithms = [\"ext-info-c\"]\n",
+                "gw.toml: ssh.kex_algorithms: unknown key exchange 'ext-info-c' (known: ",
+            ),
+            (
+                "[dataplane]\ntags_capacity = 8\n",
+                "gw.toml: dataplane.tags_capacity 8 must be between 16 and 1048576",
             ),
             (
                 "service_name_prefix = \"Dyn_\"\n",

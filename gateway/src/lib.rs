@@ -331,6 +331,7 @@ fn select_dataplane(config: &Config) -> Result<Arc<dyn DataPlane>, RunError> {
         pin_dir,
         cgroup: expand("dataplane.cgroup", &cgroup)?,
         prefix: config.identity_prefix,
+        tags_capacity: config.dataplane.tags_capacity,
     };
     match ebpf::SockmapDataPlane::load(settings) {
         Ok(dp) => Ok(Arc::new(dp)),

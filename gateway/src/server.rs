@@ -55,6 +55,7 @@ pub fn ssh_config(config: &Config, host_key: PrivateKey) -> russh::server::Confi
         keepalive_max: s.keepalive_max,
         nodelay: true,
         preferred: russh::Preferred {
+            kex: Cow::Owned(key_exchanges(s)),
             cipher: std::borrow::Cow::Owned(
                 s.ciphers.iter().filter_map(|c| cmx_net::ssh::cipher(c)).collect(),
             ),
@@ -75,6 +76,19 @@ pub fn ssh_config(config: &Config, host_key: PrivateKey) -> russh::server::Confi
         },
         ..Default::default()
     }
+}
+
+/// The configured key exchanges, then the markers a server announces in the same list: it
+/// accepts RFC 8308 extension negotiation and OpenSSH's strict key exchange (the Terrapin fix).
+fn key_exchanges(s: &crate::config::SshSettings) -> Vec<russh::kex::Name> {
+    s.kex_algorithms
+        .iter()
+        .filter_map(|k| cmx_net::ssh::kex(k))
+        .chain([
+            russh::kex::EXTENSION_SUPPORT_AS_SERVER,
+            russh::kex::EXTENSION_OPENSSH_STRICT_KEX_AS_SERVER,
+        ])
+        .collect()
 }
 
 /// Accepts connections until shutdown. Connection tasks are tracked so the caller can drain them.

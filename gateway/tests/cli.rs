@@ -115,7 +115,29 @@ fn check_config_warns_when_limits_can_exceed_a_kernel_map() {
     assert_eq!(
         err.trim(),
         format!(
-            "warning: {}: limits.max_pairs (65000) + limits.max_forwards (8192) exceed the 65536 entries of the kernel's cmx_tags map: with the sockmap data plane, pairs and forwards beyond it are refused for every identity",
+            "warning: {}: limits.max_pairs (65000) + limits.max_forwards (8192) exceed the 65536 entries of the kernel's cmx_tags map (dataplane.tags_capacity): with the sockmap data plane, pairs and forwards beyond it are refused for every identity",
+            config.display()
+        )
+    );
+}
+
+/// An operator who adds 8192-bit Diffie-Hellman for an old client is told what it costs.
+#[test]
+fn check_config_warns_about_costly_key_exchanges() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gw.toml");
+    std::fs::write(
+        &config,
+        "[ssh]\nkex_algorithms = [\"curve25519-sha256\", \"diffie-hellman-group18-sha512\"]\n",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("identities.toml"), "").unwrap();
+    let (code, _, err) = gateway(&["check-config", config.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        err.trim(),
+        format!(
+            "warning: {}: ssh.kex_algorithms offers diffie-hellman-group18-sha512: any client may choose it before authenticating, and it costs the gateway tens to hundreds of times the CPU of curve25519-sha256 per connection",
             config.display()
         )
     );

@@ -203,11 +203,7 @@ async fn loopback_metadata_and_the_gateway_itself_are_refused_in_user_space() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn loopback_metadata_and_the_gateway_itself_are_refused_by_the_kernel() {
-    if test_dataplane() != "sockmap" {
-        eprintln!(
-            "skipped: the kernel's egress list is the sockmap data plane's (CMX_TEST_DATAPLANE={})",
-            test_dataplane()
-        );
+    if skipped_unless_sockmap("the kernel's egress list is the sockmap data plane's") {
         return;
     }
     wildcard_rules_meet_the_egress_list(true).await;
@@ -267,6 +263,43 @@ async fn zlib_is_not_offered_before_or_after_authentication() {
     let mut session = raw_session(&hosts.dev, &addr).await.unwrap();
     assert_eq!(try_login(&mut session, "dev1", &dev1).await, Ok(true));
     drop(gw);
+}
+
+/// A stranger chooses the key exchange before authenticating. With russh's default list it could
+/// pick 8192-bit Diffie-Hellman (group18), which the gateway computes in pure Rust: about a
+/// second of CPU per connection for a few hundred bytes sent (found by the `ssh_front_door`
+/// fuzz target). Those groups are not offered; stock OpenSSH asking only for them finds no
+/// common key exchange, and the default client logs in as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn costly_key_exchanges_are_not_offered_to_strangers() {
+    let hosts = Hosts::new();
+    let (_srv1, dev1, registry) = srv1_publishes_dev1_opens(&hosts);
+    let _gw = GatewayProc::start(&hosts, &registry, "").await;
+    let login = |kex: &str| {
+        let option = format!("KexAlgorithms={kex}");
+        ssh_once(
+            &hosts,
+            &hosts.dev,
+            "dev1",
+            &dev1,
+            &["-v", "-o", &option],
+            &["true"],
+        )
+        .1
+    };
+    for costly in [
+        "diffie-hellman-group18-sha512",
+        "diffie-hellman-group16-sha512",
+        "diffie-hellman-group-exchange-sha256",
+    ] {
+        let stderr = login(costly);
+        assert!(
+            stderr.contains("no matching key exchange method found"),
+            "{costly}: {stderr}"
+        );
+    }
+    let stderr = login("curve25519-sha256");
+    assert!(stderr.contains("Authenticated to"), "curve25519: {stderr}");
 }
 
 /// One stolen credential tries to take the gateway: more sessions, more port-0 forwards and
@@ -373,6 +406,86 @@ async fn one_identity_cannot_take_the_gateways_sessions_forwards_or_pairs() {
     match tokio::time::timeout(T, again.wait()).await {
         Ok(Some(russh::ChannelMsg::Data { data })) => assert_eq!(&data[..], b"still mine"),
         other => panic!("no echo: {other:?}"),
+    }
+}
+
+/// Whatever the limits say, the kernel's cmx_tags map is finite (one entry per forward and per
+/// pair). Filled (here: dataplane.tags_capacity = 16, limits far above it), the next connection
+/// is refused at once with the reason on the wire, in the audit line, the error log and the
+/// metric; pairs already open keep carrying data, and a freed entry is usable again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_kernel_tag_map_refuses_the_next_connection_and_says_so() {
+    if skipped_unless_sockmap("cmx_tags is the sockmap data plane's") {
+        return;
+    }
+    const CAPACITY: usize = 16;
+    let hosts = Hosts::new();
+    let (srv1, dev1, registry) = srv1_publishes_dev1_opens(&hosts);
+    let config =
+        format!("dataplane.tags_capacity = {CAPACITY}\n[admin]\nenabled = true\nlisten = \"127.0.0.1:0\"\n");
+    let gw = GatewayProc::start(&hosts, &registry, &config).await;
+    let (_echo, _srv_agent) = publish_echo(&hosts, &gw, &srv1, &[]).await;
+    let dev = logged_in(&hosts.dev, &format!("{GW_DEV_IP}:{SSH_PORT}"), "dev1", dev1).await;
+
+    // srv1's forward holds one entry; pairs take the others until the map is full.
+    let mut held = Vec::new();
+    let refused = loop {
+        assert!(
+            held.len() <= CAPACITY,
+            "{} pairs open with a {CAPACITY}-entry map",
+            held.len()
+        );
+        let port = 41000 + held.len() as u32;
+        match dev
+            .channel_open_direct_tcpip("srv1", 1883, "127.0.0.1", port)
+            .await
+        {
+            Ok(channel) => held.push(channel),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(
+        held.len(),
+        CAPACITY - 1,
+        "every entry but the forward's is a pair"
+    );
+    assert!(format!("{refused:?}").contains("ConnectFailed"), "{refused:?}");
+    gw.log
+        .wait_audit("the refusal", |r| {
+            r.event == AuditEvent::PairFailed
+                && r.identity() == "dev1"
+                && r.reason()
+                    .contains("the kernel map cmx_tags is full (16 entries, dataplane.tags_capacity)")
+        })
+        .await;
+    gw.log
+        .wait("the error line", T, |v| {
+            field(v, "message").starts_with("kernel map cmx_tags is full") && field(v, "level") == "ERROR"
+        })
+        .await;
+    let metrics = http_get(&hosts.gw, &gw.admin().await, "/metrics").await.1;
+    assert!(metric(&metrics, "cmxsafe_dataplane_map_full_total{map=\"cmx_tags\"}") >= 1);
+
+    // The open pairs still carry data; closing one frees its entry for a new pair.
+    let mut first = held.remove(0);
+    first.data(&b"still open"[..]).await.unwrap();
+    match tokio::time::timeout(T, first.wait()).await {
+        Ok(Some(russh::ChannelMsg::Data { data })) => assert_eq!(&data[..], b"still open"),
+        other => panic!("no echo on an open pair: {other:?}"),
+    }
+    let closed = gw.log.count_events(pair_closed("dev1"));
+    first.close().await.unwrap();
+    gw.log
+        .wait_more_events("the pair closed", closed, pair_closed("dev1"))
+        .await;
+    let mut again = dev
+        .channel_open_direct_tcpip("srv1", 1883, "127.0.0.1", 42000)
+        .await
+        .expect("a pair in the freed entry");
+    again.data(&b"room again"[..]).await.unwrap();
+    match tokio::time::timeout(T, again.wait()).await {
+        Ok(Some(russh::ChannelMsg::Data { data })) => assert_eq!(&data[..], b"room again"),
+        other => panic!("no echo on the new pair: {other:?}"),
     }
 }
 

@@ -20,6 +20,17 @@ pub fn test_dataplane() -> String {
     std::env::var("CMX_TEST_DATAPLANE").unwrap_or_else(|_| "sockmap".into())
 }
 
+/// For tests of the kernel's part: true (and says why on stderr) when this run's gateways use
+/// another data plane, so the test has nothing to check.
+pub fn skipped_unless_sockmap(why: &str) -> bool {
+    let dataplane = test_dataplane();
+    if dataplane == "sockmap" {
+        return false;
+    }
+    eprintln!("skipped: {why} (CMX_TEST_DATAPLANE={dataplane})");
+    true
+}
+
 /// The cgroup a test gateway in `gw` runs its eBPF programs in.
 pub fn gateway_cgroup(gw: &Netns) -> PathBuf {
     nodefs::test_cgroup(&gw.name)
@@ -30,9 +41,11 @@ pub fn gateway_pin_dir(gw: &Netns) -> PathBuf {
     nodefs::test_pin_dir(&gw.name)
 }
 
+/// The test gateway's data plane settings, as top-level dotted keys: they go before any table
+/// of a configuration, and a test may add its own `dataplane.*` keys beside them.
 pub fn dataplane_config(gw: &Netns, mode: &str) -> String {
     format!(
-        "[dataplane]\nmode = \"{}\"\npin_dir = \"{}\"\ncgroup = \"{}\"\n",
+        "dataplane.mode = \"{}\"\ndataplane.pin_dir = \"{}\"\ndataplane.cgroup = \"{}\"\n",
         mode,
         gateway_pin_dir(gw).display(),
         gateway_cgroup(gw).display()
@@ -67,9 +80,10 @@ impl GatewayProc {
         std::fs::write(hosts.path("identities.toml"), registry).unwrap();
         std::fs::write(
             hosts.path("gateway.toml"),
-            // `extra_config` first, so that it may set top-level keys before its own sections.
+            // `extra_config` after the top-level keys: it may set its own (`dataplane.*` among
+            // them) before its sections.
             format!(
-                "listen = \"0.0.0.0:{SSH_PORT}\"\nreload_interval_secs = 1\n{extra_config}\n{}\n",
+                "listen = \"0.0.0.0:{SSH_PORT}\"\nreload_interval_secs = 1\n{}{extra_config}\n",
                 dataplane_config(&hosts.gw, dataplane)
             ),
         )

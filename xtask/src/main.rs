@@ -7,6 +7,7 @@
 
 mod cluster;
 mod deps;
+mod fuzz;
 mod kube;
 
 use std::path::{Path, PathBuf};
@@ -57,6 +58,20 @@ enum Task {
         #[arg(long, default_value_t = 10.0)]
         minutes: f64,
     },
+    /// Fuzz what peers, files and operators hand cmxsafe (gateway and agent configuration, the
+    /// identity registry, OpenSSH certificates, the SSH front door before authentication) with
+    /// libFuzzer: builds the targets of fuzz/ with coverage instrumentation (stable toolchain),
+    /// runs each for a CPU-time budget from its corpus (kept in ~/.cache/cmxsafe/fuzz), prints
+    /// executions, coverage and crashes, and fails on a crash, keeping the input.
+    Fuzz {
+        /// CPU-seconds per target (the bar before calling a target clean: 1800).
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only this target (repeatable): gateway_config, registry, agent_config, certificate,
+        /// ssh_front_door.
+        #[arg(long = "target")]
+        targets: Vec<String>,
+    },
     /// Build the eBPF programs (gateway-ebpf), installing what they need: Debian's rustc-web,
     /// rust-web-src and llvm-22-dev, and bpf-linker. The gateway's build embeds the result.
     BuildEbpf,
@@ -96,6 +111,7 @@ fn run(task: Task) -> anyhow::Result<()> {
             Ok(())
         }
         Task::Test { args } => test(&args),
+        Task::Fuzz { seconds, targets } => fuzz::run(&workspace_root(), &fuzz_cache(), seconds, &targets),
         Task::E2eK8s => {
             require_root("the cluster runs a kubelet, containerd and kube-proxy")?;
             deps::ensure(deps::ALL)?;
@@ -290,6 +306,14 @@ fn integration_tests_except(root: &Path, except: &[&str]) -> anyhow::Result<Vec<
         .into_iter()
         .flat_map(|n| ["--test".to_string(), n])
         .collect())
+}
+
+/// Where fuzzing keeps its instrumented build, corpora and crash inputs between runs.
+fn fuzz_cache() -> PathBuf {
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/root"));
+    home.join(".cache/cmxsafe/fuzz")
 }
 
 fn target_dir(root: &Path) -> PathBuf {

@@ -128,6 +128,7 @@ pub mod maps {
     pub const EGRESS: &str = "cmx_egress";
 
     /// Entries of `cmx_tags`: one per ID-sock (pair) and one per Mir-sock listener (forward).
+    /// The default: the gateway sets its own at load (`dataplane.tags_capacity`).
     pub const TAGS_CAPACITY: u32 = 1 << 16;
     /// Entries of `cmx_pairs`, `cmx_socks` and `cmx_bytes`: two per spliced pair.
     pub const SOCKS_CAPACITY: u32 = 1 << 17;

@@ -53,6 +53,8 @@ pub struct SockmapSettings {
     pub pin_dir: PathBuf,
     pub cgroup: PathBuf,
     pub prefix: Ipv6Net,
+    /// Entries of cmx_tags (`dataplane.tags_capacity`).
+    pub tags_capacity: u32,
 }
 
 type Shared<T> = Arc<Mutex<T>>;
@@ -168,6 +170,7 @@ impl SockmapDataPlane {
         let result = (|| -> Result<_, String> {
             let mut ebpf = EbpfLoader::new()
                 .default_map_pin_directory(&settings.pin_dir)
+                .map_max_entries(abi::maps::TAGS, settings.tags_capacity)
                 .load(object)
                 .map_err(|e| {
                     format!("loading the eBPF object failed (are CAP_BPF and CAP_NET_ADMIN granted?): {e}")
@@ -301,12 +304,16 @@ impl DataPlane for SockmapDataPlane {
         };
         lock(&self.tags).insert(cookie, value, 0).map_err(|e| {
             let full = matches!(&e, aya::maps::MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::E2BIG));
-            if full {
-                self.tags_full.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                tracing::error!(map = abi::maps::TAGS, capacity = abi::maps::TAGS_CAPACITY, conn_id = tag.conn_id,
-                    "kernel map cmx_tags is full: this connection is refused (lower limits.max_pairs and limits.max_forwards below its capacity)");
+            if !full {
+                return io::Error::other(e);
             }
-            io::Error::other(e)
+            self.tags_full.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let capacity = self.settings.tags_capacity;
+            tracing::error!(map = abi::maps::TAGS, capacity, conn_id = tag.conn_id,
+                "kernel map cmx_tags is full: this connection is refused (raise dataplane.tags_capacity, or lower limits.max_pairs and limits.max_forwards below it)");
+            io::Error::other(format!(
+                "the kernel map cmx_tags is full ({capacity} entries, dataplane.tags_capacity)"
+            ))
         })?;
         let tags = self.tags.clone();
         Ok(TagGuard::new(move || {
