@@ -10,6 +10,7 @@
 //! - `shared`: what every session of the agent shares (config, key, status, refusal texts).
 //! - `status`: the operator's view, written to a JSON file for `cmx-agent status`.
 //! - `backoff`: jittered exponential backoff.
+//! - `enroll`: a new device's key, identity and the registry entry its operator adds.
 //!
 //! The byte relay, socket helpers, local route and logging come from `cmx-net`, shared with the
 //! gateway; the agent does not depend on the gateway.
@@ -17,6 +18,7 @@
 pub mod agent;
 pub mod backoff;
 pub mod config;
+pub mod enroll;
 pub mod forwarded;
 pub mod session;
 pub mod shared;

@@ -1,7 +1,5 @@
 //! The `cmx-agent` command line.
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -12,8 +10,7 @@ use cmx_agent::config::{self, Config};
 use cmx_agent::session;
 use cmx_agent::shared::Shared;
 use cmx_agent::status::Status;
-use russh::keys::ssh_key::LineEnding;
-use russh::keys::{Algorithm, HashAlg, PrivateKey};
+use russh::keys::HashAlg;
 use tokio_util::sync::CancellationToken;
 
 /// cmxsafe agent: keeps one SSH session to a gateway and the device's or server's tunnels through
@@ -60,6 +57,33 @@ enum Command {
         #[arg(long)]
         identity: String,
     },
+    /// Enrol this device: make its key if there is none (ed25519), name its identity after its
+    /// MAC address (12 hex digits; the identity address is the MAC's modified EUI-64 in the
+    /// gateway's prefix) and print what the operator adds to the gateway's registry (or, with
+    /// --fleet-ca, the line the fleet CA signs with `cmx-gateway sign`) and this agent's
+    /// configuration.
+    Enroll {
+        /// The gateway this device will use, HOST or HOST:PORT (for the printed configuration).
+        #[arg(long)]
+        gateway: String,
+        /// The device's MAC address (a2:3f:f8:68:ec:8f, a2-3f-..., a23ff868ec8f), or a network
+        /// interface whose address to use (read from /sys/class/net/IFACE/address).
+        #[arg(long)]
+        mac: String,
+        /// The private key; generated (with KEY.pub) when it does not exist.
+        #[arg(long, default_value = "/etc/cmx-agent/id_ed25519")]
+        key: PathBuf,
+        /// What the identity does: a device opens connections, a server publishes services.
+        #[arg(long, value_enum, default_value_t = cmx_agent::enroll::Role::Device)]
+        role: cmx_agent::enroll::Role,
+        /// The gateway's identity prefix (its identity_prefix setting).
+        #[arg(long, default_value = "fd63:6d78::/64")]
+        prefix: ipnet::Ipv6Net,
+        /// The fleet logs in with certificates from a CA the gateway trusts: print a signing
+        /// request instead of a key entry.
+        #[arg(long)]
+        fleet_ca: bool,
+    },
     /// Print the example configuration, with every setting documented.
     DefaultConfig,
 }
@@ -77,6 +101,14 @@ fn main() -> ExitCode {
         }
         Command::Status { config } => status(config),
         Command::Keygen { out, identity } => keygen(out, &identity),
+        Command::Enroll {
+            gateway,
+            mac,
+            key,
+            role,
+            prefix,
+            fleet_ca,
+        } => enroll(&gateway, &mac, &key, role, prefix, fleet_ca),
         Command::DefaultConfig => {
             print!("{}", config::EXAMPLE);
             Ok(())
@@ -204,29 +236,39 @@ fn status(path: PathBuf) -> anyhow::Result<()> {
 }
 
 fn keygen(out: PathBuf, identity: &str) -> anyhow::Result<()> {
-    let mut key =
-        PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519).context("cannot generate a key")?;
-    key.set_comment(identity);
-    let private = key.to_openssh(LineEnding::LF).context("cannot encode the key")?;
+    let key = cmx_agent::enroll::generate_key(&out, identity)?;
     let public = key
         .public_key()
         .to_openssh()
         .context("cannot encode the public key")?;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&out)
-        .with_context(|| format!("cannot create {} (it must not exist yet)", out.display()))?;
-    f.write_all(private.as_bytes())?;
-    let pub_path = PathBuf::from(format!("{}.pub", out.display()));
-    std::fs::write(&pub_path, format!("{public}\n"))
-        .with_context(|| format!("cannot write {}", pub_path.display()))?;
     println!("private key: {}", out.display());
-    println!("public key:  {}", pub_path.display());
+    println!(
+        "public key:  {}",
+        cmx_agent::enroll::public_key_path(&out).display()
+    );
     println!("fingerprint: {}", key.public_key().fingerprint(HashAlg::Sha256));
     println!(
         "\nregister it at the gateway (identity registry):\n\n[[identity]]\nname = \"{identity}\"\nkeys = [\"{public}\"]"
     );
+    Ok(())
+}
+
+fn enroll(
+    gateway: &str,
+    mac: &str,
+    key: &std::path::Path,
+    role: cmx_agent::enroll::Role,
+    prefix: ipnet::Ipv6Net,
+    fleet_ca: bool,
+) -> anyhow::Result<()> {
+    use cmx_agent::enroll;
+    let mac = enroll::mac_of(mac, std::path::Path::new("/sys/class/net"))?;
+    let enrolment = enroll::enroll(mac, prefix, key)?;
+    let request = enroll::Request {
+        role,
+        gateway,
+        fleet_ca,
+    };
+    print!("{}", enroll::render(&enrolment, &request));
     Ok(())
 }

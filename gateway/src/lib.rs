@@ -8,7 +8,8 @@
 //! - `policy`: security contexts (`permit_listen`, `permit_open`) and their matching.
 //! - `authz`: the one place that decides "may X open T", "may X listen on B", whether a forward
 //!   still holds after a reload, and what the kernel's policy maps contain.
-//! - `auth`: which identity a key or certificate logs in as.
+//! - `auth`: which identity a key or certificate logs in as; `sign`: the certificates a fleet CA
+//!   issues for enrolled devices (`cmx-gateway sign`).
 //!
 //! The SSH side:
 //! - `server`: the SSH listener and session lifecycle; `preauth`: who may start a handshake
@@ -57,6 +58,7 @@ pub mod reload;
 pub mod server;
 pub mod session;
 pub mod sessions;
+pub mod sign;
 pub mod slots;
 
 use std::sync::Arc;

@@ -66,6 +66,30 @@ enum Command {
         #[arg(long, default_value = "fd63:6d78::/64")]
         prefix: ipnet::Ipv6Net,
     },
+    /// Issue an OpenSSH user certificate for an enrolled identity (`cmx-agent enroll
+    /// --fleet-ca` prints the request): signed by the fleet CA the registry's
+    /// cert_authorities trust, the identity as key id and principal, permit-port-forwarding
+    /// only, valid from 5 minutes ago (clock skew) for --validity. Writes KEY-cert.pub beside
+    /// the key, as ssh-keygen does.
+    Sign {
+        /// The CA's private key (OpenSSH format, not encrypted).
+        #[arg(long)]
+        ca: PathBuf,
+        /// The identity the certificate is for (its name in the registry).
+        #[arg(long)]
+        identity: String,
+        /// How long it is valid: a number and s, m, h, d or w (at most 5 years).
+        #[arg(long, default_value = "30d")]
+        validity: String,
+        /// Another principal to include (repeatable), when the identity has more than its name.
+        #[arg(long = "principal")]
+        principals: Vec<String>,
+        /// Where to write the certificate (default: KEY-cert.pub, KEY without .pub).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// The device's public key (one OpenSSH line).
+        key: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -86,6 +110,14 @@ fn main() -> ExitCode {
             Ok(())
         }
         Command::Address { mac, prefix } => address(&mac, prefix),
+        Command::Sign {
+            ca,
+            identity,
+            validity,
+            principals,
+            out,
+            key,
+        } => sign(&ca, &identity, &validity, &principals, out, &key),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -149,5 +181,51 @@ fn address(mac: &str, prefix: ipnet::Ipv6Net) -> anyhow::Result<()> {
     let mac: Mac = mac.parse()?;
     anyhow::ensure!(prefix.prefix_len() <= 64, "prefix {prefix} is longer than /64");
     println!("{}", mac.identity_address(prefix));
+    Ok(())
+}
+
+fn sign(
+    ca_path: &std::path::Path,
+    identity: &str,
+    validity: &str,
+    principals: &[String],
+    out: Option<PathBuf>,
+    key_path: &std::path::Path,
+) -> anyhow::Result<()> {
+    use cmx_gateway::sign;
+    let validity = sign::parse_validity(validity)?;
+    let ca_text =
+        std::fs::read_to_string(ca_path).with_context(|| format!("cannot read {}", ca_path.display()))?;
+    let ca = russh::keys::PrivateKey::from_openssh(&ca_text)
+        .with_context(|| format!("{}: not an OpenSSH private key", ca_path.display()))?;
+    let key_text =
+        std::fs::read_to_string(key_path).with_context(|| format!("cannot read {}", key_path.display()))?;
+    let key = russh::keys::PublicKey::from_openssh(key_text.trim())
+        .with_context(|| format!("{}: not an OpenSSH public key line", key_path.display()))?;
+    let request = sign::CertificateRequest {
+        key: &key,
+        identity,
+        extra_principals: principals,
+        validity,
+        now: cmx_net::clock::now_unix(),
+        serial: rand::random(),
+    };
+    let cert = sign::user_certificate(&ca, &request)?;
+    let out = out.unwrap_or_else(|| {
+        let text = key_path.display().to_string();
+        PathBuf::from(format!("{}-cert.pub", text.strip_suffix(".pub").unwrap_or(&text)))
+    });
+    let encoded = cert.to_openssh().context("cannot encode the certificate")?;
+    std::fs::write(&out, format!("{encoded}\n"))
+        .with_context(|| format!("cannot write {}", out.display()))?;
+    println!(
+        "{}: certificate for identity '{identity}' (serial {}, principals [{}]) valid {} to {}, signed by {}",
+        out.display(),
+        cert.serial(),
+        cert.valid_principals().join(", "),
+        cmx_net::clock::utc(cert.valid_after()),
+        cmx_net::clock::utc(cert.valid_before()),
+        ca.public_key().fingerprint(russh::keys::HashAlg::Sha256)
+    );
     Ok(())
 }

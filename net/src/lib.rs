@@ -14,8 +14,11 @@
 //! - `text`: line numbers for error messages about configuration files; bounded log strings.
 //! - `clock`: wall-clock seconds for certificates and status files.
 //! - `host`: this host's own addresses.
+//! - `eui64`: MAC addresses and the identity addresses derived from them (modified EUI-64); the
+//!   gateway's registry and the agent's enrolment compute them the same way.
 
 pub mod clock;
+pub mod eui64;
 pub mod host;
 pub mod logging;
 pub mod mounts;

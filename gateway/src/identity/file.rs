@@ -143,7 +143,8 @@ fn parse_any_public_key(text: &str) -> Result<PublicKey, String> {
         .map_err(|e| format!("not an OpenSSH public key (expected 'ssh-ed25519 AAAA... comment'): {e}"))
 }
 
-fn valid_name(name: &str) -> bool {
+/// Whether `name` may name an identity (1-47 lowercase letters, digits and inner dashes).
+pub fn valid_name(name: &str) -> bool {
     let b = name.as_bytes();
     !b.is_empty()
         && b.len() <= MAX_NAME_LEN

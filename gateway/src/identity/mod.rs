@@ -5,7 +5,6 @@
 //! from a TOML file (`file.rs`), validated as a whole, and swapped atomically on reload: a request
 //! always sees one consistent registry.
 
-mod eui64;
 mod file;
 
 use std::collections::{HashMap, HashSet};
@@ -16,8 +15,8 @@ use ipnet::Ipv6Net;
 use russh::keys::ssh_key::Fingerprint;
 use russh::keys::{HashAlg, PublicKey};
 
-pub use eui64::{Mac, MacParseError};
-pub use file::{Issue, RegistryError};
+pub use cmx_net::eui64::{Mac, MacParseError};
+pub use file::{Issue, MAX_NAME_LEN, RegistryError, valid_name};
 
 use crate::policy::{PermitListen, PermitOpen};
 
