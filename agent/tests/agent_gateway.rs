@@ -239,6 +239,55 @@ async fn tunnels_come_back_after_the_gateway_is_killed_and_restarted() {
     drop(gw);
 }
 
+/// The agent's core scenario, also run with the ARM builds under qemu (`cargo xtask test` sets
+/// CMX_AGENT_BIN and CMX_AGENT_RUNNER): a server agent publishes a service, a device agent opens
+/// a local tunnel to it, 1 MiB goes each way byte-exact; the gateway is restarted (SIGTERM,
+/// drained) and the same holds again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_mebibyte_each_way_through_two_agents_before_and_after_a_gateway_restart() {
+    let (hosts, mut gw, srv1, dev1) = setup().await;
+    let _echo = Echo::serve(hosts.srv.listen("127.0.0.1:5001"));
+    let server = server_agent(
+        &hosts,
+        &srv1,
+        &format!("{FAST}[[publish]]\nname = \"echo\"\nport = 1883\nto = \"127.0.0.1:5001\"\n"),
+    );
+    let device = device_agent(
+        &hosts,
+        &dev1,
+        &format!("{FAST}[[local]]\nname = \"echo\"\nlisten = \"127.0.0.1:11883\"\ntarget = \"srv1:1883\"\n"),
+    );
+    let data: Vec<u8> = (0..1u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    let carried = || async {
+        server
+            .wait_status("published", T, |s| {
+                state(s) == "connected" && tunnel_state(s, "echo") == "up"
+            })
+            .await;
+        device
+            .wait_status("connected", T, |s| state(s) == "connected")
+            .await;
+        let got = transfer(hosts.dev.connect_retry("127.0.0.1:11883").await, &data).await;
+        assert_eq!(got.len(), data.len(), "1 MiB came back");
+        assert!(got == data, "the mebibyte came back byte-exact");
+    };
+    carried().await;
+    gw.signal(libc::SIGTERM);
+    assert!(
+        gw.wait_exit(T).await.success(),
+        "the gateway drains and exits cleanly"
+    );
+    drop(gw);
+    for agent in [&server, &device] {
+        agent.wait_status("noticed", T, |s| state(s) != "connected").await;
+    }
+    let gw = GatewayProc::launch(&hosts).await;
+    carried().await;
+    drop(gw);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_dead_link_is_noticed_by_keepalive_and_the_agent_reconnects() {
     let (hosts, gw, _srv1, dev1) = setup().await;

@@ -5,6 +5,7 @@
 //! Every gateway under test gets its own device, gateway and server hosts and stays up for the
 //! whole run; the measured runs interleave the variants, so a noisy machine affects them alike.
 
+mod footprint;
 mod hop;
 mod procs;
 mod report;
@@ -74,6 +75,27 @@ enum Cmd {
         #[arg(long, default_value_t = 60)]
         interval_secs: u64,
     },
+    /// The device agent's footprint with four tunnels (binary, idle RSS/PSS, idle CPU, memory
+    /// per open connection) for one variant: cmx-agent (CMX_AGENT_BIN/CMX_AGENT_RUNNER pick an
+    /// ARM build under qemu) or --autossh (autossh + OpenSSH client). Appends a JSON line to
+    /// --out; `cargo xtask footprint` runs every variant and renders the table.
+    Footprint {
+        /// The name of the variant in the table.
+        #[arg(long)]
+        variant: String,
+        #[arg(long)]
+        autossh: bool,
+        /// Seconds of idleness over which CPU is measured.
+        #[arg(long, default_value_t = 60)]
+        idle_secs: u64,
+        /// Connections held open through one tunnel for the per-connection memory.
+        #[arg(long, default_value_t = 100)]
+        connections: usize,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print the footprint table from the JSON lines `footprint` appended.
+    FootprintTable { results: PathBuf },
     /// (internal) Measure the in-gateway hop in this process's network namespace.
     Hop {
         #[arg(long)]
@@ -514,6 +536,25 @@ fn main() -> anyhow::Result<()> {
                     _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted"),
                 }
             })
+        }
+        Cmd::Footprint {
+            variant,
+            autossh,
+            idle_secs,
+            connections,
+            out,
+        } => {
+            let row = rt.block_on(footprint::run(&variant, autossh, idle_secs, connections))?;
+            let line = serde_json::to_string(&row)?;
+            println!("{line}");
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&out)?;
+            writeln!(f, "{line}")?;
+            Ok(())
+        }
+        Cmd::FootprintTable { results } => {
+            print!("{}", footprint::render(&results)?);
+            Ok(())
         }
         Cmd::Hop {
             mode,

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::bins::workspace_bin;
+use crate::bins::agent_argv;
 use crate::hosts::{GW_DEV_IP, GW_SRV_IP, Hosts, Netns, SSH_PORT};
 use crate::keys::Key;
 use crate::logbook::{LogBook, pipe_json_lines, tail};
@@ -47,8 +47,10 @@ impl AgentProc {
     }
 
     pub fn launch(ns: &Netns, config: &Path, status_file: &Path) -> AgentProc {
+        let argv = agent_argv();
         let mut child = ns
-            .command(&workspace_bin("cmx-agent"))
+            .command(&argv[0])
+            .args(&argv[1..])
             .args([
                 "--log-format",
                 "json",

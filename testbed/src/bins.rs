@@ -20,3 +20,20 @@ pub fn workspace_bin(name: &str) -> String {
 pub fn gateway_bin() -> String {
     workspace_bin("cmx-gateway")
 }
+
+/// How the tests start `cmx-agent`: this workspace's build, or the one `CMX_AGENT_BIN` names
+/// (an ARM build from `cargo xtask build-agent`), behind `CMX_AGENT_RUNNER` when that is set
+/// (the emulator, e.g. `qemu-aarch64-static`). Program first, then its leading arguments.
+pub fn agent_argv() -> Vec<String> {
+    let bin = std::env::var("CMX_AGENT_BIN")
+        .ok()
+        .filter(|b| !b.is_empty())
+        .unwrap_or_else(|| workspace_bin("cmx-agent"));
+    let mut argv: Vec<String> = std::env::var("CMX_AGENT_RUNNER")
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(String::from)
+        .collect();
+    argv.push(bin);
+    argv
+}

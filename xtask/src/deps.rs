@@ -23,6 +23,10 @@ pub const ALL: &[(&str, &str)] = &[
         "the eBPF object's BTF and the loaded programs, inspected by tests",
     ),
     ("util-linux", "nsenter and setpriv, used by tests"),
+    (
+        "autossh",
+        "the agent footprint bench's alternative (autossh + OpenSSH client)",
+    ),
 ];
 
 /// The eBPF toolchain (Debian route; see the cmx-ebpf-toolchain crate, gateway-ebpf/toolchain).
@@ -31,6 +35,28 @@ pub const EBPF: &[(&str, &str)] = &[
     ("cargo-web", "its cargo"),
     ("rust-web-src", "core's sources, for -Z build-std=core"),
     ("llvm-22-dev", "LLVM 22, which bpf-linker links against"),
+];
+
+/// Cross builds of the device agent and running them under emulation (`build-agent`), beside
+/// EBPF's Debian rustc and std sources (the machine's rustup has no other targets).
+pub const CROSS: &[(&str, &str)] = &[
+    (
+        "gcc-aarch64-linux-gnu",
+        "linker and C compiler (aws-lc, ring) for aarch64",
+    ),
+    (
+        "libc6-dev-arm64-cross",
+        "glibc for aarch64, static archives included",
+    ),
+    (
+        "gcc-arm-linux-gnueabihf",
+        "linker and C compiler for 32-bit ARMv7 (hard float)",
+    ),
+    ("libc6-dev-armhf-cross", "glibc for ARMv7"),
+    (
+        "qemu-user-static",
+        "qemu-aarch64-static and qemu-arm-static: the ARM agents run in the tests",
+    ),
 ];
 
 fn installed(package: &str) -> bool {

@@ -42,6 +42,9 @@ struct Outcome {
     features: u64,
     corpus: usize,
     crashes: Vec<PathBuf>,
+    /// Inputs that took more than 10 s (libFuzzer's slow-unit report): not failures, but each
+    /// is a CPU-amplification lead worth reading (one found the costly key exchanges).
+    slow: Vec<PathBuf>,
 }
 
 /// Builds the targets and runs those named in `only` (all when empty) for `cpu_secs` each.
@@ -137,6 +140,7 @@ fn fuzz(
         features: 0,
         corpus: 0,
         crashes: Vec::new(),
+        slow: Vec::new(),
     };
     eprintln!("xtask: fuzzing {target} for {cpu_secs} CPU-seconds");
     while outcome.cpu_secs < cpu_secs as f64 && outcome.crashes.is_empty() {
@@ -161,8 +165,12 @@ fn fuzz(
         outcome.cpu_secs += children_cpu_secs() - before;
         let log = String::from_utf8_lossy(&output.stderr);
         absorb(&mut outcome, &log);
+        let (slow, failed): (Vec<_>, Vec<_>) = saved_inputs(artifacts, &log)
+            .into_iter()
+            .partition(|p| is_slow_unit(p));
+        outcome.slow.extend(slow);
         if !output.status.success() {
-            outcome.crashes = crash_files(artifacts, &log);
+            outcome.crashes = failed;
             eprintln!("{}", tail(&log, 60));
             if outcome.crashes.is_empty() {
                 bail!(
@@ -200,14 +208,19 @@ fn absorb(outcome: &mut Outcome, log: &str) {
     }
 }
 
-/// The inputs libFuzzer saved for a failed run (`crash-*`, `timeout-*`, `oom-*`, `slow-unit-*`
+/// The inputs libFuzzer saved (`crash-*`, `timeout-*`, `oom-*`, `slow-unit-*`
 /// are named on its "Test unit written to" lines).
-fn crash_files(artifacts: &Path, log: &str) -> Vec<PathBuf> {
+fn saved_inputs(artifacts: &Path, log: &str) -> Vec<PathBuf> {
     log.lines()
         .filter_map(|l| l.split("Test unit written to ").nth(1))
         .map(|p| PathBuf::from(p.trim()))
         .filter(|p| p.starts_with(artifacts))
         .collect()
+}
+
+fn is_slow_unit(path: &Path) -> bool {
+    path.file_name()
+        .is_some_and(|n| n.to_string_lossy().starts_with("slow-unit-"))
 }
 
 fn tail(log: &str, lines: usize) -> String {
@@ -240,7 +253,7 @@ fn report(outcomes: &[Outcome]) {
             0.0
         };
         println!(
-            "| {} | {:.0} | {} | {:.0} | {} | {} | {} | {} |",
+            "| {} | {:.0} | {} | {:.0} | {} | {} | {} | {} | {} |",
             o.target,
             o.cpu_secs,
             o.execs,
@@ -248,7 +261,14 @@ fn report(outcomes: &[Outcome]) {
             o.coverage,
             o.features,
             o.corpus,
-            o.crashes.len()
+            o.crashes.len(),
+            o.slow.len()
+        );
+    }
+    for slow in outcomes.iter().flat_map(|o| &o.slow) {
+        println!(
+            "slow input (read it: a peer may make the gateway spend this much CPU): {}",
+            slow.display()
         );
     }
 }

@@ -6,6 +6,7 @@
 //! - `deps`: installs the system packages the demo and tests need (Debian/Ubuntu, as root).
 
 mod cluster;
+mod cross;
 mod deps;
 mod fuzz;
 mod kube;
@@ -72,6 +73,23 @@ enum Task {
         #[arg(long = "target")]
         targets: Vec<String>,
     },
+    /// Build the device agent for its boards: static, size-tuned (profile agent-release)
+    /// cmx-agent binaries for aarch64 (aarch64-unknown-linux-gnu) and 32-bit ARMv7
+    /// (armv7-unknown-linux-gnueabihf) with Debian's rustc, std sources and cross gcc, and for
+    /// x86_64; each is run once (under qemu for ARM). Into <target dir>/agent/<target>/.
+    BuildAgent {
+        /// aarch64, armv7 or x86_64 (repeatable; default: all three).
+        #[arg(long = "target")]
+        targets: Vec<String>,
+    },
+    /// The device agent's footprint (binary, idle memory and CPU with four tunnels, memory per
+    /// connection): cmx-agent on x86_64 and its aarch64 and armv7 builds under qemu, beside
+    /// autossh + OpenSSH; prints the table agent/README.md shows.
+    Footprint {
+        /// Seconds of idleness over which CPU is measured.
+        #[arg(long, default_value_t = 60)]
+        idle_secs: u64,
+    },
     /// Build the eBPF programs (gateway-ebpf), installing what they need: Debian's rustc-web,
     /// rust-web-src and llvm-22-dev, and bpf-linker. The gateway's build embeds the result.
     BuildEbpf,
@@ -111,6 +129,22 @@ fn run(task: Task) -> anyhow::Result<()> {
             Ok(())
         }
         Task::Test { args } => test(&args),
+        Task::BuildAgent { targets } => {
+            let names: Vec<&str> = if targets.is_empty() {
+                cross::TARGETS.iter().map(|t| t.name).collect()
+            } else {
+                targets.iter().map(String::as_str).collect()
+            };
+            for name in names {
+                build_agent(&workspace_root(), cross::target(name)?)?;
+            }
+            Ok(())
+        }
+        Task::Footprint { idle_secs } => {
+            require_root("the footprint bench creates network namespaces")?;
+            deps::ensure(deps::ALL)?;
+            footprint(&workspace_root(), idle_secs)
+        }
         Task::Fuzz { seconds, targets } => fuzz::run(&workspace_root(), &fuzz_cache(), seconds, &targets),
         Task::E2eK8s => {
             require_root("the cluster runs a kubelet, containerd and kube-proxy")?;
@@ -155,6 +189,87 @@ fn bench(quick: bool, runs: usize) -> anyhow::Result<()> {
     check(cmd.status().context("cannot run cmx-bench")?, "cmx-bench")
 }
 
+/// The agent for `t` (installing the cross toolchain when missing).
+fn build_agent(root: &Path, t: &cross::Target) -> anyhow::Result<PathBuf> {
+    deps::ensure(deps::EBPF)?;
+    deps::ensure(deps::CROSS)?;
+    let cache = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/root"))
+        .join(".cache/cmxsafe/cross-target");
+    cross::build(root, &cache, &target_dir(root).join("agent"), t)
+}
+
+/// cmx-bench footprint for every agent build and autossh, then the table.
+fn footprint(root: &Path, idle_secs: u64) -> anyhow::Result<()> {
+    build_release(&["cmx-gateway", "cmx-bench"])?;
+    let bench = target_dir(root).join("release/cmx-bench");
+    let out = target_dir(root).join("footprint.jsonl");
+    let _ = std::fs::remove_file(&out);
+    let run = |variant: &str, extra: &[&str], env: &[(&str, String)]| -> anyhow::Result<()> {
+        let status = Command::new(&bench)
+            .current_dir(root)
+            .args([
+                "footprint",
+                "--variant",
+                variant,
+                "--idle-secs",
+                &idle_secs.to_string(),
+                "--out",
+            ])
+            .arg(&out)
+            .args(extra)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .status()
+            .context("cannot run cmx-bench")?;
+        check(status, &format!("the footprint of {variant}"))
+    };
+    for t in cross::TARGETS {
+        let bin = build_agent(root, t)?;
+        let env = [
+            ("CMX_AGENT_BIN", bin.display().to_string()),
+            ("CMX_AGENT_RUNNER", cross::runner(t).join(" ")),
+        ];
+        let label = match t.qemu {
+            Some(q) => format!("cmx-agent {} (under {q})", t.name),
+            None => format!("cmx-agent {}", t.name),
+        };
+        run(&label, &[], &env)?;
+    }
+    run("autossh + OpenSSH client x86_64", &["--autossh"], &[])?;
+    let status = Command::new(&bench).arg("footprint-table").arg(&out).status()?;
+    check(status, "rendering the footprint table")
+}
+
+/// The agent's core scenarios with the ARM builds under qemu, against the x86-64 gateway.
+fn emulated_agent_tests(root: &Path) -> anyhow::Result<()> {
+    for name in ["aarch64", "armv7"] {
+        let t = cross::target(name)?;
+        let bin = build_agent(root, t)?;
+        let status = cargo()
+            .args(["test", "-p", "cmx-agent", "--test", "agent_gateway", "--"])
+            .args(EMULATED_SCENARIOS)
+            .env("CMX_AGENT_BIN", &bin)
+            .env("CMX_AGENT_RUNNER", cross::runner(t).join(" "))
+            .env("CMX_EBPF", "require")
+            .status()?;
+        check(
+            status,
+            &format!("the agent's scenarios with the {name} build under qemu"),
+        )?;
+    }
+    Ok(())
+}
+
+/// The agent tests the ARM builds run (name filters of agent/tests/agent_gateway.rs): a
+/// published service and a local tunnel carrying 1 MiB each way across a gateway restart, MQTT
+/// with the device identity delivered, tunnels back after a kill -9.
+const EMULATED_SCENARIOS: &[&str] = &[
+    "a_mebibyte_each_way_through_two_agents_before_and_after_a_gateway_restart",
+    "mqtt_through_two_agents_and_the_broker_sees_the_device_identity",
+    "tunnels_come_back_after_the_gateway_is_killed_and_restarted",
+];
+
 /// `cmx-bench soak` for `minutes`, sampling every `interval_secs`.
 fn soak(root: &Path, minutes: f64, interval_secs: u64) -> anyhow::Result<()> {
     build_release(&["cmx-gateway", "cmx-agent", "cmx-bench"])?;
@@ -194,6 +309,8 @@ fn test(args: &[String]) -> anyhow::Result<()> {
         .status()?;
     check(status, "cargo test (user-space data plane)")?;
     drop(envtest);
+    // ...the device agent's ARM builds under emulation...
+    emulated_agent_tests(&root)?;
     // ...a one-minute soak (release binaries, reused by the cluster images below)...
     soak(&root, 1.0, 15)?;
     // ...and the DaemonSet on a real kubelet, when the machine has one.
