@@ -16,6 +16,14 @@ pub enum CgroupError {
         "cgroup {path} is used by live processes ({pids}): another gateway? set dataplane.cgroup to another path"
     )]
     Busy { path: PathBuf, pids: String },
+    #[error(
+        "{path} is not in a cgroup v2 hierarchy ({ancestor} is not on a cgroup2 filesystem): set dataplane.cgroup to a directory under {mount}"
+    )]
+    NotCgroup {
+        path: PathBuf,
+        ancestor: PathBuf,
+        mount: PathBuf,
+    },
     #[error("cgroup {path}: {what}: {cause}")]
     Io {
         path: PathBuf,
@@ -30,6 +38,26 @@ fn io_err<'a>(path: &'a Path, what: &'static str) -> impl FnOnce(io::Error) -> C
         what,
         cause,
     }
+}
+
+/// `CGROUP2_SUPER_MAGIC` from linux/magic.h: statfs's f_type for a cgroup v2 filesystem.
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+
+/// Whether `path` is on a cgroup v2 filesystem.
+fn is_cgroup2(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs writes into the struct it is given; a zeroed statfs is a valid value.
+    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a valid pointer.
+    if unsafe { libc::statfs(c_path.as_ptr(), &mut fs) } != 0 {
+        return false;
+    }
+    #[allow(clippy::unnecessary_cast)]
+    let kind = fs.f_type as i64;
+    kind == CGROUP2_SUPER_MAGIC
 }
 
 /// The mount point of the cgroup v2 hierarchy (see `cmx_net::mounts::cgroup2`).
@@ -119,10 +147,26 @@ impl OwnCgroup {
             std::fs::remove_dir(path).map_err(io_err(path, "removing a stale cgroup"))?;
             tracing::warn!(cgroup = %path.display(), "removed a stale cgroup left by an earlier gateway");
         }
+        // A plain directory would take the mkdir and even a "cgroup.procs" file, and the failure
+        // would only come at attach time, leaving both behind.
+        let ancestor = path.ancestors().find(|a| a.exists()).unwrap_or(Path::new("/"));
+        if !is_cgroup2(ancestor) {
+            return Err(CgroupError::NotCgroup {
+                path: path.to_path_buf(),
+                ancestor: ancestor.to_path_buf(),
+                mount,
+            });
+        }
         let previous = current(&mount);
         std::fs::create_dir_all(path).map_err(io_err(path, "creating"))?;
-        std::fs::write(path.join("cgroup.procs"), std::process::id().to_string())
-            .map_err(io_err(path, "moving the gateway into it"))?;
+        let moved = std::fs::OpenOptions::new()
+            .write(true)
+            .open(path.join("cgroup.procs"))
+            .and_then(|mut f| std::io::Write::write_all(&mut f, std::process::id().to_string().as_bytes()));
+        if let Err(cause) = moved {
+            let _ = std::fs::remove_dir(path);
+            return Err(io_err(path, "moving the gateway into it")(cause));
+        }
         Ok(OwnCgroup {
             path: path.to_path_buf(),
             previous,

@@ -134,11 +134,19 @@ impl SockmapDataPlane {
         for gone in bpffs::remove_stale_siblings(&settings.pin_dir) {
             tracing::warn!(pin_dir = %gone.display(), "removed the pins of a gateway that is gone");
         }
-        let own_cgroup = cgroup::OwnCgroup::enter(&settings.cgroup).map_err(|e| e.to_string())?;
+        // The lock is ours, so is the directory: a failure from here on removes it.
+        let own_cgroup = match cgroup::OwnCgroup::enter(&settings.cgroup) {
+            Ok(own) => own,
+            Err(e) => {
+                bpffs::remove(&settings.pin_dir);
+                return Err(e.to_string());
+            }
+        };
         let stale = match bpffs::clear(&settings.pin_dir) {
             Ok(stale) => stale,
             Err(e) => {
                 own_cgroup.leave();
+                bpffs::remove(&settings.pin_dir);
                 return Err(format!(
                     "cannot use pin directory {}: {e}",
                     settings.pin_dir.display()
