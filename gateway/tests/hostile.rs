@@ -642,6 +642,46 @@ async fn tiny_packets_and_request_floods_leave_the_gateways_memory_bounded() {
     t.others_still_carry_data().await;
 }
 
+/// WINDOW_ADJUST floods (the part of the memory attack russh's client cannot send; paramiko
+/// builds the messages by hand, `tests/attacks/window_adjust_flood.py`): the device fills a
+/// channel toward a host that never reads, then sends 200,000 WINDOW_ADJUST messages, most of
+/// them of 0 and some of 2^32-1. The notices merge in the channel's queue and the window does not
+/// overflow: the session still answers, the gateway's RSS stays within 16 MiB, others carry data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn window_adjust_floods_leave_the_gateways_memory_bounded() {
+    const COUNT: u32 = 200_000;
+    let t = StalledTarget::start("").await;
+    let rss_before = t.gw.rss_kib();
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/attacks/window_adjust_flood.py"
+    );
+    let out = t
+        .hosts
+        .dev
+        .command("/usr/bin/python3")
+        .arg(script)
+        .args([GW_DEV_IP, &SSH_PORT.to_string(), "dev1"])
+        .arg(&t.dev1.path)
+        .args([SRV_IP, "2201", &COUNT.to_string()])
+        .output()
+        .expect("python3 runs (apt-get install python3-paramiko)");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        said.trim(),
+        format!("alive {COUNT}"),
+        "the flooded session still answers: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rss_after = t.gw.rss_kib();
+    eprintln!("gateway RSS: {rss_before} KiB before, {rss_after} KiB after {COUNT} WINDOW_ADJUST");
+    assert!(
+        rss_after < rss_before + 16 * 1024,
+        "RSS grew from {rss_before} KiB to {rss_after} KiB for {COUNT} WINDOW_ADJUST messages"
+    );
+    t.others_still_carry_data().await;
+}
+
 /// With `limits.max_queued_mib = 1`, the device's stalled channel is closed once the gateway
 /// holds a MiB of data for it, with a warning; other sessions are untouched.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
