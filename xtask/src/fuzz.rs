@@ -169,6 +169,10 @@ fn fuzz(
             .into_iter()
             .partition(|p| is_slow_unit(p));
         outcome.slow.extend(slow);
+        eprintln!(
+            "xtask: {target}: {:.0} of {cpu_secs} CPU-seconds, {} executions, {} edges, corpus {}",
+            outcome.cpu_secs, outcome.execs, outcome.coverage, outcome.corpus
+        );
         if !output.status.success() {
             outcome.crashes = failed;
             eprintln!("{}", tail(&log, 60));
