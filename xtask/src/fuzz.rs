@@ -247,9 +247,9 @@ fn children_cpu_secs() -> f64 {
 fn report(outcomes: &[Outcome]) {
     println!();
     println!(
-        "| target | CPU-seconds | executions | exec/s | coverage (edges) | features | corpus | crashes |"
+        "| target | CPU-seconds | executions | exec/s | coverage (edges) | features | corpus | crashes | slow inputs |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for o in outcomes {
         let rate = if o.cpu_secs > 0.0 {
             o.execs as f64 / o.cpu_secs
