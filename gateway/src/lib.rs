@@ -24,6 +24,7 @@
 //! - `dataplane`: how the loopback hop of a forwarding pair is carried; `ebpf`: the sockmap data
 //!   plane (programs, pins, own cgroup, kernel policy maps).
 //! - `hostkey`: the gateway's SSH host key; `killswitch`: ending a stuck session's stream.
+//! - `failpoint`: test-only pauses where a reload can race a decision (feature `failpoints`).
 //!
 //! Around it:
 //! - `config`: the gateway's TOML configuration, defaults and validation.
@@ -45,6 +46,7 @@ pub mod controller;
 pub mod dataplane;
 pub mod ebpf;
 pub mod events;
+pub mod failpoint;
 pub mod forward;
 pub mod gateway;
 pub mod hostkey;

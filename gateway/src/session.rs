@@ -236,6 +236,7 @@ impl Handler for SessionHandler {
         let Some((identity, credential)) = self.authenticated.clone() else {
             return Ok(());
         };
+        crate::failpoint::pause(crate::failpoint::LOGIN_CHECKED).await;
         let entry = SessionEntry {
             identity: identity.clone(),
             peer: self.peer,
@@ -356,7 +357,7 @@ impl Handler for SessionHandler {
         session: &mut Session,
     ) -> Result<bool, Self::Error> {
         let identity = self.identity().to_string();
-        match mirror::request_forward(&self.gw, self.id, &identity, session.handle(), address, *port) {
+        match mirror::request_forward(&self.gw, self.id, &identity, session.handle(), address, *port).await {
             Ok(bound) => {
                 *port = u32::from(bound);
                 Ok(true)

@@ -741,3 +741,116 @@ async fn a_process_outside_the_gateways_cgroup_can_squat_an_identity_address_but
         )
         .await;
 }
+
+/// A login whose credential was checked under the old registry, with a reload (that removes the
+/// key) landing before the session is registered: the reload cannot see that session, so the
+/// login must check again and refuse. The gateway is held between the two steps by a failpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_removed_while_its_login_is_in_flight_does_not_log_in() {
+    use cmx_gateway::failpoint::LOGIN_CHECKED;
+    let hosts = Hosts::new();
+    let (srv1, dev1, registry) = srv1_publishes_dev1_opens(&hosts);
+    let failpoints = Failpoints::new(&hosts);
+    let gw = GatewayProc::start_with_env(&hosts, &registry, "", &[failpoints.env()]).await;
+    // srv1 publishes its echo first: a session of dev1 could reach it.
+    let (_echo, _srv_agent) = publish_echo(&hosts, &gw, &srv1, &[]).await;
+    failpoints.arm(LOGIN_CHECKED);
+
+    let addr = format!("{GW_DEV_IP}:{SSH_PORT}");
+    let login = async {
+        let mut s = raw_session(&hosts.dev, &addr).await.unwrap();
+        let _answer = try_login(&mut s, "dev1", &dev1).await;
+        // Whatever the answer, the session must not carry anything.
+        let channel = s
+            .channel_open_direct_tcpip("srv1", 1883, "127.0.0.1", 40000)
+            .await;
+        channel.is_ok()
+    };
+    let reload = async {
+        failpoints.wait_held(&gw.log, LOGIN_CHECKED).await;
+        // dev1's key is replaced while its login is held between the check and the registration.
+        let replacement = Key::generate(hosts.dir.path(), "dev1-new");
+        let reloaded = RegistryText::default()
+            .srv1(&srv1, "permit_listen = [\"1883\"]")
+            .dev1(&replacement, "permit_open = [\"srv1:1883\"]")
+            .build();
+        gw.rewrite_registry(&reloaded).await;
+        failpoints.release(LOGIN_CHECKED);
+    };
+    let (carried, ()) = tokio::time::timeout(T, async { tokio::join!(login, reload) })
+        .await
+        .expect("the login ended");
+    assert!(
+        !carried,
+        "a session logged in with a key the registry no longer has"
+    );
+    gw.log
+        .wait_audit(
+            "the login refused after the reload",
+            audit_is(
+                AuditEvent::Auth,
+                Verdict::Deny,
+                "dev1",
+                "the identity registry changed during login",
+            ),
+        )
+        .await;
+    assert_eq!(
+        gw.log.count_events(session_opened("dev1")),
+        0,
+        "no session of dev1 opened"
+    );
+}
+
+/// A `tcpip-forward` permitted under the old registry, with a reload (that takes the port away)
+/// landing before the Mir-sock is published: the forward must be withdrawn, refused with the
+/// reason, and nothing may listen there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_port_revoked_while_its_forward_is_being_published_is_not_published() {
+    use cmx_gateway::failpoint::FORWARD_PERMITTED;
+    let hosts = Hosts::new();
+    let (srv1, dev1, registry) = srv1_publishes_dev1_opens(&hosts);
+    let failpoints = Failpoints::new(&hosts);
+    let gw = GatewayProc::start_with_env(&hosts, &registry, "", &[failpoints.env()]).await;
+    let session = logged_in(
+        &hosts.srv,
+        &format!("{GW_SRV_IP}:{SSH_PORT}"),
+        "srv1",
+        srv1.clone(),
+    )
+    .await;
+    failpoints.arm(FORWARD_PERMITTED);
+    let publish = session.tcpip_forward("localhost", 1883);
+    let reload = async {
+        failpoints.wait_held(&gw.log, FORWARD_PERMITTED).await;
+        // srv1 may publish 1884 now, not 1883.
+        let reloaded = RegistryText::default()
+            .srv1(&srv1, "permit_listen = [\"1884\"]")
+            .dev1(&dev1, "permit_open = [\"srv1:1884\"]")
+            .build();
+        gw.rewrite_registry(&reloaded).await;
+        failpoints.release(FORWARD_PERMITTED);
+    };
+    let (answer, ()) = tokio::time::timeout(T, async { tokio::join!(publish, reload) })
+        .await
+        .expect("the forward request was answered");
+    assert!(answer.is_err(), "the forward was granted: {answer:?}");
+    // User space decides again after publishing. With the sockmap data plane the kernel's bind
+    // hook, already in step with the new registry, may refuse the listener first: also a refusal.
+    let again = forward_denied("srv1", ":1883", "the identity registry changed while publishing");
+    let by_kernel = forward_denied(
+        "srv1",
+        ":1883",
+        "cannot listen on [fd63:6d78::1]:1883: Operation not permitted",
+    );
+    gw.log
+        .wait_audit("the forward refused after the reload", |r| {
+            again(r) || (test_dataplane() == "sockmap" && by_kernel(r))
+        })
+        .await;
+    assert_eq!(gw.log.count_events(forward_added("srv1", 1883)), 0);
+    assert!(
+        hosts.gw.connect("[fd63:6d78::1]:1883").is_err(),
+        "a Mir-sock listens on srv1's revoked port"
+    );
+}

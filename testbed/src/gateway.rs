@@ -10,7 +10,7 @@ use crate::bins::gateway_bin;
 use crate::hosts::{GW_DEV_IP, GW_SRV_IP, Hosts, Netns, SSH_PORT};
 use cmx_events::GatewayEvent;
 
-use crate::logbook::{LogBook, pipe_json_lines, tail};
+use crate::logbook::{LogBook, field, pipe_json_lines, tail};
 use crate::nodefs::{self, UsesTestParents};
 
 /// The data plane the tests run the gateway with: `CMX_TEST_DATAPLANE` (sockmap by default; CI
@@ -77,6 +77,23 @@ impl GatewayProc {
         dataplane: &str,
         args: &[&str],
     ) -> GatewayProc {
+        GatewayProc::write_files(hosts, registry, extra_config, dataplane);
+        GatewayProc::launch_with(hosts, args).await
+    }
+
+    /// Like `start`, with extra environment variables (e.g. `Failpoints::env`).
+    pub async fn start_with_env(
+        hosts: &Hosts,
+        registry: &str,
+        extra_config: &str,
+        env: &[(&str, &str)],
+    ) -> GatewayProc {
+        GatewayProc::write_files(hosts, registry, extra_config, &test_dataplane());
+        GatewayProc::launch_with_env(hosts, &[], env).await
+    }
+
+    /// The registry and configuration files the `start*` functions run the gateway with.
+    fn write_files(hosts: &Hosts, registry: &str, extra_config: &str, dataplane: &str) {
         std::fs::write(hosts.path("identities.toml"), registry).unwrap();
         std::fs::write(
             hosts.path("gateway.toml"),
@@ -88,7 +105,6 @@ impl GatewayProc {
             ),
         )
         .unwrap();
-        GatewayProc::launch_with(hosts, args).await
     }
 
     /// Starts (or restarts) the gateway from the files `start` wrote; the host key is kept.
@@ -222,5 +238,45 @@ impl Drop for GatewayProc {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// The test-only pauses of a gateway built with its `failpoints` feature (the gateway's own
+/// tests are): arm one before the gateway gets there, wait until it is held there, change what
+/// the race is about, release it.
+pub struct Failpoints {
+    dir: PathBuf,
+}
+
+impl Failpoints {
+    pub fn new(hosts: &Hosts) -> Failpoints {
+        let dir = hosts.path("failpoints");
+        std::fs::create_dir_all(&dir).unwrap();
+        Failpoints { dir }
+    }
+
+    /// The variable to start the gateway with.
+    pub fn env(&self) -> (&'static str, &str) {
+        ("CMX_FAILPOINTS", self.dir.to_str().expect("UTF-8 test directory"))
+    }
+
+    /// The gateway will stop at failpoint `name` from now on, until `release`.
+    pub fn arm(&self, name: &str) {
+        std::fs::write(self.dir.join(name), b"").unwrap();
+    }
+
+    /// Waits until the gateway is held at `name` (panics, with the log, if it never gets there:
+    /// a gateway built without the feature says nothing).
+    pub async fn wait_held(&self, log: &LogBook, name: &str) {
+        log.wait(
+            &format!("failpoint {name} reached (is the feature on?)"),
+            Duration::from_secs(30),
+            |v| field(v, "failpoint") == name && field(v, "message").starts_with("failpoint reached"),
+        )
+        .await;
+    }
+
+    pub fn release(&self, name: &str) {
+        std::fs::remove_file(self.dir.join(name)).unwrap();
     }
 }

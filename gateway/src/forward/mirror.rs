@@ -136,7 +136,7 @@ async fn serve(gw: Arc<Gateway>, key: ForwardKey, stream: TcpStream, peer: Socke
 
 /// Handles `tcpip-forward`: decides (`authz`: role and `permit_listen`), publishes (or takes
 /// over) the Mir-sock, and returns the port. `Err` is the refusal reason, already audited.
-pub fn request_forward(
+pub async fn request_forward(
     gw: &Arc<Gateway>,
     session: SessionId,
     identity: &str,
@@ -145,19 +145,20 @@ pub fn request_forward(
     port: u32,
 ) -> Result<u16, String> {
     let request = format!("tcpip-forward {address}:{port}");
-    let result = gw
+    let decided = gw
         .authz
         .may_listen(&gw.registry(), identity, address, port)
-        .map_err(|r| r.reason)
-        .and_then(|permit| {
-            let owner = Owner {
-                session,
-                handle,
-                requested_address: address.to_string(),
-            };
-            let published = publish(gw, &permit, owner).map_err(|e| e.to_string())?;
-            Ok((permit, published))
-        });
+        .map_err(|r| r.reason);
+    crate::failpoint::pause(crate::failpoint::FORWARD_PERMITTED).await;
+    let result = decided.and_then(|permit| {
+        let owner = Owner {
+            session,
+            handle,
+            requested_address: address.to_string(),
+        };
+        let published = publish(gw, &permit, owner).map_err(|e| e.to_string())?;
+        Ok((permit, published))
+    });
     let (permit, published) = match result.and_then(|ok| still_permitted(gw, identity, ok)) {
         Ok(ok) => ok,
         Err(reason) => {
