@@ -162,6 +162,8 @@ pub enum AuditEvent {
     KernelDeny,
     /// A source put in the pre-authentication penalty box.
     Penalty,
+    /// An admin API request: an operator's action (allow) or a refused request (deny).
+    Admin,
 }
 
 impl AuditEvent {
@@ -178,6 +180,7 @@ impl AuditEvent {
             AuditEvent::SessionClosed => "session-closed",
             AuditEvent::KernelDeny => "kernel-deny",
             AuditEvent::Penalty => "penalty",
+            AuditEvent::Admin => "admin",
         }
     }
 }

@@ -5,9 +5,11 @@
 //! - `GET /readyz`: 200 while the gateway accepts SSH connections, 503 once it is shutting down,
 //!   so a load balancer stops sending agents here before their sessions are closed.
 //! - `GET /metrics`: Prometheus text format (see `metrics`).
+//! - `/api/v1/...`: the JSON API of identities, sessions, forwards, pairs and the audit trail,
+//!   and the operator's actions (see `api`): behind a bearer token, or loopback only.
 //!
-//! It carries no secrets and changes nothing; still, bind it to a cluster-internal address and
-//! let the NetworkPolicy keep it off the public side (deploy/ does both).
+//! Bind it to a cluster-internal address and let the NetworkPolicy keep it off the public side
+//! (deploy/ does both).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -64,9 +66,50 @@ pub fn respond(gw: &Gateway, method: &Method, path: &str) -> Response<Full<Bytes
         _ => reply(
             StatusCode::NOT_FOUND,
             text,
-            format!("no {path} here; try /healthz, /readyz or /metrics\n"),
+            format!(
+                "no {} here; try /healthz, /readyz, /metrics or /api/v1/\n",
+                cmx_net::text::bounded(path, 256)
+            ),
         ),
     }
+}
+
+/// The response to one request: the JSON API under `/api/`, the plain endpoints elsewhere.
+pub async fn route<B>(
+    gw: &Gateway,
+    req: &http::Request<B>,
+    peer: std::net::SocketAddr,
+) -> Response<Full<Bytes>> {
+    let path = req.uri().path();
+    if !path.starts_with("/api/") {
+        return respond(gw, req.method(), path);
+    }
+    let api = crate::api::ApiRequest {
+        method: req.method(),
+        path,
+        query: req.uri().query(),
+        authorization: req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok()),
+        peer,
+    };
+    let answer = crate::api::respond(gw, &api).await;
+    let mut body = serde_json::to_string_pretty(&answer.body).unwrap_or_default();
+    body.push('\n');
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = answer.status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    if answer.status == StatusCode::UNAUTHORIZED {
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer realm=\"cmx-gateway\""),
+        );
+    }
+    r
 }
 
 /// Serves the admin endpoint on `listener` until the task is aborted. Connections are counted
@@ -105,8 +148,8 @@ pub async fn serve(gw: Arc<Gateway>, listener: TcpListener) {
         let gw = gw.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                let response = respond(&gw, req.method(), req.uri().path());
-                async move { Ok::<_, Infallible>(response) }
+                let gw = gw.clone();
+                async move { Ok::<_, Infallible>(route(&gw, &req, peer).await) }
             });
             let connection = http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -231,7 +274,7 @@ mod tests {
         let gw = gateway();
         let (status, _, body) = get(&gw, Method::GET, "/debug").await;
         assert_eq!(status, StatusCode::NOT_FOUND);
-        assert!(body.contains("/healthz, /readyz or /metrics"), "{body}");
+        assert!(body.contains("/healthz, /readyz, /metrics or /api/v1/"), "{body}");
         let r = respond(&gw, &Method::POST, "/metrics");
         assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
         assert_eq!(r.headers()[header::ALLOW], "GET, HEAD");

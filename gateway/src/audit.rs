@@ -24,10 +24,12 @@ pub enum Decision {
     ForwardAllow,
     ForwardDeny,
     KernelDeny,
+    AdminAllow,
+    AdminDeny,
 }
 
 impl Decision {
-    pub const ALL: [Decision; 7] = [
+    pub const ALL: [Decision; 9] = [
         Decision::AuthAccept,
         Decision::AuthDeny,
         Decision::ConnectionDeny,
@@ -35,6 +37,8 @@ impl Decision {
         Decision::ForwardAllow,
         Decision::ForwardDeny,
         Decision::KernelDeny,
+        Decision::AdminAllow,
+        Decision::AdminDeny,
     ];
 
     /// The audit log's `event` and `decision` fields for this decision.
@@ -47,6 +51,8 @@ impl Decision {
             Decision::ForwardAllow => ("forward", "allow"),
             Decision::ForwardDeny => ("forward", "deny"),
             Decision::KernelDeny => ("kernel-deny", "deny"),
+            Decision::AdminAllow => ("admin", "allow"),
+            Decision::AdminDeny => ("admin", "deny"),
         }
     }
 
@@ -140,6 +146,21 @@ pub fn pair_closed(
     let (spliced_to_target, spliced_from_target) = spliced.unwrap_or((0, 0));
     tracing::info!(target: TARGET, event = "pair-closed", conn_id, identity = %short(identity), bytes_to_target, bytes_from_target,
         spliced = spliced.is_some(), spliced_to_target, spliced_from_target, end = %short(end), "forwarding path closed");
+}
+
+/// An operator's action through the admin API (`identity`: whose session, if any), and what
+/// came of it.
+pub fn admin_action(peer: SocketAddr, request: &str, identity: &str, result: &str) {
+    let (event, decision) = Decision::AdminAllow.record();
+    tracing::info!(target: TARGET, event, decision, %peer, request = %short(request), identity = %short(identity), result,
+        "admin API action");
+}
+
+/// An admin API request refused (no or wrong token, not from loopback).
+pub fn admin_denied(peer: SocketAddr, request: &str, reason: &str) {
+    let (event, decision) = Decision::AdminDeny.record();
+    tracing::warn!(target: TARGET, event, decision, %peer, request = %short(request), reason = %long(reason),
+        "admin API request refused");
 }
 
 pub fn session_closed(session: SessionId, identity: &str, reason: &str) {

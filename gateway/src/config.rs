@@ -154,6 +154,10 @@ pub struct AdminSettings {
     pub listen: SocketAddr,
     pub max_connections: usize,
     pub max_connections_per_peer: usize,
+    /// A file holding the bearer token the `/api/` endpoints require (empty: no token, and the
+    /// API answers loopback peers only). Read again on every request, so a rotated Kubernetes
+    /// Secret takes effect without a restart.
+    pub api_token_file: PathBuf,
 }
 
 impl Default for AdminSettings {
@@ -163,6 +167,7 @@ impl Default for AdminSettings {
             listen: SocketAddr::from(([127, 0, 0, 1], 9180)),
             max_connections: 64,
             max_connections_per_peer: 4,
+            api_token_file: PathBuf::new(),
         }
     }
 }
@@ -432,6 +437,7 @@ impl Config {
             &mut config.host_key,
             &mut config.identities,
             &mut config.kubernetes.kubeconfig,
+            &mut config.admin.api_token_file,
         ] {
             if p.is_relative() && !p.as_os_str().is_empty() {
                 *p = base.join(&*p);

@@ -16,6 +16,7 @@ use crate::authz::Authz;
 use crate::config::Config;
 use crate::dataplane::DataPlane;
 use crate::events::{ConnId, EventBus, SessionId};
+use crate::forward::carried::CarriedPaths;
 use crate::forward::pairs::PairTable;
 use crate::forward::published::MirrorTable;
 use crate::identity::Registry;
@@ -33,6 +34,10 @@ pub struct Gateway {
     pub(crate) sessions: SessionTable,
     pub(crate) mirrors: MirrorTable,
     pub(crate) pairs: PairTable,
+    /// The paths being carried now (the admin API's `/pairs`).
+    pub(crate) carried: CarriedPaths,
+    /// An operator asked for a registry reload (the admin API); `reload::watch` waits on it.
+    pub(crate) reload_requested: tokio::sync::Notify,
     /// What each identity, and the gateway, holds against `[limits]`.
     pub(crate) quotas: Quotas,
     pub(crate) events: EventBus,
@@ -64,6 +69,8 @@ impl Gateway {
             sessions: SessionTable::default(),
             mirrors: MirrorTable::default(),
             pairs: PairTable::default(),
+            carried: CarriedPaths::default(),
+            reload_requested: tokio::sync::Notify::new(),
             quotas,
             events,
             dataplane,

@@ -31,14 +31,18 @@
 //! - `reload`: hot reload of the registry.
 //! - `events` and `audit`: the event stream for other components and the audit log.
 //! - `controller`: the Kubernetes controller for the per-server Services.
-//! - `admin` and `metrics`: the HTTP health, readiness and Prometheus endpoint.
+//! - `admin` and `metrics`: the HTTP health, readiness and Prometheus endpoint; `api`: its
+//!   JSON API of live sessions, forwards and pairs and the operator's actions; `audit_log`: the
+//!   recent audit trail it serves.
 //! - `gateway`: the state the connection and forwarding tasks share (crate-private).
 //!
 //! `main.rs` only parses arguments and calls [`run`]; [`serve`] owns what the gateway sets up
 //! on the node through guards, undone in reverse order on every exit path.
 
 pub mod admin;
+pub mod api;
 pub mod audit;
+pub mod audit_log;
 pub mod auth;
 pub mod authz;
 pub mod config;
@@ -90,6 +94,8 @@ pub enum RunError {
     Pod(#[from] controller::pod::PodError),
     #[error("data plane: {0}")]
     DataPlane(String),
+    #[error(transparent)]
+    AdminToken(#[from] api::TokenError),
     #[error("cannot listen for the admin endpoint (admin.listen) on {addr}: {cause}")]
     AdminBind {
         addr: std::net::SocketAddr,
@@ -134,6 +140,9 @@ pub async fn serve(
         .map(|a| a.port())
         .unwrap_or(config.listen.port());
     let kubernetes = controller_settings(&config, port)?;
+    if config.admin.enabled && !config.admin.api_token_file.as_os_str().is_empty() {
+        api::read_token(&config.admin.api_token_file)?;
+    }
     reload::log_warnings(&registry, &config.identities);
     for warning in config.warnings() {
         tracing::warn!("configuration: {warning}");

@@ -101,7 +101,12 @@ fn main() -> ExitCode {
             kubeconfig,
             insecure_skip_userspace_policy,
         } => {
-            cmx_net::logging::init(cli.log_format, &cli.log_level);
+            // The audit lines are also kept in memory for the admin API (`/api/v1/audit`).
+            cmx_net::logging::init_with(
+                cli.log_format,
+                &cli.log_level,
+                Some(cmx_gateway::audit_log::layer()),
+            );
             run(config, dataplane, kubeconfig, insecure_skip_userspace_policy)
         }
         Command::CheckConfig { config } => check_config(config),
@@ -159,6 +164,9 @@ fn run(
 fn check_config(path: PathBuf) -> anyhow::Result<()> {
     let config = Config::load(&path)?;
     let registry = Registry::load(&config.identities, cmx_gateway::reload::registry_context(&config))?;
+    if !config.admin.api_token_file.as_os_str().is_empty() {
+        cmx_gateway::api::read_token(&config.admin.api_token_file)?;
+    }
     println!("{}: ok", path.display());
     for warning in config.warnings() {
         eprintln!("warning: {}: {warning}", path.display());

@@ -34,6 +34,9 @@ pub fn registry_context(gw_config: &crate::config::Config) -> RegistryContext {
     }
 }
 
+/// The `trigger` of a reload the admin API asked for.
+pub const API_TRIGGER: &str = "admin API";
+
 /// What made the gateway read the registry file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Trigger {
@@ -41,6 +44,8 @@ enum Trigger {
     Hup,
     /// SIGUSR1: a reload that accepts a large shrink, once.
     Usr1,
+    /// `POST /api/v1/registry/reload` on the admin API.
+    Api,
 }
 
 impl Trigger {
@@ -49,6 +54,7 @@ impl Trigger {
             Trigger::Changed => "file changed",
             Trigger::Hup => "SIGHUP",
             Trigger::Usr1 => "SIGUSR1",
+            Trigger::Api => API_TRIGGER,
         }
     }
 }
@@ -81,6 +87,7 @@ pub async fn watch(gw: Arc<Gateway>) {
             _ = tokio::time::sleep(interval) => Trigger::Changed,
             _ = next_signal(&mut hup) => Trigger::Hup,
             _ = next_signal(&mut usr1) => Trigger::Usr1,
+            _ = gw.reload_requested.notified() => Trigger::Api,
         };
         let now = content_hash(&path);
         if trigger == Trigger::Changed && now == last {

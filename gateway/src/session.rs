@@ -243,6 +243,9 @@ impl Handler for SessionHandler {
             credential: credential.clone(),
             handle: session.handle(),
             closing: None,
+            since: cmx_net::clock::now_unix(),
+            channels: self.channels.clone(),
+            traffic: Default::default(),
         };
         let max = self.gw.config.limits.max_sessions;
         let admitted = self.gw.quotas.sessions.take(&identity).and_then(|share| {

@@ -3,13 +3,15 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use russh::Disconnect;
 use russh::server::Handle;
 
 use crate::auth::Credential;
 use crate::events::SessionId;
+use crate::slots::ChannelCount;
 
 #[derive(Clone)]
 pub struct SessionEntry {
@@ -19,6 +21,29 @@ pub struct SessionEntry {
     pub handle: Handle,
     /// Why the gateway is closing this session, once it decided to (a reload revoked it).
     pub closing: Option<String>,
+    /// When it was established (Unix seconds), and its open channels.
+    pub since: u64,
+    pub channels: ChannelCount,
+    /// Bytes its finished forwarding channels carried.
+    pub traffic: Arc<Traffic>,
+}
+
+/// Bytes a session's forwarding channels carried, counted when each channel ends.
+#[derive(Debug, Default)]
+pub struct Traffic {
+    /// From the agent, through the gateway.
+    pub from_peer: AtomicU64,
+    /// To the agent.
+    pub to_peer: AtomicU64,
+}
+
+impl Traffic {
+    pub fn get(&self) -> (u64, u64) {
+        (
+            self.from_peer.load(Ordering::Relaxed),
+            self.to_peer.load(Ordering::Relaxed),
+        )
+    }
 }
 
 #[derive(Default)]
@@ -59,6 +84,18 @@ impl SessionTable {
 
     pub fn is_empty(&self) -> bool {
         self.lock().is_empty()
+    }
+
+    pub fn get(&self, id: SessionId) -> Option<SessionEntry> {
+        self.lock().get(&id).cloned()
+    }
+
+    /// Adds what a finished channel of session `id` carried (`from_peer`: sent by its agent).
+    pub fn count_bytes(&self, id: SessionId, from_peer: u64, to_peer: u64) {
+        if let Some(e) = self.lock().get(&id) {
+            e.traffic.from_peer.fetch_add(from_peer, Ordering::Relaxed);
+            e.traffic.to_peer.fetch_add(to_peer, Ordering::Relaxed);
+        }
     }
 
     pub fn snapshot(&self) -> Vec<(SessionId, SessionEntry)> {

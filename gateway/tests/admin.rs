@@ -13,6 +13,15 @@ async fn get(hosts: &Hosts, admin: &str, path: &str) -> (u16, String) {
     http_get(&hosts.gw, admin, path).await
 }
 
+/// A gateway with its admin endpoint on `listen` (and more `[admin]` lines); the endpoint's
+/// address.
+async fn with_admin(hosts: &Hosts, registry: &str, listen: &str, admin: &str) -> (GatewayProc, String) {
+    let config = format!("[admin]\nenabled = true\nlisten = \"{listen}\"\n{admin}");
+    let gw = GatewayProc::start(hosts, registry, &config).await;
+    let address = gw.admin().await;
+    (gw, address)
+}
+
 fn sample(body: &str, name: &str) -> u64 {
     metric(body, name)
 }
@@ -113,13 +122,7 @@ async fn health_readiness_and_metrics_follow_real_sessions_and_traffic() {
 async fn idle_connections_from_one_peer_do_not_starve_the_probes() {
     let hosts = Hosts::new();
     let (_srv1, _dev1, registry) = srv1_publishes_dev1_opens(&hosts);
-    let gw = GatewayProc::start(
-        &hosts,
-        &registry,
-        "[admin]\nenabled = true\nlisten = \"0.0.0.0:9180\"\n",
-    )
-    .await;
-    gw.admin().await;
+    let (_gw, _) = with_admin(&hosts, &registry, "0.0.0.0:9180", "").await;
     let from_dev = format!("{GW_DEV_IP}:9180");
     let from_srv = format!("{GW_SRV_IP}:9180");
 
@@ -232,4 +235,234 @@ async fn try_get(ns: &Netns, addr: &str, path: &str) -> Option<String> {
     let mut reply = String::new();
     let _ = s.read_to_string(&mut reply).await;
     (!reply.is_empty()).then_some(reply)
+}
+
+/// `method path` on the admin API from `ns`, with a bearer token if given; (status, JSON).
+async fn api(
+    ns: &Netns,
+    admin: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+) -> (u16, serde_json::Value) {
+    let bearer = token.map(|t| format!("Bearer {t}"));
+    let headers: Vec<(&str, &str)> = bearer.iter().map(|b| ("Authorization", b.as_str())).collect();
+    let (status, body) = http_request(ns, admin, method, path, &headers).await;
+    let json =
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{method} {path}: not JSON ({e}): {body}"));
+    (status, json)
+}
+
+fn list<'a>(v: &'a serde_json::Value, key: &str) -> &'a Vec<serde_json::Value> {
+    v[key]
+        .as_array()
+        .unwrap_or_else(|| panic!("no array {key} in {v}"))
+}
+
+/// The admin API against stock OpenSSH agents and a live connection: it lists the identities,
+/// both sessions, srv1's forward and the pair with its bytes so far, filters the audit trail,
+/// and an operator's disconnect ends dev1's session (audited) while a reload answers its verdict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_api_shows_live_sessions_forwards_and_pairs_and_disconnects_a_session() {
+    let hosts = Hosts::new();
+    let (srv1, dev1, registry) = srv1_publishes_dev1_opens(&hosts);
+    let (gw, admin) = with_admin(&hosts, &registry, "127.0.0.1:0", "").await;
+    let (_echo, _server) = publish_echo(&hosts, &gw, &srv1, &[]).await;
+    let _device = SshAgent::local_forwards(&hosts, "dev1", &dev1, &["127.0.0.1:11883:srv1:1883"]);
+    // A connection that stays open, with 5,000 bytes through and back.
+    let mut held = hosts.dev.connect_retry("127.0.0.1:11883").await;
+    held.write_all(&[7u8; 5000]).await.unwrap();
+    let mut back = vec![0u8; 5000];
+    held.read_exact(&mut back).await.unwrap();
+    let get = |path: &'static str| api(&hosts.gw, &admin, "GET", path, None);
+
+    let (status, ids) = get("/api/v1/identities").await;
+    assert_eq!(status, 200, "{ids}");
+    let ids = list(&ids, "identities");
+    assert_eq!(ids.len(), 2);
+    let dev = ids.iter().find(|i| i["name"] == "dev1").unwrap();
+    assert_eq!(dev["role"], "device");
+    assert_eq!(dev["address"], DEV1_ADDR);
+    assert_eq!(dev["permit_open"], "[srv1:1883]");
+    assert_eq!(dev["connected"], true);
+
+    let (_, sessions) = get("/api/v1/sessions").await;
+    let sessions = list(&sessions, "sessions");
+    assert_eq!(sessions.len(), 2, "{sessions:?}");
+    let dev_session = sessions.iter().find(|s| s["identity"] == "dev1").unwrap();
+    assert!(
+        dev_session["credential"]
+            .as_str()
+            .unwrap()
+            .starts_with("publickey SHA256:"),
+        "{dev_session}"
+    );
+    assert!(
+        dev_session["peer"].as_str().unwrap().starts_with(DEV_IP),
+        "{dev_session}"
+    );
+    assert!(dev_session["since"].as_u64().unwrap() > 1_700_000_000);
+    assert_eq!(dev_session["channels"], 1, "the held connection's channel");
+
+    let (_, forwards) = get("/api/v1/forwards").await;
+    let forwards = list(&forwards, "forwards");
+    assert_eq!(forwards.len(), 1);
+    assert_eq!(forwards[0]["identity"], "srv1");
+    assert_eq!(forwards[0]["address"], "fd63:6d78::1");
+    assert_eq!(forwards[0]["port"], 1883);
+    assert_eq!(forwards[0]["takeovers"], 0);
+
+    let (_, pairs) = get("/api/v1/pairs").await;
+    let pairs = list(&pairs, "pairs");
+    assert_eq!(pairs.len(), 1, "{pairs:?}");
+    assert_eq!(pairs[0]["device"], "dev1");
+    assert_eq!(pairs[0]["server"], "srv1");
+    assert_eq!(pairs[0]["session"], dev_session["id"]);
+    assert_eq!(pairs[0]["bytes_to_target"], 5000);
+    assert_eq!(pairs[0]["bytes_from_target"], 5000);
+    assert_eq!(pairs[0]["spliced"], test_dataplane() == "sockmap");
+
+    let (status, audit) = get("/api/v1/audit?identity=dev1&event=forward").await;
+    assert_eq!(status, 200);
+    let audit = list(&audit, "records");
+    assert!(
+        audit
+            .iter()
+            .any(|r| r["decision"] == "allow" && r["request"] == "direct-tcpip srv1:1883"),
+        "{audit:?}"
+    );
+    assert!(audit.iter().all(|r| r["identity"] == "dev1"));
+    let (status, bad) = get("/api/v1/audit?who=me").await;
+    assert_eq!(status, 400);
+    assert!(
+        bad["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("unknown parameter 'who'"),
+        "{bad}"
+    );
+
+    // The operator ends dev1's session.
+    let id = dev_session["id"].as_str().unwrap();
+    let (status, done) = api(
+        &hosts.gw,
+        &admin,
+        "POST",
+        &format!("/api/v1/sessions/{id}/disconnect"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{done}");
+    assert_eq!(done["identity"], "dev1");
+    gw.log
+        .wait_event("dev1's session ends", session_closed("dev1"))
+        .await;
+    gw.log
+        .wait_audit("the action is audited", |r| {
+            r.is(AuditEvent::Admin, Verdict::Allow)
+                && r.identity() == "dev1"
+                && r.request().starts_with("disconnect session s")
+        })
+        .await;
+    gw.log
+        .wait_audit("the session's end says why", |r| {
+            r.event == AuditEvent::SessionClosed
+                && r.identity() == "dev1"
+                && r.reason().contains("disconnected by an operator")
+        })
+        .await;
+    let (status, _) = api(
+        &hosts.gw,
+        &admin,
+        "POST",
+        &format!("/api/v1/sessions/{id}/disconnect"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 404, "a session that is gone");
+    let (status, _) = get("/api/v1/sessions/s1/disconnect").await;
+    assert_eq!(status, 405, "actions are POST only");
+
+    let (status, reloaded) = api(&hosts.gw, &admin, "POST", "/api/v1/registry/reload", None).await;
+    assert_eq!(
+        (status, &reloaded["applied"]),
+        (200, &serde_json::Value::Bool(true)),
+        "{reloaded}"
+    );
+    assert_eq!(reloaded["identities"], 2);
+}
+
+/// With a token file, every /api/ request needs the bearer token: none or a wrong one gets 401
+/// and an audit line, and the probes and metrics stay open. Without one, only loopback peers
+/// are answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_api_needs_its_token_or_a_loopback_peer() {
+    let hosts = Hosts::new();
+    let (_srv1, _dev1, registry) = srv1_publishes_dev1_opens(&hosts);
+    let token = "9f3b1c7e2a6d4058b1e0c3a7f5d2e8b4";
+    std::fs::write(hosts.path("api-token"), format!("{token}\n")).unwrap();
+    let (gw, admin) = with_admin(&hosts, &registry, "0.0.0.0:0", "api_token_file = \"api-token\"\n").await;
+    let port = admin.rsplit(':').next().unwrap().to_string();
+    let from_srv = format!("{GW_SRV_IP}:{port}");
+    let srv = &hosts.srv;
+
+    let (status, body) = api(srv, &from_srv, "GET", "/api/v1/sessions", None).await;
+    assert_eq!(status, 401, "{body}");
+    let (status, _) = api(
+        srv,
+        &from_srv,
+        "GET",
+        "/api/v1/sessions",
+        Some("9f3b1c7e2a6d4058b1e0c3a7f5d2e8b5"),
+    )
+    .await;
+    assert_eq!(status, 401);
+    let (status, _) = api(srv, &from_srv, "POST", "/api/v1/registry/reload", Some("wrong")).await;
+    assert_eq!(status, 401, "actions too");
+    gw.log
+        .wait_audit("the refusals are audited", |r| {
+            r.is(AuditEvent::Admin, Verdict::Deny) && r.reason() == "wrong bearer token"
+        })
+        .await;
+    assert_eq!(
+        gw.log.count_audits(|r| r.is(AuditEvent::Admin, Verdict::Deny)),
+        3,
+        "one line per refused request"
+    );
+    let (status, sessions) = api(srv, &from_srv, "GET", "/api/v1/sessions", Some(token)).await;
+    assert_eq!(status, 200, "{sessions}");
+    assert_eq!(
+        http_get(srv, &from_srv, "/healthz").await.0,
+        200,
+        "probes need no token"
+    );
+    assert_eq!(http_get(srv, &from_srv, "/metrics").await.0, 200);
+
+    // Without a token file: loopback only.
+    let hosts = Hosts::new();
+    let (_srv1, _dev1, registry) = srv1_publishes_dev1_opens(&hosts);
+    let (_gw, admin) = with_admin(&hosts, &registry, "0.0.0.0:0", "").await;
+    let port = admin.rsplit(':').next().unwrap().to_string();
+    let (status, body) = api(
+        &hosts.srv,
+        &format!("{GW_SRV_IP}:{port}"),
+        "GET",
+        "/api/v1/sessions",
+        None,
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("loopback peers only"),
+        "{body}"
+    );
+    let (status, _) = api(
+        &hosts.gw,
+        &format!("127.0.0.1:{port}"),
+        "GET",
+        "/api/v1/sessions",
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
 }

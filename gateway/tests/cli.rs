@@ -143,6 +143,38 @@ fn check_config_warns_about_costly_key_exchanges() {
     );
 }
 
+/// A guessable or missing API token is refused before anything starts, naming the file.
+#[test]
+fn check_config_refuses_a_short_or_missing_api_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gw.toml");
+    std::fs::write(&config, "[admin]\nenabled = true\napi_token_file = \"token\"\n").unwrap();
+    std::fs::write(dir.path().join("identities.toml"), "").unwrap();
+    let token = dir.path().join("token");
+    let (code, _, err) = gateway(&["check-config", config.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(
+        err.starts_with(&format!(
+            "cmx-gateway: admin.api_token_file {}: cannot read it",
+            token.display()
+        )),
+        "{err}"
+    );
+    std::fs::write(&token, "letmein\n").unwrap();
+    let (code, _, err) = gateway(&["check-config", config.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert_eq!(
+        err.trim(),
+        format!(
+            "cmx-gateway: admin.api_token_file {}: the token is 7 characters; use at least 16 (e.g. `head -c 32 /dev/urandom | base64`)",
+            token.display()
+        )
+    );
+    std::fs::write(&token, "c2VjcmV0LXRva2VuLWZvci10ZXN0cw==\n").unwrap();
+    let (code, _, err) = gateway(&["check-config", config.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+}
+
 #[test]
 fn default_config_is_valid_and_address_derives_eui64() {
     let (code, out, _) = gateway(&["default-config"]);

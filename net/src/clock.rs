@@ -10,6 +10,14 @@ pub fn now_unix() -> u64 {
         .unwrap_or(0)
 }
 
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+pub fn now_unix_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 /// `secs` since the epoch as an RFC 3339 UTC time ("2020-01-02T00:00:00Z"), the way a
 /// certificate's validity is shown to operators. Beyond year 9999 (OpenSSH's "forever") it says
 /// "forever".

@@ -210,11 +210,27 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
 
 /// `GET path` over HTTP/1.1 to `addr` from inside `ns`: (status, body).
 pub async fn http_get(ns: &crate::hosts::Netns, addr: &str, path: &str) -> (u16, String) {
+    http_request(ns, addr, "GET", path, &[]).await
+}
+
+/// `method path` over HTTP/1.1 from `ns` with extra `headers` and no body; (status, body).
+pub async fn http_request(
+    ns: &crate::hosts::Netns,
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = ns
         .connect(addr)
         .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let mut request =
+        format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n");
+    for (k, v) in headers {
+        request.push_str(&format!("{k}: {v}\r\n"));
+    }
+    request.push_str("\r\n");
     s.write_all(request.as_bytes()).await.unwrap();
     let mut raw = String::new();
     s.read_to_string(&mut raw).await.unwrap();

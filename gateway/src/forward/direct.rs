@@ -16,6 +16,7 @@ use crate::audit;
 use crate::authz::{OpenPermit, OpenTarget, Refusal, RefusalCode};
 use crate::dataplane::{SocketRole, SocketTag, TagGuard};
 use crate::events::{ConnId, GatewayEvent, SessionId};
+use crate::forward::carried::Carried;
 use crate::forward::pairs::PairRegistration;
 use crate::gateway::Gateway;
 use crate::identity::Identity;
@@ -103,7 +104,17 @@ pub async fn open(
     };
     reply.accept().await;
     let target = describe(&destination, &connected.stream, &req.host, permit.port);
-    carry(&gw, conn_id, &identity, channel, connected, target).await;
+    let server = match &destination {
+        Destination::Mirror { server, .. } => Some(server.name.clone()),
+        Destination::External(_) => None,
+    };
+    let path = Path {
+        conn_id,
+        session,
+        target,
+        server,
+    };
+    carry(&gw, path, &identity, channel, connected).await;
     drop((slot, pair_share));
 }
 
@@ -118,33 +129,51 @@ fn describe(destination: &Destination, stream: &TcpStream, host: &str, port: u16
     }
 }
 
-/// Relays an accepted path until both sides are done, with its audit lines and events.
-async fn carry(
-    gw: &Gateway,
+/// An accepted path: its ConnID, the device's session, where it goes (as the audit log names
+/// it) and the identity whose Mir-sock it reaches, if any.
+struct Path {
     conn_id: ConnId,
-    identity: &str,
-    channel: Channel<Msg>,
-    connected: Connected,
+    session: SessionId,
     target: String,
-) {
+    server: Option<String>,
+}
+
+/// Relays an accepted path until both sides are done, with its audit lines and events; the
+/// admin API lists it meanwhile.
+async fn carry(gw: &Gateway, path: Path, identity: &str, channel: Channel<Msg>, connected: Connected) {
     let Connected {
         stream,
         registration,
         tag,
     } = connected;
+    let conn_id = path.conn_id;
     let source = stream.local_addr().map(|a| a.to_string()).unwrap_or_default();
-    audit::pair_opened(conn_id, identity, &source, &target);
+    audit::pair_opened(conn_id, identity, &source, &path.target);
     gw.events.emit(GatewayEvent::PairOpened {
         conn_id,
         device: identity.to_string(),
-        target,
+        target: path.target.clone(),
     });
     let counters = Arc::new(Counters::default());
+    let listed = gw.carried.insert(
+        conn_id,
+        Carried {
+            session: path.session,
+            device: identity.to_string(),
+            target: path.target,
+            server: path.server,
+            // Only a pair of two sockets of this gateway is spliced, and only by sockmap.
+            spliced: registration.is_some() && gw.dataplane.name() == "sockmap",
+            counters: counters.clone(),
+            since: cmx_net::clock::now_unix(),
+        },
+    );
     let flow = registration.as_ref().map(|r| r.budget.id_side());
     let end = relay::relay(channel, stream, counters.clone(), flow).await;
-    drop((registration, tag));
+    drop((registration, tag, listed));
     // The relay counts TCP -> channel (what the target sent) and channel -> TCP (what it got).
     let (from_target, to_target) = counters.get();
+    gw.sessions.count_bytes(path.session, to_target, from_target);
     let spliced = gw.dataplane.pair_closed(conn_id);
     audit::pair_closed(conn_id, identity, to_target, from_target, spliced, &end.as_str());
     gw.events.emit(GatewayEvent::PairClosed {

@@ -47,6 +47,8 @@ fn publish(gw: &Arc<Gateway>, permit: &ListenPermit, owner: Owner) -> Result<Pub
             stop: stop.clone(),
             tag,
             share,
+            since: cmx_net::clock::now_unix(),
+            takeovers: 0,
         };
         Ok((port, entry, (listener, stop)))
     })?;
@@ -130,6 +132,7 @@ async fn serve(gw: Arc<Gateway>, key: ForwardKey, stream: TcpStream, peer: Socke
     let counters = Arc::new(Counters::default());
     let end = relay::relay(channel, stream, counters.clone(), Some(budget.mir_side())).await;
     let (to_server, from_server) = counters.get();
+    gw.sessions.count_bytes(owner.session, from_server, to_server);
     tracing::debug!(conn_id, identity, bytes_to_server = to_server, bytes_from_server = from_server, end = %end.as_str(),
         "server side of the pair closed");
 }

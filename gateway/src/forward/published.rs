@@ -34,6 +34,21 @@ pub struct Entry {
     pub tag: TagGuard,
     /// The forward's share of the identity's (and the gateway's) forwards.
     pub share: QuotaGuard,
+    /// When it was published (Unix seconds), and how many times a newer session took it over.
+    pub since: u64,
+    pub takeovers: u32,
+}
+
+/// A published forward as the admin API shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ForwardView {
+    pub addr: Ipv6Addr,
+    pub port: u16,
+    pub identity: String,
+    pub session: SessionId,
+    pub requested_address: String,
+    pub since: u64,
+    pub takeovers: u32,
 }
 
 #[derive(Default)]
@@ -89,6 +104,9 @@ impl MirrorTable {
                     holder: e.identity.clone(),
                 });
             }
+            if e.owner.session != owner.session {
+                e.takeovers = e.takeovers.saturating_add(1);
+            }
             let previous = std::mem::replace(&mut e.owner, owner);
             return Ok(Published::TakenOver { port, previous });
         }
@@ -117,6 +135,25 @@ impl MirrorTable {
             .iter()
             .map(|(k, e)| (*k, e.identity.clone(), e.owner.session))
             .collect()
+    }
+
+    /// Every published forward, for the admin API, by address and port.
+    pub fn views(&self) -> Vec<ForwardView> {
+        let mut views: Vec<ForwardView> = self
+            .lock()
+            .iter()
+            .map(|(&(addr, port), e)| ForwardView {
+                addr,
+                port,
+                identity: e.identity.clone(),
+                session: e.owner.session,
+                requested_address: e.owner.requested_address.clone(),
+                since: e.since,
+                takeovers: e.takeovers,
+            })
+            .collect();
+        views.sort_by_key(|v| (v.addr, v.port));
+        views
     }
 
     /// Published forwards (open Mir-socks).
