@@ -27,6 +27,10 @@ pub const ALL: &[(&str, &str)] = &[
         "autossh",
         "the agent footprint bench's alternative (autossh + OpenSSH client)",
     ),
+    (
+        "python3-paramiko",
+        "a hand-built SSH client for the attacks russh's client cannot send (WINDOW_ADJUST floods)",
+    ),
 ];
 
 /// The eBPF toolchain (Debian route; see the cmx-ebpf-toolchain crate, gateway-ebpf/toolchain).
