@@ -7,6 +7,8 @@
 //! - `GET /metrics`: Prometheus text format (see `metrics`).
 //! - `/api/v1/...`: the JSON API of identities, sessions, forwards, pairs and the audit trail,
 //!   and the operator's actions (see `api`): behind a bearer token, or loopback only.
+//! - `/ui/`: the dashboard, a page of this binary's own that reads the API (with the token the
+//!   operator types in, kept in the tab's session storage).
 //!
 //! Bind it to a cluster-internal address and let the NetworkPolicy keep it off the public side
 //! (deploy/ does both).
@@ -17,7 +19,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Response, StatusCode, header};
-use http_body_util::Full;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -74,30 +77,99 @@ pub fn respond(gw: &Gateway, method: &Method, path: &str) -> Response<Full<Bytes
     }
 }
 
-/// The response to one request: the JSON API under `/api/`, the plain endpoints elsewhere.
+/// The body of an admin response: a whole answer, or the audit event stream.
+pub type AdminBody = UnsyncBoxBody<Bytes, Infallible>;
+
+/// The dashboard's files, embedded: it works offline and needs nothing but this binary.
+const UI_FILES: &[(&str, &str, &str)] = &[
+    ("/ui/", "text/html; charset=utf-8", include_str!("ui/index.html")),
+    (
+        "/ui/app.js",
+        "text/javascript; charset=utf-8",
+        include_str!("ui/app.js"),
+    ),
+    (
+        "/ui/style.css",
+        "text/css; charset=utf-8",
+        include_str!("ui/style.css"),
+    ),
+];
+
+/// The response to one request: the JSON API under `/api/`, the dashboard under `/ui/`, the
+/// plain endpoints elsewhere.
 pub async fn route<B>(
     gw: &Gateway,
     req: &http::Request<B>,
     peer: std::net::SocketAddr,
-) -> Response<Full<Bytes>> {
+) -> Response<AdminBody> {
     let path = req.uri().path();
-    if !path.starts_with("/api/") {
-        return respond(gw, req.method(), path);
+    if path == "/ui" || path == "/" {
+        let mut r = Response::new(Full::new(Bytes::new()).boxed_unsync());
+        *r.status_mut() = StatusCode::SEE_OTHER;
+        r.headers_mut()
+            .insert(header::LOCATION, header::HeaderValue::from_static("/ui/"));
+        return r;
     }
+    if let Some((_, content_type, text)) = UI_FILES.iter().find(|(p, _, _)| *p == path) {
+        let mut r = Response::new(Full::new(Bytes::from_static(text.as_bytes())).boxed_unsync());
+        // Only this page's own files run; no framing by another site.
+        set_headers(
+            &mut r,
+            &[
+                (header::CONTENT_TYPE, content_type),
+                (
+                    header::CONTENT_SECURITY_POLICY,
+                    "default-src 'self'; frame-ancestors 'none'",
+                ),
+                (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            ],
+        );
+        return r;
+    }
+    if !path.starts_with("/api/") {
+        return respond(gw, req.method(), path).map(|b| b.boxed_unsync());
+    }
+    let header_text = |name: header::HeaderName| req.headers().get(name).and_then(|v| v.to_str().ok());
     let api = crate::api::ApiRequest {
         method: req.method(),
         path,
         query: req.uri().query(),
-        authorization: req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok()),
+        authorization: header_text(header::AUTHORIZATION),
+        last_event_id: header_text(header::HeaderName::from_static("last-event-id")),
         peer,
     };
-    let answer = crate::api::respond(gw, &api).await;
+    if path == "/api/v1/events" && req.method() == Method::GET {
+        match crate::api::event_stream(gw, &api) {
+            Ok(stream) => {
+                let frames =
+                    futures::StreamExt::map(stream, |b| Ok::<_, Infallible>(hyper::body::Frame::data(b)));
+                let mut r = Response::new(StreamBody::new(frames).boxed_unsync());
+                set_headers(
+                    &mut r,
+                    &[
+                        (header::CONTENT_TYPE, "text/event-stream"),
+                        (header::CACHE_CONTROL, "no-cache"),
+                    ],
+                );
+                return r;
+            }
+            Err(refused) => return json_response(refused),
+        }
+    }
+    json_response(crate::api::respond(gw, &api).await)
+}
+
+fn set_headers(r: &mut Response<AdminBody>, headers: &[(header::HeaderName, &'static str)]) {
+    for (name, value) in headers {
+        r.headers_mut()
+            .insert(name.clone(), header::HeaderValue::from_static(value));
+    }
+}
+
+fn json_response(answer: crate::api::ApiResponse) -> Response<AdminBody> {
     let mut body = serde_json::to_string_pretty(&answer.body).unwrap_or_default();
     body.push('\n');
-    let mut r = Response::new(Full::new(Bytes::from(body)));
+    let mut r = Response::new(Full::new(Bytes::from(body)).boxed_unsync());
     *r.status_mut() = answer.status;
     r.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -11,6 +11,9 @@
 //!   whether the kernel splices the loopback hop, since.
 //! - `GET /api/v1/audit?after=&since=&identity=&decision=&event=&limit=`: the recent audit
 //!   trail (see `audit_log`).
+//! - `GET /api/v1/events?...` (same filters): the audit trail live, as Server-Sent Events
+//!   (`id` is the line's `seq`; a stream ends after `STREAM_SECS` and the client reconnects with
+//!   `Last-Event-ID` or `after`, missing nothing the trail still holds).
 //!
 //! Act (each audited with the caller's address):
 //! - `POST /api/v1/sessions/{id}/disconnect`: ends a session (its agent sees the reason).
@@ -25,6 +28,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::{Method, StatusCode};
 use serde_json::{Value, json};
 
@@ -38,6 +42,8 @@ use crate::sessions::disconnect;
 const AUDIT_LIMIT: usize = 1000;
 /// How long a reload action waits for the watcher's verdict.
 const RELOAD_WAIT: Duration = Duration::from_secs(10);
+/// How long one event stream lasts (under the admin endpoint's 30-s connection limit).
+const STREAM_SECS: u64 = 25;
 /// A token shorter than this is refused at start-up: it would be guessable.
 pub const MIN_TOKEN_LEN: usize = 16;
 
@@ -47,6 +53,8 @@ pub struct ApiRequest<'a> {
     pub path: &'a str,
     pub query: Option<&'a str>,
     pub authorization: Option<&'a str>,
+    /// `Last-Event-ID` of a reconnecting event stream.
+    pub last_event_id: Option<&'a str>,
     pub peer: SocketAddr,
 }
 
@@ -157,7 +165,7 @@ pub async fn respond(gw: &Gateway, req: &ApiRequest<'_>) -> ApiResponse {
         },
         (&Method::POST, ["sessions", id, "disconnect"]) => disconnect_session(gw, req, id).await,
         (&Method::POST, ["registry", "reload"]) => reload(gw, req).await,
-        (_, ["identities" | "sessions" | "forwards" | "pairs" | "audit"]) => error(
+        (_, ["identities" | "sessions" | "forwards" | "pairs" | "audit" | "events"]) => error(
             StatusCode::METHOD_NOT_ALLOWED,
             format!("{} is not supported here; use GET", req.method),
         ),
@@ -173,6 +181,64 @@ pub async fn respond(gw: &Gateway, req: &ApiRequest<'_>) -> ApiResponse {
             ),
         ),
     }
+}
+
+/// The audit trail as Server-Sent Events: the lines after `Last-Event-ID` (or `after`) that the
+/// trail still holds, then new ones as they come, for `STREAM_SECS`. `Err`: the refusal.
+pub fn event_stream(
+    gw: &Gateway,
+    req: &ApiRequest<'_>,
+) -> Result<impl futures::Stream<Item = Bytes> + Send + 'static, ApiResponse> {
+    admitted(gw, req)?;
+    let (mut query, _) = audit_query(req.query).map_err(|e| error(StatusCode::BAD_REQUEST, e))?;
+    if let Some(id) = req.last_event_id.and_then(|id| id.trim().parse().ok()) {
+        query.after = Some(id);
+    }
+    // Subscribed before the backlog is read: a line recorded in between is in one or the other.
+    let live = audit_log::trail().subscribe();
+    let backlog = audit_log::trail().query(&query, AUDIT_LIMIT);
+    let mut head = String::from("retry: 1000\n\n");
+    for line in &backlog {
+        head.push_str(&sse_frame(line));
+    }
+    let last = backlog.last().map(audit_log::seq).or(query.after).unwrap_or(0);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(STREAM_SECS);
+    let shutdown = gw.shutdown.clone();
+    let rest = futures::stream::unfold((live, last), move |(mut live, mut last)| {
+        let query = query.clone();
+        let shutdown = shutdown.clone();
+        async move {
+            loop {
+                let line = tokio::select! {
+                    _ = tokio::time::sleep_until(deadline) => return None,
+                    _ = shutdown.cancelled() => return None,
+                    line = live.recv() => line,
+                };
+                match line {
+                    Ok(line) if audit_log::seq(&line) > last && query.matches(&line) => {
+                        last = audit_log::seq(&line);
+                        return Some((Bytes::from(sse_frame(&line)), (live, last)));
+                    }
+                    Ok(_) => {}
+                    // Lines this stream missed are still in the trail: end, and the client's
+                    // reconnect (from `last`) reads them from there.
+                    Err(_) => return None,
+                }
+            }
+        }
+    });
+    Ok(futures::StreamExt::chain(
+        futures::stream::once(std::future::ready(Bytes::from(head))),
+        rest,
+    ))
+}
+
+fn sse_frame(line: &serde_json::Map<String, Value>) -> String {
+    format!(
+        "id: {}\nevent: audit\ndata: {}\n\n",
+        audit_log::seq(line),
+        serde_json::to_string(line).unwrap_or_default()
+    )
 }
 
 fn identities(gw: &Gateway) -> Value {

@@ -7,6 +7,7 @@ use std::collections::VecDeque;
 use std::sync::{LazyLock, Mutex};
 
 use serde_json::{Map, Value};
+use tokio::sync::broadcast;
 use tracing::field::{Field, Visit};
 use tracing_subscriber::Layer;
 use tracing_subscriber::filter::{FilterFn, Filtered, filter_fn};
@@ -17,9 +18,19 @@ pub const CAPACITY: usize = 4096;
 /// One process, one trail (like the decision counters in `audit`).
 static TRAIL: LazyLock<Trail> = LazyLock::new(Trail::default);
 
-#[derive(Default)]
 pub struct Trail {
     inner: Mutex<TrailInner>,
+    /// Every new line, for the live stream (`/api/v1/events`).
+    live: broadcast::Sender<Map<String, Value>>,
+}
+
+impl Default for Trail {
+    fn default() -> Self {
+        Trail {
+            inner: Mutex::default(),
+            live: broadcast::channel(1024).0,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -42,6 +53,26 @@ pub struct Query {
     pub event: Option<String>,
 }
 
+impl Query {
+    /// Whether `line` is one this query asks for.
+    pub fn matches(&self, line: &Map<String, Value>) -> bool {
+        let text = |k: &str| line.get(k).and_then(Value::as_str);
+        let number = |k: &str| line.get(k).and_then(Value::as_u64).unwrap_or(0);
+        self.after.is_none_or(|a| number("seq") > a)
+            && self
+                .since
+                .is_none_or(|s| number("time") >= s.saturating_mul(1000))
+            && (self.identity.is_none() || text("identity") == self.identity.as_deref())
+            && (self.decision.is_none() || text("decision") == self.decision.as_deref())
+            && (self.event.is_none() || text("event") == self.event.as_deref())
+    }
+}
+
+/// A line's number in the trail.
+pub fn seq(line: &Map<String, Value>) -> u64 {
+    line.get("seq").and_then(Value::as_u64).unwrap_or(0)
+}
+
 impl Trail {
     fn push(&self, mut line: Map<String, Value>) {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
@@ -50,26 +81,21 @@ impl Trail {
         if inner.lines.len() == CAPACITY {
             inner.lines.pop_front();
         }
-        inner.lines.push_back(line);
+        inner.lines.push_back(line.clone());
+        // Sent under the lock, so subscribers see lines in `seq` order. Nobody listening is fine.
+        let _ = self.live.send(line);
+    }
+
+    /// New lines as they are recorded (subscribe before reading the backlog, then skip what
+    /// the backlog had by `seq`).
+    pub fn subscribe(&self) -> broadcast::Receiver<Map<String, Value>> {
+        self.live.subscribe()
     }
 
     /// The kept lines matching `q`, oldest first, at most `limit` of the newest.
     pub fn query(&self, q: &Query, limit: usize) -> Vec<Map<String, Value>> {
         let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let text = |l: &Map<String, Value>, k: &str| l.get(k).and_then(Value::as_str).map(str::to_string);
-        let number = |l: &Map<String, Value>, k: &str| l.get(k).and_then(Value::as_u64).unwrap_or(0);
-        let matching: Vec<&Map<String, Value>> = inner
-            .lines
-            .iter()
-            .filter(|l| q.after.is_none_or(|a| number(l, "seq") > a))
-            .filter(|l| {
-                q.since
-                    .is_none_or(|s| number(l, "time") >= s.saturating_mul(1000))
-            })
-            .filter(|l| q.identity.is_none() || text(l, "identity") == q.identity)
-            .filter(|l| q.decision.is_none() || text(l, "decision") == q.decision)
-            .filter(|l| q.event.is_none() || text(l, "event") == q.event)
-            .collect();
+        let matching: Vec<&Map<String, Value>> = inner.lines.iter().filter(|l| q.matches(l)).collect();
         let skip = matching.len().saturating_sub(limit);
         matching.into_iter().skip(skip).cloned().collect()
     }

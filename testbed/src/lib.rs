@@ -20,6 +20,7 @@
 
 pub mod agents;
 pub mod bins;
+pub mod browser;
 pub mod gateway;
 pub mod hosts;
 pub mod keys;
@@ -32,6 +33,7 @@ pub mod services;
 
 pub use agents::*;
 pub use bins::*;
+pub use browser::Browser;
 pub use cmx_events::{AuditEvent, AuditRecord, GatewayEvent, SessionId, Verdict};
 pub use gateway::*;
 pub use hosts::*;

@@ -28,6 +28,14 @@ pub const ALL: &[(&str, &str)] = &[
         "the agent footprint bench's alternative (autossh + OpenSSH client)",
     ),
     (
+        "chromium",
+        "the real browser the dashboard test drives (headless)",
+    ),
+    (
+        "chromium-driver",
+        "chromedriver: WebDriver for that browser, driven from the Rust test",
+    ),
+    (
         "python3-paramiko",
         "a hand-built SSH client for the attacks russh's client cannot send (WINDOW_ADJUST floods)",
     ),
