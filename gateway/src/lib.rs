@@ -55,6 +55,7 @@ pub mod forward;
 pub mod gateway;
 pub mod hostkey;
 pub mod identity;
+pub mod import;
 pub mod killswitch;
 pub mod metrics;
 pub mod policy;

@@ -58,6 +58,34 @@ enum Command {
     },
     /// Print the default configuration, with every setting documented.
     DefaultConfig,
+    /// Translate an OpenSSH-based CMXsafe deployment (a user per identity, Match blocks with
+    /// PermitListen/PermitOpen/AllowTcpForwarding, authorized_keys with their options,
+    /// TrustedUserCAKeys, RevokedKeys) into an identity registry, printed on stdout. Whatever it
+    /// cannot carry over exactly is listed on stderr with file:line and why; notes say what
+    /// changes for the agents. Exit status: 0 complete, 2 complete but for the listed gaps,
+    /// 1 error.
+    ImportOpenssh {
+        /// The deployment's sshd_config.
+        #[arg(long, value_name = "FILE")]
+        sshd_config: PathBuf,
+        /// A directory of authorized_keys files named after their users
+        /// (AuthorizedKeysFile /etc/ssh/authorized_keys/%u).
+        #[arg(long, value_name = "DIR", conflicts_with = "home_root")]
+        authorized_keys_dir: Option<PathBuf>,
+        /// A directory of home directories: ROOT/<user>/.ssh/authorized_keys.
+        #[arg(long, value_name = "DIR")]
+        home_root: Option<PathBuf>,
+        /// /etc/group-format file for Match Group blocks.
+        #[arg(long, value_name = "FILE", default_value = "/etc/group")]
+        group_file: PathBuf,
+        /// Users named by a MAC address (a23ff868ec8f, a2-3f-f8-68-ec-8f) get `mac =`, so their
+        /// identity address derives from it as in the Kubernetes CMXsafe setup.
+        #[arg(long)]
+        mac_from_user: bool,
+        /// Identity prefix (addresses assigned to users without a MAC come from it).
+        #[arg(long, default_value = "fd63:6d78::/64")]
+        prefix: ipnet::Ipv6Net,
+    },
     /// Print the identity address derived from a MAC (modified EUI-64 under the prefix).
     Address {
         /// MAC address, e.g. a2:3f:f8:68:ec:8f or a23ff868ec8f.
@@ -115,6 +143,38 @@ fn main() -> ExitCode {
             Ok(())
         }
         Command::Address { mac, prefix } => address(&mac, prefix),
+        Command::ImportOpenssh {
+            sshd_config,
+            authorized_keys_dir,
+            home_root,
+            group_file,
+            mac_from_user,
+            prefix,
+        } => {
+            let keys = match (authorized_keys_dir, home_root) {
+                (Some(d), _) => cmx_gateway::import::KeySource::Dir(d),
+                (None, Some(h)) => cmx_gateway::import::KeySource::HomeRoot(h),
+                (None, None) => cmx_gateway::import::KeySource::None,
+            };
+            let options = cmx_gateway::import::ImportOptions {
+                sshd_config,
+                keys,
+                group_file: group_file.exists().then_some(group_file),
+                mac_from_user,
+                context: cmx_gateway::identity::RegistryContext {
+                    prefix,
+                    service_prefix: "dynamic-service-".into(),
+                },
+            };
+            return match import_openssh(&options) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::from(2),
+                Err(e) => {
+                    eprintln!("cmx-gateway: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Command::Sign {
             ca,
             identity,
@@ -183,6 +243,25 @@ fn check_config(path: PathBuf) -> anyhow::Result<()> {
         eprintln!("warning: {}: {warning}", config.identities.display());
     }
     Ok(())
+}
+
+/// Prints the registry; says on stderr what it could not translate. `Ok(true)`: complete.
+fn import_openssh(options: &cmx_gateway::import::ImportOptions) -> anyhow::Result<bool> {
+    let imported = cmx_gateway::import::import(options)?;
+    print!("{}", imported.registry);
+    for note in &imported.notes {
+        eprintln!("note: {note}");
+    }
+    for gap in &imported.gaps {
+        eprintln!("not translated: {}: {}", gap.at, gap.why);
+    }
+    if !imported.gaps.is_empty() {
+        eprintln!(
+            "cmx-gateway: {} setting(s) not translated exactly (listed above); review them before using this registry",
+            imported.gaps.len()
+        );
+    }
+    Ok(imported.gaps.is_empty())
 }
 
 fn address(mac: &str, prefix: ipnet::Ipv6Net) -> anyhow::Result<()> {

@@ -21,7 +21,15 @@ fn gateway(args: &[&str]) -> (i32, String, String) {
 fn help_explains_every_command() {
     let (code, out, _) = gateway(&["--help"]);
     assert_eq!(code, 0);
-    for word in ["run", "check-config", "default-config", "address", "--log-format"] {
+    for word in [
+        "run",
+        "check-config",
+        "default-config",
+        "address",
+        "import-openssh",
+        "sign",
+        "--log-format",
+    ] {
         assert!(out.contains(word), "--help lacks {word}:\n{out}");
     }
 }
