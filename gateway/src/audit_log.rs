@@ -112,7 +112,15 @@ pub fn layer<S>() -> Filtered<Recorder, FilterFn, S>
 where
     S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
 {
-    Recorder.with_filter(filter_fn(|m| m.target() == crate::audit::TARGET))
+    // Audit lines are INFO and WARN: the hint keeps debug and trace callsites (russh's per-packet
+    // `log` records among them) switched off when the log writer does not want them either.
+    Recorder.with_filter(
+        filter_fn(is_audit as fn(&tracing::Metadata<'_>) -> bool).with_max_level_hint(tracing::Level::INFO),
+    )
+}
+
+fn is_audit(m: &tracing::Metadata<'_>) -> bool {
+    m.target() == crate::audit::TARGET
 }
 
 pub struct Recorder;
