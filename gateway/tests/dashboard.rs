@@ -54,8 +54,7 @@ async fn the_dashboard_shows_who_is_connected_and_disconnects_a_session() {
     browser.goto(&format!("http://{admin}/ui/")).await;
     browser.wait_for("#sessions tr[data-identity='dev1']", T).await;
     browser.wait_for("#sessions tr[data-identity='srv1']", T).await;
-    let pair = browser.wait_for("#pairs tr[data-device='dev1']", T).await;
-    let pair_text = browser.text(&pair).await;
+    let pair_text = browser.wait_text("#pairs tr[data-device='dev1']", T).await;
     assert!(pair_text.contains("srv1"), "{pair_text}");
     assert!(pair_text.contains("4096"), "the pair's bytes: {pair_text}");
     let spliced = if test_dataplane() == "sockmap" {
@@ -64,16 +63,16 @@ async fn the_dashboard_shows_who_is_connected_and_disconnects_a_session() {
         "no"
     };
     assert!(pair_text.contains(spliced), "spliced {spliced}: {pair_text}");
-    let identities = browser.text(&browser.wait_for("#identities", T).await).await;
+    let identities = browser.wait_text("#identities", T).await;
     assert!(
         identities.contains("[srv1:1883]"),
         "dev1's security context: {identities}"
     );
     // The audit stream brought the hostile line, as text.
-    let denied = browser.wait_for("#audit tr.deny", T).await;
+    let denied = browser.wait_text("#audit tr.deny", T).await;
     assert!(
-        browser.text(&denied).await.contains("<img src=x"),
-        "the user name is shown as text"
+        denied.contains("<img src=x"),
+        "the user name is shown as text: {denied}"
     );
     assert_eq!(
         browser.execute("return document.title;").await,
@@ -90,10 +89,9 @@ async fn the_dashboard_shows_who_is_connected_and_disconnects_a_session() {
     std::fs::write(screenshot_dir().join("dashboard.png"), &png).unwrap();
 
     // The operator disconnects dev1 from the page.
-    let button = browser
-        .wait_for("#sessions tr[data-identity='dev1'] button[data-disconnect]", T)
+    browser
+        .click_css("#sessions tr[data-identity='dev1'] button[data-disconnect]", T)
         .await;
-    browser.click(&button).await;
     gw.log
         .wait_event("dev1's session ends", session_closed("dev1"))
         .await;

@@ -179,6 +179,52 @@ impl<'a> Browser<'a> {
         }
     }
 
+    /// The text of the first element matching `css`, once there is one. The page re-renders
+    /// its tables as it refreshes, so an element found earlier may be gone: this reads the text
+    /// in the page, in one step.
+    pub async fn wait_text(&self, css: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let r = self
+                .execute_with(
+                    "const e = document.querySelector(arguments[0]); return e ? e.innerText : null;",
+                    json!([css]),
+                )
+                .await;
+            if let Some(text) = r.as_str() {
+                return text.to_string();
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "no {css} on the page after {timeout:?}; the page says:\n{}",
+                    self.page_text().await
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Clicks the first element matching `css`, finding it again if the page re-rendered it
+    /// between finding and clicking.
+    pub async fn click_css(&self, css: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let element = self.wait_for(css, timeout).await;
+            let r = self
+                .call(
+                    "POST",
+                    &self.at(&format!("/element/{element}/click")),
+                    Some(json!({})),
+                )
+                .await;
+            if r["value"].is_null() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "click {css}: {r}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     pub async fn text(&self, element: &str) -> String {
         let r = self
             .call("GET", &self.at(&format!("/element/{element}/text")), None)
@@ -199,11 +245,16 @@ impl<'a> Browser<'a> {
 
     /// Runs `script` (a function body) in the page; its return value.
     pub async fn execute(&self, script: &str) -> Value {
+        self.execute_with(script, json!([])).await
+    }
+
+    /// Runs `script` with `args` (a JSON array, `arguments` in the script).
+    pub async fn execute_with(&self, script: &str, args: Value) -> Value {
         let r = self
             .call(
                 "POST",
                 &self.at("/execute/sync"),
-                Some(json!({ "script": script, "args": [] })),
+                Some(json!({ "script": script, "args": args })),
             )
             .await;
         r["value"].clone()
