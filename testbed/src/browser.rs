@@ -150,10 +150,18 @@ impl<'a> Browser<'a> {
 
     /// Waits for an element matching `css`; panics with the page's text after `timeout`.
     pub async fn wait_for(&self, css: &str, timeout: Duration) -> String {
+        self.poll(css, timeout, || self.find(css)).await
+    }
+
+    /// Calls `f` until it returns something; panics with the page's text after `timeout`.
+    async fn poll<T, Fut>(&self, css: &str, timeout: Duration, mut f: impl FnMut() -> Fut) -> T
+    where
+        Fut: std::future::Future<Output = Option<T>>,
+    {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(e) = self.find(css).await {
-                return e;
+            if let Some(found) = f().await {
+                return found;
             }
             if Instant::now() >= deadline {
                 panic!(
@@ -183,25 +191,12 @@ impl<'a> Browser<'a> {
     /// its tables as it refreshes, so an element found earlier may be gone: this reads the text
     /// in the page, in one step.
     pub async fn wait_text(&self, css: &str, timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let r = self
-                .execute_with(
-                    "const e = document.querySelector(arguments[0]); return e ? e.innerText : null;",
-                    json!([css]),
-                )
-                .await;
-            if let Some(text) = r.as_str() {
-                return text.to_string();
-            }
-            if Instant::now() >= deadline {
-                panic!(
-                    "no {css} on the page after {timeout:?}; the page says:\n{}",
-                    self.page_text().await
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let script = "const e = document.querySelector(arguments[0]); return e ? e.innerText : null;";
+        self.poll(css, timeout, || async {
+            let r = self.execute_with(script, json!([css])).await;
+            r.as_str().map(String::from)
+        })
+        .await
     }
 
     /// Clicks the first element matching `css`, finding it again if the page re-rendered it
