@@ -344,14 +344,9 @@ async fn the_api_shows_live_sessions_forwards_and_pairs_and_disconnects_a_sessio
 
     // The operator ends dev1's session.
     let id = dev_session["id"].as_str().unwrap();
-    let (status, done) = api(
-        &hosts.gw,
-        &admin,
-        "POST",
-        &format!("/api/v1/sessions/{id}/disconnect"),
-        None,
-    )
-    .await;
+    let disconnect_path = format!("/api/v1/sessions/{id}/disconnect");
+    let disconnect = || api(&hosts.gw, &admin, "POST", &disconnect_path, None);
+    let (status, done) = disconnect().await;
     assert_eq!(status, 200, "{done}");
     assert_eq!(done["identity"], "dev1");
     gw.log
@@ -371,14 +366,7 @@ async fn the_api_shows_live_sessions_forwards_and_pairs_and_disconnects_a_sessio
                 && r.reason().contains("disconnected by an operator")
         })
         .await;
-    let (status, _) = api(
-        &hosts.gw,
-        &admin,
-        "POST",
-        &format!("/api/v1/sessions/{id}/disconnect"),
-        None,
-    )
-    .await;
+    let (status, _) = disconnect().await;
     assert_eq!(status, 404, "a session that is gone");
     let (status, _) = get("/api/v1/sessions/s1/disconnect").await;
     assert_eq!(status, 405, "actions are POST only");

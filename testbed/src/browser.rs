@@ -220,24 +220,6 @@ impl<'a> Browser<'a> {
         }
     }
 
-    pub async fn text(&self, element: &str) -> String {
-        let r = self
-            .call("GET", &self.at(&format!("/element/{element}/text")), None)
-            .await;
-        r["value"].as_str().unwrap_or_default().to_string()
-    }
-
-    pub async fn click(&self, element: &str) {
-        let r = self
-            .call(
-                "POST",
-                &self.at(&format!("/element/{element}/click")),
-                Some(json!({})),
-            )
-            .await;
-        assert!(r["value"].is_null(), "click: {r}");
-    }
-
     /// Runs `script` (a function body) in the page; its return value.
     pub async fn execute(&self, script: &str) -> Value {
         self.execute_with(script, json!([])).await
