@@ -42,6 +42,22 @@ pub struct GatewayPod {
 impl Gateway {
     /// Applies the e2e overlay into `namespace` with `registry` as the identity registry.
     pub fn deploy(cluster: &Cluster, namespace: &str, registry: &str) -> Gateway {
+        Gateway::deploy_with(cluster, namespace, registry, None)
+    }
+
+    /// `deploy`, with the admin API's bearer token turned on as the shipped ConfigMap tells an
+    /// operator to: the `cmxsafe-gateway-admin-token` Secret, and its `api_token_file` line
+    /// uncommented.
+    pub fn deploy_with_admin_token(
+        cluster: &Cluster,
+        namespace: &str,
+        registry: &str,
+        token: &str,
+    ) -> Gateway {
+        Gateway::deploy_with(cluster, namespace, registry, Some(token))
+    }
+
+    fn deploy_with(cluster: &Cluster, namespace: &str, registry: &str, admin_token: Option<&str>) -> Gateway {
         let dir = tempfile::tempdir().expect("temp dir");
         let overlay = relative(dir.path(), &repo_root().join("deploy/overlays/e2e"));
         std::fs::write(
@@ -80,10 +96,25 @@ impl Gateway {
             &format!("--from-file=ssh_host_ed25519_key.pub={key}.pub"),
         ]);
         gw.set_registry(registry);
-        let rest: Vec<&str> = rest
+        let mut rest: Vec<String> = rest
             .into_iter()
             .filter(|d| !(d.contains("kind: ConfigMap") && d.contains("name: cmxsafe-registry")))
+            .map(String::from)
             .collect();
+        if let Some(token) = admin_token {
+            gw.apply_generated(&[
+                "secret",
+                "generic",
+                "cmxsafe-gateway-admin-token",
+                &format!("--from-literal=token={token}"),
+            ]);
+            let commented = "# api_token_file = \"/etc/cmxsafe/admin-token/token\"";
+            let config = rest
+                .iter_mut()
+                .find(|d| d.contains(commented))
+                .expect("the shipped ConfigMap shows how to set api_token_file");
+            *config = config.replace(commented, &commented[2..]);
+        }
         cluster.apply(&rest.join("\n---\n"));
         gw
     }
@@ -263,6 +294,16 @@ fn is_ready(pod: &Value) -> bool {
 
 /// `GET path` from the node to `ip:port` (pod IPs are routed on the node): (status, body).
 pub fn http_get(ip: &str, port: u16, path: &str) -> Result<(u16, String), String> {
+    http_get_with(ip, port, path, &[])
+}
+
+/// `http_get` with extra request headers (`Authorization`, ...).
+pub fn http_get_with(
+    ip: &str,
+    port: u16,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<(u16, String), String> {
     let addr = format!("{ip}:{port}");
     let mut s = std::net::TcpStream::connect_timeout(
         &addr.parse().map_err(|e| format!("{addr}: {e}"))?,
@@ -270,9 +311,10 @@ pub fn http_get(ip: &str, port: u16, path: &str) -> Result<(u16, String), String
     )
     .map_err(|e| format!("{addr}: {e}"))?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+    let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: {ip}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {ip}\r\nConnection: close\r\n{extra}\r\n"
     )
     .map_err(|e| e.to_string())?;
     let mut response = String::new();

@@ -14,5 +14,5 @@ mod gateway;
 mod iot;
 
 pub use cluster::{Cluster, poll};
-pub use gateway::{Gateway, GatewayPod, SLOW, http_get, repo_root};
+pub use gateway::{Gateway, GatewayPod, SLOW, http_get, http_get_with, repo_root};
 pub use iot::{IotPod, RECONNECT, Role};

@@ -6,7 +6,7 @@
 
 use std::sync::Mutex;
 
-use cmx_e2e::{Cluster, Gateway, GatewayPod, IotPod, RECONNECT, Role, SLOW, http_get, poll};
+use cmx_e2e::{Cluster, Gateway, GatewayPod, IotPod, RECONNECT, Role, SLOW, http_get, http_get_with, poll};
 use cmx_testbed::{DEV1_ADDR, Key, RegistryText};
 use serde_json::Value;
 
@@ -119,7 +119,10 @@ fn mqtt_from_a_device_pod_reaches_the_broker_through_the_daemonset_with_the_devi
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let [srv1, dev1] = ["srv1", "dev1"].map(|n| Key::generate(dir.path(), n));
-    let gw = Gateway::deploy(&cluster, "e2e-mqtt", &registry(&srv1, &dev1, "srv1:1883"));
+    // With the admin API's token turned on as the ConfigMap's comment says.
+    let token = "e2e-admin-token-5f1c9a7d3b2e4f60";
+    let gw =
+        Gateway::deploy_with_admin_token(&cluster, "e2e-mqtt", &registry(&srv1, &dev1, "srv1:1883"), token);
     let pod = gw.ready_pod(None);
 
     // Ready through /readyz, with the sockmap data plane inside the pod.
@@ -134,6 +137,26 @@ fn mqtt_from_a_device_pod_reaches_the_broker_through_the_daemonset_with_the_devi
 
     let fleet = fleet(&gw, &pod, &srv1, &dev1);
     fleet.broker_got("dev1-first");
+    // The admin API, from outside the pod: the token from the Secret opens it, nothing else does.
+    let sessions = |headers: &[(&str, &str)]| {
+        http_get_with(&pod.ip, 9180, "/api/v1/sessions", headers).unwrap_or_else(|e| panic!("{e}"))
+    };
+    let (status, body) = sessions(&[]);
+    assert_eq!(status, 401, "no token: {body}");
+    let (status, _) = sessions(&[("Authorization", "Bearer e2e-admin-token-5f1c9a7d3b2e4f61")]);
+    assert_eq!(status, 401, "a wrong token");
+    let bearer = format!("Bearer {token}");
+    let (status, body) = sessions(&[("Authorization", &bearer)]);
+    assert_eq!(status, 200, "{body}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    let mut connected: Vec<&str> = body["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| s["identity"].as_str())
+        .collect();
+    connected.sort();
+    assert_eq!(connected, ["dev1", "srv1"], "{body}");
     // The kernel carried the pair's loopback hop: the gateway's audit line says so.
     let spliced = poll(
         "a pair-closed audit line",

@@ -12,8 +12,10 @@
 //! - `GET /api/v1/audit?after=&since=&identity=&decision=&event=&limit=`: the recent audit
 //!   trail (see `audit_log`).
 //! - `GET /api/v1/events?...` (same filters): the audit trail live, as Server-Sent Events
-//!   (`id` is the line's `seq`; a stream ends after `STREAM_SECS` and the client reconnects with
-//!   `Last-Event-ID` or `after`, missing nothing the trail still holds).
+//!   (`event: audit`, `id` is the line's `seq`; a stream ends after `STREAM_SECS` and the client
+//!   reconnects with `Last-Event-ID` or `after`, missing nothing the trail still holds), and the
+//!   gateway's events as they happen (`event: change`: sessions, forwards and pairs opening and
+//!   closing, reloads; not replayed, so a client reads the tables when it (re)connects).
 //!
 //! Act (each audited with the caller's address):
 //! - `POST /api/v1/sessions/{id}/disconnect`: ends a session (its agent sees the reason).
@@ -196,6 +198,7 @@ pub fn event_stream(
     }
     // Subscribed before the backlog is read: a line recorded in between is in one or the other.
     let live = audit_log::trail().subscribe();
+    let changes = gw.events.subscribe();
     let backlog = audit_log::trail().query(&query, AUDIT_LIMIT);
     let mut head = String::from("retry: 1000\n\n");
     for line in &backlog {
@@ -204,26 +207,38 @@ pub fn event_stream(
     let last = backlog.last().map(audit_log::seq).or(query.after).unwrap_or(0);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(STREAM_SECS);
     let shutdown = gw.shutdown.clone();
-    let rest = futures::stream::unfold((live, last), move |(mut live, mut last)| {
+    let state = (live, changes, last);
+    let rest = futures::stream::unfold(state, move |(mut live, mut changes, mut last)| {
         let query = query.clone();
         let shutdown = shutdown.clone();
         async move {
             loop {
-                let line = tokio::select! {
+                let frame = tokio::select! {
                     _ = tokio::time::sleep_until(deadline) => return None,
                     _ = shutdown.cancelled() => return None,
-                    line = live.recv() => line,
+                    line = live.recv() => match line {
+                        Ok(line) if audit_log::seq(&line) > last && query.matches(&line) => {
+                            last = audit_log::seq(&line);
+                            sse_frame(&line)
+                        }
+                        Ok(_) => continue,
+                        // Lines this stream missed are still in the trail: end, and the client's
+                        // reconnect (from `last`) reads them from there.
+                        Err(_) => return None,
+                    },
+                    change = changes.recv() => match change {
+                        Ok(event) if query.identity.as_deref().is_none_or(|i| event.identity() == Some(i)) => {
+                            change_frame(&serde_json::to_string(&event).unwrap_or_default())
+                        }
+                        Ok(_) => continue,
+                        // Changes are not kept: say so, and the client reads the tables again.
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                            change_frame(r#"{"kind":"resync"}"#)
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                    },
                 };
-                match line {
-                    Ok(line) if audit_log::seq(&line) > last && query.matches(&line) => {
-                        last = audit_log::seq(&line);
-                        return Some((Bytes::from(sse_frame(&line)), (live, last)));
-                    }
-                    Ok(_) => {}
-                    // Lines this stream missed are still in the trail: end, and the client's
-                    // reconnect (from `last`) reads them from there.
-                    Err(_) => return None,
-                }
+                return Some((Bytes::from(frame), (live, changes, last)));
             }
         }
     });
@@ -231,6 +246,12 @@ pub fn event_stream(
         futures::stream::once(std::future::ready(Bytes::from(head))),
         rest,
     ))
+}
+
+/// A gateway event (a session, forward or pair came or went) as an SSE `change` frame. It has
+/// no `id`: changes are not replayed, so a reconnecting client reads the tables again.
+fn change_frame(event: &str) -> String {
+    format!("event: change\ndata: {event}\n\n")
 }
 
 fn sse_frame(line: &serde_json::Map<String, Value>) -> String {

@@ -454,3 +454,127 @@ async fn the_api_needs_its_token_or_a_loopback_peer() {
     .await;
     assert_eq!(status, 200);
 }
+
+/// An open `/api/v1/events` stream, read as it comes.
+struct EventStream {
+    conn: tokio::net::TcpStream,
+    text: String,
+}
+
+impl EventStream {
+    async fn open(hosts: &Hosts, admin: &str, path: &str, headers: &[(&str, &str)]) -> EventStream {
+        let mut conn = hosts.gw.connect(admin).unwrap();
+        let mut request = format!("GET {path} HTTP/1.1\r\nHost: {admin}\r\n");
+        for (k, v) in headers {
+            request.push_str(&format!("{k}: {v}\r\n"));
+        }
+        request.push_str("\r\n");
+        conn.write_all(request.as_bytes()).await.unwrap();
+        let mut stream = EventStream {
+            conn,
+            text: String::new(),
+        };
+        stream
+            .read_until("the stream's head", |t| t.contains("retry: 1000\n\n"))
+            .await;
+        assert!(stream.text.starts_with("HTTP/1.1 200"), "{}", stream.text);
+        assert!(
+            stream
+                .text
+                .to_ascii_lowercase()
+                .contains("content-type: text/event-stream")
+        );
+        stream
+    }
+
+    /// Reads until what came so far satisfies `done`.
+    async fn read_until(&mut self, what: &str, done: impl Fn(&str) -> bool) {
+        let deadline = tokio::time::Instant::now() + T;
+        let mut buf = [0u8; 8192];
+        while !done(&self.text) {
+            let n = tokio::time::timeout_at(deadline, self.conn.read(&mut buf))
+                .await
+                .unwrap_or_else(|_| panic!("the event stream never showed {what}:\n{}", self.text))
+                .unwrap();
+            assert!(n > 0, "the event stream ended before {what}:\n{}", self.text);
+            self.text.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    }
+
+    /// The `id`s of the audit frames so far whose data contains `needle`.
+    fn audit_ids(&self, needle: &str) -> Vec<u64> {
+        self.text
+            .split("\n\n")
+            .filter(|frame| frame.contains("event: audit") && frame.contains(needle))
+            .filter_map(|frame| frame.lines().find_map(|l| l.strip_prefix("id: ")))
+            .map(|id| id.trim().parse().unwrap())
+            .collect()
+    }
+}
+
+/// `/api/v1/events` follows the gateway live: audit lines (with ids to resume from) and changes
+/// (a pair opening and closing) as they happen, and a reconnect with `Last-Event-ID` resumes
+/// right after the last line the client saw.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_event_stream_follows_audit_lines_and_changes_and_resumes() {
+    let hosts = Hosts::new();
+    let (srv1, dev1, registry) = srv1_publishes_dev1_opens(&hosts);
+    let (gw, admin) = with_admin(&hosts, &registry, "127.0.0.1:0", "").await;
+    let (_echo, server) = publish_echo(&hosts, &gw, &srv1, &[]).await;
+    let mut stream = EventStream::open(&hosts, &admin, "/api/v1/events", &[]).await;
+    let mut srv1_only = EventStream::open(&hosts, &admin, "/api/v1/events?identity=srv1", &[]).await;
+
+    let _device = SshAgent::local_forwards(&hosts, "dev1", &dev1, &["127.0.0.1:11883:srv1:1883"]);
+    let conn = hosts.dev.connect_retry("127.0.0.1:11883").await;
+    assert_eq!(exchange(conn, b"ping").await, b"ping");
+    stream
+        .read_until("the pair's audit line and its opening and closing", |t| {
+            t.contains("\"request\":\"direct-tcpip srv1:1883\"")
+                && t.contains("event: change\ndata: {\"kind\":\"pair-opened\"")
+                && t.contains("event: change\ndata: {\"kind\":\"pair-closed\"")
+        })
+        .await;
+    assert!(
+        stream
+            .text
+            .contains("\"bytes_to_target\":4,\"bytes_from_target\":4"),
+        "the pair's bytes: {}",
+        stream.text
+    );
+    // An identity filter applies to both kinds. srv1's stream gets srv1's changes (its
+    // session ending, below) and not dev1's pair, which came earlier on the same bus.
+    drop(server);
+    srv1_only
+        .read_until("srv1's forward going away", |t| {
+            t.contains("event: change\ndata: {\"kind\":\"forward-removed\"")
+        })
+        .await;
+    assert!(!srv1_only.text.contains("pair-opened"), "{}", srv1_only.text);
+    assert!(
+        !srv1_only.text.contains("\"identity\":\"dev1\""),
+        "{}",
+        srv1_only.text
+    );
+
+    let ids = stream.audit_ids("direct-tcpip srv1:1883");
+    assert_eq!(ids.len(), 1, "{}", stream.text);
+    let resume_from = (ids[0] - 1).to_string();
+    let mut resumed = EventStream::open(
+        &hosts,
+        &admin,
+        "/api/v1/events",
+        &[("Last-Event-ID", resume_from.as_str())],
+    )
+    .await;
+    resumed
+        .read_until("the backlog after the resume point", |t| {
+            t.contains("direct-tcpip srv1:1883")
+        })
+        .await;
+    let first_id = resumed.text.lines().find_map(|l| l.strip_prefix("id: ")).unwrap();
+    assert_eq!(
+        first_id.trim(),
+        ids[0].to_string(),
+        "resumed right after the last line seen"
+    );
+}

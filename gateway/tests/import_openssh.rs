@@ -22,14 +22,19 @@ fn context() -> RegistryContext {
 
 /// Runs the importer on the fixture deployment; (exit code, stdout, stderr, sshd_config path).
 fn import_fixture(dir: &Path) -> (i32, String, String, PathBuf) {
+    let keys = fixtures().join("authorized_keys");
+    import_fixture_with(dir, &["--authorized-keys-dir".as_ref(), keys.as_os_str()])
+}
+
+/// `import_fixture` with the keys where `keys` (the importer's options) say.
+fn import_fixture_with(dir: &Path, keys: &[&std::ffi::OsStr]) -> (i32, String, String, PathBuf) {
     let config = dir.join("sshd_config");
     let text = std::fs::read_to_string(fixtures().join("sshd_config")).unwrap();
     std::fs::write(&config, text.replace("@DIR@", &fixtures().display().to_string())).unwrap();
     let out = Command::new(gateway_bin())
         .args(["import-openssh", "--mac-from-user", "--sshd-config"])
         .arg(&config)
-        .arg("--authorized-keys-dir")
-        .arg(fixtures().join("authorized_keys"))
+        .args(keys)
         .arg("--group-file")
         .arg(fixtures().join("group"))
         .output()
@@ -133,6 +138,42 @@ fn a_cmxsafe_openssh_deployment_becomes_a_registry_with_every_gap_named() {
             .ends_with("review them before using this registry"),
         "{stderr}"
     );
+}
+
+/// `--home-root`: the same deployment with each user's keys in `ROOT/<user>/.ssh/authorized_keys`
+/// (sshd's default AuthorizedKeysFile) imports to the same registry, and the gaps name the files
+/// where they are.
+#[test]
+fn keys_in_home_directories_import_the_same() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, from_dir, ..) = import_fixture(dir.path());
+    assert_eq!(code, 2);
+    let home = dir.path().join("home");
+    let mut users = 0;
+    for entry in std::fs::read_dir(fixtures().join("authorized_keys")).unwrap() {
+        let entry = entry.unwrap();
+        let ssh = home.join(entry.file_name()).join(".ssh");
+        std::fs::create_dir_all(&ssh).unwrap();
+        std::fs::copy(entry.path(), ssh.join("authorized_keys")).unwrap();
+        users += 1;
+    }
+    // A home directory without keys is no user of the deployment.
+    std::fs::create_dir_all(home.join("operator")).unwrap();
+    assert_eq!(users, 12);
+
+    let (code, from_home, stderr, _) =
+        import_fixture_with(dir.path(), &["--home-root".as_ref(), home.as_os_str()]);
+    assert_eq!(code, 2, "{stderr}");
+    assert_eq!(
+        from_home, from_dir,
+        "the layout of the key files changed the registry"
+    );
+    assert!(!from_home.contains("operator"), "{from_home}");
+    let expected = format!(
+        "not translated: {}:2: from=\"10.1.0.0/16\"",
+        home.join("a23ff868ec8f/.ssh/authorized_keys").display()
+    );
+    assert!(stderr.contains(&expected), "stderr lacks {expected:?}:\n{stderr}");
 }
 
 #[test]

@@ -26,11 +26,7 @@ impl AgentProc {
     /// Writes `name.toml` (identity, key, the gateway on this namespace's side, the known_hosts
     /// the gateway wrote, a status file, and `body`), then runs `cmx-agent run` in `ns`.
     pub fn start(hosts: &Hosts, ns: &Netns, name: &str, identity: &str, key: &Key, body: &str) -> AgentProc {
-        let gw_ip = if ns.name == hosts.srv.name {
-            GW_SRV_IP
-        } else {
-            GW_DEV_IP
-        };
+        let gw_ip = gateway_ip(hosts, ns);
         let config = hosts.path(&format!("{name}.toml"));
         let status_file = hosts.path(&format!("{name}.status.json"));
         std::fs::write(
@@ -132,11 +128,7 @@ pub struct SshAgent {
 impl SshAgent {
     /// `ssh -N` from `ns` to the gateway as `user` with `key`, plus `args` (-L/-R/-o ...).
     pub fn start(hosts: &Hosts, ns: &Netns, user: &str, key: &Key, args: &[&str]) -> SshAgent {
-        let gw_ip = if ns.name == hosts.srv.name {
-            GW_SRV_IP
-        } else {
-            GW_DEV_IP
-        };
+        let gw_ip = gateway_ip(hosts, ns);
         let mut cmd = ns.command("ssh");
         cmd.args(["-N", "-v", "-p", &SSH_PORT.to_string()])
             .args(ssh_options(hosts))
@@ -211,6 +203,15 @@ impl Drop for SshAgent {
     }
 }
 
+/// The gateway's address on `ns`'s side (the server network or the device network).
+pub fn gateway_ip(hosts: &Hosts, ns: &Netns) -> &'static str {
+    if ns.name == hosts.srv.name {
+        GW_SRV_IP
+    } else {
+        GW_DEV_IP
+    }
+}
+
 /// Options every test client uses: pinned host key, no agent, no prompts, fail fast on forwards.
 pub fn ssh_options(hosts: &Hosts) -> Vec<String> {
     [
@@ -250,13 +251,21 @@ pub fn ssh_once(
     args: &[&str],
     remote: &[&str],
 ) -> (ExitStatus, String) {
-    let gw_ip = if ns.name == hosts.srv.name {
-        GW_SRV_IP
-    } else {
-        GW_DEV_IP
-    };
-    let out = ns
-        .command("timeout")
+    let out = ssh_output(hosts, ns, user, key, args, remote);
+    (out.status, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// Like `ssh_once`, with everything it printed (e.g. what a `-W host:port` stdio forward read).
+pub fn ssh_output(
+    hosts: &Hosts,
+    ns: &Netns,
+    user: &str,
+    key: &Key,
+    args: &[&str],
+    remote: &[&str],
+) -> std::process::Output {
+    let gw_ip = gateway_ip(hosts, ns);
+    ns.command("timeout")
         .args(["20", "ssh", "-p", &SSH_PORT.to_string()])
         .args(ssh_options(hosts))
         .arg("-i")
@@ -266,6 +275,5 @@ pub fn ssh_once(
         .args(remote)
         .stdin(Stdio::null())
         .output()
-        .expect("run ssh");
-    (out.status, String::from_utf8_lossy(&out.stderr).into_owned())
+        .expect("run ssh")
 }

@@ -63,20 +63,37 @@ pub struct OpenSshGateway {
 impl OpenSshGateway {
     /// `identities`: (user, key, PermitListen, PermitOpen).
     pub async fn start(hosts: &Hosts, identities: &[(&str, &Key, &str, &str)]) -> OpenSshGateway {
-        let users = Users::create(&identities.iter().map(|(u, ..)| u.to_string()).collect::<Vec<_>>());
+        let mut policy = "AllowTcpForwarding yes\nGatewayPorts no\nPermitTTY no\nX11Forwarding no\nAllowAgentForwarding no\n".to_string();
+        let mut authorized_keys = Vec::new();
+        for (user, key, listen, open) in identities {
+            authorized_keys.push((
+                user.to_string(),
+                format!("restrict,port-forwarding {}\n", key.public()),
+            ));
+            policy.push_str(&format!(
+                "Match User {user}\n    PermitListen {listen}\n    PermitOpen {open}\n    ForceCommand /bin/false\n"
+            ));
+        }
+        let users: Vec<String> = identities.iter().map(|(u, ..)| u.to_string()).collect();
+        OpenSshGateway::start_deployment(hosts, &users, &policy, &authorized_keys).await
+    }
+
+    /// A deployment as its operator wrote it: Linux `users`, the forwarding `policy` (sshd_config
+    /// lines after the testbed's plumbing: sshd takes the first value of a global keyword, so
+    /// the plumbing sets none of the policy's) and each user's `authorized_keys` file, written to
+    /// `hosts.path("authorized_keys")/<user>`. The config is `hosts.path("sshd_config")`.
+    pub async fn start_deployment(
+        hosts: &Hosts,
+        users: &[String],
+        policy: &str,
+        authorized_keys: &[(String, String)],
+    ) -> OpenSshGateway {
+        let users = Users::create(users);
         let host_key = Key::generate(hosts.dir.path(), "sshd_host_key");
         let auth_dir = hosts.path("authorized_keys");
         std::fs::create_dir_all(&auth_dir).unwrap();
-        let mut matches = String::new();
-        for (user, key, listen, open) in identities {
-            std::fs::write(
-                auth_dir.join(user),
-                format!("restrict,port-forwarding {}\n", key.public()),
-            )
-            .unwrap();
-            matches.push_str(&format!(
-                "Match User {user}\n    PermitListen {listen}\n    PermitOpen {open}\n    ForceCommand /bin/false\n"
-            ));
+        for (user, keys) in authorized_keys {
+            std::fs::write(auth_dir.join(user), keys).unwrap();
         }
         let config = hosts.path("sshd_config");
         std::fs::write(
@@ -84,8 +101,7 @@ impl OpenSshGateway {
             format!(
                 "Port {SSH_PORT}\nListenAddress 0.0.0.0\nHostKey {hk}\nPidFile {dir}/sshd.pid\nAuthorizedKeysFile {auth}/%u\n\
                  StrictModes no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nPermitRootLogin no\n\
-                 AllowTcpForwarding yes\nGatewayPorts no\nPermitTTY no\nX11Forwarding no\nAllowAgentForwarding no\n\
-                 MaxStartups 200\nMaxSessions 10\n{matches}",
+                 MaxStartups 200\nMaxSessions 10\n{policy}",
                 hk = host_key.path.display(),
                 dir = hosts.dir.path().display(),
                 auth = auth_dir.display(),

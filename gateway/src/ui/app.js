@@ -1,4 +1,4 @@
-// The cmx-gateway dashboard: reads /api/v1/ and follows the audit stream (/api/v1/events).
+// The cmx-gateway dashboard: reads /api/v1/ and follows the event stream (/api/v1/events).
 // Everything a peer controls (user names, requests, reasons) is shown with textContent only:
 // never parsed as HTML.
 "use strict";
@@ -151,13 +151,16 @@ function addAudit(record) {
   scheduleRefresh();
 }
 
-// The audit stream: Server-Sent Events read with fetch (EventSource cannot send the token). The
-// gateway ends each stream after a while; we reconnect from the last line we saw.
+// The event stream: Server-Sent Events read with fetch (EventSource cannot send the token):
+// audit lines, and changes (sessions, forwards, pairs) that make the tables refresh. The gateway
+// ends each stream after a while; we reconnect from the last audit line we saw and refresh.
 async function follow() {
   for (;;) {
     try {
       const r = await fetch("/api/v1/events?after=" + lastSeq, { headers: headers() });
-      if (!r.ok) throw new Error("audit stream: HTTP " + r.status);
+      if (!r.ok) throw new Error("event stream: HTTP " + r.status);
+      // Changes are not replayed: what happened while we were away is in the tables.
+      scheduleRefresh();
       const reader = r.body.getReader();
       const decoder = new TextDecoder();
       let buffer = "";
@@ -169,8 +172,13 @@ async function follow() {
         while ((end = buffer.indexOf("\n\n")) >= 0) {
           const block = buffer.slice(0, end);
           buffer = buffer.slice(end + 2);
-          const data = block.split("\n").filter((l) => l.startsWith("data: ")).map((l) => l.slice(6)).join("\n");
-          if (data) addAudit(JSON.parse(data));
+          const lines = block.split("\n");
+          const type = (lines.find((l) => l.startsWith("event: ")) || "event: message").slice(7);
+          const data = lines.filter((l) => l.startsWith("data: ")).map((l) => l.slice(6)).join("\n");
+          if (!data) continue;
+          // A session, forward or pair came or went: read the tables again.
+          if (type === "change") scheduleRefresh();
+          else if (type === "audit") addAudit(JSON.parse(data));
         }
       }
     } catch (e) {
@@ -189,5 +197,6 @@ document.getElementById("token-form").addEventListener("submit", (e) => {
 });
 document.getElementById("audit-filter").addEventListener("input", renderAudit);
 refresh();
+// Byte counters move without events: a slow poll keeps them current.
 setInterval(refresh, 5000);
 follow();
