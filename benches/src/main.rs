@@ -5,6 +5,7 @@
 //! Every gateway under test gets its own device, gateway and server hosts and stays up for the
 //! whole run; the measured runs interleave the variants, so a noisy machine affects them alike.
 
+mod alternatives;
 mod footprint;
 mod hop;
 mod procs;
@@ -55,6 +56,10 @@ enum Cmd {
         /// Measure only the in-gateway hop (sockmap splice vs loopback TCP), a few minutes.
         #[arg(long)]
         hop_only: bool,
+        /// SSH ciphers to run the SSH variants with (default: the default negotiation,
+        /// aes128-gcm@openssh.com and chacha20-poly1305@openssh.com; --quick: the default only).
+        #[arg(long, value_delimiter = ',')]
+        ciphers: Vec<String>,
     },
     /// Re-render table.txt and rtt.svg from a results.json.
     Render {
@@ -111,7 +116,7 @@ enum Cmd {
 }
 
 struct Sizes {
-    ciphers: Vec<&'static str>,
+    ciphers: Vec<String>,
     rtt: usize,
     connects: usize,
     bulk: u64,
@@ -128,7 +133,7 @@ impl Sizes {
     fn new(quick: bool) -> Sizes {
         if quick {
             Sizes {
-                ciphers: vec!["default"],
+                ciphers: vec!["default".into()],
                 rtt: 200,
                 connects: 20,
                 bulk: 8 << 20,
@@ -142,11 +147,13 @@ impl Sizes {
             }
         } else {
             Sizes {
-                ciphers: vec![
+                ciphers: [
                     "default",
                     "aes128-gcm@openssh.com",
                     "chacha20-poly1305@openssh.com",
-                ],
+                ]
+                .map(String::from)
+                .to_vec(),
                 rtt: 5000,
                 connects: 300,
                 bulk: 256 << 20,
@@ -374,19 +381,32 @@ async fn hops(s: &Sizes, runs: usize) -> anyhow::Result<Vec<hop::HopResult>> {
     Ok(out)
 }
 
-async fn run(quick: bool, runs: usize, out: PathBuf, hop_only: bool) -> anyhow::Result<()> {
+async fn run(
+    quick: bool,
+    runs: usize,
+    out: PathBuf,
+    hop_only: bool,
+    ciphers: Vec<String>,
+) -> anyhow::Result<()> {
     cmx_testbed::require_root();
     raise_fd_limit();
-    let s = Sizes::new(quick);
+    let mut s = Sizes::new(quick);
+    if !ciphers.is_empty() {
+        s.ciphers = ciphers;
+    }
     let mut specs = Vec::new();
     if !hop_only {
-        specs.push((Kind::Direct, "default"));
+        specs.extend([
+            (Kind::Direct, "default"),
+            (Kind::Stunnel, "default"),
+            (Kind::WireGuard, "default"),
+        ]);
         for c in &s.ciphers {
             specs.extend([
-                (Kind::OpenSsh, *c),
-                (Kind::CmxUserspace, *c),
-                (Kind::CmxSockmap, *c),
-                (Kind::CmxAgent, *c),
+                (Kind::OpenSsh, c.as_str()),
+                (Kind::CmxUserspace, c.as_str()),
+                (Kind::CmxSockmap, c.as_str()),
+                (Kind::CmxAgent, c.as_str()),
             ]);
         }
     }
@@ -500,11 +520,12 @@ fn main() -> anyhow::Result<()> {
             runs,
             out,
             hop_only,
+            ciphers,
         } => rt.block_on(async {
             // Ctrl-C drops the run: every namespace, process, user and cgroup it made is removed
             // by its owner's Drop.
             tokio::select! {
-                r = run(quick, runs, out, hop_only) => r,
+                r = run(quick, runs, out, hop_only, ciphers) => r,
                 _ = tokio::signal::ctrl_c() => {
                     eprintln!("interrupted: cleaning up");
                     anyhow::bail!("interrupted")

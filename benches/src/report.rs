@@ -409,6 +409,45 @@ impl Report {
             .and_then(|s| s.max_sessions)
             .map(|m| single(m as f64));
         line("10,000 sessions sustained", max, |x| x >= 10_000.0, "");
+
+        // Against what users pick instead (issue 15): same run, run by run.
+        let _ = writeln!(
+            out,
+            "\ngoals against the alternatives ({v} over each; met only when every run meets it):"
+        );
+        let all = self.variants();
+        for alt in all
+            .iter()
+            .filter(|a| a.starts_with("stunnel") || a.starts_with("wireguard"))
+        {
+            let mut line = |goal: String, value: Option<Summary>, ok: fn(f64) -> bool| {
+                let (shown, verdict) = match value {
+                    Some(s) => (
+                        format!("{:.2}x ({:.2}-{:.2})", s.median, s.min, s.max),
+                        verdict(&s, ok),
+                    ),
+                    None => ("-".into(), "not measured"),
+                };
+                let _ = writeln!(out, "  {goal:<56} {shown:>20}  {verdict}");
+            };
+            line(
+                format!("connection + first byte p50 <= {alt}'s"),
+                self.ratio(&v, alt, "connect_p50_us"),
+                |x| x <= 1.0,
+            );
+            line(
+                format!("64 B RTT p99.9 <= {alt}'s"),
+                self.ratio(&v, alt, "rtt_p999_us"),
+                |x| x <= 1.0,
+            );
+            if alt.starts_with("wireguard") {
+                line(
+                    format!("gateway CPU per GB <= 1.5x {alt}'s"),
+                    self.ratio(&v, alt, "cpu_s_per_gb"),
+                    |x| x <= 1.5,
+                );
+            }
+        }
         out
     }
 

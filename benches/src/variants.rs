@@ -17,6 +17,10 @@ pub enum Kind {
     CmxSockmap,
     /// cmx-gateway (sockmap) with cmx-agent on both ends.
     CmxAgent,
+    /// stunnel on all three hosts, mutual TLS 1.3 on both legs (`alternatives`).
+    Stunnel,
+    /// WireGuard tunnels device–gateway and gateway–server, routed at the gateway.
+    WireGuard,
 }
 
 impl Kind {
@@ -27,6 +31,18 @@ impl Kind {
             Kind::CmxUserspace => "cmx-userspace",
             Kind::CmxSockmap => "cmx-sockmap",
             Kind::CmxAgent => "cmx-agent",
+            Kind::Stunnel => "stunnel",
+            Kind::WireGuard => "wireguard",
+        }
+    }
+
+    /// Variants that have no SSH cipher to vary: measured once, under this name.
+    pub fn fixed_name(self) -> Option<&'static str> {
+        match self {
+            Kind::Direct => Some("direct"),
+            Kind::Stunnel => Some("stunnel/tls1.3"),
+            Kind::WireGuard => Some("wireguard/boringtun"),
+            _ => None,
         }
     }
 }
@@ -71,10 +87,9 @@ type Keep = Vec<Box<dyn std::any::Any>>;
 
 pub async fn setup(kind: Kind, cipher: &str, index: usize) -> anyhow::Result<Variant> {
     let hosts = Hosts::new();
-    let name = if kind == Kind::Direct {
-        kind.label().to_string()
-    } else {
-        format!("{}/{cipher}", kind.label())
+    let name = match kind.fixed_name() {
+        Some(n) => n.to_string(),
+        None => format!("{}/{cipher}", kind.label()),
     };
     let mut keep: Keep = Vec::new();
     let gw_ssh: SocketAddr = format!("{GW_DEV_IP}:{SSH_PORT}").parse()?;
@@ -93,6 +108,17 @@ pub async fn setup(kind: Kind, cipher: &str, index: usize) -> anyhow::Result<Var
             hosts.route_through_gateway();
             crate::service::serve(hosts.srv.listen(&format!("{SRV_IP}:5001")));
             Ok(v(hosts, &format!("{SRV_IP}:5001"), "none".into(), None, keep))
+        }
+        Kind::Stunnel => {
+            crate::service::serve(hosts.srv.listen("127.0.0.1:5001"));
+            let neg = crate::alternatives::stunnel(&hosts, &mut keep)?;
+            Ok(v(hosts, crate::alternatives::STUNNEL_ENTRY, neg, None, keep))
+        }
+        Kind::WireGuard => {
+            let neg = crate::alternatives::wireguard(&hosts, index, &mut keep)?;
+            crate::service::serve(hosts.srv.listen("0.0.0.0:5001"));
+            let entry = crate::alternatives::wireguard_entry().to_string();
+            Ok(v(hosts, &entry, neg, None, keep))
         }
         Kind::OpenSsh => {
             crate::service::serve(hosts.srv.listen("127.0.0.1:5001"));

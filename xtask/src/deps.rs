@@ -39,6 +39,15 @@ pub const ALL: &[(&str, &str)] = &[
         "python3-paramiko",
         "a hand-built SSH client for the attacks russh's client cannot send (WINDOW_ADJUST floods)",
     ),
+    (
+        "stunnel4",
+        "the benchmarks' TLS alternative (mutual TLS 1.3 through a re-encrypting relay)",
+    ),
+    (
+        "wireguard-tools",
+        "wg: configures the benchmarks' WireGuard alternative (boringtun)",
+    ),
+    ("openssl", "the benchmarks' TLS certificates"),
 ];
 
 /// The eBPF toolchain (Debian route; see the cmx-ebpf-toolchain crate, gateway-ebpf/toolchain).

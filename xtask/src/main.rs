@@ -180,9 +180,12 @@ fn bench(quick: bool, runs: usize) -> anyhow::Result<()> {
     deps::ensure(deps::ALL)?;
     build_ebpf()?;
     build_release(&["cmx-gateway", "cmx-agent", "cmx-bench"])?;
+    let boringtun = install_boringtun()?;
     let root = workspace_root();
     let mut cmd = Command::new(target_dir(&root).join("release/cmx-bench"));
-    cmd.current_dir(&root).args(["run", "--runs", &runs.to_string()]);
+    cmd.current_dir(&root)
+        .args(["run", "--runs", &runs.to_string()])
+        .env("CMX_BORINGTUN", &boringtun);
     if quick {
         cmd.args(["--quick", "--out", "target/bench-quick"]);
     }
@@ -383,6 +386,28 @@ fn install_bpf_linker() -> anyhow::Result<()> {
         .status()
         .context("cannot run cargo install")?;
     check(status, "cargo install bpf-linker")
+}
+
+/// boringtun-cli, the userspace WireGuard the benchmarks compare with (this machine's kernel has
+/// no WireGuard module), installed once under ~/.cache/cmxsafe/tools.
+fn install_boringtun() -> anyhow::Result<PathBuf> {
+    let root = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/root"))
+        .join(".cache/cmxsafe/tools");
+    let bin = root.join("bin/boringtun-cli");
+    if bin.exists() {
+        return Ok(bin);
+    }
+    eprintln!("xtask: installing boringtun-cli into {}", root.display());
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["install", "--locked", "--version", "0.7.1", "--root"])
+        .arg(&root)
+        .arg("boringtun-cli")
+        .status()
+        .context("cannot run cargo install")?;
+    check(status, "cargo install boringtun-cli")?;
+    Ok(bin)
 }
 
 fn cargo() -> Command {
