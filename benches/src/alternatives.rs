@@ -33,8 +33,9 @@ fn run(cmd: &mut Command) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
-/// A CA and a certificate per endpoint (`name.pem`, `name.key`, `ca.pem` in `dir`).
-fn certificates(dir: &Path, names: &[&str]) -> anyhow::Result<()> {
+/// A CA and a certificate per endpoint (`name.pem`, `name.key`, `ca.pem` in `dir`), each naming
+/// its endpoint as a DNS subjectAltName (what rustls checks) and good for both TLS roles.
+pub fn certificates(dir: &Path, names: &[&str]) -> anyhow::Result<()> {
     let p = |f: &str| dir.join(f).display().to_string();
     run(Command::new("openssl").args([
         "req",
@@ -54,6 +55,13 @@ fn certificates(dir: &Path, names: &[&str]) -> anyhow::Result<()> {
         &p("ca.pem"),
     ]))?;
     for name in names {
+        let extensions = dir.join(format!("{name}.ext"));
+        std::fs::write(
+            &extensions,
+            format!(
+                "subjectAltName = DNS:{name}\nbasicConstraints = CA:FALSE\nextendedKeyUsage = serverAuth, clientAuth\n"
+            ),
+        )?;
         run(Command::new("openssl").args([
             "req",
             "-newkey",
@@ -80,6 +88,8 @@ fn certificates(dir: &Path, names: &[&str]) -> anyhow::Result<()> {
             "-CAcreateserial",
             "-days",
             "2",
+            "-extfile",
+            &extensions.display().to_string(),
             "-out",
             &p(&format!("{name}.pem")),
         ]))?;

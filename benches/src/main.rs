@@ -8,6 +8,7 @@
 mod alternatives;
 mod footprint;
 mod hop;
+mod mqtt;
 mod procs;
 mod report;
 mod service;
@@ -31,7 +32,7 @@ use hdrhistogram::Histogram;
 
 use crate::report::{Header, Record, Report, Scale};
 use crate::stats::Latency;
-use crate::variants::{Kind, Variant};
+use crate::variants::{Kind, Service, Variant};
 
 #[derive(Parser)]
 #[command(name = "cmx-bench", about = "cmxsafe benchmarks, side by side with OpenSSH")]
@@ -127,6 +128,9 @@ struct Sizes {
     handshakes: usize,
     hop_iterations: usize,
     hop_bulk: u64,
+    /// MQTT: messages timed one at a time per QoS, and messages per publisher (16 of them).
+    mqtt_messages: usize,
+    mqtt_each: usize,
 }
 
 impl Sizes {
@@ -144,6 +148,8 @@ impl Sizes {
                 handshakes: 5,
                 hop_iterations: 2000,
                 hop_bulk: 32 << 20,
+                mqtt_messages: 100,
+                mqtt_each: 20,
             }
         } else {
             Sizes {
@@ -164,6 +170,8 @@ impl Sizes {
                 handshakes: 100,
                 hop_iterations: 20_000,
                 hop_bulk: 1 << 30,
+                mqtt_messages: 3000,
+                mqtt_each: 500,
             }
         }
     }
@@ -292,6 +300,31 @@ async fn measure(v: &Variant, s: &Sizes) -> anyhow::Result<(BTreeMap<String, f64
     Ok((m, rtt))
 }
 
+/// Publishers this many at once in the MQTT throughput workload (the figure).
+const MQTT_PUBLISHERS: usize = 16;
+
+/// One measured pass of the MQTT workload over a broker variant, in the device host's namespace.
+async fn measure_mqtt(v: &Variant, s: &Sizes) -> anyhow::Result<BTreeMap<String, f64>> {
+    let (entry, security) = (v.entry, v.mqtt_security());
+    let (n, each) = (s.mqtt_messages, s.mqtt_each);
+    let (q0, q1, rate) = in_netns(&v.hosts.dev.name, move || async move {
+        let q0 = mqtt::latency(entry, security.clone(), 0, n / 10 + 10, n).await?;
+        let q1 = mqtt::latency(entry, security.clone(), 1, n / 10 + 10, n).await?;
+        let rate = mqtt::throughput(entry, security, MQTT_PUBLISHERS, each).await?;
+        anyhow::Ok((q0, q1, rate))
+    })
+    .await
+    .with_context(|| format!("{}: MQTT", v.name))?;
+    let mut m = BTreeMap::new();
+    for (qos, h) in [("q0", &q0), ("q1", &q1)] {
+        let l = Latency::from(h);
+        m.insert(format!("mqtt_{qos}_p50_us"), l.p50_us);
+        m.insert(format!("mqtt_{qos}_p99_us"), l.p99_us);
+    }
+    m.insert("mqtt_msgs_per_s".into(), rate);
+    Ok(m)
+}
+
 /// Gateway memory with N idle sessions, the largest N it sustains, and the handshake rate.
 async fn scale(v: &Variant, s: &Sizes) -> anyhow::Result<Scale> {
     let (addr, user, key) = v.ssh.clone().context("no SSH endpoint")?;
@@ -410,21 +443,34 @@ async fn run(
             ]);
         }
     }
+    let mut specs: Vec<(Kind, &str, Service)> =
+        specs.into_iter().map(|(k, c)| (k, c, Service::Echo)).collect();
+    if !hop_only {
+        // MQTT: the floor, Mosquitto's own mutual TLS, and the gateways (default cipher).
+        specs.extend([
+            (Kind::Direct, "default", Service::Broker { tls: false }),
+            (Kind::Direct, "default", Service::Broker { tls: true }),
+            (Kind::OpenSsh, "default", Service::Broker { tls: false }),
+            (Kind::CmxSockmap, "default", Service::Broker { tls: false }),
+            (Kind::CmxAgent, "default", Service::Broker { tls: false }),
+        ]);
+    }
     eprintln!("setting up {} variants", specs.len());
     let mut vs = Vec::new();
-    for (i, (kind, cipher)) in specs.into_iter().enumerate() {
+    for (i, (kind, cipher, service)) in specs.into_iter().enumerate() {
         vs.push(
-            variants::setup(kind, cipher, i)
+            variants::setup(kind, cipher, service, i)
                 .await
-                .with_context(|| format!("setting up {} {cipher}", kind.label()))?,
+                .with_context(|| format!("setting up {} {cipher} ({service:?})", kind.label()))?,
         );
     }
     let (records, rtt) = interleaved(&vs, &s, runs).await?;
     let mut scales = Vec::new();
-    for v in vs
-        .iter()
-        .filter(|v| v.cipher == "default" && matches!(v.kind, Kind::OpenSsh | Kind::CmxSockmap))
-    {
+    for v in vs.iter().filter(|v| {
+        v.cipher == "default"
+            && v.service == Service::Echo
+            && matches!(v.kind, Kind::OpenSsh | Kind::CmxSockmap)
+    }) {
         eprintln!("scale: {}", v.name);
         scales.push(scale(v, &s).await.with_context(|| format!("{}: scale", v.name))?);
     }
@@ -465,17 +511,26 @@ async fn interleaved(
         ..Sizes::new(true)
     };
     for v in vs {
-        measure(v, &warm).await?;
+        if v.service == Service::Echo {
+            measure(v, &warm).await?;
+        } else {
+            measure_mqtt(v, &warm).await?;
+        }
     }
     let mut records = Vec::new();
     let mut rtt: BTreeMap<String, Histogram<u64>> = BTreeMap::new();
     for run in 0..runs {
         for v in vs {
             eprintln!("run {}/{runs}: {}", run + 1, v.name);
-            let (metrics, h) = measure(v, s).await?;
-            rtt.entry(v.name.clone())
-                .or_insert_with(stats::histogram)
-                .add(h)?;
+            let metrics = if v.service == Service::Echo {
+                let (metrics, h) = measure(v, s).await?;
+                rtt.entry(v.name.clone())
+                    .or_insert_with(stats::histogram)
+                    .add(h)?;
+                metrics
+            } else {
+                measure_mqtt(v, s).await?
+            };
             records.push(Record {
                 variant: v.name.clone(),
                 cipher: v.cipher.clone(),

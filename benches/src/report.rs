@@ -49,6 +49,22 @@ pub struct Report {
     pub hop: Vec<HopResult>,
 }
 
+/// The MQTT workload's columns (variants `mqtt/...`).
+const MQTT_COLUMNS: &[(&str, &str, bool)] = &[
+    ("mqtt_q0_p50_us", "QoS0 p50 µs", false),
+    ("mqtt_q0_p99_us", "QoS0 p99 µs", false),
+    ("mqtt_q1_p50_us", "QoS1 p50 µs", false),
+    ("mqtt_q1_p99_us", "QoS1 p99 µs", false),
+    ("mqtt_msgs_per_s", "msg/s 16 pubs", true),
+];
+
+/// The MQTT variant the gateways are held against: Mosquitto's own mutual TLS.
+const MQTT_TLS: &str = "mqtt/tls-mutual";
+
+fn is_mqtt(variant: &str) -> bool {
+    variant.starts_with("mqtt/")
+}
+
 /// The columns of the main table: metric key, heading, whether higher is better.
 const COLUMNS: &[(&str, &str, bool)] = &[
     ("rtt_p50_us", "RTT p50 µs", false),
@@ -234,8 +250,49 @@ impl Report {
 
     /// Per-variant medians with spreads, then ratios to OpenSSH and to the direct path.
     fn variant_tables(&self, out: &mut String) {
-        let _ = write!(out, "{:<30} {:<26}", "variant", "cipher negotiated");
-        for (_, head, _) in COLUMNS {
+        let echo: Vec<String> = self.variants().into_iter().filter(|v| !is_mqtt(v)).collect();
+        let _ = writeln!(out, "{:<30} {:<26}", "", "cipher negotiated");
+        self.columns_table(out, &echo, COLUMNS, |v| {
+            if v == "direct" || v.starts_with("openssh") {
+                return Vec::new();
+            }
+            [
+                (self.baseline(v), "÷ openssh"),
+                (Some("direct".to_string()), "÷ direct"),
+            ]
+            .into_iter()
+            .filter_map(|(b, l)| Some((b?, l)))
+            .collect()
+        });
+        let mqtt: Vec<String> = self.variants().into_iter().filter(|v| is_mqtt(v)).collect();
+        if !mqtt.is_empty() {
+            let _ = writeln!(
+                out,
+                "\nMQTT: a Mosquitto broker on the server host, publisher and subscriber on the device host; publish-to-delivery latency, one message at a time, and QoS 1 messages/s from 16 publishers"
+            );
+            self.columns_table(out, &mqtt, MQTT_COLUMNS, |v| {
+                if v == MQTT_TLS || v == "mqtt/plain" {
+                    return Vec::new();
+                }
+                vec![
+                    (MQTT_TLS.to_string(), "÷ mosquitto TLS"),
+                    ("mqtt/plain".to_string(), "÷ plain"),
+                ]
+            });
+        }
+    }
+
+    /// One table: `variants` with `columns` (median ± spread), then each variant's per-run
+    /// ratios to the baselines `bases` names for it.
+    fn columns_table(
+        &self,
+        out: &mut String,
+        variants: &[String],
+        columns: &[(&str, &str, bool)],
+        bases: impl Fn(&str) -> Vec<(String, &'static str)>,
+    ) {
+        let _ = write!(out, "{:<30} {:<26}", "variant", "");
+        for (_, head, _) in columns {
             let _ = write!(out, " {head:>16}");
         }
         out.push('\n');
@@ -244,15 +301,15 @@ impl Report {
             .iter()
             .map(|r| (r.variant.as_str(), r.negotiated.as_str()))
             .collect();
-        for v in self.variants() {
+        for v in variants {
             let _ = write!(
                 out,
                 "{:<30} {:<26}",
                 v,
                 negotiated.get(v.as_str()).copied().unwrap_or("?")
             );
-            for (key, _, _) in COLUMNS {
-                let cell = match self.summary(&v, key) {
+            for (key, _, _) in columns {
+                let cell = match self.summary(v, key) {
                     Some(s) if s.median > 0.0 => {
                         let spread = (s.max - s.min) / s.median * 100.0;
                         format!("{} ±{spread:.0}%", fmt(s.median))
@@ -264,29 +321,18 @@ impl Report {
             out.push('\n');
         }
 
-        let _ = writeln!(
-            out,
-            "\nratios run by run (median, then min-max over the runs): to OpenSSH with the same cipher, and to the direct path"
-        );
+        let _ = writeln!(out, "\nratios run by run (median, then min-max over the runs)");
         let _ = write!(out, "{:<30}", "variant");
-        for (_, head, _) in COLUMNS {
+        for (_, head, _) in columns {
             let _ = write!(out, " {head:>16}");
         }
         out.push('\n');
-        for v in self
-            .variants()
-            .into_iter()
-            .filter(|v| v != "direct" && !v.starts_with("openssh"))
-        {
-            for (base, label) in [
-                (self.baseline(&v), "÷ openssh"),
-                (Some("direct".to_string()), "÷ direct"),
-            ] {
-                let Some(base) = base else { continue };
+        for v in variants {
+            for (base, label) in bases(v) {
                 let _ = write!(out, "{:<30}", format!("{v} {label}"));
-                for (key, _, _) in COLUMNS {
+                for (key, _, _) in columns {
                     let cell = self
-                        .ratio(&v, &base, key)
+                        .ratio(v, &base, key)
                         .map(|r| format!("{:.2}× {:.2}-{:.2}", r.median, r.min, r.max))
                         .unwrap_or_else(|| "-".into());
                     let _ = write!(out, " {cell:>16}");
@@ -448,13 +494,43 @@ impl Report {
                 );
             }
         }
+        if all.iter().any(|a| a == MQTT_TLS) {
+            let cmx = "mqtt/cmx-sockmap";
+            let _ = writeln!(
+                out,
+                "\ngoals for MQTT ({cmx} over {MQTT_TLS}, the CMXsafe paper's margins; met only when every run meets it):"
+            );
+            for (goal, metric, ok) in [
+                (
+                    "QoS 0 publish-to-delivery p50 <= 0.75x",
+                    "mqtt_q0_p50_us",
+                    (|x| x <= 0.75) as fn(f64) -> bool,
+                ),
+                ("QoS 1 publish-to-delivery p50 <= 0.75x", "mqtt_q1_p50_us", |x| {
+                    x <= 0.75
+                }),
+                ("messages/s, 16 publishers >= 1.22x", "mqtt_msgs_per_s", |x| {
+                    x >= 1.22
+                }),
+            ] {
+                let (shown, verdict) = match self.ratio(cmx, MQTT_TLS, metric) {
+                    Some(s) => (
+                        format!("{:.2}x ({:.2}-{:.2})", s.median, s.min, s.max),
+                        verdict(&s, ok),
+                    ),
+                    None => ("-".into(), "not measured"),
+                };
+                let _ = writeln!(out, "  {goal:<56} {shown:>20}  {verdict}");
+            }
+        }
         out
     }
 
     /// Every variant produced every workload's numbers (what the CI smoke run checks).
     pub fn complete(&self) -> Result<(), String> {
         for v in self.variants() {
-            for (key, _, _) in COLUMNS {
+            let columns = if is_mqtt(&v) { MQTT_COLUMNS } else { COLUMNS };
+            for (key, _, _) in columns {
                 if *key == "cpu_s_per_gb" && v == "direct" {
                     continue;
                 }

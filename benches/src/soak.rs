@@ -48,7 +48,7 @@ struct Load {
 }
 
 pub async fn run(s: Settings) -> anyhow::Result<()> {
-    let v = variants::setup(Kind::CmxAgent, "default", 0).await?;
+    let v = variants::setup(Kind::CmxAgent, "default", variants::Service::Echo, 0).await?;
     let (addr, user, key) = v.ssh.clone().context("no SSH endpoint")?;
     let key = Arc::new(russh::keys::load_secret_key(&key.path, None)?);
     let load = Arc::new(Load::default());

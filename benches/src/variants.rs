@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 
+use anyhow::Context;
 use cmx_testbed::*;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,9 +48,20 @@ impl Kind {
     }
 }
 
+/// What the server host runs behind the path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Service {
+    /// The bench service (`service`): echo, upload, download.
+    Echo,
+    /// A Mosquitto broker, for the MQTT workload; `tls`: its own mutual-TLS listener, reached
+    /// directly (Mosquitto's TLS as the alternative to a gateway).
+    Broker { tls: bool },
+}
+
 pub struct Variant {
     pub name: String,
     pub kind: Kind,
+    pub service: Service,
     /// The cipher asked for ("default" = negotiation left alone).
     pub cipher: String,
     /// What the agents' SSH sessions actually negotiated.
@@ -85,17 +97,63 @@ fn negotiated(agent: &SshAgent) -> String {
 /// What a variant keeps alive while it is measured (gateways, agents), dropped with it.
 type Keep = Vec<Box<dyn std::any::Any>>;
 
-pub async fn setup(kind: Kind, cipher: &str, index: usize) -> anyhow::Result<Variant> {
+impl Variant {
+    /// How the MQTT workload's clients reach the broker.
+    pub fn mqtt_security(&self) -> crate::mqtt::Security {
+        match self.service {
+            Service::Broker { tls: true } => {
+                crate::mqtt::Security::MutualTls(self.hosts.dir.path().to_path_buf())
+            }
+            _ => crate::mqtt::Security::Plain,
+        }
+    }
+}
+
+/// Starts `service` on the server host at `listen`.
+async fn start_service(hosts: &Hosts, service: Service, listen: &str, keep: &mut Keep) -> anyhow::Result<()> {
+    match service {
+        Service::Echo => crate::service::serve(hosts.srv.listen(listen)),
+        Service::Broker { tls } => {
+            let dir = hosts.dir.path();
+            if tls {
+                crate::alternatives::certificates(dir, &["device", "server"])?;
+            }
+            let config = dir.join("mosquitto.conf");
+            std::fs::write(
+                &config,
+                crate::mqtt::broker_config(listen.parse()?, tls.then_some(dir)),
+            )?;
+            let broker = hosts
+                .srv
+                .command("mosquitto")
+                .arg("-c")
+                .arg(&config)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .context("mosquitto (apt-get install mosquitto)")?;
+            keep.push(Box::new(ChildGuard(broker)));
+            drop(hosts.srv.connect_retry(listen).await);
+        }
+    }
+    Ok(())
+}
+
+pub async fn setup(kind: Kind, cipher: &str, service: Service, index: usize) -> anyhow::Result<Variant> {
     let hosts = Hosts::new();
-    let name = match kind.fixed_name() {
-        Some(n) => n.to_string(),
-        None => format!("{}/{cipher}", kind.label()),
+    let name = match (service, kind.fixed_name()) {
+        (Service::Broker { tls: true }, _) => "mqtt/tls-mutual".to_string(),
+        (Service::Broker { .. }, _) if kind == Kind::Direct => "mqtt/plain".to_string(),
+        (Service::Broker { .. }, _) => format!("mqtt/{}", kind.label()),
+        (Service::Echo, Some(n)) => n.to_string(),
+        (Service::Echo, None) => format!("{}/{cipher}", kind.label()),
     };
     let mut keep: Keep = Vec::new();
     let gw_ssh: SocketAddr = format!("{GW_DEV_IP}:{SSH_PORT}").parse()?;
     let v = |hosts, entry: &str, negotiated: String, ssh, keep| Variant {
         name: name.clone(),
         kind,
+        service,
         cipher: cipher.to_string(),
         negotiated,
         hosts,
@@ -106,27 +164,31 @@ pub async fn setup(kind: Kind, cipher: &str, index: usize) -> anyhow::Result<Var
     match kind {
         Kind::Direct => {
             hosts.route_through_gateway();
-            crate::service::serve(hosts.srv.listen(&format!("{SRV_IP}:5001")));
-            Ok(v(hosts, &format!("{SRV_IP}:5001"), "none".into(), None, keep))
+            let (entry, neg) = match service {
+                Service::Broker { tls: true } => (format!("{SRV_IP}:8883"), "TLS 1.3, mutual"),
+                _ => (format!("{SRV_IP}:5001"), "none"),
+            };
+            start_service(&hosts, service, &entry, &mut keep).await?;
+            Ok(v(hosts, &entry, neg.into(), None, keep))
         }
         Kind::Stunnel => {
-            crate::service::serve(hosts.srv.listen("127.0.0.1:5001"));
+            start_service(&hosts, service, "127.0.0.1:5001", &mut keep).await?;
             let neg = crate::alternatives::stunnel(&hosts, &mut keep)?;
             Ok(v(hosts, crate::alternatives::STUNNEL_ENTRY, neg, None, keep))
         }
         Kind::WireGuard => {
             let neg = crate::alternatives::wireguard(&hosts, index, &mut keep)?;
-            crate::service::serve(hosts.srv.listen("0.0.0.0:5001"));
+            start_service(&hosts, service, "0.0.0.0:5001", &mut keep).await?;
             let entry = crate::alternatives::wireguard_entry().to_string();
             Ok(v(hosts, &entry, neg, None, keep))
         }
         Kind::OpenSsh => {
-            crate::service::serve(hosts.srv.listen("127.0.0.1:5001"));
+            start_service(&hosts, service, "127.0.0.1:5001", &mut keep).await?;
             let (user, key, neg) = openssh_gateway(&hosts, cipher, index, &mut keep).await;
             Ok(v(hosts, ENTRY, neg, Some((gw_ssh, user, key)), keep))
         }
         Kind::CmxUserspace | Kind::CmxSockmap | Kind::CmxAgent => {
-            crate::service::serve(hosts.srv.listen("127.0.0.1:5001"));
+            start_service(&hosts, service, "127.0.0.1:5001", &mut keep).await?;
             let srv1 = Key::generate(hosts.dir.path(), "srv1");
             let dev1 = Key::generate(hosts.dir.path(), "dev1");
             let registry = RegistryText::default()
