@@ -11,6 +11,7 @@ mod hop;
 mod mqtt;
 mod procs;
 mod report;
+mod residence;
 mod service;
 mod sessions;
 mod soak;
@@ -248,18 +249,49 @@ fn header(quick: bool, runs: usize) -> Header {
 }
 
 /// One measured pass over a variant: every workload, in the device host's namespace.
-async fn measure(v: &Variant, s: &Sizes) -> anyhow::Result<(BTreeMap<String, f64>, Histogram<u64>)> {
+async fn measure(
+    v: &Variant,
+    s: &Sizes,
+) -> anyhow::Result<(BTreeMap<String, f64>, Histogram<u64>, Histogram<u64>)> {
     let entry = v.entry;
     let (rtt_n, connects, fan_c, fan_e) = (s.rtt, s.connects, s.fanout_conns, s.fanout_each);
     let mut m = BTreeMap::new();
-    let (rtt, connect) = in_netns(&v.hosts.dev.name, move || async move {
+    let warmup = rtt_n / 10 + 10;
+    let cpu0 = procs::cpu_seconds(&v.hosts.gw.name);
+    let rtt = in_netns(&v.hosts.dev.name, move || async move {
         workloads::wait_ready(entry).await?;
-        let rtt = workloads::rtt(entry, rtt_n / 10 + 10, rtt_n).await?;
-        let connect = workloads::connect(entry, connects).await?;
-        anyhow::Ok((rtt, connect))
+        workloads::rtt(entry, warmup, rtt_n).await
     })
     .await
-    .with_context(|| format!("{}: latency workloads", v.name))?;
+    .with_context(|| format!("{}: RTT", v.name))?;
+    let cpu = procs::cpu_seconds(&v.hosts.gw.name) - cpu0;
+    if v.kind != Kind::Direct {
+        // Each round trip is two messages through the gateway.
+        let messages = 2.0 * (warmup + rtt_n) as f64;
+        m.insert("cpu_ms_per_10k_msgs".into(), cpu * 1000.0 / messages * 10_000.0);
+    }
+    // The same ping-pong again, timed at the gateway's edges this time (its own pass: the
+    // capture costs CPU that the RTT above must not pay).
+    let gw_ns = v.hosts.gw.name.clone();
+    let residence = in_netns(&v.hosts.dev.name, move || async move {
+        let mut capture = None;
+        workloads::rtt_then(entry, warmup, rtt_n, || {
+            capture = Some(residence::Capture::start(&gw_ns))
+        })
+        .await?;
+        capture.context("the capture never started")??.finish()
+    })
+    .await
+    .with_context(|| format!("{}: gateway residence time", v.name))?;
+    let r = Latency::from(&residence);
+    m.insert("residence_p50_us".into(), r.p50_us);
+    m.insert("residence_p99_us".into(), r.p99_us);
+    m.insert("residence_p999_us".into(), r.p999_us);
+    let connect = in_netns(&v.hosts.dev.name, move || async move {
+        workloads::connect(entry, connects).await
+    })
+    .await
+    .with_context(|| format!("{}: connection set-up", v.name))?;
     let l = Latency::from(&rtt);
     m.insert("rtt_p50_us".into(), l.p50_us);
     m.insert("rtt_p90_us".into(), l.p90_us);
@@ -297,7 +329,7 @@ async fn measure(v: &Variant, s: &Sizes) -> anyhow::Result<(BTreeMap<String, f64
     m.insert("fanout_msgs_per_s".into(), rate);
     m.insert("fanout_p50_us".into(), f.p50_us);
     m.insert("fanout_p99_us".into(), f.p99_us);
-    Ok((m, rtt))
+    Ok((m, rtt, residence))
 }
 
 /// Publishers this many at once in the MQTT throughput workload (the figure).
@@ -464,7 +496,7 @@ async fn run(
                 .with_context(|| format!("setting up {} {cipher} ({service:?})", kind.label()))?,
         );
     }
-    let (records, rtt) = interleaved(&vs, &s, runs).await?;
+    let (records, rtt, residence) = interleaved(&vs, &s, runs).await?;
     let mut scales = Vec::new();
     for v in vs.iter().filter(|v| {
         v.cipher == "default"
@@ -484,6 +516,10 @@ async fn run(
             .iter()
             .map(|(k, h)| (k.clone(), Latency::from(h).cdf))
             .collect(),
+        residence_cdf: residence
+            .iter()
+            .map(|(k, h)| (k.clone(), Latency::from(h).cdf))
+            .collect(),
         scale: scales,
         hop,
     };
@@ -495,13 +531,16 @@ async fn run(
     report.complete().map_err(anyhow::Error::msg)
 }
 
+/// Latency distributions by variant.
+type Histograms = BTreeMap<String, Histogram<u64>>;
+
 /// A warm-up of every variant, then `runs` rounds measuring each variant in turn (interleaved,
 /// so a noisy moment hits every variant alike). Returns the records and each variant's RTTs.
 async fn interleaved(
     vs: &[Variant],
     s: &Sizes,
     runs: usize,
-) -> anyhow::Result<(Vec<Record>, BTreeMap<String, Histogram<u64>>)> {
+) -> anyhow::Result<(Vec<Record>, Histograms, Histograms)> {
     eprintln!("warm-up");
     let warm = Sizes {
         rtt: 100,
@@ -519,14 +558,19 @@ async fn interleaved(
     }
     let mut records = Vec::new();
     let mut rtt: BTreeMap<String, Histogram<u64>> = BTreeMap::new();
+    let mut residence: BTreeMap<String, Histogram<u64>> = BTreeMap::new();
     for run in 0..runs {
         for v in vs {
             eprintln!("run {}/{runs}: {}", run + 1, v.name);
             let metrics = if v.service == Service::Echo {
-                let (metrics, h) = measure(v, s).await?;
+                let (metrics, h, r) = measure(v, s).await?;
                 rtt.entry(v.name.clone())
                     .or_insert_with(stats::histogram)
                     .add(h)?;
+                residence
+                    .entry(v.name.clone())
+                    .or_insert_with(stats::histogram)
+                    .add(r)?;
                 metrics
             } else {
                 measure_mqtt(v, s).await?
@@ -540,7 +584,7 @@ async fn interleaved(
             });
         }
     }
-    Ok((records, rtt))
+    Ok((records, rtt, residence))
 }
 
 /// Restricts this process to the CPU it is running on now.

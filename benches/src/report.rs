@@ -45,6 +45,9 @@ pub struct Report {
     pub header: Header,
     pub records: Vec<Record>,
     pub rtt_cdf: BTreeMap<String, Vec<(f64, f64)>>,
+    /// Gateway residence time distributions (absent in results of older runs).
+    #[serde(default)]
+    pub residence_cdf: BTreeMap<String, Vec<(f64, f64)>>,
     pub scale: Vec<Scale>,
     pub hop: Vec<HopResult>,
 }
@@ -71,6 +74,10 @@ const COLUMNS: &[(&str, &str, bool)] = &[
     ("rtt_p99_us", "p99", false),
     ("rtt_p999_us", "p99.9", false),
     ("rtt_max_us", "max", false),
+    ("residence_p50_us", "gw resid. p50 µs", false),
+    ("residence_p99_us", "p99", false),
+    ("residence_p999_us", "p99.9", false),
+    ("cpu_ms_per_10k_msgs", "gw CPU ms/10k msg", false),
     ("connect_p50_us", "conn+1B p50 µs", false),
     ("connect_p99_us", "p99", false),
     ("connects_per_s", "conn/s", true),
@@ -393,6 +400,24 @@ impl Report {
             "x",
         );
         line(
+            "gateway residence p50 <= 0.5x OpenSSH",
+            self.ratio(&v, &base, "residence_p50_us"),
+            |x| x <= 0.5,
+            "x",
+        );
+        line(
+            "gateway residence p99.9 <= 0.25x OpenSSH",
+            self.ratio(&v, &base, "residence_p999_us"),
+            |x| x <= 0.25,
+            "x",
+        );
+        line(
+            "gateway CPU per 10,000 64 B msgs <= 0.5x OpenSSH",
+            self.ratio(&v, &base, "cpu_ms_per_10k_msgs"),
+            |x| x <= 0.5,
+            "x",
+        );
+        line(
             "64 B RTT p99.9 <= 2 ms",
             self.summary(&v, "rtt_p999_us").map(ms),
             |x| x <= 2.0,
@@ -531,7 +556,7 @@ impl Report {
         for v in self.variants() {
             let columns = if is_mqtt(&v) { MQTT_COLUMNS } else { COLUMNS };
             for (key, _, _) in columns {
-                if *key == "cpu_s_per_gb" && v == "direct" {
+                if matches!(*key, "cpu_s_per_gb" | "cpu_ms_per_10k_msgs") && v == "direct" {
                     continue;
                 }
                 if self.summary(&v, key).is_none() {
@@ -553,13 +578,20 @@ impl Report {
     }
 
     pub fn svg(&self) -> String {
+        self.cdf_svg("64 B round-trip latency, cumulative distribution", &self.rtt_cdf)
+    }
+
+    /// The gateway residence time distributions (one 64 B message, arrival to departure).
+    pub fn residence_svg(&self) -> String {
+        self.cdf_svg(
+            "gateway residence time of a 64 B message (in to out, at the gateway's interfaces), cumulative distribution",
+            &self.residence_cdf,
+        )
+    }
+
+    fn cdf_svg(&self, title: &str, cdfs: &BTreeMap<String, Vec<(f64, f64)>>) -> String {
         let (w, h, left, bottom) = (900.0, 520.0, 70.0, 60.0);
-        let max_us = self
-            .rtt_cdf
-            .values()
-            .flatten()
-            .map(|p| p.1)
-            .fold(10.0_f64, f64::max);
+        let max_us = cdfs.values().flatten().map(|p| p.1).fold(10.0_f64, f64::max);
         let (lo, hi) = (1.0_f64.log10(), max_us.log10().ceil());
         let x = |us: f64| left + (us.max(1.0).log10() - lo) / (hi - lo) * (w - left - 20.0);
         // Tail-friendly y axis: 0, 90, 99, 99.9, 99.99 % equally spaced (-log10 of the rest).
@@ -570,7 +602,7 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "<text x=\"{left}\" y=\"14\">64 B round-trip latency, cumulative distribution ({})</text>",
+            "<text x=\"{left}\" y=\"14\">{title} ({})</text>",
             self.header.date
         );
         for d in 0..=(hi as i32) {
@@ -603,7 +635,7 @@ impl Report {
             "#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d", "#666666",
             "#1f78b4", "#b2df8a", "#fb9a99",
         ];
-        for (i, (variant, cdf)) in self.rtt_cdf.iter().enumerate() {
+        for (i, (variant, cdf)) in cdfs.iter().enumerate() {
             let color = colors[i % colors.len()];
             let points: Vec<String> = cdf
                 .iter()
@@ -638,6 +670,7 @@ impl Report {
     /// table.txt and rtt.svg only: `render` must not rewrite the measurements it reads.
     pub fn write_renderings(&self, dir: &Path) -> std::io::Result<()> {
         std::fs::write(dir.join("table.txt"), self.table())?;
+        std::fs::write(dir.join("residence.svg"), self.residence_svg())?;
         std::fs::write(dir.join("rtt.svg"), self.svg())
     }
 }
@@ -692,6 +725,7 @@ mod tests {
             },
             records,
             rtt_cdf: BTreeMap::new(),
+            residence_cdf: BTreeMap::new(),
             scale: vec![],
             hop: vec![],
         }

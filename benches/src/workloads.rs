@@ -31,12 +31,24 @@ async fn ping(s: &mut TcpStream, msg: &[u8; MSG], back: &mut [u8; MSG]) -> anyho
 
 /// 64-byte round trips on one connection, after `warmup` unrecorded ones.
 pub async fn rtt(entry: SocketAddr, warmup: usize, iterations: usize) -> anyhow::Result<Histogram<u64>> {
+    rtt_then(entry, warmup, iterations, || {}).await
+}
+
+/// `rtt`, calling `measured` once the connection is open and warmed up, just before the
+/// recorded round trips (where a capture of only those starts).
+pub async fn rtt_then(
+    entry: SocketAddr,
+    warmup: usize,
+    iterations: usize,
+    measured: impl FnOnce(),
+) -> anyhow::Result<Histogram<u64>> {
     let mut s = open(entry, b'E').await?;
     let msg = [7u8; MSG];
     let mut back = [0u8; MSG];
     for _ in 0..warmup {
         ping(&mut s, &msg, &mut back).await?;
     }
+    measured();
     let mut h = histogram();
     for _ in 0..iterations {
         let t = Instant::now();
