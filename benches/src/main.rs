@@ -58,6 +58,10 @@ enum Cmd {
         /// Measure only the in-gateway hop (sockmap splice vs loopback TCP), a few minutes.
         #[arg(long)]
         hop_only: bool,
+        /// Skip the MQTT variants (a before/after comparison of the SSH path needs only the
+        /// others).
+        #[arg(long)]
+        no_mqtt: bool,
         /// SSH ciphers to run the SSH variants with (default: the default negotiation,
         /// aes128-gcm@openssh.com and chacha20-poly1305@openssh.com; --quick: the default only).
         #[arg(long, value_delimiter = ',')]
@@ -452,6 +456,7 @@ async fn run(
     out: PathBuf,
     hop_only: bool,
     ciphers: Vec<String>,
+    no_mqtt: bool,
 ) -> anyhow::Result<()> {
     cmx_testbed::require_root();
     raise_fd_limit();
@@ -473,11 +478,14 @@ async fn run(
                 (Kind::CmxSockmap, c.as_str()),
                 (Kind::CmxAgent, c.as_str()),
             ]);
+            if variants::baseline_gateway().is_some() {
+                specs.push((Kind::CmxBaseline, c.as_str()));
+            }
         }
     }
     let mut specs: Vec<(Kind, &str, Service)> =
         specs.into_iter().map(|(k, c)| (k, c, Service::Echo)).collect();
-    if !hop_only {
+    if !hop_only && !no_mqtt {
         // MQTT: the floor, Mosquitto's own mutual TLS, and the gateways (default cipher).
         specs.extend([
             (Kind::Direct, "default", Service::Broker { tls: false }),
@@ -620,11 +628,12 @@ fn main() -> anyhow::Result<()> {
             out,
             hop_only,
             ciphers,
+            no_mqtt,
         } => rt.block_on(async {
             // Ctrl-C drops the run: every namespace, process, user and cgroup it made is removed
             // by its owner's Drop.
             tokio::select! {
-                r = run(quick, runs, out, hop_only, ciphers) => r,
+                r = run(quick, runs, out, hop_only, ciphers, no_mqtt) => r,
                 _ = tokio::signal::ctrl_c() => {
                     eprintln!("interrupted: cleaning up");
                     anyhow::bail!("interrupted")

@@ -263,9 +263,15 @@ impl Report {
             if v == "direct" || v.starts_with("openssh") {
                 return Vec::new();
             }
+            // A before/after run (`CMX_BENCH_BASELINE_GATEWAY`): this build over the other.
+            let before = v
+                .strip_prefix("cmx-sockmap/")
+                .map(|cipher| format!("cmx-baseline/{cipher}"))
+                .filter(|b| echo.contains(b));
             [
                 (self.baseline(v), "÷ openssh"),
                 (Some("direct".to_string()), "÷ direct"),
+                (before, "÷ baseline build"),
             ]
             .into_iter()
             .filter_map(|(b, l)| Some((b?, l)))

@@ -18,6 +18,9 @@ pub enum Kind {
     CmxSockmap,
     /// cmx-gateway (sockmap) with cmx-agent on both ends.
     CmxAgent,
+    /// Another build of cmx-gateway (`CMX_BENCH_BASELINE_GATEWAY`), sockmap, stock ssh agents:
+    /// the "before" of a before/after comparison in one interleaved run.
+    CmxBaseline,
     /// stunnel on all three hosts, mutual TLS 1.3 on both legs (`alternatives`).
     Stunnel,
     /// WireGuard tunnels device–gateway and gateway–server, routed at the gateway.
@@ -32,6 +35,7 @@ impl Kind {
             Kind::CmxUserspace => "cmx-userspace",
             Kind::CmxSockmap => "cmx-sockmap",
             Kind::CmxAgent => "cmx-agent",
+            Kind::CmxBaseline => "cmx-baseline",
             Kind::Stunnel => "stunnel",
             Kind::WireGuard => "wireguard",
         }
@@ -107,6 +111,13 @@ impl Variant {
             _ => crate::mqtt::Security::Plain,
         }
     }
+}
+
+/// The other gateway build `CMX_BENCH_BASELINE_GATEWAY` names, if any (see `Kind::CmxBaseline`).
+pub fn baseline_gateway() -> Option<String> {
+    std::env::var("CMX_BENCH_BASELINE_GATEWAY")
+        .ok()
+        .filter(|p| !p.is_empty())
 }
 
 /// Starts `service` on the server host at `listen`.
@@ -187,7 +198,7 @@ pub async fn setup(kind: Kind, cipher: &str, service: Service, index: usize) -> 
             let (user, key, neg) = openssh_gateway(&hosts, cipher, index, &mut keep).await;
             Ok(v(hosts, ENTRY, neg, Some((gw_ssh, user, key)), keep))
         }
-        Kind::CmxUserspace | Kind::CmxSockmap | Kind::CmxAgent => {
+        Kind::CmxUserspace | Kind::CmxSockmap | Kind::CmxAgent | Kind::CmxBaseline => {
             start_service(&hosts, service, "127.0.0.1:5001", &mut keep).await?;
             let srv1 = Key::generate(hosts.dir.path(), "srv1");
             let dev1 = Key::generate(hosts.dir.path(), "dev1");
@@ -205,7 +216,12 @@ pub async fn setup(kind: Kind, cipher: &str, service: Service, index: usize) -> 
             let limits = "[limits]\nmax_sessions = 20000\nmax_startups = 200\nper_source_max_startups = 200\n\
                  max_sessions_per_identity = 20000\nmax_pairs_per_identity = 40000\nmax_pairs = 49152\n\
                  [admin]\nenabled = true\nlisten = \"127.0.0.1:9180\"\n";
-            let gw = GatewayProc::start_with(&hosts, &registry, limits, mode, &[]).await;
+            let gw = match baseline_gateway() {
+                Some(program) if kind == Kind::CmxBaseline => {
+                    GatewayProc::start_program(&hosts, &program, &registry, limits, mode).await
+                }
+                _ => GatewayProc::start_with(&hosts, &registry, limits, mode, &[]).await,
+            };
             let neg = if kind == Kind::CmxAgent {
                 cmx_agents(&hosts, cipher, &srv1, &dev1, &mut keep)
             } else {

@@ -118,12 +118,34 @@ impl GatewayProc {
 
     /// Like `launch_with`, with extra environment variables (e.g. the downward API's POD_*).
     pub async fn launch_with_env(hosts: &Hosts, args: &[&str], env: &[(&str, &str)]) -> GatewayProc {
+        GatewayProc::launch_program(hosts, &gateway_bin(), args, env).await
+    }
+
+    /// Like `start_with`, running another build of the gateway (`program`): the benchmarks'
+    /// before/after comparisons run two builds side by side.
+    pub async fn start_program(
+        hosts: &Hosts,
+        program: &str,
+        registry: &str,
+        extra_config: &str,
+        dataplane: &str,
+    ) -> GatewayProc {
+        GatewayProc::write_files(hosts, registry, extra_config, dataplane);
+        GatewayProc::launch_program(hosts, program, &[], &[]).await
+    }
+
+    async fn launch_program(
+        hosts: &Hosts,
+        program: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> GatewayProc {
         let config = hosts.path("gateway.toml");
         let registry_path = hosts.path("identities.toml");
         let parents = UsesTestParents::take();
         let mut child = hosts
             .gw
-            .net_command(&gateway_bin())
+            .net_command(program)
             .args([
                 "--log-format",
                 "json",
