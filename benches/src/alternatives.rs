@@ -230,6 +230,21 @@ fn wg_keys(dir: &Path, name: &str) -> anyhow::Result<WgKeys> {
     })
 }
 
+/// A boringtun process, killed on drop, and its UAPI socket, removed then (boringtun leaves it
+/// behind when killed).
+struct Boringtun {
+    child: std::process::Child,
+    socket: PathBuf,
+}
+
+impl Drop for Boringtun {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
 /// One end of a WireGuard link: an interface of ours and the peer it talks to.
 struct WgEnd<'a> {
     ns: &'a Netns,
@@ -248,8 +263,11 @@ struct WgEnd<'a> {
 
 /// Starts boringtun for `end` and configures it. boringtun runs in the foreground here, owned by
 /// the guard; its UAPI socket (/var/run/wireguard/IFACE.sock) is how `wg` configures it.
-fn wg_interface(end: &WgEnd<'_>) -> anyhow::Result<ChildGuard> {
+fn wg_interface(end: &WgEnd<'_>) -> anyhow::Result<Boringtun> {
     let (ns, iface) = (end.ns, end.iface.as_str());
+    let socket = PathBuf::from(format!("/var/run/wireguard/{iface}.sock"));
+    // A killed run's socket would pass for this one's.
+    let _ = std::fs::remove_file(&socket);
     let child = ns
         .command(&boringtun().display().to_string())
         .args([
@@ -263,8 +281,10 @@ fn wg_interface(end: &WgEnd<'_>) -> anyhow::Result<ChildGuard> {
         .stderr(Stdio::null())
         .spawn()
         .context("boringtun-cli (cargo xtask bench installs it)")?;
-    let guard = ChildGuard(child);
-    let socket = PathBuf::from(format!("/var/run/wireguard/{iface}.sock"));
+    let guard = Boringtun {
+        child,
+        socket: socket.clone(),
+    };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while !socket.exists() {
         anyhow::ensure!(
