@@ -218,7 +218,15 @@ pub async fn setup(kind: Kind, cipher: &str, service: Service, index: usize) -> 
                  [admin]\nenabled = true\nlisten = \"127.0.0.1:9180\"\n";
             let gw = match baseline_gateway() {
                 Some(program) if kind == Kind::CmxBaseline => {
-                    GatewayProc::start_program(&hosts, &program, &registry, limits, mode).await
+                    // An older build may predate the per-identity, per-source and pair limits
+                    // (its config refuses unknown keys); it has no such limit to raise then.
+                    let newer = ["max_pairs", "per_source_", "max_sessions_per_identity"];
+                    let limits: String = limits
+                        .lines()
+                        .filter(|l| !newer.iter().any(|k| l.starts_with(k)))
+                        .map(|l| format!("{l}\n"))
+                        .collect();
+                    GatewayProc::start_program(&hosts, &program, &registry, &limits, mode).await
                 }
                 _ => GatewayProc::start_with(&hosts, &registry, limits, mode, &[]).await,
             };
