@@ -384,14 +384,7 @@ impl Report {
         let Some(v) = v else { return out };
         let Some(base) = self.baseline(&v) else { return out };
         let mut line = |goal: &str, value: Option<Summary>, ok: fn(f64) -> bool, unit: &str| {
-            let (shown, verdict) = match value {
-                Some(s) => (
-                    format!("{}{unit} ({}-{})", fmt(s.median), fmt(s.min), fmt(s.max)),
-                    verdict(&s, ok),
-                ),
-                None => ("-".into(), "not measured"),
-            };
-            let _ = writeln!(out, "  {goal:<44} {shown:>24}  {verdict}");
+            goal_line(&mut out, goal, value, ok, unit)
         };
         let ms = |s: Summary| Summary {
             median: s.median / 1000.0,
@@ -487,42 +480,37 @@ impl Report {
             .map(|m| single(m as f64));
         line("10,000 sessions sustained", max, |x| x >= 10_000.0, "");
 
-        // Against what users pick instead (issue 15): same run, run by run.
-        let _ = writeln!(
-            out,
-            "\ngoals against the alternatives ({v} over each; met only when every run meets it):"
-        );
+        out.push_str(&self.alternative_goals(&v));
+        out
+    }
+
+    /// Issue 15's goals against what users pick instead (stunnel, WireGuard, Mosquitto's TLS):
+    /// `v` over each, run by run.
+    fn alternative_goals(&self, v: &str) -> String {
+        let mut out =
+            format!("\ngoals against the alternatives ({v} over each; met only when every run meets it):\n");
         let all = self.variants();
         for alt in all
             .iter()
             .filter(|a| a.starts_with("stunnel") || a.starts_with("wireguard"))
         {
-            let mut line = |goal: String, value: Option<Summary>, ok: fn(f64) -> bool| {
-                let (shown, verdict) = match value {
-                    Some(s) => (
-                        format!("{:.2}x ({:.2}-{:.2})", s.median, s.min, s.max),
-                        verdict(&s, ok),
-                    ),
-                    None => ("-".into(), "not measured"),
-                };
-                let _ = writeln!(out, "  {goal:<56} {shown:>20}  {verdict}");
-            };
-            line(
-                format!("connection + first byte p50 <= {alt}'s"),
-                self.ratio(&v, alt, "connect_p50_us"),
-                |x| x <= 1.0,
-            );
-            line(
-                format!("64 B RTT p99.9 <= {alt}'s"),
-                self.ratio(&v, alt, "rtt_p999_us"),
-                |x| x <= 1.0,
-            );
+            let mut goals: Vec<(String, &str, Met)> = vec![
+                (
+                    format!("connection + first byte p50 <= {alt}'s"),
+                    "connect_p50_us",
+                    |x| x <= 1.0,
+                ),
+                (format!("64 B RTT p99.9 <= {alt}'s"), "rtt_p999_us", |x| x <= 1.0),
+            ];
             if alt.starts_with("wireguard") {
-                line(
+                goals.push((
                     format!("gateway CPU per GB <= 1.5x {alt}'s"),
-                    self.ratio(&v, alt, "cpu_s_per_gb"),
+                    "cpu_s_per_gb",
                     |x| x <= 1.5,
-                );
+                ));
+            }
+            for (goal, metric, ok) in goals {
+                goal_line(&mut out, &goal, self.ratio(v, alt, metric), ok, "x");
             }
         }
         if all.iter().any(|a| a == MQTT_TLS) {
@@ -531,27 +519,19 @@ impl Report {
                 out,
                 "\ngoals for MQTT ({cmx} over {MQTT_TLS}, the CMXsafe paper's margins; met only when every run meets it):"
             );
-            for (goal, metric, ok) in [
-                (
-                    "QoS 0 publish-to-delivery p50 <= 0.75x",
-                    "mqtt_q0_p50_us",
-                    (|x| x <= 0.75) as fn(f64) -> bool,
-                ),
+            let goals: [(&str, &str, Met); 3] = [
+                ("QoS 0 publish-to-delivery p50 <= 0.75x", "mqtt_q0_p50_us", |x| {
+                    x <= 0.75
+                }),
                 ("QoS 1 publish-to-delivery p50 <= 0.75x", "mqtt_q1_p50_us", |x| {
                     x <= 0.75
                 }),
                 ("messages/s, 16 publishers >= 1.22x", "mqtt_msgs_per_s", |x| {
                     x >= 1.22
                 }),
-            ] {
-                let (shown, verdict) = match self.ratio(cmx, MQTT_TLS, metric) {
-                    Some(s) => (
-                        format!("{:.2}x ({:.2}-{:.2})", s.median, s.min, s.max),
-                        verdict(&s, ok),
-                    ),
-                    None => ("-".into(), "not measured"),
-                };
-                let _ = writeln!(out, "  {goal:<56} {shown:>20}  {verdict}");
+            ];
+            for (goal, metric, ok) in goals {
+                goal_line(&mut out, goal, self.ratio(cmx, MQTT_TLS, metric), ok, "x");
             }
         }
         out
@@ -703,6 +683,21 @@ fn verdict(s: &Summary, ok: fn(f64) -> bool) -> &'static str {
         (false, false) => "NOT met",
         _ => "NOT met (the spread straddles the goal)",
     }
+}
+
+/// Whether a figure meets a goal.
+type Met = fn(f64) -> bool;
+
+/// One goal's line: the figure with its spread over the runs, and the verdict.
+fn goal_line(out: &mut String, goal: &str, value: Option<Summary>, ok: fn(f64) -> bool, unit: &str) {
+    let (shown, verdict) = match value {
+        Some(s) => (
+            format!("{}{unit} ({}-{})", fmt(s.median), fmt(s.min), fmt(s.max)),
+            verdict(&s, ok),
+        ),
+        None => ("-".into(), "not measured"),
+    };
+    let _ = writeln!(out, "  {goal:<56} {shown:>24}  {verdict}");
 }
 
 fn fmt(x: f64) -> String {
