@@ -276,17 +276,20 @@ async fn measure(
     }
     // The same ping-pong again, timed at the gateway's edges this time (its own pass: the
     // capture costs CPU that the RTT above must not pay).
-    let gw_ns = v.hosts.gw.name.clone();
-    let residence = in_netns(&v.hosts.dev.name, move || async move {
-        let mut capture = None;
-        workloads::rtt_then(entry, warmup, rtt_n, || {
-            capture = Some(residence::Capture::start(&gw_ns))
+    let capture = residence::Capture::start(&v.hosts.gw)
+        .with_context(|| format!("{}: gateway residence time", v.name))?;
+    let armed = capture.armed();
+    in_netns(&v.hosts.dev.name, move || async move {
+        workloads::rtt_then(entry, warmup, rtt_n, move || {
+            armed.store(true, std::sync::atomic::Ordering::Relaxed)
         })
-        .await?;
-        capture.context("the capture never started")??.finish()
+        .await
     })
     .await
     .with_context(|| format!("{}: gateway residence time", v.name))?;
+    let residence = capture
+        .finish()
+        .with_context(|| format!("{}: gateway residence time", v.name))?;
     let r = Latency::from(&residence);
     m.insert("residence_p50_us".into(), r.p50_us);
     m.insert("residence_p99_us".into(), r.p99_us);

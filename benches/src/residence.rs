@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
+use cmx_testbed::Netns;
 use hdrhistogram::Histogram;
 
 use crate::stats::{histogram, record};
@@ -72,41 +73,52 @@ fn classify(frame: &[u8], incoming: bool) -> Option<Side> {
 /// A capture running on its own thread in the gateway namespace until `stop`.
 pub struct Capture {
     stop: Arc<AtomicBool>,
-    thread: std::thread::JoinHandle<anyhow::Result<Vec<Frame>>>,
+    armed: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<anyhow::Result<Vec<Frame>>>>,
 }
 
 impl Capture {
-    pub fn start(netns: &str) -> anyhow::Result<Capture> {
-        let path = format!("/run/netns/{netns}");
+    /// Opens the capture on a thread in the gateway's namespace `gw`. It keeps nothing until
+    /// the flag `armed()` returns is set (when the measured messages start).
+    pub fn start(gw: &Netns) -> anyhow::Result<Capture> {
         let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
+        let armed = Arc::new(AtomicBool::new(false));
+        let (flag, keep) = (stop.clone(), armed.clone());
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let thread = std::thread::spawn(move || {
-            let result = open_in(&path);
-            let socket = match result {
-                Ok(s) => {
-                    let _ = ready_tx.send(Ok(()));
-                    s
-                }
+        let thread = gw.spawn_in(move || {
+            let socket = match open() {
+                Ok(s) => s,
                 Err(e) => {
                     let _ = ready_tx.send(Err(e.to_string()));
                     return Err(e);
                 }
             };
-            read_frames(&socket, &flag)
+            let _ = ready_tx.send(Ok(()));
+            read_frames(&socket, &flag, &keep)
         });
         ready_rx
             .recv()
             .context("the capture thread ended")?
             .map_err(anyhow::Error::msg)?;
-        Ok(Capture { stop, thread })
+        Ok(Capture {
+            stop,
+            armed,
+            thread: Some(thread),
+        })
+    }
+
+    /// Set it to start keeping frames.
+    pub fn armed(&self) -> Arc<AtomicBool> {
+        self.armed.clone()
     }
 
     /// Stops and returns the residence times (nanoseconds), both directions together.
-    pub fn finish(self) -> anyhow::Result<Histogram<u64>> {
+    pub fn finish(mut self) -> anyhow::Result<Histogram<u64>> {
         self.stop.store(true, Ordering::Relaxed);
         let frames = self
             .thread
+            .take()
+            .context("the capture already finished")?
             .join()
             .map_err(|_| anyhow::anyhow!("the capture thread panicked"))??;
         let mut h = histogram();
@@ -126,13 +138,15 @@ impl Capture {
     }
 }
 
-/// Enters the namespace (this thread only) and opens the packet socket there.
-fn open_in(netns_path: &str) -> anyhow::Result<OwnedFd> {
-    let ns = std::fs::File::open(netns_path).with_context(|| netns_path.to_string())?;
-    // SAFETY: setns on a valid namespace fd affects only this thread, which the capture owns.
-    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("setns");
+/// A capture that is dropped unfinished (its measurement failed) stops its thread.
+impl Drop for Capture {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
     }
+}
+
+/// The packet socket, in this thread's namespace.
+fn open() -> anyhow::Result<OwnedFd> {
     let protocol = (libc::ETH_P_ALL as u16).to_be() as i32;
     // SAFETY: plain socket(2); the fd is owned right away.
     let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, protocol) };
@@ -169,7 +183,7 @@ fn open_in(netns_path: &str) -> anyhow::Result<OwnedFd> {
     Ok(socket)
 }
 
-fn read_frames(socket: &OwnedFd, stop: &AtomicBool) -> anyhow::Result<Vec<Frame>> {
+fn read_frames(socket: &OwnedFd, stop: &AtomicBool, armed: &AtomicBool) -> anyhow::Result<Vec<Frame>> {
     let mut frames = Vec::new();
     let mut buf = [0u8; 128];
     let mut control = [0u64; 16];
@@ -200,6 +214,9 @@ fn read_frames(socket: &OwnedFd, stop: &AtomicBool) -> anyhow::Result<Vec<Frame>
                 continue;
             }
             return Err(e).context("recvmsg on the packet socket");
+        }
+        if !armed.load(Ordering::Relaxed) {
+            continue;
         }
         let incoming = match from.sll_pkttype {
             0 => true,  // PACKET_HOST
