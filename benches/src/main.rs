@@ -252,6 +252,23 @@ fn header(quick: bool, runs: usize) -> Header {
     }
 }
 
+/// `PREFIX_p50_us` etc. into `m`: the percentiles `which` (`p50`, `p90`, `p99`, `p999`, `max`)
+/// of `h`.
+fn insert_latency(m: &mut BTreeMap<String, f64>, prefix: &str, h: &Histogram<u64>, which: &[&str]) {
+    let l = Latency::from(h);
+    for w in which {
+        let us = match *w {
+            "p50" => l.p50_us,
+            "p90" => l.p90_us,
+            "p99" => l.p99_us,
+            "p999" => l.p999_us,
+            "max" => l.max_us,
+            other => unreachable!("no percentile {other} in Latency"),
+        };
+        m.insert(format!("{prefix}_{w}_us"), us);
+    }
+}
+
 /// One measured pass over a variant: every workload, in the device host's namespace.
 async fn measure(
     v: &Variant,
@@ -290,24 +307,14 @@ async fn measure(
     let residence = capture
         .finish()
         .with_context(|| format!("{}: gateway residence time", v.name))?;
-    let r = Latency::from(&residence);
-    m.insert("residence_p50_us".into(), r.p50_us);
-    m.insert("residence_p99_us".into(), r.p99_us);
-    m.insert("residence_p999_us".into(), r.p999_us);
+    insert_latency(&mut m, "residence", &residence, &["p50", "p99", "p999"]);
     let connect = in_netns(&v.hosts.dev.name, move || async move {
         workloads::connect(entry, connects).await
     })
     .await
     .with_context(|| format!("{}: connection set-up", v.name))?;
-    let l = Latency::from(&rtt);
-    m.insert("rtt_p50_us".into(), l.p50_us);
-    m.insert("rtt_p90_us".into(), l.p90_us);
-    m.insert("rtt_p99_us".into(), l.p99_us);
-    m.insert("rtt_p999_us".into(), l.p999_us);
-    m.insert("rtt_max_us".into(), l.max_us);
-    let c = Latency::from(&connect.0);
-    m.insert("connect_p50_us".into(), c.p50_us);
-    m.insert("connect_p99_us".into(), c.p99_us);
+    insert_latency(&mut m, "rtt", &rtt, &["p50", "p90", "p99", "p999", "max"]);
+    insert_latency(&mut m, "connect", &connect.0, &["p50", "p99"]);
     m.insert("connects_per_s".into(), connect.1);
 
     let bulk = s.bulk;
@@ -332,10 +339,8 @@ async fn measure(
     })
     .await
     .with_context(|| format!("{}: fan-out", v.name))?;
-    let f = Latency::from(&fan);
     m.insert("fanout_msgs_per_s".into(), rate);
-    m.insert("fanout_p50_us".into(), f.p50_us);
-    m.insert("fanout_p99_us".into(), f.p99_us);
+    insert_latency(&mut m, "fanout", &fan, &["p50", "p99"]);
     Ok((m, rtt, residence))
 }
 
@@ -356,9 +361,7 @@ async fn measure_mqtt(v: &Variant, s: &Sizes) -> anyhow::Result<BTreeMap<String,
     .with_context(|| format!("{}: MQTT", v.name))?;
     let mut m = BTreeMap::new();
     for (qos, h) in [("q0", &q0), ("q1", &q1)] {
-        let l = Latency::from(h);
-        m.insert(format!("mqtt_{qos}_p50_us"), l.p50_us);
-        m.insert(format!("mqtt_{qos}_p99_us"), l.p99_us);
+        insert_latency(&mut m, &format!("mqtt_{qos}"), h, &["p50", "p99"]);
     }
     m.insert("mqtt_msgs_per_s".into(), rate);
     Ok(m)
