@@ -66,6 +66,10 @@ enum Cmd {
         /// aes128-gcm@openssh.com and chacha20-poly1305@openssh.com; --quick: the default only).
         #[arg(long, value_delimiter = ',')]
         ciphers: Vec<String>,
+        /// Only these gateways (e.g. `openssh,cmx-sockmap,cmx-baseline`: an A/B of the SSH path
+        /// in a fraction of the time). Skips the idle-session scale and the in-gateway hop.
+        #[arg(long, value_delimiter = ',', value_parser = parse_kind)]
+        only: Vec<Kind>,
     },
     /// Re-render table.txt and rtt.svg from a results.json.
     Render {
@@ -232,7 +236,15 @@ fn output(cmd: &mut Command) -> String {
         .unwrap_or_default()
 }
 
-fn header(quick: bool, runs: usize) -> Header {
+/// A gateway kind by its label in the table.
+fn parse_kind(label: &str) -> Result<Kind, String> {
+    Kind::ALL.into_iter().find(|k| k.label() == label).ok_or_else(|| {
+        let known: Vec<&str> = Kind::ALL.iter().map(|k| k.label()).collect();
+        format!("no gateway kind {label:?} (known: {})", known.join(", "))
+    })
+}
+
+fn header(quick: bool, runs: usize, only: &[Kind]) -> Header {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
         .lines()
@@ -249,6 +261,7 @@ fn header(quick: bool, runs: usize) -> Header {
         cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         quick,
         runs,
+        only: only.iter().map(|k| k.label().to_string()).collect(),
     }
 }
 
@@ -463,6 +476,7 @@ async fn run(
     hop_only: bool,
     ciphers: Vec<String>,
     no_mqtt: bool,
+    only: Vec<Kind>,
 ) -> anyhow::Result<()> {
     cmx_testbed::require_root();
     raise_fd_limit();
@@ -491,6 +505,7 @@ async fn run(
     }
     let mut specs: Vec<(Kind, &str, Service)> =
         specs.into_iter().map(|(k, c)| (k, c, Service::Echo)).collect();
+    let partial = !only.is_empty();
     if !hop_only && !no_mqtt {
         // MQTT: the floor, Mosquitto's own mutual TLS, and the gateways (default cipher).
         specs.extend([
@@ -500,6 +515,10 @@ async fn run(
             (Kind::CmxSockmap, "default", Service::Broker { tls: false }),
             (Kind::CmxAgent, "default", Service::Broker { tls: false }),
         ]);
+    }
+    if partial {
+        specs.retain(|(k, _, _)| only.contains(k));
+        anyhow::ensure!(!specs.is_empty(), "--only leaves no variant to run");
     }
     eprintln!("setting up {} variants", specs.len());
     let mut vs = Vec::new();
@@ -513,18 +532,23 @@ async fn run(
     let (records, rtt, residence) = interleaved(&vs, &s, runs).await?;
     let mut scales = Vec::new();
     for v in vs.iter().filter(|v| {
-        v.cipher == "default"
+        !partial
+            && v.cipher == "default"
             && v.service == Service::Echo
             && matches!(v.kind, Kind::OpenSsh | Kind::CmxSockmap)
     }) {
         eprintln!("scale: {}", v.name);
         scales.push(scale(v, &s).await.with_context(|| format!("{}: scale", v.name))?);
     }
-    eprintln!("the in-gateway hop");
-    let hop = hops(&s, runs).await?;
+    let hop = if partial {
+        Vec::new()
+    } else {
+        eprintln!("the in-gateway hop");
+        hops(&s, runs).await?
+    };
     drop(vs);
     let report = Report {
-        header: header(quick, runs),
+        header: header(quick, runs, &only),
         records,
         rtt_cdf: rtt
             .iter()
@@ -635,11 +659,12 @@ fn main() -> anyhow::Result<()> {
             hop_only,
             ciphers,
             no_mqtt,
+            only,
         } => rt.block_on(async {
             // Ctrl-C drops the run: every namespace, process, user and cgroup it made is removed
             // by its owner's Drop.
             tokio::select! {
-                r = run(quick, runs, out, hop_only, ciphers, no_mqtt) => r,
+                r = run(quick, runs, out, hop_only, ciphers, no_mqtt, only) => r,
                 _ = tokio::signal::ctrl_c() => {
                     eprintln!("interrupted: cleaning up");
                     anyhow::bail!("interrupted")

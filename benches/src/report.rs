@@ -19,6 +19,9 @@ pub struct Header {
     pub cores: usize,
     pub quick: bool,
     pub runs: usize,
+    /// The gateway kinds of a partial run (`--only`); empty for a full run.
+    #[serde(default)]
+    pub only: Vec<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -161,6 +164,13 @@ impl Report {
             },
             h.runs
         );
+        if !h.only.is_empty() {
+            let _ = writeln!(
+                out,
+                "partial run: only {} (no idle-session scale, no in-gateway hop)",
+                h.only.join(", ")
+            );
+        }
         if !self.records.is_empty() {
             self.variant_tables(&mut out);
         }
@@ -274,7 +284,8 @@ impl Report {
                 (before, "÷ baseline build"),
             ]
             .into_iter()
-            .filter_map(|(b, l)| Some((b?, l)))
+            // A partial run (`--only`) may lack a base.
+            .filter_map(|(b, l)| Some((b.filter(|b| echo.contains(b))?, l)))
             .collect()
         });
         let mqtt: Vec<String> = self.variants().into_iter().filter(|v| is_mqtt(v)).collect();
@@ -550,7 +561,13 @@ impl Report {
                 }
             }
         }
-        for mode in ["sockmap", "userspace"] {
+        // A partial run (`--only`) measures no hop.
+        let modes: &[&str] = if self.header.only.is_empty() {
+            &["sockmap", "userspace"]
+        } else {
+            &[]
+        };
+        for &mode in modes {
             for one_cpu in [true, false] {
                 let measured = self.hop.iter().any(|h| {
                     h.mode == mode && h.one_cpu == one_cpu && h.rtt.count > 0 && h.kernel_rtt.is_some()
@@ -736,6 +753,7 @@ mod tests {
                 cores: 2,
                 quick: false,
                 runs: pairs.len(),
+                only: vec![],
             },
             records,
             rtt_cdf: BTreeMap::new(),

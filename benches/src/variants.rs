@@ -28,6 +28,17 @@ pub enum Kind {
 }
 
 impl Kind {
+    pub const ALL: [Kind; 8] = [
+        Kind::Direct,
+        Kind::OpenSsh,
+        Kind::CmxUserspace,
+        Kind::CmxSockmap,
+        Kind::CmxAgent,
+        Kind::CmxBaseline,
+        Kind::Stunnel,
+        Kind::WireGuard,
+    ];
+
     pub fn label(self) -> &'static str {
         match self {
             Kind::Direct => "direct",
