@@ -38,7 +38,10 @@ impl Session {
         handler: &mut H,
         pkt: &mut IncomingSshPacket,
     ) -> Result<(), H::Error> {
-        self.process_packet(handler, &pkt.buffer).await
+        self.incoming_packet = pkt.buffer.clone();
+        let processed = self.process_packet(handler, &pkt.buffer).await;
+        self.incoming_packet = Bytes::new();
+        processed
     }
 
     pub(crate) async fn process_packet<H: Handler + Send>(
@@ -861,6 +864,7 @@ mod tests {
             channels: std::collections::HashMap::new(),
             open_global_requests: std::collections::VecDeque::new(),
             kex: SessionKexState::Idle,
+            incoming_packet: Bytes::new(),
         }
     }
 
@@ -1334,6 +1338,24 @@ async fn reject_auth_request(
     Ok(())
 }
 
+/// cmxsafe patch: the `string` of a CHANNEL_DATA or CHANNEL_EXTENDED_DATA message, as a slice of
+/// `packet` when `r` lies inside it (no copy), else copied. Advances `r` past it.
+fn channel_data(r: &mut &[u8], packet: &Bytes) -> Result<Bytes, Error> {
+    let len = map_err!(u32::decode(r))? as usize;
+    if len > r.len() {
+        return Err(Error::IndexOutOfBounds);
+    }
+    let (data, rest) = r.split_at(len);
+    *r = rest;
+    let inside = packet.as_ptr_range();
+    let within = inside.start <= data.as_ptr() && data.as_ptr_range().end <= inside.end;
+    Ok(if within && !data.is_empty() {
+        packet.slice_ref(data)
+    } else {
+        Bytes::copy_from_slice(data)
+    })
+}
+
 fn server_auth_request_success(buffer: &mut Vec<u8>) {
     push_packet!(buffer, {
         buffer.push(msg::USERAUTH_SUCCESS);
@@ -1469,11 +1491,11 @@ impl Session {
         Ok(())
     }
 
-    async fn server_read_authenticated<H: Handler + Send, R: Reader>(
+    async fn server_read_authenticated<H: Handler + Send>(
         &mut self,
         handler: &mut H,
         msg: u8,
-        r: &mut R,
+        r: &mut &[u8],
     ) -> Result<(), H::Error> {
         match msg {
             msg::CHANNEL_OPEN => self.server_handle_channel_open(handler, r).await,
@@ -1521,7 +1543,7 @@ impl Session {
                     Some(map_err!(u32::decode(r))?)
                 };
                 trace!("handler.data {ext:?} {channel_num:?}");
-                let data = map_err!(Bytes::decode(r))?;
+                let data = channel_data(r, &self.incoming_packet)?;
                 map_err!(ensure_end(r))?;
                 // cmxsafe patch: queue first (never waits), then top the window up by what
                 // the channel's reader has room for (see channels::recv_window).

@@ -1126,6 +1126,7 @@ where
         channels: HashMap::new(),
         open_global_requests: VecDeque::new(),
         kex: SessionKexState::Idle,
+        incoming_packet: Bytes::new(),
     };
 
     session.begin_rekey()?;
