@@ -392,6 +392,29 @@ pub(crate) struct IncomingSshPacket {
     pub seqn: Wrapping<u32>,
 }
 
+impl IncomingSshPacket {
+    /// The packet just read into `read` (past its length and padding-length bytes), decompressed
+    /// by `decompress` when the session has one. cmxsafe patch: without compression the read
+    /// buffer itself becomes the packet, without a copy, and `read` starts afresh.
+    pub(crate) fn take(
+        read: &mut SSHBuffer,
+        decompress: Option<&mut crate::compression::Decompress>,
+    ) -> Result<Self, crate::Error> {
+        let buffer = match decompress {
+            Some(d) if !matches!(d, crate::compression::Decompress::None) => {
+                let mut decomp = Vec::new();
+                #[allow(clippy::indexing_slicing)] // the caller checked the length
+                Bytes::copy_from_slice(d.decompress(&read.buffer[5..], &mut decomp)?)
+            }
+            _ => Bytes::from(std::mem::take(&mut read.buffer)).slice(5..),
+        };
+        Ok(IncomingSshPacket {
+            buffer,
+            seqn: read.seqn,
+        })
+    }
+}
+
 /// Packet writer for constructing and encrypting outgoing SSH packets.
 pub(crate) struct PacketWriter {
     cipher: Box<dyn SealingKey + Send>,

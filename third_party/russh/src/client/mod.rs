@@ -1295,27 +1295,9 @@ async fn start_reading<R: AsyncRead + Unpin>(
 }
 
 impl Session {
-    /// cmxsafe patch: without compression the packet is handed on as it was read, without a
-    /// copy (the read buffer starts afresh for the next packet).
     fn maybe_decompress(&mut self, buffer: &mut SSHBuffer) -> Result<IncomingSshPacket, Error> {
-        if let Some(ref mut enc) = self.common.encrypted
-            && !matches!(enc.decompress, crate::compression::Decompress::None)
-        {
-            let mut decomp = Vec::new();
-            Ok(IncomingSshPacket {
-                #[allow(clippy::indexing_slicing)] // length checked
-                buffer: bytes::Bytes::copy_from_slice(enc.decompress.decompress(
-                    &buffer.buffer[5..],
-                    &mut decomp,
-                )?),
-                seqn: buffer.seqn,
-            })
-        } else {
-            Ok(IncomingSshPacket {
-                buffer: bytes::Bytes::from(std::mem::take(&mut buffer.buffer)).slice(5..),
-                seqn: buffer.seqn,
-            })
-        }
+        let decompress = self.common.encrypted.as_mut().map(|enc| &mut enc.decompress);
+        IncomingSshPacket::take(buffer, decompress)
     }
 
     fn new(

@@ -185,6 +185,36 @@ mod tests {
         read_packet, timeout,
     };
 
+    /// cmxsafe patch (change 6): channel data is a slice of the packet it came in, a string
+    /// from elsewhere (a pending read replayed after a key exchange) is copied, and a length
+    /// that claims more than the packet holds is refused without reading past it.
+    #[test]
+    fn channel_data_is_sliced_from_its_packet_and_a_lying_length_is_refused() {
+        let packet = Bytes::from(vec![0, 0, 0, 3, b'a', b'b', b'c', 9]);
+        let mut r = &packet[..];
+        let data = channel_data(&mut r, &packet).unwrap();
+        assert_eq!(&data[..], b"abc");
+        assert_eq!(data.as_ptr(), packet[4..].as_ptr(), "a slice, not a copy");
+        assert_eq!(r, &[9]);
+
+        let elsewhere = vec![0, 0, 0, 1, b'x'];
+        let mut r = &elsewhere[..];
+        let data = channel_data(&mut r, &packet).unwrap();
+        assert_eq!(&data[..], b"x");
+        assert!(r.is_empty());
+
+        for claimed in [5u32, 1 << 31, u32::MAX] {
+            let mut lying = claimed.to_be_bytes().to_vec();
+            lying.extend_from_slice(b"abcd");
+            let lying = Bytes::from(lying);
+            let mut r = &lying[..];
+            assert!(channel_data(&mut r, &lying).is_err(), "{claimed} bytes claimed, 4 sent");
+        }
+        let truncated = Bytes::from_static(&[0, 0]);
+        let mut r = &truncated[..];
+        assert!(channel_data(&mut r, &truncated).is_err());
+    }
+
     #[tokio::test]
     async fn auth_attempts_capped_at_max() {
         let max = Config::default().max_auth_attempts;
