@@ -347,12 +347,26 @@ async fn measure(
         m.insert("cpu_s_per_gb".into(), cpu / (2.0 * bulk as f64 / 1e9));
     }
 
+    let gw0 = procs::cpu_seconds(&v.hosts.gw.name);
+    let (busy0, all0) = procs::machine_cpu_seconds();
     let (fan, rate) = in_netns(&v.hosts.dev.name, move || async move {
         workloads::fanout(entry, fan_c, fan_e).await
     })
     .await
     .with_context(|| format!("{}: fan-out", v.name))?;
+    let gw = procs::cpu_seconds(&v.hosts.gw.name) - gw0;
+    let (busy1, all1) = procs::machine_cpu_seconds();
     m.insert("fanout_msgs_per_s".into(), rate);
+    let (busy, all) = (busy1 - busy0, all1 - all0);
+    if all > 0.0 {
+        m.insert("fanout_machine_busy".into(), busy / all);
+    }
+    if v.kind != Kind::Direct && busy > gw {
+        // Fan-out keeps every CPU busy, so messages/s goes as 1 / (CPU per message); a gateway
+        // that cost nothing would leave the rest (agents, apps, this load generator): the most
+        // any gateway could gain over this one on this machine.
+        m.insert("fanout_zero_cost_gw_x".into(), busy / (busy - gw));
+    }
     insert_latency(&mut m, "fanout", &fan, &["p50", "p99"]);
     Ok((m, rtt, residence))
 }

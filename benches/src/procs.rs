@@ -41,6 +41,24 @@ pub fn cpu_seconds(netns: &str) -> f64 {
         .sum()
 }
 
+/// The whole machine's CPU seconds so far, every CPU together: (busy, all), from the first line
+/// of `/proc/stat` (idle and iowait are not busy; steal is: the hypervisor took that time).
+pub fn machine_cpu_seconds() -> (f64, f64) {
+    // SAFETY: sysconf has no preconditions.
+    let ticks_per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<f64> = stat
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("cpu "))
+        .map(|l| l.split_whitespace().filter_map(|f| f.parse().ok()).collect())
+        .unwrap_or_default();
+    // user nice system idle iowait irq softirq steal (guest time is inside user already).
+    let all: f64 = ticks.iter().take(8).sum();
+    let idle = ticks.get(3).copied().unwrap_or(0.0) + ticks.get(4).copied().unwrap_or(0.0);
+    ((all - idle) / ticks_per_sec, all / ticks_per_sec)
+}
+
 fn kb_field(text: &str, key: &str) -> Option<u64> {
     text.lines()
         .find_map(|l| l.strip_prefix(key))

@@ -490,9 +490,38 @@ impl Report {
             .and_then(|s| s.max_sessions)
             .map(|m| single(m as f64));
         line("10,000 sessions sustained", max, |x| x >= 10_000.0, "");
+        out.push_str(&self.fanout_ceiling(&base));
 
         out.push_str(&self.alternative_goals(&v));
         out
+    }
+
+    /// Below this much of the machine busy, fan-out is not CPU-bound and its rate does not follow
+    /// CPU per message.
+    const SATURATED_PERCENT: f64 = 90.0;
+
+    /// How far fan-out can go against `base` on this machine at all: `base`'s rate if its
+    /// gateway had cost no CPU, from the share of the busy CPU its gateway took (fan-out keeps
+    /// the machine busy, so the rate goes as 1 / CPU per message).
+    fn fanout_ceiling(&self, base: &str) -> String {
+        let (Some(x), Some(busy)) = (
+            self.summary(base, "fanout_zero_cost_gw_x"),
+            self.summary(base, "fanout_machine_busy"),
+        ) else {
+            return String::new();
+        };
+        let busy = busy.median * 100.0;
+        if busy < Self::SATURATED_PERCENT {
+            return format!(
+                "  fan-out ceiling: none measured (the machine was only {busy:.0} % busy during {base}'s fan-out, so it was not CPU-bound)\n"
+            );
+        }
+        format!(
+            "  fan-out ceiling on this machine: a gateway costing no CPU would do {}x ({}-{}) {base}'s fan-out\n    (the machine was {busy:.0} % busy; the rest of its CPU went to the agents, the apps and the load generator)\n",
+            fmt(x.median),
+            fmt(x.min),
+            fmt(x.max),
+        )
     }
 
     /// Issue 15's goals against what users pick instead (stunnel, WireGuard, Mosquitto's TLS):
@@ -807,5 +836,45 @@ mod tests {
         );
         let none = report(&[(60.0, 100.0), (70.0, 100.0), (65.0, 100.0)]);
         assert!(rtt_goal(&none).ends_with("  NOT met"), "{}", rtt_goal(&none));
+    }
+
+    /// The fan-out ceiling is the base's own: what OpenSSH's rate would be with a gateway that
+    /// cost nothing, from its gateway's share of the busy CPU, run by run.
+    #[test]
+    fn the_fanout_ceiling_comes_from_the_base_gateways_cpu_share() {
+        let mut r = report(&[(40.0, 100.0), (45.0, 100.0), (42.0, 100.0)]);
+        for (i, rec) in r.records.iter_mut().enumerate() {
+            let (share, busy) = if rec.variant.starts_with("openssh") {
+                ([0.25, 0.2, 0.5][i / 2], 0.97)
+            } else {
+                (0.9, 0.5)
+            };
+            rec.metrics
+                .insert("fanout_zero_cost_gw_x".into(), 1.0 / (1.0 - share));
+            rec.metrics.insert("fanout_machine_busy".into(), busy);
+        }
+        let goals = r.goals();
+        let ceiling = goals.lines().find(|l| l.contains("ceiling")).unwrap();
+        assert!(
+            ceiling.contains("1.33x (1.25-2.00) openssh/default's"),
+            "{ceiling}"
+        );
+        assert!(goals.contains("was 97 % busy"), "{goals}");
+    }
+
+    /// A machine that was not busy was not CPU-bound: no ceiling follows from CPU shares.
+    #[test]
+    fn no_fanout_ceiling_is_claimed_when_the_machine_was_idle() {
+        let mut r = report(&[(40.0, 100.0)]);
+        for rec in &mut r.records {
+            rec.metrics.insert("fanout_zero_cost_gw_x".into(), 1.5);
+            rec.metrics.insert("fanout_machine_busy".into(), 0.45);
+        }
+        let goals = r.goals();
+        let ceiling = goals.lines().find(|l| l.contains("ceiling")).unwrap();
+        assert!(
+            ceiling.contains("none measured (the machine was only 45 % busy"),
+            "{ceiling}"
+        );
     }
 }
