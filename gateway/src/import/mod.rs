@@ -130,104 +130,204 @@ const TRANSLATED: &[&str] = &[
 ];
 
 pub fn import(options: &ImportOptions) -> Result<Imported, ImportError> {
-    let config_path = &options.sshd_config;
-    let config = SshdConfig::load(config_path)?;
-    let at = |line: usize| format!("{}:{line}", config_path.display());
-    let mut gaps = Vec::new();
-    let mut notes = Vec::new();
+    let config = SshdConfig::load(&options.sshd_config)?;
+    let mut found = Findings {
+        config_path: options.sshd_config.clone(),
+        gaps: Vec::new(),
+        notes: Vec::new(),
+    };
     let groups = match &options.group_file {
         Some(p) => parse_groups(&read(p)?),
         None => BTreeMap::new(),
     };
-
-    // Blocks that depend on the connection (address, host, port) cannot be decided per identity.
-    let blocks: Vec<&MatchBlock> = config
-        .blocks
-        .iter()
-        .filter(|b| {
-            let other: Vec<&str> = b
-                .criteria
-                .iter()
-                .filter_map(|c| match c {
-                    Criterion::Other(o) => Some(o.as_str()),
-                    _ => None,
-                })
-                .collect();
-            if other.is_empty() {
-                return true;
-            }
-            gaps.push(Gap {
-                at: at(b.line),
-                why: format!(
-                    "Match {} depends on the connection, not the user; its settings were not translated",
-                    other.join(", ")
+    let blocks = per_user_blocks(&config, &mut found);
+    name_untranslated_settings(&config, &blocks, &mut found);
+    let keys_of = read_key_files(&options.keys, &mut found)?;
+    let mut trust = read_trust(&config, &mut found)?;
+    let mut addresses = AddressPool::new(&options.context);
+    let mut drafts = Vec::new();
+    for user in users(&keys_of, &blocks) {
+        if !valid_name(&user) {
+            found.gap(
+                found.config_path.display().to_string(),
+                format!(
+                    "user '{}' is not a valid identity name (lowercase letters, digits, '-', '.'); left out",
+                    cmx_net::text::bounded(&user, 64)
                 ),
-            });
-            false
-        })
-        .collect();
-    for setting in config
-        .global
-        .iter()
-        .chain(blocks.iter().flat_map(|b| b.settings.iter()))
-    {
+            );
+            continue;
+        }
+        let effective = Effective::of(&user, &config, &blocks, &groups);
+        let (listen, open) = effective.rights();
+        let keys = UserKeys::read(&user, keys_of.get(&user), &mut trust, &mut found);
+        let (listen, open) = keys.narrow(&user, listen, open, &mut found);
+        let draft = Draft::new(
+            user,
+            effective,
+            keys,
+            listen,
+            open,
+            options.mac_from_user,
+            &mut addresses,
+        );
+        if draft.listen.is_empty() && draft.open.is_empty() {
+            found.note(format!(
+                "user '{}' may not forward anything under this sshd_config; its identity permits nothing",
+                draft.name
+            ));
+        }
+        if let Some(note) = &addresses.chosen {
+            found.note(note.clone());
+        }
+        drafts.push(draft);
+    }
+    name_loopback_targets(&mut drafts, &mut found);
+    let registry = render(&options.sshd_config, trust, &drafts);
+    Registry::parse(
+        &registry,
+        Path::new("<imported registry>"),
+        options.context.clone(),
+    )
+    .map_err(|e| ImportError::Invalid(e.to_string()))?;
+    Ok(Imported {
+        registry,
+        gaps: found.gaps,
+        notes: found.notes,
+    })
+}
+
+/// What the import could not carry over, and what it notes, in the order it found them.
+struct Findings {
+    config_path: PathBuf,
+    gaps: Vec<Gap>,
+    notes: Vec<String>,
+}
+
+impl Findings {
+    /// `file:line` of the sshd_config.
+    fn at(&self, line: usize) -> String {
+        format!("{}:{line}", self.config_path.display())
+    }
+
+    fn gap(&mut self, at: String, why: String) {
+        self.gaps.push(Gap { at, why });
+    }
+
+    fn note(&mut self, note: String) {
+        self.notes.push(note);
+    }
+}
+
+/// The `Match` blocks that select users. Blocks that depend on the connection (address, host,
+/// port) cannot be decided per identity: each is a gap.
+fn per_user_blocks<'a>(config: &'a SshdConfig, found: &mut Findings) -> Vec<&'a MatchBlock> {
+    let mut blocks = Vec::new();
+    for b in &config.blocks {
+        let other: Vec<&str> = b
+            .criteria
+            .iter()
+            .filter_map(|c| match c {
+                Criterion::Other(o) => Some(o.as_str()),
+                _ => None,
+            })
+            .collect();
+        if other.is_empty() {
+            blocks.push(b);
+            continue;
+        }
+        found.gap(
+            found.at(b.line),
+            format!(
+                "Match {} depends on the connection, not the user; its settings were not translated",
+                other.join(", ")
+            ),
+        );
+    }
+    blocks
+}
+
+/// Settings that would change who may log in or forward, which the registry does not take
+/// from sshd_config: each is a gap.
+fn name_untranslated_settings(config: &SshdConfig, blocks: &[&MatchBlock], found: &mut Findings) {
+    let in_blocks = || blocks.iter().flat_map(|b| b.settings.iter());
+    for setting in config.global.iter().chain(in_blocks()) {
         let k = setting.keyword.as_str();
         if matches!(
             k,
             "authorizedprincipalsfile" | "authorizedkeyscommand" | "authorizedprincipalscommand"
         ) {
-            gaps.push(Gap {
-                at: at(setting.line),
-                why: format!("{k} is not translated: list the keys and principals in the registry"),
-            });
+            found.gap(
+                found.at(setting.line),
+                format!("{k} is not translated: list the keys and principals in the registry"),
+            );
         }
     }
-    for setting in blocks.iter().flat_map(|b| b.settings.iter()) {
+    for setting in in_blocks() {
         let k = setting.keyword.as_str();
         if !TRANSLATED.contains(&k) && !NOTHING_TO_DO.contains(&k) && !k.starts_with("authorized") {
-            gaps.push(Gap {
-                at: at(setting.line),
-                why: format!("{k} in a Match block has no cmx equivalent; not translated"),
-            });
+            found.gap(
+                found.at(setting.line),
+                format!("{k} in a Match block has no cmx equivalent; not translated"),
+            );
         }
     }
+}
 
-    // Who the users are: those with key files, and those a Match User block names literally.
-    let mut keys_of: BTreeMap<String, (PathBuf, Vec<KeyLine>)> = BTreeMap::new();
-    for (user, path) in key_files(&options.keys)? {
+/// Each user's key file and its lines; a line that does not parse is a gap.
+type KeysOf = BTreeMap<String, (PathBuf, Vec<KeyLine>)>;
+
+fn read_key_files(source: &KeySource, found: &mut Findings) -> Result<KeysOf, ImportError> {
+    let mut keys_of = BTreeMap::new();
+    for (user, path) in key_files(source)? {
         let (keys, errors) = authorized_keys::parse(&read(&path)?, &path);
         for e in errors {
             let (at, why) = e
                 .rsplit_once(": ")
                 .map(|(a, w)| (a.to_string(), w.to_string()))
                 .unwrap_or((e.clone(), String::new()));
-            gaps.push(Gap {
-                at,
-                why: format!("key line not translated: {why}"),
-            });
+            found.gap(at, format!("key line not translated: {why}"));
         }
         keys_of.insert(user, (path, keys));
     }
+    Ok(keys_of)
+}
+
+/// Who the users are: those with key files, and those a `Match User` block names literally.
+fn users(keys_of: &KeysOf, blocks: &[&MatchBlock]) -> BTreeSet<String> {
     let mut users: BTreeSet<String> = keys_of.keys().cloned().collect();
-    for b in &blocks {
+    for b in blocks {
         for c in &b.criteria {
             if let Criterion::User(list) = c {
                 users.extend(list.iter().filter(|u| !u.contains(['*', '?', '!'])).cloned());
             }
         }
     }
+    users
+}
 
-    let mut cert_authorities: Vec<String> = Vec::new();
-    let mut revoked: Vec<String> = Vec::new();
+/// The registry's trust: the CAs (`TrustedUserCAKeys`, `cert-authority` keys) and the revoked
+/// keys (`RevokedKeys`, unless it is a binary KRL, which is a gap).
+struct Trust {
+    cert_authorities: Vec<String>,
+    revoked: Vec<String>,
+}
+
+/// The non-empty, non-comment lines of a text.
+fn entries(text: &str) -> impl Iterator<Item = String> + '_ {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(String::from)
+}
+
+fn read_trust(config: &SshdConfig, found: &mut Findings) -> Result<Trust, ImportError> {
+    let mut trust = Trust {
+        cert_authorities: Vec::new(),
+        revoked: Vec::new(),
+    };
     if let Some(s) = config.global("trustedusercakeys") {
         for path in &s.args {
-            for line in read(Path::new(path))?
-                .lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty() && !l.starts_with('#'))
-            {
-                cert_authorities.push(line.to_string());
-            }
+            trust.cert_authorities.extend(entries(&read(Path::new(path))?));
         }
     }
     if let Some(s) = config.global("revokedkeys") {
@@ -237,57 +337,35 @@ pub fn import(options: &ImportOptions) -> Result<Imported, ImportError> {
                 cause,
             })?;
             if bytes.starts_with(b"SSHKRL") {
-                gaps.push(Gap {
-                    at: at(s.line),
-                    why: format!(
+                found.gap(
+                    found.at(s.line),
+                    format!(
                         "{path} is a binary key revocation list (KRL); list the revoked keys in revoked_keys"
                     ),
-                });
+                );
                 continue;
             }
-            let text = String::from_utf8_lossy(&bytes);
-            revoked.extend(
-                text.lines()
-                    .map(str::trim)
-                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
-                    .map(String::from),
-            );
+            trust.revoked.extend(entries(&String::from_utf8_lossy(&bytes)));
         }
     }
+    Ok(trust)
+}
 
-    // Each user's identity.
-    struct Draft {
-        name: String,
-        role: &'static str,
-        keys: Vec<String>,
-        principals: Option<Vec<String>>,
-        place: String,
-        listen: Vec<String>,
-        open: Vec<String>,
-        origin: String,
-    }
-    let mut drafts: Vec<Draft> = Vec::new();
-    let mut next_address: u128 = 0x100;
-    for user in &users {
-        if !valid_name(user) {
-            gaps.push(Gap {
-                at: config_path.display().to_string(),
-                why: format!(
-                    "user '{}' is not a valid identity name (lowercase letters, digits, '-', '.'); left out",
-                    cmx_net::text::bounded(user, 64)
-                ),
-            });
-            continue;
-        }
+impl<'a> Effective<'a> {
+    /// `user`'s settings: the first matching block that sets a keyword wins, then the global one.
+    fn of(
+        user: &str,
+        config: &'a SshdConfig,
+        blocks: &[&'a MatchBlock],
+        groups: &BTreeMap<String, BTreeSet<String>>,
+    ) -> Effective<'a> {
         let member_of: Vec<&String> = groups
             .iter()
             .filter(|(_, members)| members.contains(user))
             .map(|(g, _)| g)
             .collect();
-        let mut effective = Effective {
-            settings: BTreeMap::new(),
-        };
-        for b in &blocks {
+        let mut settings = BTreeMap::new();
+        for b in blocks {
             let applies = b.criteria.iter().all(|c| match c {
                 Criterion::User(list) => list_matches(list, user),
                 Criterion::Group(list) => member_of.iter().any(|g| list_matches(list, g)),
@@ -296,14 +374,20 @@ pub fn import(options: &ImportOptions) -> Result<Imported, ImportError> {
             });
             if applies {
                 for s in &b.settings {
-                    effective.settings.entry(s.keyword.clone()).or_insert(s);
+                    settings.entry(s.keyword.clone()).or_insert(s);
                 }
             }
         }
         for s in &config.global {
-            effective.settings.entry(s.keyword.clone()).or_insert(s);
+            settings.entry(s.keyword.clone()).or_insert(s);
         }
-        let mut directions = match effective
+        Effective { settings }
+    }
+
+    /// (listen, open) rights as the config grants them: `AllowTcpForwarding` /
+    /// `DisableForwarding` decide the directions, `PermitListen` / `PermitOpen` the rules.
+    fn rights(&self) -> (Vec<String>, Vec<String>) {
+        let mut directions = match self
             .args("allowtcpforwarding")
             .and_then(|a| a.first())
             .map(|v| v.to_ascii_lowercase())
@@ -314,7 +398,7 @@ pub fn import(options: &ImportOptions) -> Result<Imported, ImportError> {
             Some("remote") => Directions::Remote,
             _ => Directions::Neither,
         };
-        if effective
+        if self
             .args("disableforwarding")
             .and_then(|a| a.first())
             .is_some_and(|v| v.eq_ignore_ascii_case("yes"))
@@ -322,72 +406,117 @@ pub fn import(options: &ImportOptions) -> Result<Imported, ImportError> {
             directions = Directions::Neither;
         }
         let list = |keyword: &str| -> Vec<String> {
-            match effective.args(keyword) {
+            match self.args(keyword) {
                 None => vec!["any".to_string()],
                 Some(a) if a.iter().any(|v| v.eq_ignore_ascii_case("none")) => Vec::new(),
                 Some(a) => a.to_vec(),
             }
         };
-        let mut listen = if matches!(directions, Directions::Both | Directions::Remote) {
+        let listen = if matches!(directions, Directions::Both | Directions::Remote) {
             list("permitlisten")
         } else {
             Vec::new()
         };
-        let mut open = if matches!(directions, Directions::Both | Directions::Local) {
+        let open = if matches!(directions, Directions::Both | Directions::Local) {
             list("permitopen")
         } else {
             Vec::new()
         };
+        (listen, open)
+    }
 
-        // Keys, and what their options restrict further.
-        let (key_path, lines) = keys_of.get(user).cloned().unwrap_or_default();
-        let mut keys = Vec::new();
-        let mut principals = None;
-        let mut key_opens: Vec<Vec<String>> = Vec::new();
-        let mut key_listens: Vec<Vec<String>> = Vec::new();
+    /// The sshd_config lines of the settings this importer translated.
+    fn origin(&self) -> String {
+        self.settings
+            .values()
+            .filter(|s| TRANSLATED.contains(&s.keyword.as_str()))
+            .map(|s| s.line.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// A user's keys as the registry takes them, and what their options restrict further.
+struct UserKeys {
+    path: PathBuf,
+    keys: Vec<String>,
+    /// From `cert-authority` keys: the principals a certificate may name for this identity.
+    principals: Option<Vec<String>>,
+    /// Each key's `permitopen=` / `permitlisten=` (keys without one are not listed).
+    opens: Vec<Vec<String>>,
+    listens: Vec<Vec<String>>,
+}
+
+impl UserKeys {
+    /// Keys whose options cmx cannot express are left out (a gap each), never let in more widely.
+    fn read(
+        user: &str,
+        file: Option<&(PathBuf, Vec<KeyLine>)>,
+        trust: &mut Trust,
+        found: &mut Findings,
+    ) -> UserKeys {
+        let (path, lines) = file.cloned().unwrap_or_default();
+        let mut out = UserKeys {
+            path,
+            keys: Vec::new(),
+            principals: None,
+            opens: Vec::new(),
+            listens: Vec::new(),
+        };
         for k in &lines {
-            let place = format!("{}:{}", key_path.display(), k.line);
+            let place = format!("{}:{}", out.path.display(), k.line);
             if let Some(from) = &k.from {
-                gaps.push(Gap { at: place, why: format!("from=\"{from}\": cmx has no per-key source restriction; key left out (a certificate's source-address does this)") });
+                found.gap(place, format!("from=\"{from}\": cmx has no per-key source restriction; key left out (a certificate's source-address does this)"));
                 continue;
             }
             if let Some(expiry) = &k.expiry_time {
-                gaps.push(Gap { at: place, why: format!("expiry-time=\"{expiry}\": cmx keys do not expire; key left out (a certificate's validity does this)") });
+                found.gap(place, format!("expiry-time=\"{expiry}\": cmx keys do not expire; key left out (a certificate's validity does this)"));
                 continue;
             }
             if k.cert_authority {
-                cert_authorities.push(k.key.clone());
-                let p = k.principals.clone().unwrap_or_else(|| vec![user.clone()]);
-                notes.push(format!("{place}: cert-authority: cmx trusts this CA for every identity; a certificate logs in as the identity whose principals it names ({})", p.join(", ")));
-                principals.get_or_insert_with(Vec::new).extend(p);
+                trust.cert_authorities.push(k.key.clone());
+                let p = k.principals.clone().unwrap_or_else(|| vec![user.to_string()]);
+                found.note(format!("{place}: cert-authority: cmx trusts this CA for every identity; a certificate logs in as the identity whose principals it names ({})", p.join(", ")));
+                out.principals.get_or_insert_with(Vec::new).extend(p);
                 continue;
             }
             if !k.may_forward() {
-                gaps.push(Gap { at: place, why: "this key may not forward (restrict or no-port-forwarding), which is all cmx does; key left out".into() });
+                found.gap(place, "this key may not forward (restrict or no-port-forwarding), which is all cmx does; key left out".into());
                 continue;
             }
             if !k.permit_open.is_empty() {
-                key_opens.push(k.permit_open.clone());
+                out.opens.push(k.permit_open.clone());
             }
             if !k.permit_listen.is_empty() {
-                key_listens.push(k.permit_listen.clone());
+                out.listens.push(k.permit_listen.clone());
             }
-            keys.push(k.key.clone());
+            out.keys.push(k.key.clone());
         }
+        out
+    }
+
+    /// The config's rights narrowed to what every key allows (OpenSSH checks both); keys that
+    /// disagree are a gap, since cmx rights are per identity.
+    fn narrow(
+        &self,
+        user: &str,
+        mut listen: Vec<String>,
+        mut open: Vec<String>,
+        found: &mut Findings,
+    ) -> (Vec<String>, Vec<String>) {
         for (key_lists, rights, what) in [
-            (&key_opens, &mut open, "permitopen"),
-            (&key_listens, &mut listen, "permitlisten"),
+            (&self.opens, &mut open, "permitopen"),
+            (&self.listens, &mut listen, "permitlisten"),
         ] {
             if key_lists.is_empty() {
                 continue;
             }
-            if key_lists.len() != keys.len() || key_lists.windows(2).any(|w| w[0] != w[1]) {
-                gaps.push(Gap {
-                    at: key_path.display().to_string(),
-                    why: format!("the keys of '{user}' have different {what}= options; cmx rights are per identity: the identity gets what every key allows"),
-                });
+            if key_lists.len() != self.keys.len() || key_lists.windows(2).any(|w| w[0] != w[1]) {
+                found.gap(
+                    self.path.display().to_string(),
+                    format!("the keys of '{user}' have different {what}= options; cmx rights are per identity: the identity gets what every key allows"),
+                );
             }
-            // Rights in both the config and every key (OpenSSH checks both).
             let allowed_by_keys: Vec<&String> = key_lists[0]
                 .iter()
                 .filter(|r| key_lists.iter().all(|l| l.contains(r)))
@@ -402,60 +531,97 @@ pub fn import(options: &ImportOptions) -> Result<Imported, ImportError> {
                     .collect()
             };
         }
+        (listen, open)
+    }
+}
+
+/// Identity addresses for users whose name is no MAC address, in order from the prefix.
+struct AddressPool {
+    base: u128,
+    next: u128,
+    /// The note for the address the last `place` chose, if it chose one.
+    chosen: Option<String>,
+}
+
+impl AddressPool {
+    fn new(context: &RegistryContext) -> AddressPool {
+        AddressPool {
+            base: u128::from(context.prefix.network()),
+            next: 0x100,
+            chosen: None,
+        }
+    }
+
+    /// The registry line that places `user`: its MAC when asked to and its name is one, else
+    /// the next free address.
+    fn place(&mut self, user: &str, mac_from_user: bool) -> String {
+        self.chosen = None;
+        if mac_from_user && let Ok(mac) = user.parse::<Mac>() {
+            return format!("mac = \"{mac}\"");
+        }
+        let address = Ipv6Addr::from(self.base + self.next);
+        self.next += 1;
+        self.chosen = Some(format!(
+            "'{user}' gets the identity address {address} (no MAC in its name; set your own in the registry)"
+        ));
+        format!("address = \"{address}\"")
+    }
+}
+
+/// One identity as it will be written.
+struct Draft {
+    name: String,
+    role: &'static str,
+    keys: Vec<String>,
+    principals: Option<Vec<String>>,
+    place: String,
+    listen: Vec<String>,
+    open: Vec<String>,
+    origin: String,
+}
+
+impl Draft {
+    fn new(
+        name: String,
+        effective: Effective,
+        keys: UserKeys,
+        listen: Vec<String>,
+        open: Vec<String>,
+        mac_from_user: bool,
+        addresses: &mut AddressPool,
+    ) -> Draft {
         let role = match (listen.is_empty(), open.is_empty()) {
             (false, false) => "both",
             (false, true) => "server",
             _ => "device",
         };
-        if listen.is_empty() && open.is_empty() {
-            notes.push(format!(
-                "user '{user}' may not forward anything under this sshd_config; its identity permits nothing"
-            ));
-        }
-        let place = match (options.mac_from_user, user.parse::<Mac>()) {
-            (true, Ok(mac)) => format!("mac = \"{mac}\""),
-            _ => {
-                let base = u128::from(options.context.prefix.network());
-                let address = Ipv6Addr::from(base + next_address);
-                next_address += 1;
-                notes.push(format!("'{user}' gets the identity address {address} (no MAC in its name; set your own in the registry)"));
-                format!("address = \"{address}\"")
-            }
-        };
-        let origin = effective
-            .settings
-            .values()
-            .filter(|s| TRANSLATED.contains(&s.keyword.as_str()))
-            .map(|s| s.line.to_string())
-            .collect::<Vec<_>>()
-            .join(", ");
-        drafts.push(Draft {
-            name: user.clone(),
+        let place = addresses.place(&name, mac_from_user);
+        Draft {
             role,
-            keys,
-            principals,
+            keys: keys.keys,
+            principals: keys.principals,
             place,
             listen,
             open,
-            origin,
-        });
+            origin: effective.origin(),
+            name,
+        }
     }
+}
 
-    // Devices reached servers through the gateway's loopback (`-L x:localhost:PORT` to the port
-    // a server's `-R` holds there); cmx names the server instead.
-    let servers_on: BTreeMap<u16, Vec<String>> =
-        drafts
-            .iter()
-            .filter(|d| d.role != "device")
-            .fold(BTreeMap::new(), |mut m, d| {
-                for rule in &d.listen {
-                    if let Some(port) = rule.rsplit(':').next().and_then(|p| p.parse::<u16>().ok()) {
-                        m.entry(port).or_insert_with(Vec::new).push(d.name.clone());
-                    }
-                }
-                m
-            });
-    for d in &mut drafts {
+/// Devices reached servers through the gateway's loopback (`-L x:localhost:PORT` to the port a
+/// server's `-R` holds there); cmx names the server instead, when exactly one publishes it.
+fn name_loopback_targets(drafts: &mut [Draft], found: &mut Findings) {
+    let mut servers_on: BTreeMap<u16, Vec<String>> = BTreeMap::new();
+    for d in drafts.iter().filter(|d| d.role != "device") {
+        for rule in &d.listen {
+            if let Some(port) = rule.rsplit(':').next().and_then(|p| p.parse::<u16>().ok()) {
+                servers_on.entry(port).or_default().push(d.name.clone());
+            }
+        }
+    }
+    let config = found.config_path.display().to_string();
+    for d in drafts.iter_mut() {
         let mut translated = Vec::new();
         for rule in std::mem::take(&mut d.open) {
             let (host, port) = rule.rsplit_once(':').unwrap_or((&rule, ""));
@@ -467,33 +633,36 @@ pub fn import(options: &ImportOptions) -> Result<Imported, ImportError> {
             match port.parse::<u16>().ok().and_then(|p| servers_on.get(&p)) {
                 Some(servers) if servers.len() == 1 => {
                     let target = format!("{}:{port}", servers[0]);
-                    notes.push(format!("'{}': PermitOpen {rule} is {target} (the server that publishes port {port}); its agent forwards to {target} instead of {rule}", d.name));
+                    found.note(format!("'{}': PermitOpen {rule} is {target} (the server that publishes port {port}); its agent forwards to {target} instead of {rule}", d.name));
                     translated.push(target);
                 }
-                Some(servers) => gaps.push(Gap {
-                    at: config_path.display().to_string(),
-                    why: format!("'{}': PermitOpen {rule}: several servers publish port {port} ({}); not translated", d.name, servers.join(", ")),
-                }),
-                None => gaps.push(Gap {
-                    at: config_path.display().to_string(),
-                    why: format!("'{}': PermitOpen {rule}: no server publishes port {port}, and cmx refuses the gateway's own loopback; not translated", d.name),
-                }),
+                Some(servers) => found.gap(
+                    config.clone(),
+                    format!("'{}': PermitOpen {rule}: several servers publish port {port} ({}); not translated", d.name, servers.join(", ")),
+                ),
+                None => found.gap(
+                    config.clone(),
+                    format!("'{}': PermitOpen {rule}: no server publishes port {port}, and cmx refuses the gateway's own loopback; not translated", d.name),
+                ),
             }
         }
         d.open = translated;
     }
+}
 
+/// The registry text.
+fn render(config_path: &Path, mut trust: Trust, drafts: &[Draft]) -> String {
     let q = |s: &str| serde_json::to_string(s).unwrap_or_default();
     let qlist = |l: &[String]| format!("[{}]", l.iter().map(|s| q(s)).collect::<Vec<_>>().join(", "));
     let mut out = format!(
         "# Imported by `cmx-gateway import-openssh` from {}.\n",
         config_path.display()
     );
-    cert_authorities.sort();
-    cert_authorities.dedup();
-    let _ = writeln!(out, "cert_authorities = {}", qlist(&cert_authorities));
-    let _ = writeln!(out, "revoked_keys = {}", qlist(&revoked));
-    for d in &drafts {
+    trust.cert_authorities.sort();
+    trust.cert_authorities.dedup();
+    let _ = writeln!(out, "cert_authorities = {}", qlist(&trust.cert_authorities));
+    let _ = writeln!(out, "revoked_keys = {}", qlist(&trust.revoked));
+    for d in drafts {
         let _ = write!(out, "\n[[identity]]\n");
         if !d.origin.is_empty() {
             let _ = writeln!(out, "# sshd_config lines {}", d.origin);
@@ -515,13 +684,7 @@ pub fn import(options: &ImportOptions) -> Result<Imported, ImportError> {
             let _ = writeln!(out, "permit_open = {}", qlist(&d.open));
         }
     }
-    Registry::parse(&out, Path::new("<imported registry>"), options.context.clone())
-        .map_err(|e| ImportError::Invalid(e.to_string()))?;
-    Ok(Imported {
-        registry: out,
-        gaps,
-        notes,
-    })
+    out
 }
 
 /// `/etc/group` lines: group -> members.
