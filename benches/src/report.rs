@@ -140,8 +140,7 @@ impl Report {
         base: &str,
         base_figure: &dyn Fn(&Metrics) -> Option<f64>,
     ) -> Option<Summary> {
-        let value = |v: &str, run: usize| {
-            let figure = if v == variant { figure } else { base_figure };
+        let value = |v: &str, run: usize, figure: &dyn Fn(&Metrics) -> Option<f64>| {
             self.records
                 .iter()
                 .find(|r| r.variant == v && r.run == run)
@@ -155,7 +154,7 @@ impl Report {
             .collect();
         let ratios: Vec<f64> = runs
             .into_iter()
-            .filter_map(|run| Some((value(variant, run)?, value(base, run)?)))
+            .filter_map(|run| Some((value(variant, run, figure)?, value(base, run, base_figure)?)))
             .filter(|(_, b)| *b > 0.0)
             .map(|(a, b)| a / b)
             .collect();

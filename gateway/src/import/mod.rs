@@ -161,23 +161,16 @@ pub fn import(options: &ImportOptions) -> Result<Imported, ImportError> {
         let (listen, open) = effective.rights();
         let keys = UserKeys::read(&user, keys_of.get(&user), &mut trust, &mut found);
         let (listen, open) = keys.narrow(&user, listen, open, &mut found);
-        let draft = Draft::new(
-            user,
-            effective,
-            keys,
-            listen,
-            open,
-            options.mac_from_user,
-            &mut addresses,
-        );
+        let (place, address_note) = addresses.place(&user, options.mac_from_user);
+        let draft = Draft::new(user, effective, keys, listen, open, place);
         if draft.listen.is_empty() && draft.open.is_empty() {
             found.note(format!(
                 "user '{}' may not forward anything under this sshd_config; its identity permits nothing",
                 draft.name
             ));
         }
-        if let Some(note) = &addresses.chosen {
-            found.note(note.clone());
+        if let Some(note) = address_note {
+            found.note(note);
         }
         drafts.push(draft);
     }
@@ -539,8 +532,6 @@ impl UserKeys {
 struct AddressPool {
     base: u128,
     next: u128,
-    /// The note for the address the last `place` chose, if it chose one.
-    chosen: Option<String>,
 }
 
 impl AddressPool {
@@ -548,23 +539,23 @@ impl AddressPool {
         AddressPool {
             base: u128::from(context.prefix.network()),
             next: 0x100,
-            chosen: None,
         }
     }
 
     /// The registry line that places `user`: its MAC when asked to and its name is one, else
-    /// the next free address.
-    fn place(&mut self, user: &str, mac_from_user: bool) -> String {
-        self.chosen = None;
+    /// the next free address, with a note saying which.
+    fn place(&mut self, user: &str, mac_from_user: bool) -> (String, Option<String>) {
         if mac_from_user && let Ok(mac) = user.parse::<Mac>() {
-            return format!("mac = \"{mac}\"");
+            return (format!("mac = \"{mac}\""), None);
         }
         let address = Ipv6Addr::from(self.base + self.next);
         self.next += 1;
-        self.chosen = Some(format!(
-            "'{user}' gets the identity address {address} (no MAC in its name; set your own in the registry)"
-        ));
-        format!("address = \"{address}\"")
+        (
+            format!("address = \"{address}\""),
+            Some(format!(
+                "'{user}' gets the identity address {address} (no MAC in its name; set your own in the registry)"
+            )),
+        )
     }
 }
 
@@ -587,15 +578,13 @@ impl Draft {
         keys: UserKeys,
         listen: Vec<String>,
         open: Vec<String>,
-        mac_from_user: bool,
-        addresses: &mut AddressPool,
+        place: String,
     ) -> Draft {
         let role = match (listen.is_empty(), open.is_empty()) {
             (false, false) => "both",
             (false, true) => "server",
             _ => "device",
         };
-        let place = addresses.place(&name, mac_from_user);
         Draft {
             role,
             keys: keys.keys,
