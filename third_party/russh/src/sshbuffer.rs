@@ -392,18 +392,10 @@ pub(crate) struct IncomingSshPacket {
     pub seqn: Wrapping<u32>,
 }
 
-/// cmxsafe patch: packets up to this many bytes are copied out of the read buffer, which then
-/// reads the next packet too. Taking the buffer costs a fresh one, allocated and grown for the
-/// next packet, and a shared `Bytes` header: more than one small allocation and copy. A
-/// before/after run measured 10 % more gateway CPU per 64-byte message when every packet was
-/// taken (benches/README.md, "The SSH path").
-const COPY_PACKETS_UP_TO: usize = 4096;
-
 impl IncomingSshPacket {
     /// The packet just read into `read` (past its length and padding-length bytes), decompressed
-    /// by `decompress` when the session has one. cmxsafe patch: without compression a packet
-    /// larger than `COPY_PACKETS_UP_TO` is the read buffer itself, without a copy, and `read`
-    /// starts afresh; a smaller one is copied.
+    /// by `decompress` when the session has one. cmxsafe patch: without compression the read
+    /// buffer itself becomes the packet, without a copy, and `read` starts afresh.
     pub(crate) fn take(
         read: &mut SSHBuffer,
         decompress: Option<&mut crate::compression::Decompress>,
@@ -414,8 +406,6 @@ impl IncomingSshPacket {
                 #[allow(clippy::indexing_slicing)] // the caller checked the length
                 Bytes::copy_from_slice(d.decompress(&read.buffer[5..], &mut decomp)?)
             }
-            #[allow(clippy::indexing_slicing)] // the caller checked the length
-            _ if read.buffer.len() <= COPY_PACKETS_UP_TO => Bytes::copy_from_slice(&read.buffer[5..]),
             _ => Bytes::from(std::mem::take(&mut read.buffer)).slice(5..),
         };
         Ok(IncomingSshPacket {
