@@ -614,7 +614,13 @@ async fn a_hundred_transfers_a_kill_9_and_a_restart_leave_every_byte_exact_and_n
         completed += usize::from(got.len() == sent.len());
     }
     eprintln!("{completed} of the 100 transfers running at the kill completed");
-    server.wait_status("republished", T, all_up).await;
+    // reconnects >= 1: "up" from the killed gateway's session does not count (the status file
+    // may not show the loss yet when the agent is slow to read it).
+    server
+        .wait_status("republished", T, |s| {
+            all_up(s) && s["reconnects"].as_u64() >= Some(1)
+        })
+        .await;
     device
         .wait_status("reconnected", T, |s| {
             state(s) == "connected" && s["reconnects"].as_u64() >= Some(1)

@@ -104,6 +104,15 @@ impl AgentProc {
 
 impl Drop for AgentProc {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // What the agent saw is half of any failure it was part of (the gateway prints its own).
+            let lines: Vec<String> = self.log.all().iter().map(|v| v.to_string()).collect();
+            eprintln!(
+                "--- agent log ({}, test failed) ---\n{}",
+                self.config.display(),
+                tail(&lines.join("\n"), 200)
+            );
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
