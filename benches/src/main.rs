@@ -291,18 +291,26 @@ async fn measure(
     let (rtt_n, connects, fan_c, fan_e) = (s.rtt, s.connects, s.fanout_conns, s.fanout_each);
     let mut m = BTreeMap::new();
     let warmup = rtt_n / 10 + 10;
-    let cpu0 = procs::cpu_seconds(&v.hosts.gw.name);
+    let (user0, system0) = procs::cpu_split(&v.hosts.gw.name);
+    let sleeps0 = procs::sleeps(&v.hosts.gw.name);
     let rtt = in_netns(&v.hosts.dev.name, move || async move {
         workloads::wait_ready(entry).await?;
         workloads::rtt(entry, warmup, rtt_n).await
     })
     .await
     .with_context(|| format!("{}: RTT", v.name))?;
-    let cpu = procs::cpu_seconds(&v.hosts.gw.name) - cpu0;
+    let (user1, system1) = procs::cpu_split(&v.hosts.gw.name);
+    let (user, cpu) = (user1 - user0, (user1 - user0) + (system1 - system0));
+    let sleeps = procs::sleeps_since(&v.hosts.gw.name, &sleeps0);
     if v.kind != Kind::Direct {
         // Each round trip is two messages through the gateway.
         let messages = 2.0 * (warmup + rtt_n) as f64;
         m.insert("cpu_ms_per_10k_msgs".into(), cpu * 1000.0 / messages * 10_000.0);
+        m.insert(
+            "user_cpu_ms_per_10k_msgs".into(),
+            user * 1000.0 / messages * 10_000.0,
+        );
+        m.insert("sleeps_per_msg".into(), sleeps as f64 / messages);
     }
     // The same ping-pong again, timed at the gateway's edges this time (its own pass: the
     // capture costs CPU that the RTT above must not pay).
@@ -611,7 +619,7 @@ async fn interleaved(
     let mut rtt: BTreeMap<String, Histogram<u64>> = BTreeMap::new();
     let mut residence: BTreeMap<String, Histogram<u64>> = BTreeMap::new();
     for run in 0..runs {
-        for v in vs {
+        for v in in_run_order(vs, run) {
             eprintln!("run {}/{runs}: {}", run + 1, v.name);
             let metrics = if v.service == Service::Echo {
                 let (metrics, h, r) = measure(v, s).await?;
@@ -636,6 +644,14 @@ async fn interleaved(
         }
     }
     Ok((records, rtt, residence))
+}
+
+/// The variants in the order run `run` measures them: rotated by one place per run, so that
+/// no variant always follows the same neighbour or always comes first after the warm-up (an
+/// A/B of two gateways would otherwise measure one of them always right after the other).
+fn in_run_order<T>(vs: &[T], run: usize) -> impl Iterator<Item = &T> {
+    let start = if vs.is_empty() { 0 } else { run % vs.len() };
+    vs[start..].iter().chain(&vs[..start])
 }
 
 /// Restricts this process to the CPU it is running on now.
@@ -739,5 +755,29 @@ fn main() -> anyhow::Result<()> {
             println!("{}", serde_json::to_string(&r)?);
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::in_run_order;
+
+    #[test]
+    fn each_run_measures_every_variant_once_and_rotates_who_goes_first() {
+        let vs = ["openssh", "cmx-sockmap", "cmx-baseline"];
+        let order = |run| in_run_order(&vs, run).copied().collect::<Vec<_>>();
+        assert_eq!(order(0), ["openssh", "cmx-sockmap", "cmx-baseline"]);
+        assert_eq!(order(1), ["cmx-sockmap", "cmx-baseline", "openssh"]);
+        assert_eq!(order(2), ["cmx-baseline", "openssh", "cmx-sockmap"]);
+        assert_eq!(order(3), order(0));
+        // Over as many runs as variants, each variant takes each place once.
+        for v in vs {
+            let mut places: Vec<usize> = (0..vs.len())
+                .map(|run| order(run).iter().position(|x| *x == v).unwrap_or(usize::MAX))
+                .collect();
+            places.sort_unstable();
+            assert_eq!(places, [0, 1, 2], "{v}");
+        }
+        assert_eq!(in_run_order::<&str>(&[], 4).count(), 0);
     }
 }

@@ -84,6 +84,8 @@ const COLUMNS: &[(&str, &str, bool)] = &[
     ("residence_p99_us", "p99", false),
     ("residence_p999_us", "p99.9", false),
     ("cpu_ms_per_10k_msgs", "gw CPU ms/10k msg", false),
+    ("user_cpu_ms_per_10k_msgs", "of it user", false),
+    ("sleeps_per_msg", "gw sleeps/msg", false),
     ("connect_p50_us", "conn+1B p50 µs", false),
     ("connect_p99_us", "p99", false),
     ("connects_per_s", "conn/s", true),
@@ -599,7 +601,15 @@ impl Report {
         for v in self.variants() {
             let columns = if is_mqtt(&v) { MQTT_COLUMNS } else { COLUMNS };
             for (key, _, _) in columns {
-                if matches!(*key, "cpu_s_per_gb" | "cpu_ms_per_10k_msgs") && v == "direct" {
+                if v == "direct"
+                    && matches!(
+                        *key,
+                        "cpu_s_per_gb"
+                            | "cpu_ms_per_10k_msgs"
+                            | "user_cpu_ms_per_10k_msgs"
+                            | "sleeps_per_msg"
+                    )
+                {
                     continue;
                 }
                 if self.summary(&v, key).is_none() {
