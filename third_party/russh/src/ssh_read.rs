@@ -2,13 +2,27 @@ use std::pin::Pin;
 
 use futures::task::*;
 use log::trace;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, BufReader, ReadBuf, ReadHalf, WriteHalf};
 
 use crate::Error;
 
 const SSH_ID_BUF_SIZE: usize = 256;
 const SSH_ID_MAX_LINE_LEN: usize = 255;
 const SSH_ID_MAX_PRE_BANNER_LINES: usize = 20;
+
+/// How much a session reads ahead of the packet it is decoding (CMXSAFE change 7).
+///
+/// `cipher::read` asks for a packet in two exact reads (the length block, then the rest). Read
+/// straight from a socket, a small packet costs three `recv` calls: two that fill exactly what
+/// was asked (so the runtime cannot tell the socket is drained) and a third that finds it empty.
+/// Through this buffer one `recv` takes the whole packet, and every other one already queued, and
+/// comes back short, which tells the runtime to wait for the next readiness event instead. A
+/// request at least this large with nothing buffered (the bulk of a 32 KiB packet) bypasses the
+/// buffer, so large packets are not copied twice.
+const READ_AHEAD: usize = 4096;
+
+/// The read half of a session's stream, as the session loops read it.
+pub(crate) type SshReadHalf<R> = SshRead<BufReader<ReadHalf<R>>>;
 
 /// The buffer to read the identification string (first line in the
 /// protocol).  Not sensitive data — just protocol version exchange.
@@ -75,9 +89,15 @@ pub struct SshRead<R> {
 }
 
 impl<R: AsyncRead + AsyncWrite> SshRead<R> {
-    pub fn split(self) -> (SshRead<tokio::io::ReadHalf<R>>, tokio::io::WriteHalf<R>) {
+    pub fn split(self) -> (SshReadHalf<R>, WriteHalf<R>) {
         let (r, w) = tokio::io::split(self.r);
-        (SshRead { id: self.id, r }, w)
+        (
+            SshRead {
+                id: self.id,
+                r: BufReader::with_capacity(READ_AHEAD, r),
+            },
+            w,
+        )
     }
 }
 
@@ -359,5 +379,94 @@ mod tests {
 
         let received = read.read_ssh_id().await.unwrap();
         assert_eq!(received, b"SSH-2.0-OpenSSH_10.2");
+    }
+
+    /// A stream that counts the reads reaching it.
+    struct CountingStream<S> {
+        inner: S,
+        reads: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl<S: AsyncRead + Unpin> AsyncRead for CountingStream<S> {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context,
+            buf: &mut ReadBuf,
+        ) -> Poll<Result<(), std::io::Error>> {
+            self.reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Pin::new(&mut self.inner).poll_read(cx, buf)
+        }
+    }
+
+    impl<S: AsyncWrite + Unpin> AsyncWrite for CountingStream<S> {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context,
+            buf: &[u8],
+        ) -> Poll<Result<usize, std::io::Error>> {
+            Pin::new(&mut self.inner).poll_write(cx, buf)
+        }
+        fn poll_flush(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context,
+        ) -> Poll<Result<(), std::io::Error>> {
+            Pin::new(&mut self.inner).poll_flush(cx)
+        }
+        fn poll_shutdown(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context,
+        ) -> Poll<Result<(), std::io::Error>> {
+            Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+    }
+
+    /// An unencrypted packet as it travels before the first key exchange.
+    fn clear_packet(payload: &[u8]) -> Vec<u8> {
+        let padding = 8 - (5 + payload.len()) % 8 + 8;
+        let mut packet = ((1 + payload.len() + padding) as u32).to_be_bytes().to_vec();
+        packet.push(padding as u8);
+        packet.extend_from_slice(payload);
+        packet.resize(packet.len() + padding, 0);
+        packet
+    }
+
+    /// Reads one packet as a session does and returns its payload.
+    async fn next_payload<R: AsyncRead + Unpin>(read: &mut R) -> Vec<u8> {
+        let mut buffer = crate::sshbuffer::SSHBuffer::new();
+        let mut key = crate::cipher::clear::Key;
+        let n = crate::cipher::read(read, &mut buffer, &mut key).await.unwrap();
+        buffer.buffer[5..n].to_vec()
+    }
+
+    // CMXSAFE change 7: small packets queued on the socket are taken in one read, not two reads
+    // each (plus one that finds the socket empty); large packets still arrive whole.
+    #[tokio::test]
+    async fn queued_small_packets_take_one_read_and_large_ones_arrive_whole() {
+        let (mut peer, ours) = tokio::io::duplex(1 << 20);
+        let reads = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let stream = CountingStream {
+            inner: ours,
+            reads: reads.clone(),
+        };
+        let (mut read, _write) = SshRead::new(stream).split();
+
+        let small: Vec<Vec<u8>> = (0..3u8).map(|i| vec![i; 64]).collect();
+        let wire: Vec<u8> = small.iter().flat_map(|p| clear_packet(p)).collect();
+        tokio::io::AsyncWriteExt::write_all(&mut peer, &wire).await.unwrap();
+        for payload in &small {
+            assert_eq!(&next_payload(&mut read).await, payload);
+        }
+        assert_eq!(
+            reads.load(std::sync::atomic::Ordering::Relaxed),
+            1,
+            "three queued small packets should cost one read of the stream"
+        );
+
+        let large: Vec<u8> = (0..40_000u32).map(|i| (i % 251) as u8).collect();
+        let mut wire = clear_packet(&large);
+        wire.extend(clear_packet(&small[1]));
+        tokio::io::AsyncWriteExt::write_all(&mut peer, &wire).await.unwrap();
+        assert_eq!(next_payload(&mut read).await, large);
+        assert_eq!(next_payload(&mut read).await, small[1]);
     }
 }

@@ -49,7 +49,7 @@ use log::{debug, error, trace, warn};
 use russh_util::time::Instant;
 use ssh_encoding::{Decode, Encode};
 use ssh_key::{Algorithm, Certificate, HashAlg, PrivateKey, PublicKey};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, WriteHalf};
 use tokio::pin;
 use tokio::sync::mpsc::{
     Receiver, Sender, UnboundedReceiver, UnboundedSender, channel, unbounded_channel,
@@ -66,7 +66,7 @@ use crate::kex::{KexAlgorithmImplementor, KexCause, KexProgress, SessionKexState
 use crate::keys::PrivateKeyWithHashAlg;
 use crate::msg::{is_kex_msg, validate_server_msg_strict_kex};
 use crate::session::{CommonSession, EncryptedState, GlobalRequestResponse, NewKeys};
-use crate::ssh_read::SshRead;
+use crate::ssh_read::{SshRead, SshReadHalf};
 use crate::sshbuffer::{IncomingSshPacket, PacketWriter, SSHBuffer, SshId};
 use crate::{
     ChannelId, ChannelOpenFailure, CryptoVec, Disconnect, Error, Limits, MethodSet, Sig, auth,
@@ -1377,7 +1377,7 @@ impl Session {
 
     async fn run_inner<H: Handler + Send, R: AsyncRead + AsyncWrite + Unpin + Send>(
         &mut self,
-        stream_read: SshRead<ReadHalf<R>>,
+        stream_read: SshReadHalf<R>,
         stream_write: &mut WriteHalf<R>,
         handler: &mut H,
         kex_done_signal: &mut Option<
