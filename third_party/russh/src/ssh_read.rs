@@ -2,7 +2,7 @@ use std::pin::Pin;
 
 use futures::task::*;
 use log::trace;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, BufReader, ReadBuf, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf, ReadHalf, WriteHalf};
 
 use crate::Error;
 
@@ -15,14 +15,75 @@ const SSH_ID_MAX_PRE_BANNER_LINES: usize = 20;
 /// `cipher::read` asks for a packet in two exact reads (the length block, then the rest). Read
 /// straight from a socket, a small packet costs three `recv` calls: two that fill exactly what
 /// was asked (so the runtime cannot tell the socket is drained) and a third that finds it empty.
-/// Through this buffer one `recv` takes the whole packet, and every other one already queued, and
-/// comes back short, which tells the runtime to wait for the next readiness event instead. A
-/// request at least this large with nothing buffered (the bulk of a 32 KiB packet) bypasses the
-/// buffer, so large packets are not copied twice.
+/// Reading up to this much at once, one `recv` takes the whole packet, and every other one
+/// already queued, and comes back short, which tells the runtime to wait for the next readiness
+/// event instead. A request at least this large with nothing read ahead (the bulk of a 32 KiB
+/// packet) goes straight to the socket, so large packets are not copied twice.
 const READ_AHEAD: usize = 4096;
 
 /// The read half of a session's stream, as the session loops read it.
-pub(crate) type SshReadHalf<R> = SshRead<BufReader<ReadHalf<R>>>;
+pub(crate) type SshReadHalf<R> = SshRead<ReadAhead<ReadHalf<R>>>;
+
+/// Reads up to `READ_AHEAD` bytes at once and keeps what the caller did not ask for yet.
+///
+/// The read lands in a buffer on the stack; only bytes left over go to the heap, and that
+/// allocation is freed as soon as they are taken. A session waiting for its peer (most of a
+/// device fleet, most of the time) holds nothing here.
+pub(crate) struct ReadAhead<R> {
+    inner: R,
+    /// Bytes read but not yet taken, from `pos`.
+    ahead: Vec<u8>,
+    pos: usize,
+}
+
+impl<R> ReadAhead<R> {
+    fn new(inner: R) -> Self {
+        ReadAhead {
+            inner,
+            ahead: Vec::new(),
+            pos: 0,
+        }
+    }
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for ReadAhead<R> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context,
+        buf: &mut ReadBuf,
+    ) -> Poll<Result<(), std::io::Error>> {
+        let this = self.get_mut();
+        if this.pos < this.ahead.len() {
+            let n = buf.remaining().min(this.ahead.len() - this.pos);
+            #[allow(clippy::indexing_slicing)] // n is at most what is left
+            buf.put_slice(&this.ahead[this.pos..this.pos + n]);
+            this.pos += n;
+            if this.pos == this.ahead.len() {
+                this.ahead = Vec::new();
+                this.pos = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        if buf.remaining() >= READ_AHEAD {
+            return Pin::new(&mut this.inner).poll_read(cx, buf);
+        }
+        let mut stack = [std::mem::MaybeUninit::<u8>::uninit(); READ_AHEAD];
+        let mut read = ReadBuf::uninit(&mut stack);
+        match Pin::new(&mut this.inner).poll_read(cx, &mut read) {
+            Poll::Ready(Ok(())) => {
+                let got = read.filled();
+                let n = buf.remaining().min(got.len());
+                #[allow(clippy::indexing_slicing)] // n is at most got.len()
+                {
+                    buf.put_slice(&got[..n]);
+                    this.ahead.extend_from_slice(&got[n..]);
+                }
+                Poll::Ready(Ok(()))
+            }
+            other => other,
+        }
+    }
+}
 
 /// The buffer to read the identification string (first line in the
 /// protocol).  Not sensitive data — just protocol version exchange.
@@ -94,7 +155,7 @@ impl<R: AsyncRead + AsyncWrite> SshRead<R> {
         (
             SshRead {
                 id: self.id,
-                r: BufReader::with_capacity(READ_AHEAD, r),
+                r: ReadAhead::new(r),
             },
             w,
         )
@@ -461,6 +522,7 @@ mod tests {
             1,
             "three queued small packets should cost one read of the stream"
         );
+        assert_eq!(read.r.ahead.capacity(), 0, "a drained read-ahead holds no memory");
 
         let large: Vec<u8> = (0..40_000u32).map(|i| (i % 251) as u8).collect();
         let mut wire = clear_packet(&large);
@@ -468,5 +530,6 @@ mod tests {
         tokio::io::AsyncWriteExt::write_all(&mut peer, &wire).await.unwrap();
         assert_eq!(next_payload(&mut read).await, large);
         assert_eq!(next_payload(&mut read).await, small[1]);
+        assert_eq!(read.r.ahead.capacity(), 0);
     }
 }
