@@ -155,6 +155,81 @@ async fn a_revoked_key_ends_its_session() {
     assert!(agent.output().contains("was revoked"), "{}", agent.output());
 }
 
+/// Writes `msg` on `conn` and reads as many bytes back.
+async fn exchange_on(conn: &mut tokio::net::TcpStream, msg: &[u8]) -> Vec<u8> {
+    conn.write_all(msg).await.unwrap();
+    let mut back = vec![0u8; msg.len()];
+    conn.read_exact(&mut back).await.unwrap();
+    back
+}
+
+/// A peer that stops answering (SIGSTOPped: its kernel still acknowledges, its ssh says nothing)
+/// is dropped after `ssh.keepalive_max` unanswered keepalives, with the reason in the audit log.
+/// One that answers stays however long it is quiet, and one that keeps sending is never asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_peer_that_stops_answering_is_dropped_by_keepalive_and_one_that_answers_stays() {
+    let (hosts, gw, [srv1, dev1, dev2]) =
+        standard("[ssh]\nkeepalive_interval_secs = 1\nkeepalive_max = 2\n").await;
+    let _echo = Echo::serve(hosts.srv.listen("127.0.0.1:5001"));
+    let quiet = SshAgent::start(&hosts, &hosts.srv, "srv1", &srv1, &["-R", "1883:127.0.0.1:5001"]);
+    gw.log
+        .wait_event("1883 published", forward_added("srv1", 1883))
+        .await;
+    let frozen = SshAgent::start(&hosts, &hosts.dev, "dev1", &dev1, &[]);
+    gw.log.wait_event("dev1 in", session_opened("dev1")).await;
+    let busy = SshAgent::local_forwards(&hosts, "dev2", &dev2, &["127.0.0.1:12883:srv1:1883"]);
+    gw.log.wait_event("dev2 in", session_opened("dev2")).await;
+
+    // OpenSSH's client logs each global request it answers (-v).
+    const ASKED: &str = "rtype keepalive@openssh.com";
+    // dev2 keeps a connection busy: an exchange every 50 ms through the gateway.
+    let mut conn = hosts.dev.connect_retry("127.0.0.1:12883").await;
+    assert_eq!(exchange_on(&mut conn, b"first").await, b"first");
+    let asked_before = busy.output().matches(ASKED).count();
+    // SAFETY: signalling a child this test started.
+    unsafe { libc::kill(frozen.child.id() as i32, libc::SIGSTOP) };
+    let dropped = async {
+        gw.log
+            .wait("dev1's session closed", T, |v| {
+                field(v, "message") == "session closed" && field(v, "identity") == "dev1"
+            })
+            .await
+    };
+    let traffic = async {
+        for i in 0u32.. {
+            let msg = i.to_be_bytes();
+            assert_eq!(exchange_on(&mut conn, &msg).await, msg);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let closed = tokio::select! {
+        v = dropped => v,
+        () = traffic => unreachable!(),
+    };
+    assert!(field(&closed, "reason").contains("Keepalive timeout"), "{closed}");
+    assert_eq!(
+        busy.output().matches(ASKED).count(),
+        asked_before,
+        "a session carrying traffic was sent keepalives:\n{}",
+        busy.output()
+    );
+    quiet.wait_output(ASKED, T).await;
+    // SAFETY: as above.
+    unsafe { libc::kill(frozen.child.id() as i32, libc::SIGCONT) };
+    // Well over keepalive_max intervals went by: srv1 (quiet, answering) and dev2 (busy) are in.
+    let closed: Vec<_> = gw
+        .log
+        .all()
+        .into_iter()
+        .filter(|v| field(v, "message") == "session closed")
+        .collect();
+    assert_eq!(closed.len(), 1, "only dev1 was dropped: {closed:?}");
+    assert_eq!(
+        exchange(hosts.dev.connect_retry("127.0.0.1:12883").await, b"still").await,
+        b"still"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn idle_silent_and_garbage_connections_are_cut_at_login_grace() {
     let hosts = Hosts::new();

@@ -28,6 +28,7 @@ pub mod mac;
 
 pub mod keys;
 
+mod lazy_deadline;
 mod msg;
 mod negotiation;
 mod ssh_read;

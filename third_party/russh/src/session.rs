@@ -17,7 +17,6 @@ use std::collections::HashMap;
 use std::fmt::{Debug, Formatter};
 use std::mem::replace;
 use std::num::Wrapping;
-use std::time::Duration;
 
 use byteorder::{BigEndian, ByteOrder};
 use bytes::Bytes;
@@ -786,21 +785,23 @@ impl Encrypted {
             || dur >= limits.rekey_time_limit)
     }
 
-    /// Delay until an automatic rekey is due: zero when the write limit is
-    /// already exceeded, otherwise what is left of the time limit.
-    pub(crate) fn rekey_time_remaining(
+    /// When an automatic rekey is due: now when the write limit is already
+    /// exceeded, otherwise when the time limit runs out (`None`: never). A
+    /// deadline rather than a delay, so that the session loops need not
+    /// re-arm their timers every turn (CMXSAFE change 8).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub(crate) fn rekey_deadline(
         &self,
         limits: &Limits,
         writer: &PacketWriter,
-    ) -> Option<Duration> {
+    ) -> Option<std::time::Instant> {
         if self.kex.skip_exchange() {
             return None;
         }
         if writer.bytes_written() >= limits.rekey_write_limit {
-            return Some(Duration::ZERO);
+            return Some(std::time::Instant::now());
         }
-        let elapsed = russh_util::time::Instant::now().duration_since(self.last_rekey);
-        Some(limits.rekey_time_limit.saturating_sub(elapsed))
+        self.last_rekey.checked_add(limits.rekey_time_limit)
     }
 
     pub fn new_channel_id(&mut self) -> ChannelId {

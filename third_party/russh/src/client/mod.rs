@@ -64,6 +64,7 @@ use crate::channels::{
 use crate::cipher::{self, OpeningKey, clear};
 use crate::kex::{KexAlgorithmImplementor, KexCause, KexProgress, SessionKexState};
 use crate::keys::PrivateKeyWithHashAlg;
+use crate::lazy_deadline::LazyDeadline;
 use crate::msg::{is_kex_msg, validate_server_msg_strict_kex};
 use crate::session::{CommonSession, EncryptedState, GlobalRequestResponse, NewKeys};
 use crate::ssh_read::{SshRead, SshReadHalf};
@@ -1395,9 +1396,14 @@ impl Session {
         let mut opening_cipher = Box::new(clear::Key) as Box<dyn OpeningKey + Send>;
         std::mem::swap(&mut opening_cipher, &mut self.common.remote_to_local);
 
-        let keepalive_timer =
-            crate::future_or_pending(self.common.config.keepalive_interval, tokio::time::sleep);
-        pin!(keepalive_timer);
+        // CMXSAFE change 8: deadlines pushed back without re-arming a timer per packet.
+        let mut keepalive = LazyDeadline::new(
+            self.common
+                .config
+                .keepalive_interval
+                .map(|d| tokio::time::Instant::now() + d),
+        );
+        let mut rekey = LazyDeadline::default();
 
         let inactivity_timer =
             crate::future_or_pending(self.common.config.inactivity_timeout, tokio::time::sleep);
@@ -1416,9 +1422,7 @@ impl Session {
             // application output in its bounded receivers while a channel is
             // window-blocked.
             let can_receive_outbound = !self.kex.active() && !self.common.has_any_pending_data();
-            let rekey_timer =
-                crate::future_or_pending(self.rekey_time_remaining(), tokio::time::sleep);
-            pin!(rekey_timer);
+            rekey.set(self.rekey_deadline());
             let window_wake = self.common.window_wake.clone();
             tokio::select! {
                 () = window_wake.notified(), if !self.kex.active() => {
@@ -1465,11 +1469,11 @@ impl Session {
                     std::mem::swap(&mut opening_cipher, &mut self.common.remote_to_local);
                     reading.set(start_reading(stream_read, buffer, opening_cipher));
                 }
-                () = &mut rekey_timer => {
+                () = rekey.elapsed() => {
                     // The flush after the select sees the elapsed limit.
                     debug!("rekey time limit reached");
                 }
-                () = &mut keepalive_timer => {
+                () = keepalive.elapsed() => {
                     keepalive_elapsed = true;
                     if let Some(ref mut enc) = self.common.encrypted
                         && matches!(enc.state, EncryptedState::Authenticated)
@@ -1559,12 +1563,9 @@ impl Session {
                 self.common.alive_timeouts = 0;
             }
             if (self.common.received_data || keepalive_elapsed)
-                && let (futures::future::Either::Right(ref mut sleep), Some(d)) = (
-                    keepalive_timer.as_mut().as_pin_mut(),
-                    self.common.config.keepalive_interval,
-                )
+                && let Some(d) = self.common.config.keepalive_interval
             {
-                sleep.as_mut().reset(tokio::time::Instant::now() + d);
+                keepalive.set(Some(tokio::time::Instant::now() + d));
             }
             if !keepalive_elapsed
                 && let (futures::future::Either::Right(ref mut sleep), Some(d)) = (
@@ -1892,14 +1893,23 @@ impl Session {
                 .is_some_and(|enc| matches!(enc.state, EncryptedState::Authenticated))
     }
 
-    fn rekey_time_remaining(&self) -> Option<Duration> {
-        if cfg!(target_arch = "wasm32") || !self.automatic_rekey_allowed() {
+    /// When an automatic rekey is due, as the session loop's timer waits for it.
+    #[cfg(target_arch = "wasm32")]
+    fn rekey_deadline(&self) -> Option<tokio::time::Instant> {
+        None
+    }
+
+    /// When an automatic rekey is due, as the session loop's timer waits for it.
+    #[cfg(not(target_arch = "wasm32"))]
+    fn rekey_deadline(&self) -> Option<tokio::time::Instant> {
+        if !self.automatic_rekey_allowed() {
             return None;
         }
         self.common
             .encrypted
             .as_ref()?
-            .rekey_time_remaining(&self.common.config.limits, &self.common.packet_writer)
+            .rekey_deadline(&self.common.config.limits, &self.common.packet_writer)
+            .map(tokio::time::Instant::from_std)
     }
 
     /// Flush the temporary cleartext buffer into the encryption
@@ -2359,6 +2369,13 @@ mod tests {
             KEXES.get(&crate::kex::CURVE25519).unwrap().make();
     }
 
+    /// Whether the session loop's rekey timer would fire now (`None`: it waits for nothing).
+    fn rekey_due_now(session: &Session) -> Option<bool> {
+        session
+            .rekey_deadline()
+            .map(|d| d <= tokio::time::Instant::now())
+    }
+
     #[test]
     fn limit_triggered_rekey_waits_for_authentication() {
         let (mut session, _sender, _replies) = keyboard_interactive_session();
@@ -2366,10 +2383,10 @@ mod tests {
 
         session.flush().unwrap();
         assert!(!session.kex.active(), "write limit hit before authentication");
-        assert_eq!(session.rekey_time_remaining(), None);
+        assert_eq!(rekey_due_now(&session), None);
 
         session.common.encrypted.as_mut().unwrap().state = EncryptedState::Authenticated;
-        assert_eq!(session.rekey_time_remaining(), Some(Duration::ZERO));
+        assert_eq!(rekey_due_now(&session), Some(true));
         session.flush().unwrap();
         assert!(session.kex.active());
     }

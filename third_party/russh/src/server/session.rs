@@ -1,7 +1,6 @@
 use std::collections::{HashMap, VecDeque};
 use std::io::ErrorKind;
 use std::sync::Arc;
-use std::time::Duration;
 
 use channels::WindowSizeRef;
 use kex::ServerKex;
@@ -14,6 +13,7 @@ use super::*;
 use crate::channels::{Channel, ChannelMsg, ChannelReadHalf, ChannelRef, ChannelWriteHalf};
 use crate::helpers::NameList;
 use crate::kex::{EXTENSION_SUPPORT_AS_CLIENT, KexCause, SessionKexState};
+use crate::lazy_deadline::LazyDeadline;
 use crate::{ChannelOpenFailure, map_err, msg};
 
 /// A connected server session. This type is unique to a client.
@@ -640,9 +640,14 @@ impl Session {
         let mut opening_cipher = Box::new(clear::Key) as Box<dyn OpeningKey + Send>;
         std::mem::swap(&mut opening_cipher, &mut self.common.remote_to_local);
 
-        let keepalive_timer =
-            future_or_pending(self.common.config.keepalive_interval, tokio::time::sleep);
-        pin!(keepalive_timer);
+        // CMXSAFE change 8: deadlines pushed back without re-arming a timer per packet.
+        let mut keepalive = LazyDeadline::new(
+            self.common
+                .config
+                .keepalive_interval
+                .map(|d| tokio::time::Instant::now() + d),
+        );
+        let mut rekey = LazyDeadline::default();
 
         let inactivity_timer =
             future_or_pending(self.common.config.inactivity_timeout, tokio::time::sleep);
@@ -702,8 +707,7 @@ impl Session {
                 }
             }
 
-            let rekey_timer = future_or_pending(self.rekey_time_remaining(), tokio::time::sleep);
-            pin!(rekey_timer);
+            rekey.set(self.rekey_deadline());
             let window_wake = self.common.window_wake.clone();
 
             tokio::select! {
@@ -758,11 +762,11 @@ impl Session {
                     }
                     reading.set(start_reading(stream_read, buffer, opening_cipher));
                 }
-                () = &mut rekey_timer => {
+                () = rekey.elapsed() => {
                     // The flush after the select sees the elapsed limit.
                     debug!("rekey time limit reached");
                 }
-                () = &mut keepalive_timer => {
+                () = keepalive.elapsed() => {
                     self.common.alive_timeouts = self.common.alive_timeouts.saturating_add(1);
                     if self.common.config.keepalive_max != 0 && self.common.alive_timeouts > self.common.config.keepalive_max {
                         debug!("Timeout, client not responding to keepalives");
@@ -819,12 +823,9 @@ impl Session {
                 self.common.alive_timeouts = 0;
             }
             if (self.common.received_data || sent_keepalive)
-                && let (futures::future::Either::Right(ref mut sleep), Some(d)) = (
-                    keepalive_timer.as_mut().as_pin_mut(),
-                    self.common.config.keepalive_interval,
-                )
+                && let Some(d) = self.common.config.keepalive_interval
             {
-                sleep.as_mut().reset(tokio::time::Instant::now() + d);
+                keepalive.set(Some(tokio::time::Instant::now() + d));
             }
             if !sent_keepalive
                 && let (futures::future::Either::Right(ref mut sleep), Some(d)) = (
@@ -951,14 +952,16 @@ impl Session {
                 .is_some_and(|enc| Self::automatic_rekey_eligible(&enc.state))
     }
 
-    fn rekey_time_remaining(&self) -> Option<Duration> {
+    /// When an automatic rekey is due, as the session loop's timer waits for it.
+    fn rekey_deadline(&self) -> Option<tokio::time::Instant> {
         if !self.automatic_rekey_allowed() {
             return None;
         }
         self.common
             .encrypted
             .as_ref()?
-            .rekey_time_remaining(&self.common.config.limits, &self.common.packet_writer)
+            .rekey_deadline(&self.common.config.limits, &self.common.packet_writer)
+            .map(tokio::time::Instant::from_std)
     }
 
     pub fn flush_pending(&mut self, channel: ChannelId) -> Result<usize, Error> {
@@ -1581,6 +1584,7 @@ mod tests {
     use std::io::Write;
     use std::num::Wrapping;
     use std::sync::Arc;
+    use std::time::Duration;
 
     use ssh_encoding::Encode;
 
@@ -1734,12 +1738,12 @@ mod tests {
 
         session.flush().unwrap();
         assert!(!session.kex.active(), "write limit hit before authentication");
-        assert_eq!(session.rekey_time_remaining(), None);
+        assert_eq!(rekey_due_now(&session), None);
 
         // USERAUTH_SUCCESS has been flushed; the next peer packet would
         // activate delayed compression, but the rekey comes first.
         session.common.encrypted.as_mut().unwrap().state = EncryptedState::InitCompression;
-        assert_eq!(session.rekey_time_remaining(), Some(Duration::ZERO));
+        assert_eq!(rekey_due_now(&session), Some(true));
         session.flush().unwrap();
         assert!(session.kex.active());
         assert!(matches!(
@@ -1777,7 +1781,7 @@ mod tests {
             session.common.packet_writer.compress(),
             Compress::None
         ));
-        assert_eq!(session.rekey_time_remaining(), Some(Duration::ZERO));
+        assert_eq!(rekey_due_now(&session), Some(true));
 
         // What the event loop does once that deadline fires.
         session.flush().unwrap();
@@ -1791,6 +1795,13 @@ mod tests {
             session.common.packet_writer.compress(),
             Compress::Zlib(_)
         ));
+    }
+
+    /// Whether the session loop's rekey timer would fire now (`None`: it waits for nothing).
+    fn rekey_due_now(session: &Session) -> Option<bool> {
+        session
+            .rekey_deadline()
+            .map(|d| d <= tokio::time::Instant::now())
     }
 
     /// `authenticated_session` negotiates the `none` kex, which cannot be
@@ -1807,13 +1818,13 @@ mod tests {
         let mut session = authenticated_session();
         Arc::get_mut(&mut session.common.config).unwrap().limits =
             crate::Limits::new(1 << 30, 1 << 30, Duration::ZERO);
-        assert_eq!(session.rekey_time_remaining(), None, "`none` kex");
+        assert_eq!(rekey_due_now(&session), None, "`none` kex");
 
         allow_rekey(
             &mut session,
             crate::Limits::new(1 << 30, 1 << 30, Duration::ZERO),
         );
-        assert_eq!(session.rekey_time_remaining(), Some(Duration::ZERO));
+        assert_eq!(rekey_due_now(&session), Some(true));
     }
 
     /// Runs the server event loop on one end of an in-memory stream and
