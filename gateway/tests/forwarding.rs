@@ -397,6 +397,10 @@ async fn two_hundred_concurrent_channels_share_one_session() {
     // All of them went through dev1's single session.
     let sessions = s.gw.log.count_events(session_opened("dev1"));
     assert_eq!(sessions, 1);
+    // The log arrives through a pipe: wait for the 201st line before counting.
+    s.gw.log
+        .wait_more_audits("201 pairs audited", 200, |r| r.event == AuditEvent::PairOpened)
+        .await;
     assert_eq!(s.gw.log.count_audits(|r| r.event == AuditEvent::PairOpened), 201);
 }
 
