@@ -193,9 +193,7 @@ async fn tunnels_come_back_after_the_gateway_is_killed_and_restarted() {
 
     // Traffic is flowing when the gateway dies.
     let mut c = hosts.dev.connect_retry("127.0.0.1:11883").await;
-    c.write_all(b"before").await.unwrap();
-    let mut buf = [0u8; 6];
-    c.read_exact(&mut buf).await.unwrap();
+    assert_eq!(round_trip(&mut c, b"before").await, b"before");
     gw.kill9();
     let mut rest = Vec::new();
     let _ = tokio::time::timeout(T, c.read_to_end(&mut rest))

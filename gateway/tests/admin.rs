@@ -271,9 +271,7 @@ async fn the_api_shows_live_sessions_forwards_and_pairs_and_disconnects_a_sessio
     let _device = SshAgent::local_forwards(&hosts, "dev1", &dev1, &["127.0.0.1:11883:srv1:1883"]);
     // A connection that stays open, with 5,000 bytes through and back.
     let mut held = hosts.dev.connect_retry("127.0.0.1:11883").await;
-    held.write_all(&[7u8; 5000]).await.unwrap();
-    let mut back = vec![0u8; 5000];
-    held.read_exact(&mut back).await.unwrap();
+    assert_eq!(round_trip(&mut held, &[7u8; 5000]).await, [7u8; 5000]);
     let get = |path: &'static str| api(&hosts.gw, &admin, "GET", path, None);
 
     let (status, ids) = get("/api/v1/identities").await;

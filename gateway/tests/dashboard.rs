@@ -7,7 +7,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use cmx_testbed::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -35,9 +34,7 @@ async fn the_dashboard_shows_who_is_connected_and_disconnects_a_session() {
     let (_echo, _server) = publish_echo(&hosts, &gw, &srv1, &[]).await;
     let _device = SshAgent::local_forwards(&hosts, "dev1", &dev1, &["127.0.0.1:11883:srv1:1883"]);
     let mut held = hosts.dev.connect_retry("127.0.0.1:11883").await;
-    held.write_all(&[1u8; 4096]).await.unwrap();
-    let mut back = vec![0u8; 4096];
-    held.read_exact(&mut back).await.unwrap();
+    assert_eq!(round_trip(&mut held, &[1u8; 4096]).await, [1u8; 4096]);
     // A stranger's user name that is markup: the page must show it, not run it.
     let hostile = "<img src=x onerror=\"document.title='pwned'\">";
     let mut s = raw_session(&hosts.dev, &format!("{GW_DEV_IP}:{SSH_PORT}"))

@@ -155,14 +155,6 @@ async fn a_revoked_key_ends_its_session() {
     assert!(agent.output().contains("was revoked"), "{}", agent.output());
 }
 
-/// Writes `msg` on `conn` and reads as many bytes back.
-async fn exchange_on(conn: &mut tokio::net::TcpStream, msg: &[u8]) -> Vec<u8> {
-    conn.write_all(msg).await.unwrap();
-    let mut back = vec![0u8; msg.len()];
-    conn.read_exact(&mut back).await.unwrap();
-    back
-}
-
 /// A peer that stops answering (SIGSTOPped: its kernel still acknowledges, its ssh says nothing)
 /// is dropped after `ssh.keepalive_max` unanswered keepalives, with the reason in the audit log.
 /// One that answers stays however long it is quiet, and one that keeps sending is never asked.
@@ -184,7 +176,7 @@ async fn a_peer_that_stops_answering_is_dropped_by_keepalive_and_one_that_answer
     const ASKED: &str = "rtype keepalive@openssh.com";
     // dev2 keeps a connection busy: an exchange every 50 ms through the gateway.
     let mut conn = hosts.dev.connect_retry("127.0.0.1:12883").await;
-    assert_eq!(exchange_on(&mut conn, b"first").await, b"first");
+    assert_eq!(round_trip(&mut conn, b"first").await, b"first");
     let asked_before = busy.output().matches(ASKED).count();
     // SAFETY: signalling a child this test started.
     unsafe { libc::kill(frozen.child.id() as i32, libc::SIGSTOP) };
@@ -198,7 +190,7 @@ async fn a_peer_that_stops_answering_is_dropped_by_keepalive_and_one_that_answer
     let traffic = async {
         for i in 0u32.. {
             let msg = i.to_be_bytes();
-            assert_eq!(exchange_on(&mut conn, &msg).await, msg);
+            assert_eq!(round_trip(&mut conn, &msg).await, msg);
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     };

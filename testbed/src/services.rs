@@ -168,6 +168,16 @@ pub async fn publish_echo(hosts: &Hosts, gw: &GatewayProc, srv1: &Key, extra: &[
     (echo, agent)
 }
 
+/// Writes `msg` on a connection that stays open and reads back as many bytes: one round trip
+/// through an echo, the connection kept for more.
+pub async fn round_trip(conn: &mut tokio::net::TcpStream, msg: &[u8]) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    conn.write_all(msg).await.unwrap();
+    let mut back = vec![0u8; msg.len()];
+    conn.read_exact(&mut back).await.unwrap();
+    back
+}
+
 /// Writes `data`, half-closes, and returns everything read until EOF.
 pub async fn exchange(mut s: tokio::net::TcpStream, data: &[u8]) -> Vec<u8> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
