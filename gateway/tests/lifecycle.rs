@@ -222,6 +222,61 @@ async fn a_peer_that_stops_answering_is_dropped_by_keepalive_and_one_that_answer
     );
 }
 
+/// A peer that stops reading while the gateway has data for it (a device whose app froze, or
+/// whose network went away mid-transfer) fills the gateway's socket to it: the gateway cannot
+/// write its keepalives either. It is dropped all the same, after `keepalive_max` intervals
+/// without its socket taking a byte, and the services streaming to it see their connections end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_peer_that_stops_reading_while_data_waits_for_it_is_dropped_too() {
+    let (hosts, gw, [srv1, dev1, _dev2]) =
+        standard("[ssh]\nkeepalive_interval_secs = 1\nkeepalive_max = 2\n").await;
+    // srv1's service streams to whoever connects until the connection ends.
+    let firehose = hosts.srv.listen("127.0.0.1:5001");
+    let (ended_tx, mut ended) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = firehose.accept().await {
+            let ended_tx = ended_tx.clone();
+            tokio::spawn(async move {
+                let chunk = vec![0x5a; 64 * 1024];
+                while c.write_all(&chunk).await.is_ok() {}
+                let _ = ended_tx.send(());
+            });
+        }
+    });
+    let _server = SshAgent::start(&hosts, &hosts.srv, "srv1", &srv1, &["-R", "1883:127.0.0.1:5001"]);
+    gw.log
+        .wait_event("1883 published", forward_added("srv1", 1883))
+        .await;
+    let device = SshAgent::local_forwards(&hosts, "dev1", &dev1, &["127.0.0.1:12883:srv1:1883"]);
+    gw.log.wait_event("dev1 in", session_opened("dev1")).await;
+    // Eight streams, each allowed OpenSSH's 2 MiB channel window: far more than the sockets
+    // between the gateway and a device that stopped reading can hold.
+    const STREAMS: usize = 32;
+    let mut streams = Vec::new();
+    for _ in 0..STREAMS {
+        let mut c = hosts.dev.connect_retry("127.0.0.1:12883").await;
+        let mut first = [0u8; 1];
+        c.read_exact(&mut first).await.unwrap();
+        streams.push(c);
+    }
+    // SAFETY: signalling a child this test started.
+    unsafe { libc::kill(device.child.id() as i32, libc::SIGSTOP) };
+    let closed = gw
+        .log
+        .wait("dev1's session closed", T, |v| {
+            field(v, "message") == "session closed" && field(v, "identity") == "dev1"
+        })
+        .await;
+    assert!(field(&closed, "reason").contains("Send stalled"), "{closed}");
+    for i in 0..STREAMS {
+        tokio::time::timeout(T, ended.recv())
+            .await
+            .unwrap_or_else(|_| panic!("only {i} of {STREAMS} streams to the dropped device ended"));
+    }
+    // SAFETY: as above.
+    unsafe { libc::kill(device.child.id() as i32, libc::SIGCONT) };
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn idle_silent_and_garbage_connections_are_cut_at_login_grace() {
     let hosts = Hosts::new();

@@ -183,6 +183,11 @@ pub enum Error {
     #[error("Inactivity timeout")]
     InactivityTimeout,
 
+    /// CMXSAFE change 9: the peer's socket took no byte for as long as the keepalive allows a
+    /// silent peer (`keepalive_interval` × (`keepalive_max` + 1)): it stopped reading.
+    #[error("Send stalled: the peer took no data for {0:?}")]
+    SendStalled(std::time::Duration),
+
     /// Missing authentication method.
     #[error("No authentication method")]
     NoAuthMethod,
@@ -537,14 +542,29 @@ pub(crate) async fn flush_or_timeout<W: AsyncWrite + Unpin>(
     writer: &mut sshbuffer::PacketWriter,
     stream: &mut W,
     inactivity_timer: Pin<&mut impl Future<Output = ()>>,
+    stall_limit: Option<std::time::Duration>,
 ) -> Result<(), Error> {
     tokio::select! {
-        r = writer.flush_into(stream) => Ok(r?),
+        r = writer.flush_into_unless_stalled(stream, stall_limit) => r,
         _ = inactivity_timer => {
             debug!("timeout while writing");
             Err(Error::InactivityTimeout)
         }
     }
+}
+
+/// CMXSAFE change 9: how long a write may wait for the peer's socket to take a byte. While a
+/// session loop waits in a write it runs no keepalive, so a peer that stopped reading with data
+/// waiting for it would otherwise be held until TCP gives up (about 15 minutes), or forever if
+/// its kernel keeps acknowledging. It gets as long as a silent peer gets from the keepalive:
+/// `interval` × (`max` + 1); no limit where the keepalive drops no one.
+pub(crate) fn send_stall_limit(
+    keepalive_interval: Option<std::time::Duration>,
+    keepalive_max: usize,
+) -> Option<std::time::Duration> {
+    let interval = keepalive_interval.filter(|_| keepalive_max != 0)?;
+    let intervals = u32::try_from(keepalive_max.saturating_add(1)).unwrap_or(u32::MAX);
+    Some(interval.saturating_mul(intervals))
 }
 
 /// Returns `f(val)` if `val` it is [Some], or a forever pending [Future] if it is [None].

@@ -639,4 +639,102 @@ impl PacketWriter {
         }
         Ok(())
     }
+
+    /// CMXSAFE change 9: [`Self::flush_into`], failing with [`crate::Error::SendStalled`] once
+    /// the peer's socket has taken no byte for `stall_limit`. A peer that reads slowly makes
+    /// progress and is never cut; only one whose socket stays full is.
+    pub async fn flush_into_unless_stalled<W: AsyncWrite + Unpin>(
+        &mut self,
+        w: &mut W,
+        stall_limit: Option<std::time::Duration>,
+    ) -> Result<(), crate::Error> {
+        let Some(limit) = stall_limit else {
+            return Ok(self.flush_into(w).await?);
+        };
+        let buffer = &self.write_buffer.buffer;
+        let mut written = 0;
+        while written < buffer.len() {
+            let mut write = std::pin::pin!(w.write(&buffer[written..]));
+            // A socket with room takes the bytes at once: no timer and no clock read then.
+            let n = match futures::poll!(write.as_mut()) {
+                std::task::Poll::Ready(n) => n?,
+                std::task::Poll::Pending => tokio::time::timeout(limit, write)
+                    .await
+                    .map_err(|_| crate::Error::SendStalled(limit))??,
+            };
+            if n == 0 {
+                return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into());
+            }
+            written += n;
+        }
+        w.flush().await?;
+        self.write_buffer.buffer.clear();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::AsyncReadExt;
+
+    use super::*;
+
+    fn writer_holding(len: usize) -> PacketWriter {
+        let mut writer = PacketWriter::clear();
+        writer.write_buffer.buffer.extend(std::iter::repeat_n(7u8, len));
+        writer
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_takes_nothing_stalls_the_flush_and_one_that_reads_slowly_does_not() {
+        let limit = Duration::from_millis(200);
+
+        // Nobody reads the other end: the pipe fills and the write can never finish.
+        let (mut to_peer, _peer) = tokio::io::duplex(64);
+        let mut writer = writer_holding(2048);
+        let stalled = writer.flush_into_unless_stalled(&mut to_peer, Some(limit)).await;
+        assert!(matches!(stalled, Err(crate::Error::SendStalled(l)) if l == limit), "{stalled:?}");
+
+        // A reader that takes 64 bytes every 10 ms needs longer than the limit for the whole
+        // buffer, but never leaves the writer waiting that long for a byte.
+        let (mut to_peer, mut peer) = tokio::io::duplex(64);
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            let mut chunk = [0u8; 64];
+            loop {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                match peer.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return got,
+                    Ok(n) => got.extend_from_slice(&chunk[..n]),
+                }
+            }
+        });
+        let mut writer = writer_holding(2048);
+        writer
+            .flush_into_unless_stalled(&mut to_peer, Some(limit))
+            .await
+            .unwrap();
+        assert!(writer.write_buffer.buffer.is_empty());
+        drop(to_peer);
+        assert_eq!(reader.await.unwrap(), vec![7u8; 2048]);
+
+        // Without a limit (no keepalive), the flush is upstream's.
+        let (mut to_peer, mut peer) = tokio::io::duplex(4096);
+        let mut writer = writer_holding(100);
+        writer.flush_into_unless_stalled(&mut to_peer, None).await.unwrap();
+        let mut got = [0u8; 100];
+        peer.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, [7u8; 100]);
+    }
+
+    #[test]
+    fn the_stall_limit_is_as_long_as_the_keepalive_gives_a_silent_peer() {
+        let second = Some(Duration::from_secs(1));
+        assert_eq!(crate::send_stall_limit(second, 2), Some(Duration::from_secs(3)));
+        assert_eq!(crate::send_stall_limit(second, 0), None, "keepalive_max 0 drops no one");
+        assert_eq!(crate::send_stall_limit(None, 3), None, "no keepalive, no limit");
+        assert!(crate::send_stall_limit(second, usize::MAX).is_some());
+    }
 }

@@ -1404,6 +1404,10 @@ impl Session {
                 .map(|d| tokio::time::Instant::now() + d),
         );
         let mut rekey = LazyDeadline::default();
+        let send_stall_limit = crate::send_stall_limit(
+            self.common.config.keepalive_interval,
+            self.common.config.keepalive_max,
+        );
 
         let inactivity_timer =
             crate::future_or_pending(self.common.config.inactivity_timeout, tokio::time::sleep);
@@ -1541,6 +1545,7 @@ impl Session {
                 &mut self.common.packet_writer,
                 stream_write,
                 inactivity_timer.as_mut(),
+                send_stall_limit,
             )
             .await?;
 

@@ -648,6 +648,10 @@ impl Session {
                 .map(|d| tokio::time::Instant::now() + d),
         );
         let mut rekey = LazyDeadline::default();
+        let send_stall_limit = crate::send_stall_limit(
+            self.common.config.keepalive_interval,
+            self.common.config.keepalive_max,
+        );
 
         let inactivity_timer =
             future_or_pending(self.common.config.inactivity_timeout, tokio::time::sleep);
@@ -698,6 +702,7 @@ impl Session {
                         &mut self.common.packet_writer,
                         &mut stream_write,
                         inactivity_timer.as_mut(),
+                        send_stall_limit,
                     )
                     .await?;
                 }
@@ -811,6 +816,7 @@ impl Session {
                 &mut self.common.packet_writer,
                 &mut stream_write,
                 inactivity_timer.as_mut(),
+                send_stall_limit,
             )
             .await?;
 
