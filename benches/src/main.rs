@@ -16,6 +16,7 @@ mod service;
 mod sessions;
 mod soak;
 mod stats;
+mod syscalls;
 mod variants;
 mod workloads;
 
@@ -293,6 +294,11 @@ async fn measure(
     let warmup = rtt_n / 10 + 10;
     let (user0, system0) = procs::cpu_split(&v.hosts.gw.name);
     let sleeps0 = procs::sleeps(&v.hosts.gw.name);
+    // The direct path has no gateway process to count.
+    let syscalls = (v.kind != Kind::Direct)
+        .then(|| syscalls::SyscallCounter::start(&v.hosts.gw.name))
+        .transpose()
+        .with_context(|| format!("{}: counting the gateway's system calls", v.name))?;
     let rtt = in_netns(&v.hosts.dev.name, move || async move {
         workloads::wait_ready(entry).await?;
         workloads::rtt(entry, warmup, rtt_n).await
@@ -302,6 +308,7 @@ async fn measure(
     let (user1, system1) = procs::cpu_split(&v.hosts.gw.name);
     let (user, cpu) = (user1 - user0, (user1 - user0) + (system1 - system0));
     let sleeps = procs::sleeps_since(&v.hosts.gw.name, &sleeps0);
+    let syscalls = syscalls.map(|c| c.count()).transpose()?.unwrap_or(0);
     if v.kind != Kind::Direct {
         // Each round trip is two messages through the gateway.
         let messages = 2.0 * (warmup + rtt_n) as f64;
@@ -311,6 +318,7 @@ async fn measure(
             user * 1000.0 / messages * 10_000.0,
         );
         m.insert("sleeps_per_msg".into(), sleeps as f64 / messages);
+        m.insert("syscalls_per_msg".into(), syscalls as f64 / messages);
     }
     // The same ping-pong again, timed at the gateway's edges this time (its own pass: the
     // capture costs CPU that the RTT above must not pay).

@@ -86,6 +86,7 @@ const COLUMNS: &[(&str, &str, bool)] = &[
     ("cpu_ms_per_10k_msgs", "gw CPU ms/10k msg", false),
     ("user_cpu_ms_per_10k_msgs", "of it user", false),
     ("sleeps_per_msg", "gw sleeps/msg", false),
+    ("syscalls_per_msg", "gw syscalls/msg", false),
     ("connect_p50_us", "conn+1B p50 µs", false),
     ("connect_p99_us", "p99", false),
     ("connects_per_s", "conn/s", true),
@@ -608,6 +609,7 @@ impl Report {
                             | "cpu_ms_per_10k_msgs"
                             | "user_cpu_ms_per_10k_msgs"
                             | "sleeps_per_msg"
+                            | "syscalls_per_msg"
                     )
                 {
                     continue;
