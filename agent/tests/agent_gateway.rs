@@ -333,6 +333,73 @@ async fn a_dead_link_is_noticed_by_keepalive_and_the_agent_reconnects() {
     drop(gw);
 }
 
+/// The link dies while the device is uploading: the agent's socket to the gateway is full, so
+/// it cannot send a keepalive either. It declares the session dead all the same, after the
+/// keepalive's limit without the socket taking a byte (russh change 9), and reconnects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_link_that_dies_mid_upload_is_noticed_and_the_agent_reconnects() {
+    let (hosts, gw, srv1, dev1) = setup().await;
+    // srv1's service takes whatever is sent to it.
+    let sink = hosts.srv.listen("127.0.0.1:5001");
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = sink.accept().await {
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut c, &mut tokio::io::sink()).await;
+            });
+        }
+    });
+    let server = server_agent(
+        &hosts,
+        &srv1,
+        &format!("{FAST}[[publish]]\nname = \"sink\"\nport = 1883\nto = \"127.0.0.1:5001\"\n"),
+    );
+    server
+        .wait_status("published", T, |s| tunnel_state(s, "sink") == "up")
+        .await;
+    let device = device_agent(
+        &hosts,
+        &dev1,
+        &format!("{FAST}[[local]]\nname = \"up\"\nlisten = \"127.0.0.1:11883\"\ntarget = \"srv1:1883\"\n"),
+    );
+    device
+        .wait_status("connected", T, |s| state(s) == "connected")
+        .await;
+    // 32 uploads, each allowed the gateway's 2 MiB channel window: far more than the agent's
+    // socket to the gateway holds once nothing leaves the host.
+    let mut uploads = Vec::new();
+    for _ in 0..32 {
+        let mut c = hosts.dev.connect_retry("127.0.0.1:11883").await;
+        uploads.push(tokio::spawn(async move {
+            let chunk = vec![0xa5; 64 * 1024];
+            while c.write_all(&chunk).await.is_ok() {}
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let link = |up: &str| {
+        let st = std::process::Command::new("ip")
+            .args(["-n", &hosts.dev.name, "link", "set", "eth0", up])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    };
+    link("down");
+    let lost = device
+        .log
+        .wait("the session lost", T, |v| field(v, "message") == "session lost; reconnecting")
+        .await;
+    assert!(field(&lost, "reason").contains("Send stalled"), "{lost}");
+    link("up");
+    device
+        .wait_status("reconnected", T, |s| {
+            state(s) == "connected" && s["reconnects"].as_u64() >= Some(1)
+        })
+        .await;
+    for u in uploads {
+        u.abort();
+    }
+    drop(gw);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_refused_tunnel_is_reported_and_does_not_disturb_the_others() {
     let (hosts, gw, srv1, dev1) = setup().await;
