@@ -385,7 +385,9 @@ async fn a_link_that_dies_mid_upload_is_noticed_and_the_agent_reconnects() {
     link("down");
     let lost = device
         .log
-        .wait("the session lost", T, |v| field(v, "message") == "session lost; reconnecting")
+        .wait("the session lost", T, |v| {
+            field(v, "message") == "session lost; reconnecting"
+        })
         .await;
     assert!(field(&lost, "reason").contains("Send stalled"), "{lost}");
     link("up");
