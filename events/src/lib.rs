@@ -55,6 +55,7 @@ pub enum GatewayEvent {
     SessionClosed {
         session: SessionId,
         identity: String,
+        cause: CloseCause,
     },
     /// A Mir-sock now serves `identity` at `[addr]:port` through `session`.
     ForwardAdded {
@@ -96,10 +97,7 @@ pub enum GatewayEvent {
         previous: usize,
     },
     /// A registry file was not applied; the previous registry stays in force.
-    RegistryRejected {
-        trigger: String,
-        error: String,
-    },
+    RegistryRejected { trigger: String, error: String },
 }
 
 impl GatewayEvent {
@@ -135,6 +133,46 @@ impl GatewayEvent {
             | GatewayEvent::Stopped
             | GatewayEvent::RegistryReloaded { .. }
             | GatewayEvent::RegistryRejected { .. } => None,
+        }
+    }
+}
+
+/// Why a session ended (the audit line's `reason` has the details).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CloseCause {
+    /// The agent ended it: a disconnect message, EOF or a reset.
+    PeerClosed,
+    /// The agent answered no keepalive for `keepalive_interval` × (`keepalive_max` + 1).
+    KeepaliveTimeout,
+    /// The agent's socket took no byte for as long while data waited for it: it stopped reading.
+    SendStalled,
+    /// The gateway ended it: a revoked key, an operator's disconnect.
+    Gateway,
+    /// The gateway is shutting down.
+    Shutdown,
+    /// A protocol or I/O error.
+    Error,
+}
+
+impl CloseCause {
+    pub const ALL: [CloseCause; 6] = [
+        CloseCause::PeerClosed,
+        CloseCause::KeepaliveTimeout,
+        CloseCause::SendStalled,
+        CloseCause::Gateway,
+        CloseCause::Shutdown,
+        CloseCause::Error,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseCause::PeerClosed => "peer-closed",
+            CloseCause::KeepaliveTimeout => "keepalive-timeout",
+            CloseCause::SendStalled => "send-stalled",
+            CloseCause::Gateway => "gateway",
+            CloseCause::Shutdown => "shutdown",
+            CloseCause::Error => "error",
         }
     }
 }
@@ -295,6 +333,24 @@ mod tests {
         assert_eq!(value["kind"], e.kind());
         let draining = serde_json::to_string(&GatewayEvent::Draining).unwrap();
         assert_eq!(draining, r#"{"kind":"draining"}"#);
+        let closed = GatewayEvent::SessionClosed {
+            session: SessionId(4),
+            identity: "dev1".into(),
+            cause: CloseCause::SendStalled,
+        };
+        let json = serde_json::to_string(&closed).unwrap();
+        assert_eq!(
+            json,
+            r#"{"kind":"session-closed","session":4,"identity":"dev1","cause":"send-stalled"}"#
+        );
+        assert_eq!(serde_json::from_str::<GatewayEvent>(&json).unwrap(), closed);
+    }
+
+    #[test]
+    fn a_close_cause_is_written_as_it_serializes() {
+        for cause in CloseCause::ALL {
+            assert_eq!(serde_json::to_value(cause).unwrap(), cause.as_str());
+        }
     }
 
     #[test]

@@ -12,7 +12,7 @@ use tokio::sync::broadcast;
 
 const CAPACITY: usize = 4096;
 
-pub use cmx_events::{ConnId, GatewayEvent, SessionId};
+pub use cmx_events::{CloseCause, ConnId, GatewayEvent, SessionId};
 
 /// Running totals of the events emitted, kept by the bus itself so that no event is ever missed
 /// (a slow subscriber may lag; these never do). The metrics endpoint exports them; what it shows
@@ -20,6 +20,8 @@ pub use cmx_events::{ConnId, GatewayEvent, SessionId};
 #[derive(Debug, Default)]
 pub struct EventTotals {
     pub sessions_opened: AtomicU64,
+    /// Sessions ended, by cause, in the order of [`CloseCause::ALL`].
+    pub sessions_closed: [AtomicU64; CloseCause::ALL.len()],
     pub forwards_taken_over: AtomicU64,
     pub pairs_opened: AtomicU64,
     pub pairs_closed: AtomicU64,
@@ -40,6 +42,7 @@ impl EventTotals {
         };
         match event {
             GatewayEvent::SessionOpened { .. } => add(&self.sessions_opened, 1),
+            GatewayEvent::SessionClosed { cause, .. } => add(&self.sessions_closed[*cause as usize], 1),
             GatewayEvent::ForwardTakenOver { .. } => add(&self.forwards_taken_over, 1),
             GatewayEvent::PairOpened { .. } => add(&self.pairs_opened, 1),
             GatewayEvent::PairClosed {
@@ -62,7 +65,6 @@ impl EventTotals {
             GatewayEvent::Ready { .. }
             | GatewayEvent::Draining
             | GatewayEvent::Stopped
-            | GatewayEvent::SessionClosed { .. }
             | GatewayEvent::ForwardAdded { .. }
             | GatewayEvent::ForwardRemoved { .. } => {}
         }

@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 
 use crate::audit::Decision;
 use crate::dataplane::Occupancy;
+use crate::events::CloseCause;
 use crate::gateway::Gateway;
 
 /// One metric family: its name, type, help text and samples (labels, value).
@@ -186,6 +187,19 @@ fn traffic_families(gw: &Gateway) -> Vec<Family<'static>> {
             "cmxsafe_sessions_opened_total",
             "Authenticated SSH sessions since start.",
             one(total(&totals.sessions_opened)),
+        ),
+        Family::counter(
+            "cmxsafe_sessions_closed_total",
+            "Authenticated SSH sessions ended since start, by cause (peer-closed, keepalive-timeout, send-stalled: the agent stopped reading, gateway: revoked or disconnected by an operator, shutdown, error).",
+            CloseCause::ALL
+                .iter()
+                .map(|c| {
+                    (
+                        labels(&[("cause", c.as_str())]),
+                        total(&totals.sessions_closed[*c as usize]),
+                    )
+                })
+                .collect(),
         ),
         Family::gauge(
             "cmxsafe_forwards",

@@ -19,6 +19,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::audit;
 use crate::config::Config;
+use crate::events::CloseCause;
 use crate::gateway::Gateway;
 use crate::killswitch::Killable;
 use crate::preauth::{Offence, Refused, Startup};
@@ -159,18 +160,28 @@ async fn connection(
     startup.authenticated();
     let handle = running.handle();
     let mut running = std::pin::pin!(running);
-    let reason = tokio::select! {
+    let (reason, cause) = tokio::select! {
         r = &mut running => match r {
-            Ok(()) => "connection closed".to_string(),
-            Err(e) => format!("connection error: {e}"),
+            Ok(()) => ("connection closed".to_string(), CloseCause::PeerClosed),
+            Err(e) => (format!("connection error: {e}"), close_cause(&e)),
         },
         _ = gw.shutdown.cancelled() => {
             disconnect(&handle, "gateway shutting down").await;
             end(running, &kill).await;
-            "gateway shutting down".to_string()
+            ("gateway shutting down".to_string(), CloseCause::Shutdown)
         }
     };
-    session::cleanup(&gw, id, &reason);
+    session::cleanup(&gw, id, &reason, cause);
+}
+
+/// Why an authenticated session's connection failed.
+fn close_cause(e: &session::SessionError) -> CloseCause {
+    match e {
+        session::SessionError::Ssh(russh::Error::KeepaliveTimeout) => CloseCause::KeepaliveTimeout,
+        session::SessionError::Ssh(russh::Error::SendStalled(_)) => CloseCause::SendStalled,
+        e if hung_up(e) => CloseCause::PeerClosed,
+        _ => CloseCause::Error,
+    }
 }
 
 type Running = russh::server::RunningSession<SessionHandler>;

@@ -14,7 +14,7 @@ use tokio::sync::oneshot;
 
 use crate::audit;
 use crate::auth::{self, Credential};
-use crate::events::{GatewayEvent, SessionId};
+use crate::events::{CloseCause, GatewayEvent, SessionId};
 use crate::forward::{direct, mirror};
 use crate::gateway::Gateway;
 use crate::quota::QuotaGuard;
@@ -492,7 +492,7 @@ impl Drop for SessionHandler {
 }
 
 /// Everything that must happen when a session ends, whatever ended it.
-pub fn cleanup(gw: &Gateway, id: SessionId, reason: &str) {
+pub fn cleanup(gw: &Gateway, id: SessionId, reason: &str, cause: CloseCause) {
     let entry = gw.sessions.remove(id);
     for ((addr, port), identity) in gw.mirrors.release_session(id) {
         audit::forward_removed(
@@ -509,11 +509,17 @@ pub fn cleanup(gw: &Gateway, id: SessionId, reason: &str) {
         });
     }
     if let Some(entry) = entry {
-        let reason = entry.closing.as_deref().unwrap_or(reason);
+        // A session the gateway decided to close (revoked, disconnected by an operator) ended
+        // because of that, however its connection then went down.
+        let (reason, cause) = match entry.closing.as_deref() {
+            Some(closing) => (closing, CloseCause::Gateway),
+            None => (reason, cause),
+        };
         audit::session_closed(id, &entry.identity, reason);
         gw.events.emit(GatewayEvent::SessionClosed {
             session: id,
             identity: entry.identity,
+            cause,
         });
     }
 }

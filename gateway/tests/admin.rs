@@ -347,9 +347,26 @@ async fn the_api_shows_live_sessions_forwards_and_pairs_and_disconnects_a_sessio
     let (status, done) = disconnect().await;
     assert_eq!(status, 200, "{done}");
     assert_eq!(done["identity"], "dev1");
-    gw.log
+    let closed = gw
+        .log
         .wait_event("dev1's session ends", session_closed("dev1"))
         .await;
+    assert!(
+        matches!(
+            closed,
+            GatewayEvent::SessionClosed {
+                cause: CloseCause::Gateway,
+                ..
+            }
+        ),
+        "{closed:?}"
+    );
+    let body = http_get(&hosts.gw, &admin, "/metrics").await.1;
+    assert_eq!(
+        metric(&body, "cmxsafe_sessions_closed_total{cause=\"gateway\"}"),
+        1,
+        "{body}"
+    );
     gw.log
         .wait_audit("the action is audited", |r| {
             r.is(AuditEvent::Admin, Verdict::Allow)

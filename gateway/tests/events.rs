@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use cmx_gateway::config::Config;
-use cmx_gateway::events::{EventBus, GatewayEvent};
+use cmx_gateway::events::{CloseCause, EventBus, GatewayEvent};
 use cmx_gateway::identity::Registry;
 use cmx_testbed::*;
 use tokio::sync::broadcast::Receiver;
@@ -133,7 +133,8 @@ async fn sessions_forwards_and_pairs_are_announced_in_order() {
         next(&mut rx).await,
         GatewayEvent::SessionClosed {
             session: srv_session,
-            identity: "srv1".into()
+            identity: "srv1".into(),
+            cause: CloseCause::PeerClosed,
         }
     );
 

@@ -155,13 +155,25 @@ async fn a_revoked_key_ends_its_session() {
     assert!(agent.output().contains("was revoked"), "{}", agent.output());
 }
 
+/// Keepalives every second, dropped after two unanswered; the admin endpoint for /metrics.
+const KEEPALIVE_AND_ADMIN: &str = "[ssh]\nkeepalive_interval_secs = 1\nkeepalive_max = 2\n[admin]\nenabled = true\nlisten = \"127.0.0.1:0\"\n";
+
+/// `cmxsafe_sessions_closed_total` for `cause`.
+async fn closed_by(hosts: &Hosts, gw: &GatewayProc, cause: &str) -> u64 {
+    let admin = gw.admin().await;
+    let body = http_get(&hosts.gw, &admin, "/metrics").await.1;
+    metric(
+        &body,
+        &format!("cmxsafe_sessions_closed_total{{cause=\"{cause}\"}}"),
+    )
+}
+
 /// A peer that stops answering (SIGSTOPped: its kernel still acknowledges, its ssh says nothing)
 /// is dropped after `ssh.keepalive_max` unanswered keepalives, with the reason in the audit log.
 /// One that answers stays however long it is quiet, and one that keeps sending is never asked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_peer_that_stops_answering_is_dropped_by_keepalive_and_one_that_answers_stays() {
-    let (hosts, gw, [srv1, dev1, dev2]) =
-        standard("[ssh]\nkeepalive_interval_secs = 1\nkeepalive_max = 2\n").await;
+    let (hosts, gw, [srv1, dev1, dev2]) = standard(KEEPALIVE_AND_ADMIN).await;
     let _echo = Echo::serve(hosts.srv.listen("127.0.0.1:5001"));
     let quiet = SshAgent::start(&hosts, &hosts.srv, "srv1", &srv1, &["-R", "1883:127.0.0.1:5001"]);
     gw.log
@@ -199,6 +211,7 @@ async fn a_peer_that_stops_answering_is_dropped_by_keepalive_and_one_that_answer
         () = traffic => unreachable!(),
     };
     assert!(field(&closed, "reason").contains("Keepalive timeout"), "{closed}");
+    assert_eq!(closed_by(&hosts, &gw, "keepalive-timeout").await, 1);
     assert_eq!(
         busy.output().matches(ASKED).count(),
         asked_before,
@@ -228,8 +241,7 @@ async fn a_peer_that_stops_answering_is_dropped_by_keepalive_and_one_that_answer
 /// without its socket taking a byte, and the services streaming to it see their connections end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_peer_that_stops_reading_while_data_waits_for_it_is_dropped_too() {
-    let (hosts, gw, [srv1, dev1, _dev2]) =
-        standard("[ssh]\nkeepalive_interval_secs = 1\nkeepalive_max = 2\n").await;
+    let (hosts, gw, [srv1, dev1, _dev2]) = standard(KEEPALIVE_AND_ADMIN).await;
     // srv1's service streams to whoever connects until the connection ends.
     let firehose = hosts.srv.listen("127.0.0.1:5001");
     let (ended_tx, mut ended) = tokio::sync::mpsc::unbounded_channel();
@@ -268,6 +280,8 @@ async fn a_peer_that_stops_reading_while_data_waits_for_it_is_dropped_too() {
         })
         .await;
     assert!(field(&closed, "reason").contains("Send stalled"), "{closed}");
+    assert_eq!(closed_by(&hosts, &gw, "send-stalled").await, 1);
+    assert_eq!(closed_by(&hosts, &gw, "keepalive-timeout").await, 0);
     for i in 0..STREAMS {
         tokio::time::timeout(T, ended.recv())
             .await

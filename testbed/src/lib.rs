@@ -34,7 +34,7 @@ pub mod services;
 pub use agents::*;
 pub use bins::*;
 pub use browser::Browser;
-pub use cmx_events::{AuditEvent, AuditRecord, GatewayEvent, SessionId, Verdict};
+pub use cmx_events::{AuditEvent, AuditRecord, CloseCause, GatewayEvent, SessionId, Verdict};
 pub use gateway::*;
 pub use hosts::*;
 pub use keys::*;
