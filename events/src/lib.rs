@@ -347,9 +347,11 @@ mod tests {
     }
 
     #[test]
-    fn a_close_cause_is_written_as_it_serializes() {
-        for cause in CloseCause::ALL {
+    fn a_close_cause_is_written_as_it_serializes_and_indexes_all() {
+        for (i, cause) in CloseCause::ALL.into_iter().enumerate() {
             assert_eq!(serde_json::to_value(cause).unwrap(), cause.as_str());
+            // The gateway counts closes in an array indexed by `cause as usize`.
+            assert_eq!(cause as usize, i);
         }
     }
 
