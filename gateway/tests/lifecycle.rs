@@ -261,15 +261,24 @@ async fn a_peer_that_stops_reading_while_data_waits_for_it_is_dropped_too() {
         .await;
     let device = SshAgent::local_forwards(&hosts, "dev1", &dev1, &["127.0.0.1:12883:srv1:1883"]);
     gw.log.wait_event("dev1 in", session_opened("dev1")).await;
-    // Eight streams, each allowed OpenSSH's 2 MiB channel window: far more than the sockets
-    // between the gateway and a device that stopped reading can hold.
+    // 32 streams, each allowed OpenSSH's 2 MiB channel window: far more than the sockets
+    // between the gateway and a device that stopped reading can hold (8 fit).
+    // The device's app reads them, so its ssh keeps granting window: when it stops, every
+    // channel has a fresh window's worth on its way.
     const STREAMS: usize = 32;
-    let mut streams = Vec::new();
+    let (reading_tx, mut reading) = tokio::sync::mpsc::unbounded_channel();
     for _ in 0..STREAMS {
         let mut c = hosts.dev.connect_retry("127.0.0.1:12883").await;
-        let mut first = [0u8; 1];
-        c.read_exact(&mut first).await.unwrap();
-        streams.push(c);
+        let reading_tx = reading_tx.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            let _ = c.read_exact(&mut buf[..1]).await;
+            let _ = reading_tx.send(());
+            while matches!(c.read(&mut buf).await, Ok(n) if n > 0) {}
+        });
+    }
+    for _ in 0..STREAMS {
+        reading.recv().await.unwrap();
     }
     // SAFETY: signalling a child this test started.
     unsafe { libc::kill(device.child.id() as i32, libc::SIGSTOP) };
@@ -289,6 +298,72 @@ async fn a_peer_that_stops_reading_while_data_waits_for_it_is_dropped_too() {
     }
     // SAFETY: as above.
     unsafe { libc::kill(device.child.id() as i32, libc::SIGCONT) };
+}
+
+/// The same from the other side: a server agent that stops reading while devices send to it is
+/// dropped after the same limit. Its forward and the devices' connections to it end; the
+/// devices' sessions stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_server_that_stops_reading_is_dropped_and_the_devices_stay() {
+    let (hosts, gw, [srv1, dev1, _dev2]) = standard(KEEPALIVE_AND_ADMIN).await;
+    // srv1's service takes whatever is sent to it.
+    let sink = hosts.srv.listen("127.0.0.1:5001");
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = sink.accept().await {
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut c, &mut tokio::io::sink()).await;
+            });
+        }
+    });
+    let server = SshAgent::start(&hosts, &hosts.srv, "srv1", &srv1, &["-R", "1883:127.0.0.1:5001"]);
+    gw.log
+        .wait_event("1883 published", forward_added("srv1", 1883))
+        .await;
+    let _device = SshAgent::local_forwards(&hosts, "dev1", &dev1, &["127.0.0.1:12883:srv1:1883"]);
+    gw.log.wait_event("dev1 in", session_opened("dev1")).await;
+    // 32 uploads, each allowed the gateway's 2 MiB window toward srv1.
+    const UPLOADS: usize = 32;
+    let (ended_tx, mut ended) = tokio::sync::mpsc::unbounded_channel();
+    for _ in 0..UPLOADS {
+        let mut c = hosts.dev.connect_retry("127.0.0.1:12883").await;
+        let ended_tx = ended_tx.clone();
+        tokio::spawn(async move {
+            let chunk = vec![0xa5; 64 * 1024];
+            while c.write_all(&chunk).await.is_ok() {}
+            let _ = ended_tx.send(());
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // SAFETY: signalling a child this test started.
+    unsafe { libc::kill(server.child.id() as i32, libc::SIGSTOP) };
+    let closed = gw
+        .log
+        .wait("srv1's session closed", T, |v| {
+            field(v, "message") == "session closed" && field(v, "identity") == "srv1"
+        })
+        .await;
+    assert!(field(&closed, "reason").contains("Send stalled"), "{closed}");
+    gw.log
+        .wait_event(
+            "1883 withdrawn",
+            |e| matches!(e, GatewayEvent::ForwardRemoved { identity, port: 1883, .. } if identity == "srv1"),
+        )
+        .await;
+    for i in 0..UPLOADS {
+        tokio::time::timeout(T, ended.recv())
+            .await
+            .unwrap_or_else(|_| panic!("only {i} of {UPLOADS} uploads to the dropped server ended"));
+    }
+    // SAFETY: as above.
+    unsafe { libc::kill(server.child.id() as i32, libc::SIGCONT) };
+    assert_eq!(closed_by(&hosts, &gw, "send-stalled").await, 1);
+    let dev1_closed = gw
+        .log
+        .all()
+        .into_iter()
+        .filter(|v| field(v, "message") == "session closed" && field(v, "identity") == "dev1")
+        .count();
+    assert_eq!(dev1_closed, 0, "the device's session stays");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
