@@ -231,7 +231,7 @@ async fn supervise(
                 return;
             }
             tracing::warn!(gateway, reason, "session lost; reconnecting");
-            status.session("disconnected", Some(gateway), Some(reason));
+            status.session_lost(gateway, reason);
             if started.elapsed() >= STABLE {
                 backoff.reset();
             }

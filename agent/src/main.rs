@@ -211,6 +211,9 @@ fn status(path: PathBuf) -> anyhow::Result<()> {
     if let Some(e) = &s.last_error {
         println!("last error: {e}");
     }
+    if let Some(e) = &s.last_session_end {
+        println!("last session ended: {e}");
+    }
     println!(
         "{:<12} {:<8} {:<36} {:<10} {:>6} {:>7} {:>12} {:>12}  DETAIL",
         "TUNNEL", "KIND", "SPEC", "STATE", "CONNS", "REFUSED", "BYTES OUT", "BYTES IN"

@@ -19,6 +19,9 @@ pub struct Snapshot {
     pub since_unix: u64,
     pub reconnects: u64,
     pub last_error: Option<String>,
+    /// Why the last session ended (a failed reconnect after it overwrites `last_error`, not this).
+    #[serde(default)]
+    pub last_session_end: Option<String>,
     pub tunnels: Vec<TunnelSnapshot>,
 }
 
@@ -58,6 +61,7 @@ impl Status {
                 since_unix: now(),
                 reconnects: 0,
                 last_error: None,
+                last_session_end: None,
                 tunnels,
             }),
             path: path.to_path_buf(),
@@ -84,6 +88,12 @@ impl Status {
         }
         drop(s);
         self.changed.notify_one();
+    }
+
+    /// Records that the session with `gateway` ended, and why.
+    pub fn session_lost(&self, gateway: String, reason: String) {
+        self.lock().last_session_end = Some(reason.clone());
+        self.session("disconnected", Some(gateway), Some(reason));
     }
 
     pub fn reconnected(&self) {

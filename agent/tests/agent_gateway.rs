@@ -391,11 +391,27 @@ async fn a_link_that_dies_mid_upload_is_noticed_and_the_agent_reconnects() {
         .await;
     assert!(field(&lost, "reason").contains("Send stalled"), "{lost}");
     link("up");
-    device
+    let s = device
         .wait_status("reconnected", T, |s| {
             state(s) == "connected" && s["reconnects"].as_u64() >= Some(1)
         })
         .await;
+    // The status keeps why the session ended, past the failed reconnects that followed.
+    let ended = s["last_session_end"].as_str().unwrap_or("");
+    assert!(ended.contains("Send stalled"), "{s}");
+    let out = hosts
+        .dev
+        .command(&workspace_bin("cmx-agent"))
+        .args(["status", "--config"])
+        .arg(&device.config)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("last session ended: ") && l.contains("Send stalled")),
+        "{out}"
+    );
     for u in uploads {
         u.abort();
     }
