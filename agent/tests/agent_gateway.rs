@@ -45,6 +45,15 @@ fn device_agent(hosts: &Hosts, dev1: &Key, body: &str) -> AgentProc {
     AgentProc::start(hosts, &hosts.dev, "device", "dev1", dev1, body)
 }
 
+/// Sets `ns`'s link to the gateway `up` or `down`: down, nothing is closed, packets just stop.
+fn set_link(ns: &Netns, up: &str) {
+    let st = std::process::Command::new("ip")
+        .args(["-n", &ns.name, "link", "set", "eth0", up])
+        .status()
+        .unwrap();
+    assert!(st.success(), "ip link set eth0 {up} in {}", ns.name);
+}
+
 const FAST: &str = "[keepalive]\ninterval_secs = 1\nmax = 2\n[reconnect]\ninitial_ms = 100\nmax_secs = 1\nconnect_timeout_secs = 3\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -301,14 +310,7 @@ async fn a_dead_link_is_noticed_by_keepalive_and_the_agent_reconnects() {
         .await;
 
     // Cut the device host's link: nothing is closed, packets just stop.
-    let link = |up: &str| {
-        let st = std::process::Command::new("ip")
-            .args(["-n", &hosts.dev.name, "link", "set", "eth0", up])
-            .status()
-            .unwrap();
-        assert!(st.success());
-    };
-    link("down");
+    set_link(&hosts.dev, "down");
     let s = device
         .wait_status("session declared dead", T, |s| state(s) != "connected")
         .await;
@@ -324,7 +326,7 @@ async fn a_dead_link_is_noticed_by_keepalive_and_the_agent_reconnects() {
             AgentProc::tunnel(s, "mqtt")["refused"].as_u64() >= Some(1)
         })
         .await;
-    link("up");
+    set_link(&hosts.dev, "up");
     device
         .wait_status("reconnected", T, |s| {
             state(s) == "connected" && s["reconnects"].as_u64() >= Some(1)
@@ -340,14 +342,7 @@ async fn a_dead_link_is_noticed_by_keepalive_and_the_agent_reconnects() {
 async fn a_link_that_dies_mid_upload_is_noticed_and_the_agent_reconnects() {
     let (hosts, gw, srv1, dev1) = setup().await;
     // srv1's service takes whatever is sent to it.
-    let sink = hosts.srv.listen("127.0.0.1:5001");
-    tokio::spawn(async move {
-        while let Ok((mut c, _)) = sink.accept().await {
-            tokio::spawn(async move {
-                let _ = tokio::io::copy(&mut c, &mut tokio::io::sink()).await;
-            });
-        }
-    });
+    sink(hosts.srv.listen("127.0.0.1:5001"));
     let server = server_agent(
         &hosts,
         &srv1,
@@ -375,14 +370,7 @@ async fn a_link_that_dies_mid_upload_is_noticed_and_the_agent_reconnects() {
         }));
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let link = |up: &str| {
-        let st = std::process::Command::new("ip")
-            .args(["-n", &hosts.dev.name, "link", "set", "eth0", up])
-            .status()
-            .unwrap();
-        assert!(st.success());
-    };
-    link("down");
+    set_link(&hosts.dev, "down");
     let lost = device
         .log
         .wait("the session lost", T, |v| {
@@ -390,7 +378,7 @@ async fn a_link_that_dies_mid_upload_is_noticed_and_the_agent_reconnects() {
         })
         .await;
     assert!(field(&lost, "reason").contains("Send stalled"), "{lost}");
-    link("up");
+    set_link(&hosts.dev, "up");
     let s = device
         .wait_status("reconnected", T, |s| {
             state(s) == "connected" && s["reconnects"].as_u64() >= Some(1)

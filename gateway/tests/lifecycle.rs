@@ -243,18 +243,7 @@ async fn a_peer_that_stops_answering_is_dropped_by_keepalive_and_one_that_answer
 async fn a_peer_that_stops_reading_while_data_waits_for_it_is_dropped_too() {
     let (hosts, gw, [srv1, dev1, _dev2]) = standard(KEEPALIVE_AND_ADMIN).await;
     // srv1's service streams to whoever connects until the connection ends.
-    let firehose = hosts.srv.listen("127.0.0.1:5001");
-    let (ended_tx, mut ended) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Ok((mut c, _)) = firehose.accept().await {
-            let ended_tx = ended_tx.clone();
-            tokio::spawn(async move {
-                let chunk = vec![0x5a; 64 * 1024];
-                while c.write_all(&chunk).await.is_ok() {}
-                let _ = ended_tx.send(());
-            });
-        }
-    });
+    let mut ended = firehose(hosts.srv.listen("127.0.0.1:5001"));
     let _server = SshAgent::start(&hosts, &hosts.srv, "srv1", &srv1, &["-R", "1883:127.0.0.1:5001"]);
     gw.log
         .wait_event("1883 published", forward_added("srv1", 1883))
@@ -307,14 +296,7 @@ async fn a_peer_that_stops_reading_while_data_waits_for_it_is_dropped_too() {
 async fn a_server_that_stops_reading_is_dropped_and_the_devices_stay() {
     let (hosts, gw, [srv1, dev1, _dev2]) = standard(KEEPALIVE_AND_ADMIN).await;
     // srv1's service takes whatever is sent to it.
-    let sink = hosts.srv.listen("127.0.0.1:5001");
-    tokio::spawn(async move {
-        while let Ok((mut c, _)) = sink.accept().await {
-            tokio::spawn(async move {
-                let _ = tokio::io::copy(&mut c, &mut tokio::io::sink()).await;
-            });
-        }
-    });
+    sink(hosts.srv.listen("127.0.0.1:5001"));
     let server = SshAgent::start(&hosts, &hosts.srv, "srv1", &srv1, &["-R", "1883:127.0.0.1:5001"]);
     gw.log
         .wait_event("1883 published", forward_added("srv1", 1883))

@@ -168,6 +168,42 @@ pub async fn publish_echo(hosts: &Hosts, gw: &GatewayProc, srv1: &Key, extra: &[
     (echo, agent)
 }
 
+/// Sink service: reads and drops whatever each connection sends, until the connection ends.
+pub fn sink(listener: tokio::net::TcpListener) {
+    serve_each(listener, |mut c| async move {
+        let _ = tokio::io::copy(&mut c, &mut tokio::io::sink()).await;
+    });
+}
+
+/// Firehose service: writes to each connection until writing fails. Receives one `()` per
+/// connection whose writes ended (closed or reset by the other side).
+pub fn firehose(listener: tokio::net::TcpListener) -> tokio::sync::mpsc::UnboundedReceiver<()> {
+    let (ended_tx, ended) = tokio::sync::mpsc::unbounded_channel();
+    serve_each(listener, move |mut c| {
+        let ended_tx = ended_tx.clone();
+        async move {
+            use tokio::io::AsyncWriteExt;
+            let chunk = vec![0x5a; 64 * 1024];
+            while c.write_all(&chunk).await.is_ok() {}
+            let _ = ended_tx.send(());
+        }
+    });
+    ended
+}
+
+/// Runs `serve` on each connection `listener` accepts, each in its own task.
+fn serve_each<F, Fut>(listener: tokio::net::TcpListener, serve: F)
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    tokio::spawn(async move {
+        while let Ok((c, _)) = listener.accept().await {
+            tokio::spawn(serve(c));
+        }
+    });
+}
+
 /// Writes `msg` on a connection that stays open and reads back as many bytes: one round trip
 /// through an echo, the connection kept for more.
 pub async fn round_trip(conn: &mut tokio::net::TcpStream, msg: &[u8]) -> Vec<u8> {
