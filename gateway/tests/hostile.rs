@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use cmx_testbed::*;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -120,6 +120,77 @@ async fn huge_user_names_leave_memory_and_the_log_bounded() {
         rss_after < rss_before + 32 * 1024,
         "RSS grew from {rss_before} KiB to {rss_after} KiB"
     );
+}
+
+/// A stranger opens connections, says hello and announces a 256 KiB first packet, then sends
+/// nothing more (20 bytes each). The gateway used to make room for the whole packet as soon as
+/// it read the length: 256 KiB of zeroed memory per connection, about 100 MiB at the default
+/// max_startups of 400, for 8 KiB sent. Now it makes room for what a packet may normally be
+/// (35,000 bytes, RFC 4253 6.1) and grows only as the bytes arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn announcing_huge_packets_before_login_costs_the_gateway_no_memory_for_them() {
+    const CONNECTIONS: usize = 200;
+    let hosts = Hosts::new();
+    let (_srv1, _dev1, registry) = srv1_publishes_dev1_opens(&hosts);
+    let gw = GatewayProc::start(
+        &hosts,
+        &registry,
+        "[limits]\nmax_startups = 400\nper_source_max_startups = 400\nlogin_grace_time_secs = 120\n",
+    )
+    .await;
+    let gw_addr = format!("{GW_DEV_IP}:{SSH_PORT}");
+    let rss_before = gw.rss_kib();
+    let mut held = Vec::new();
+    for _ in 0..CONNECTIONS {
+        let mut c = hosts.dev.connect(&gw_addr).unwrap();
+        // The banner, then a clear packet's length: 262,144 bytes, within russh's limit.
+        let mut hello = b"SSH-2.0-stranger\r\n".to_vec();
+        hello.extend_from_slice(&(256u32 * 1024).to_be_bytes());
+        c.write_all(&hello).await.unwrap();
+        held.push(c);
+    }
+    // The gateway has read every byte sent (nothing waits in its sockets), so it has acted on
+    // every announced length.
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let (sockets, unread) = unread_at_ssh_port(&hosts.gw);
+        if sockets >= CONNECTIONS && unread == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the gateway read its {CONNECTIONS} connections: {sockets} sockets, {unread} bytes unread"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let grown_kib = gw.rss_kib().saturating_sub(rss_before);
+    let per_connection = grown_kib as usize / CONNECTIONS;
+    eprintln!("RSS grew by {grown_kib} KiB for {CONNECTIONS} connections: {per_connection} KiB each");
+    assert!(
+        per_connection < 128,
+        "the gateway's RSS grew by {grown_kib} KiB for {CONNECTIONS} connections of 20 bytes: \
+         {per_connection} KiB each"
+    );
+    drop(held);
+}
+
+/// How many established TCP sockets in `ns` have the SSH port as their local port, and how many
+/// bytes wait unread in them altogether.
+fn unread_at_ssh_port(ns: &Netns) -> (usize, u64) {
+    let out = ns
+        .command("ss")
+        .args([
+            "-tnH",
+            "state",
+            "established",
+            &format!("( sport = :{SSH_PORT} )"),
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let recv_q = |l: &str| l.split_whitespace().next().and_then(|n| n.parse::<u64>().ok());
+    let queues: Vec<u64> = text.lines().filter_map(recv_q).collect();
+    (queues.len(), queues.iter().sum())
 }
 
 /// A device whose rules carry wildcard hosts (`*:80`, `*:9180`) asks for the cloud metadata

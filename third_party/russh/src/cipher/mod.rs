@@ -331,13 +331,20 @@ pub(crate) async fn read<R: AsyncRead + Unpin>(
         }
     }
 
-    buffer.buffer.resize(buffer.len + 4, 0);
-    trace!("read_exact {:?}", buffer.len + 4);
-
-    let l = cipher.packet_length_to_read_for_block_length();
-
-    #[allow(clippy::indexing_slicing)] // length checked
-    stream.read_exact(&mut buffer.buffer[l..]).await?;
+    // cmxsafe patch: room for the packet is made as its bytes arrive, not when its length is
+    // announced. A packet of up to `ROOM_AHEAD_OF_DATA` bytes (every normal one) is still read
+    // in one `read_exact`; a larger one grows by that much each time the room made is full, so
+    // a peer that announces 256 KiB and sends nothing more holds 35,000 bytes, not 256 KiB.
+    let total = buffer.len + PACKET_LENGTH_LEN;
+    let mut filled = cipher.packet_length_to_read_for_block_length();
+    while filled < total {
+        let end = total.min(filled.saturating_add(ROOM_AHEAD_OF_DATA));
+        buffer.buffer.resize(end, 0);
+        trace!("read_exact {filled}..{end} of {total}");
+        #[allow(clippy::indexing_slicing)] // resized to `end` above
+        stream.read_exact(&mut buffer.buffer[filled..end]).await?;
+        filled = end;
+    }
 
     trace!("read_exact done");
     let seqn = buffer.seqn.0;
@@ -366,6 +373,10 @@ pub(crate) async fn read<R: AsyncRead + Unpin>(
 pub(crate) const PACKET_LENGTH_LEN: usize = 4;
 
 const MINIMUM_PACKET_LEN: usize = 16;
+/// How much room `read` makes for a packet before its bytes arrive (cmxsafe patch): the total
+/// packet size every implementation must handle (RFC 4253 6.1). A channel packet of 32 KiB,
+/// the largest that OpenSSH and russh send by default, fits.
+pub(crate) const ROOM_AHEAD_OF_DATA: usize = 35_000;
 // Keep the transport limit aligned with the 256 KiB channel packet baseline.
 const MAXIMUM_PACKET_LEN_BASELINE: usize = 256 * 1024;
 const CHANNEL_DATA_PACKET_OVERHEAD: usize = 1 + 4 + 4;
@@ -413,5 +424,78 @@ mod tests {
         #[allow(clippy::indexing_slicing)]
         let payload = &buffer.buffer[5..n];
         assert_eq!(payload, [52]);
+    }
+}
+
+/// cmxsafe patch: `read` makes room for a packet as its bytes arrive.
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod room_tests {
+    use futures::FutureExt;
+    use tokio::io::AsyncWriteExt;
+
+    use super::*;
+
+    /// A sealing and an opening key of `name` with the same key material.
+    fn keys(name: Name) -> (Box<dyn SealingKey + Send>, Box<dyn OpeningKey + Send>) {
+        let cipher = CIPHERS.get(&name).unwrap();
+        let key = vec![7; cipher.key_len()];
+        let nonce = vec![9; cipher.nonce_len()];
+        (
+            cipher.make_sealing_key(&key, &nonce, &[], &crate::mac::_NONE),
+            cipher.make_opening_key(&key, &nonce, &[], &crate::mac::_NONE),
+        )
+    }
+
+    #[tokio::test]
+    async fn an_announced_length_gets_no_room_beyond_a_normal_packet_until_its_bytes_arrive() {
+        // A clear packet announcing 256 KiB, followed by only 1,000 of those bytes.
+        let (mut peer, mut stream) = tokio::io::duplex(1 << 20);
+        let mut sent = (256u32 * 1024).to_be_bytes().to_vec();
+        sent.extend_from_slice(&[0; 1000]);
+        peer.write_all(&sent).await.unwrap();
+
+        let mut buffer = SSHBuffer::new();
+        let mut key = clear::Key;
+        let pending = read(&mut stream, &mut buffer, &mut key).now_or_never();
+        assert!(pending.is_none(), "the packet is not complete");
+        assert!(
+            buffer.buffer.capacity() <= ROOM_AHEAD_OF_DATA + PACKET_LENGTH_LEN,
+            "room made for 1,004 bytes received: {}",
+            buffer.buffer.capacity()
+        );
+    }
+
+    #[tokio::test]
+    async fn packets_larger_than_the_room_ahead_arrive_whole_in_every_cipher() {
+        for name in [CHACHA20_POLY1305, AES_256_GCM, NONE] {
+            let (mut sealing, mut opening) = keys(name);
+            // Three packets: one that takes several steps of room, one of exactly the room
+            // ahead, one small; each payload distinct so that an offset slip shows.
+            let payloads: Vec<Vec<u8>> = [200_000, ROOM_AHEAD_OF_DATA - 64, 64]
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| (0..n).map(|b| (b * 31 + i) as u8).collect())
+                .collect();
+            let mut wire = SSHBuffer::new();
+            for p in &payloads {
+                sealing.write(p, &mut wire);
+            }
+            // Sent in odd pieces, so that every step waits for bytes.
+            let (mut peer, mut stream) = tokio::io::duplex(4096);
+            let writer = tokio::spawn(async move {
+                for piece in wire.buffer.chunks(1777) {
+                    peer.write_all(piece).await.unwrap();
+                }
+                peer
+            });
+            let mut buffer = SSHBuffer::new();
+            for p in &payloads {
+                buffer.buffer.clear();
+                let n = read(&mut stream, &mut buffer, opening.as_mut()).await.unwrap();
+                assert_eq!(&buffer.buffer[5..n], &p[..], "{name:?}, {} bytes", p.len());
+            }
+            writer.await.unwrap();
+        }
     }
 }
