@@ -54,7 +54,16 @@ enum Command {
     /// Validate a configuration and the identity registry it names; print every problem found.
     CheckConfig {
         /// Gateway configuration (TOML).
-        config: PathBuf,
+        #[arg(value_name = "CONFIG", required_unless_present = "config_flag")]
+        config: Option<PathBuf>,
+        /// The same, named as `run` takes it (`check-config --config gw.toml`).
+        #[arg(
+            short = 'c',
+            long = "config",
+            value_name = "CONFIG",
+            conflicts_with = "config"
+        )]
+        config_flag: Option<PathBuf>,
     },
     /// Print the default configuration, with every setting documented.
     DefaultConfig,
@@ -137,7 +146,11 @@ fn main() -> ExitCode {
             );
             run(config, dataplane, kubeconfig, insecure_skip_userspace_policy)
         }
-        Command::CheckConfig { config } => check_config(config),
+        Command::CheckConfig { config, config_flag } => match config.or(config_flag) {
+            Some(config) => check_config(config),
+            // clap requires one of the two; this only keeps the type honest.
+            None => Err(anyhow::anyhow!("check-config needs a configuration file")),
+        },
         Command::DefaultConfig => {
             print!("{}", config::EXAMPLE);
             Ok(())

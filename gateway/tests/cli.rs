@@ -71,6 +71,11 @@ fn check_config_names_file_line_and_identity() {
         "{out}"
     );
 
+    // Named as `run` takes it, the same check.
+    let (code, out, err) = gateway(&["check-config", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("1 identities"), "{out}");
+
     std::fs::write(&config, "listen = \"[::]:2222\"\nmax_startups = 5\n").unwrap();
     let (code, _, err) = gateway(&["check-config", config.to_str().unwrap()]);
     assert_eq!(code, 1);
