@@ -9,6 +9,10 @@
 //! - A penalty box (OpenSSH 9.8's `PerSourcePenalties`): a source whose connection failed to
 //!   authenticate, sent something that is not SSH, or let the login grace time run out is refused
 //!   for a while; repeated offences add up, to a maximum. Exempt networks are never penalized.
+//!   Connections that end without trying to authenticate (OpenSSH's `noauth`: a key exchange the
+//!   gateway paid for, then a hang-up) add up silently and are refused only once their penalties
+//!   reach `NOAUTH_ENFORCED_FROM` (OpenSSH's `min`), so a scanner or a misconfigured agent now
+//!   and then costs nothing, while a flood of key exchanges from one source is stopped.
 //!
 //! Pure bookkeeping (time and randomness come from the caller), so every rule is unit-tested.
 
@@ -33,7 +37,13 @@ pub enum Offence {
     Junk,
     /// Nothing authenticated within the login grace time.
     GraceExceeded,
+    /// The client sent its version line, then ended without a single authentication request.
+    NoAuth,
 }
+
+/// Penalties for `NoAuth` are enforced only once they add up to this (OpenSSH's
+/// `PerSourcePenalties min:15`): fifteen hang-ups in a row at the default of 1 s each.
+pub const NOAUTH_ENFORCED_FROM: Duration = Duration::from_secs(15);
 
 impl Offence {
     pub fn as_str(self) -> &'static str {
@@ -41,6 +51,7 @@ impl Offence {
             Offence::AuthFail => "authentication failed",
             Offence::Junk => "not SSH",
             Offence::GraceExceeded => "login grace time exceeded",
+            Offence::NoAuth => "no authentication attempted",
         }
     }
 }
@@ -54,6 +65,7 @@ pub struct Policy {
     pub authfail: Duration,
     pub junk: Duration,
     pub grace: Duration,
+    pub noauth: Duration,
     pub max: Duration,
     pub exempt: Vec<IpNet>,
 }
@@ -67,6 +79,7 @@ impl Policy {
             authfail: Duration::from_secs(l.penalty_authfail_secs),
             junk: Duration::from_secs(l.penalty_junk_secs),
             grace: Duration::from_secs(l.penalty_grace_secs),
+            noauth: Duration::from_secs(l.penalty_noauth_secs),
             max: Duration::from_secs(l.penalty_max_secs),
             exempt: l.penalty_exempt.clone(),
         }
@@ -77,6 +90,7 @@ impl Policy {
             Offence::AuthFail => self.authfail,
             Offence::Junk => self.junk,
             Offence::GraceExceeded => self.grace,
+            Offence::NoAuth => self.noauth,
         }
     }
 
@@ -100,6 +114,23 @@ struct State {
     per_source: HashMap<IpAddr, usize>,
     /// Source -> (penalized until, penalty accumulated).
     penalized: HashMap<IpAddr, (Instant, Duration)>,
+    /// Source -> until when its `NoAuth` penalties, not enforced yet, last (they run down in
+    /// real time, as an enforced penalty does).
+    noauth: HashMap<IpAddr, Instant>,
+}
+
+/// Makes room for `source` in `map` (at most `MAX_PENALIZED` sources): expired entries go
+/// first, then the one that expires soonest.
+fn make_room<V>(map: &mut HashMap<IpAddr, V>, source: IpAddr, now: Instant, until: impl Fn(&V) -> Instant) {
+    if map.len() < MAX_PENALIZED || map.contains_key(&source) {
+        return;
+    }
+    map.retain(|_, v| until(v) > now);
+    if map.len() >= MAX_PENALIZED
+        && let Some(oldest) = map.iter().min_by_key(|(_, v)| until(v)).map(|(k, _)| *k)
+    {
+        map.remove(&oldest);
+    }
 }
 
 /// The gateway's admission state: shared by the accept loop and every pre-auth connection.
@@ -135,7 +166,7 @@ impl Admission {
         {
             let left = until.duration_since(now).as_secs().max(1);
             return Err(Refused(format!(
-                "source {source} is penalized for {left} s more (earlier connections failed to authenticate, sent junk or timed out)"
+                "source {source} is penalized for {left} s more (earlier connections failed to authenticate, sent junk, timed out or never tried to authenticate)"
             )));
         }
         let Startups { start, rate, full } = p.startups;
@@ -199,19 +230,23 @@ impl Admission {
         if p.exempt.iter().any(|net| net.contains(&source)) {
             return None;
         }
-        let add = p.penalty(offence);
+        let mut add = p.penalty(offence);
         if add.is_zero() {
             return None;
         }
         let mut st = self.lock();
-        if st.penalized.len() >= MAX_PENALIZED && !st.penalized.contains_key(&source) {
-            st.penalized.retain(|_, (until, _)| *until > now);
-            if st.penalized.len() >= MAX_PENALIZED
-                && let Some(oldest) = st.penalized.iter().min_by_key(|(_, (u, _))| *u).map(|(k, _)| *k)
-            {
-                st.penalized.remove(&oldest);
+        if offence == Offence::NoAuth {
+            make_room(&mut st.noauth, source, now, |until| *until);
+            let owed = st.noauth.entry(source).or_insert(now);
+            *owed = (*owed).max(now) + add;
+            let owed_now = owed.duration_since(now);
+            if owed_now < NOAUTH_ENFORCED_FROM {
+                return None;
             }
+            st.noauth.remove(&source);
+            add = owed_now;
         }
+        make_room(&mut st.penalized, source, now, |(until, _)| *until);
         let entry = st.penalized.entry(source).or_insert((now, Duration::ZERO));
         // An expired penalty is forgotten; a live one grows.
         let carried = if entry.0 > now { entry.1 } else { Duration::ZERO };
@@ -270,6 +305,7 @@ mod tests {
             authfail: Duration::from_secs(5),
             junk: Duration::from_secs(10),
             grace: Duration::from_secs(10),
+            noauth: Duration::from_secs(1),
             max: Duration::from_secs(25),
             exempt: vec!["10.9.0.0/16".parse().unwrap()],
         }
@@ -377,5 +413,43 @@ mod tests {
         let exempt = a.admit(ip("10.9.1.1"), t2, 0.99).unwrap();
         assert_eq!(exempt.offended(Offence::Junk, t2), None);
         assert!(a.admit(ip("10.9.1.1"), t2, 0.99).is_ok());
+    }
+
+    #[test]
+    fn hang_ups_without_authenticating_are_refused_only_once_they_add_up() {
+        let a = Admission::new(policy());
+        let t0 = Instant::now();
+        let src = ip("10.1.0.2");
+        // Fourteen in the same second: each owes 1 s, nothing is enforced yet.
+        for _ in 0..14 {
+            assert_eq!(a.penalize(src, Offence::NoAuth, t0), None);
+            assert!(a.admit(src, t0, 0.99).is_ok(), "below the threshold");
+        }
+        // The fifteenth reaches NOAUTH_ENFORCED_FROM: the source is refused for all of it.
+        assert_eq!(a.penalize(src, Offence::NoAuth, t0), Some(NOAUTH_ENFORCED_FROM));
+        let r = a.admit(src, t0, 0.99).err().unwrap();
+        assert!(r.0.contains("penalized for 15 s more"), "{r:?}");
+        // Once served, the debt starts afresh.
+        let t1 = t0 + Duration::from_secs(16);
+        assert!(a.admit(src, t1, 0.99).is_ok());
+        assert_eq!(a.penalize(src, Offence::NoAuth, t1), None);
+
+        // What is owed runs down in real time: one hang-up a second never adds up.
+        let slow = ip("10.1.0.3");
+        for i in 0..100 {
+            let t = t0 + Duration::from_secs(i);
+            assert_eq!(a.penalize(slow, Offence::NoAuth, t), None, "hang-up {i}");
+        }
+        // Exempt networks owe nothing; 0 s turns it off.
+        for _ in 0..20 {
+            assert_eq!(a.penalize(ip("10.9.0.1"), Offence::NoAuth, t0), None);
+        }
+        let off = Admission::new(Policy {
+            noauth: Duration::ZERO,
+            ..policy()
+        });
+        for _ in 0..20 {
+            assert_eq!(off.penalize(src, Offence::NoAuth, t0), None);
+        }
     }
 }

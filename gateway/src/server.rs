@@ -6,7 +6,6 @@
 use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use russh::keys::{Algorithm, PrivateKey};
@@ -142,13 +141,16 @@ async fn connection(
     let id = gw.next_session_id();
     let (authenticated_tx, authenticated) = oneshot::channel();
     let handler = SessionHandler::new(gw.clone(), id, peer, authenticated_tx);
-    let refusals = handler.refusals();
+    let tally = handler.tally();
     let pre = until_authenticated(&gw, ssh, stream, handler, peer, authenticated, &kill).await;
     let running = match pre {
         PreAuth::Authenticated(running) => running,
-        PreAuth::Ended(ended) => {
-            let offence =
-                ended.or_else(|| (refusals.load(Ordering::Relaxed) > 0).then_some(Offence::AuthFail));
+        PreAuth::Ended(ending) => {
+            let offence = match ending {
+                Ending::Offence(o) => Some(o),
+                Ending::AfterVersionExchange => tally.offence(),
+                Ending::Quietly => None,
+            };
             if let Some(o) = offence
                 && let Some((source, penalty)) = startup.offended(o, Instant::now())
             {
@@ -204,9 +206,18 @@ fn hung_up(e: &session::SessionError) -> bool {
 /// How the pre-authentication phase of a connection ended.
 enum PreAuth {
     Authenticated(Running),
-    /// It ended without authenticating; with an offence that earns its source a penalty, or
-    /// `None` (the refusals counted by the handler then decide).
-    Ended(Option<Offence>),
+    /// It ended without authenticating.
+    Ended(Ending),
+}
+
+/// How a connection that never authenticated ended, for the penalty box.
+enum Ending {
+    /// With an offence of its own (junk, the grace time run out).
+    Offence(Offence),
+    /// The client ended it after the version exchange: what it tried decides (`AuthTally`).
+    AfterVersionExchange,
+    /// A hang-up before saying anything (a TCP health check), or the gateway shutting down.
+    Quietly,
 }
 
 /// Runs the handshake and authentication under the login grace timer.
@@ -232,14 +243,14 @@ async fn until_authenticated(
                 audit::connection_refused(peer, &format!("SSH handshake failed: {e}"));
                 // A client that just connects and goes (a TCP health check) is no offence;
                 // bytes that are not SSH are.
-                return PreAuth::Ended((!hung_up(&e)).then_some(Offence::Junk));
+                return PreAuth::Ended(if hung_up(&e) { Ending::Quietly } else { Ending::Offence(Offence::Junk) });
             }
         },
         _ = &mut deadline => {
             audit::connection_refused(peer, &grace_exceeded);
-            return PreAuth::Ended(Some(Offence::GraceExceeded));
+            return PreAuth::Ended(Ending::Offence(Offence::GraceExceeded));
         }
-        _ = gw.shutdown.cancelled() => return PreAuth::Ended(None),
+        _ = gw.shutdown.cancelled() => return PreAuth::Ended(Ending::Quietly),
     };
     let handle = running.handle();
     let mut running = running;
@@ -250,24 +261,24 @@ async fn until_authenticated(
             }
             // The handler is gone: the session ended before authenticating.
             let _ = (&mut running).await;
-            PreAuth::Ended(None)
+            PreAuth::Ended(Ending::AfterVersionExchange)
         }
         _ = &mut deadline => {
             audit::connection_refused(peer, &grace_exceeded);
             disconnect(&handle, &grace_exceeded).await;
             end(running, kill).await;
-            PreAuth::Ended(Some(Offence::GraceExceeded))
+            PreAuth::Ended(Ending::Offence(Offence::GraceExceeded))
         }
         r = &mut running => {
             if let Err(e) = r {
                 tracing::debug!(%peer, error = %e, "connection ended before authentication");
             }
-            PreAuth::Ended(None)
+            PreAuth::Ended(Ending::AfterVersionExchange)
         }
         _ = gw.shutdown.cancelled() => {
             disconnect(&handle, "gateway shutting down").await;
             end(running, kill).await;
-            PreAuth::Ended(None)
+            PreAuth::Ended(Ending::Quietly)
         }
     }
 }

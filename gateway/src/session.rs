@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use russh::keys::Certificate;
-use russh::server::{Auth, ChannelOpenHandle, Handler, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
+use russh::server::{
+    Auth, ChannelOpenHandle, Handler, Msg, PublicKeyOffer, Response, Session, VerifiedPublicKey,
+};
 use russh::{Channel, ChannelId, ChannelOpenFailure, Disconnect, MethodKind, MethodSet};
 use tokio::sync::oneshot;
 
@@ -17,6 +19,7 @@ use crate::auth::{self, Credential};
 use crate::events::{CloseCause, GatewayEvent, SessionId};
 use crate::forward::{direct, mirror};
 use crate::gateway::Gateway;
+use crate::preauth::Offence;
 use crate::quota::QuotaGuard;
 use crate::sessions::SessionEntry;
 use crate::slots::{ChannelCount, ChannelSlot};
@@ -40,9 +43,9 @@ pub struct SessionHandler {
     /// User names this connection tried, and how many credentials we refused, for the summary
     /// line of a connection that never authenticates.
     users_tried: Vec<String>,
-    /// Credentials refused so far; shared with the front door, which penalizes a source whose
-    /// connection ends with refusals and no success.
-    refusals: Arc<AtomicUsize>,
+    /// Authentication requests and refusals so far; shared with the front door, which
+    /// penalizes a source whose connection ends without authenticating.
+    tally: Arc<AuthTally>,
     /// This session's share of its identity's sessions (`limits.max_sessions_per_identity`).
     session_share: Option<QuotaGuard>,
 }
@@ -63,14 +66,14 @@ impl SessionHandler {
             channels: ChannelCount::default(),
             session_channels: HashMap::new(),
             users_tried: Vec::new(),
-            refusals: Arc::new(AtomicUsize::new(0)),
+            tally: Arc::default(),
             session_share: None,
         }
     }
 
-    /// The count of refused credentials, readable after the handler moved into its session.
-    pub fn refusals(&self) -> Arc<AtomicUsize> {
-        self.refusals.clone()
+    /// What this connection tried, readable after the handler moved into its session.
+    pub fn tally(&self) -> Arc<AuthTally> {
+        self.tally.clone()
     }
 
     fn identity(&self) -> &str {
@@ -86,7 +89,7 @@ impl SessionHandler {
             }
             Err(reason) => {
                 audit::auth_denied(self.peer, user, &reason);
-                self.refusals.fetch_add(1, Ordering::Relaxed);
+                self.tally.refusals.fetch_add(1, Ordering::Relaxed);
                 reject_publickey_only()
             }
         }
@@ -99,8 +102,10 @@ impl SessionHandler {
         }
     }
 
-    /// Refuses a user name longer than any identity's before it is looked up or kept.
-    fn too_long(&mut self, user: &str) -> Option<Auth> {
+    /// Every authentication request starts here: it is counted, and a user name longer than any
+    /// identity's is refused before it is looked up or kept.
+    fn begin_attempt(&mut self, user: &str) -> Option<Auth> {
+        self.tally.attempts.fetch_add(1, Ordering::Relaxed);
         if user.len() <= MAX_USER_LEN {
             return None;
         }
@@ -109,7 +114,7 @@ impl SessionHandler {
             user.len()
         );
         audit::auth_denied(self.peer, user, &reason);
-        self.refusals.fetch_add(1, Ordering::Relaxed);
+        self.tally.refusals.fetch_add(1, Ordering::Relaxed);
         Some(reject_publickey_only())
     }
 
@@ -162,11 +167,32 @@ fn reject_publickey_only() -> Auth {
     }
 }
 
+/// What a connection tried before it authenticated (or ended).
+#[derive(Debug, Default)]
+pub struct AuthTally {
+    attempts: AtomicUsize,
+    refusals: AtomicUsize,
+}
+
+impl AuthTally {
+    /// The offence of a connection that ended after the version exchange without
+    /// authenticating: credentials refused, or not even an authentication request.
+    pub fn offence(&self) -> Option<Offence> {
+        if self.refusals.load(Ordering::Relaxed) > 0 {
+            Some(Offence::AuthFail)
+        } else if self.attempts.load(Ordering::Relaxed) == 0 {
+            Some(Offence::NoAuth)
+        } else {
+            None
+        }
+    }
+}
+
 impl Handler for SessionHandler {
     type Error = SessionError;
 
     async fn auth_none(&mut self, user: &str) -> Result<Auth, Self::Error> {
-        if let Some(refused) = self.too_long(user) {
+        if let Some(refused) = self.begin_attempt(user) {
             return Ok(refused);
         }
         self.note_user(user);
@@ -174,10 +200,23 @@ impl Handler for SessionHandler {
     }
 
     async fn auth_password(&mut self, user: &str, _password: &str) -> Result<Auth, Self::Error> {
-        if let Some(refused) = self.too_long(user) {
+        if let Some(refused) = self.begin_attempt(user) {
             return Ok(refused);
         }
         audit::auth_denied(self.peer, user, "password authentication is disabled");
+        Ok(reject_publickey_only())
+    }
+
+    async fn auth_keyboard_interactive<'a>(
+        &'a mut self,
+        user: &str,
+        _submethods: &str,
+        _response: Option<Response<'a>>,
+    ) -> Result<Auth, Self::Error> {
+        if let Some(refused) = self.begin_attempt(user) {
+            return Ok(refused);
+        }
+        audit::auth_denied(self.peer, user, "keyboard-interactive authentication is disabled");
         Ok(reject_publickey_only())
     }
 
@@ -186,7 +225,7 @@ impl Handler for SessionHandler {
         user: &str,
         offer: PublicKeyOffer<'_>,
     ) -> Result<Auth, Self::Error> {
-        if let Some(refused) = self.too_long(user) {
+        if let Some(refused) = self.begin_attempt(user) {
             return Ok(refused);
         }
         self.note_user(user);
@@ -197,14 +236,14 @@ impl Handler for SessionHandler {
             Ok(()) => Auth::Accept,
             Err(reason) => {
                 audit::auth_denied(self.peer, user, &reason);
-                self.refusals.fetch_add(1, Ordering::Relaxed);
+                self.tally.refusals.fetch_add(1, Ordering::Relaxed);
                 reject_publickey_only()
             }
         })
     }
 
     async fn auth_publickey(&mut self, user: &str, key: VerifiedPublicKey<'_>) -> Result<Auth, Self::Error> {
-        if let Some(refused) = self.too_long(user) {
+        if let Some(refused) = self.begin_attempt(user) {
             return Ok(refused);
         }
         let registry = self.gw.registry();
@@ -218,7 +257,7 @@ impl Handler for SessionHandler {
         user: &str,
         certificate: &Certificate,
     ) -> Result<Auth, Self::Error> {
-        if let Some(refused) = self.too_long(user) {
+        if let Some(refused) = self.begin_attempt(user) {
             return Ok(refused);
         }
         let registry = self.gw.registry();
@@ -484,7 +523,7 @@ impl Drop for SessionHandler {
         if self.authenticated.is_none() && !self.users_tried.is_empty() {
             let reason = format!(
                 "connection closed without authenticating ({} credential(s) refused by the gateway; certificates with a bad CA signature are refused earlier by the SSH layer)",
-                self.refusals.load(Ordering::Relaxed)
+                self.tally.refusals.load(Ordering::Relaxed)
             );
             audit::auth_denied(self.peer, &self.users_tried.join(","), &reason);
         }

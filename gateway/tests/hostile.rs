@@ -79,6 +79,67 @@ async fn a_stranger_holding_a_hundred_idle_connections_cannot_lock_agents_out() 
     );
 }
 
+/// A stranger makes the gateway do key exchange after key exchange and hangs up each time,
+/// never asking to authenticate (here: `ssh-keyscan`, which does exactly that). Each costs the
+/// gateway a key exchange and a host-key signature for a few hundred bytes sent, and used to
+/// cost the stranger nothing more: no penalty, as a hang-up counted as a health check. Now each
+/// owes a second (`penalty_noauth_secs`, OpenSSH's `noauth`); fifteen in a row put the source
+/// in the penalty box, where its next scan is refused before any key exchange. An agent on
+/// another address still logs in, and a scan now and then (below the threshold) is not refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn key_exchanges_without_authenticating_put_the_source_in_the_penalty_box() {
+    let hosts = Hosts::new();
+    let (srv1, _dev1, registry) = srv1_publishes_dev1_opens(&hosts);
+    let gw = GatewayProc::start(&hosts, &registry, "").await;
+    let scan = || {
+        let out = hosts
+            .dev
+            .command("ssh-keyscan")
+            .args([
+                "-T",
+                "10",
+                "-t",
+                "ed25519",
+                "-p",
+                &SSH_PORT.to_string(),
+                GW_DEV_IP,
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).contains("ssh-ed25519")
+    };
+    // Fourteen scans: each gets the host key, none is refused yet.
+    for i in 0..14 {
+        assert!(scan(), "scan {i} got the host key");
+    }
+    // Keep scanning: within a few more the source is refused before any key exchange.
+    let mut answered = 14;
+    while answered < 40 && scan() {
+        answered += 1;
+    }
+    assert!(
+        answered < 40,
+        "40 key exchanges in a row without authenticating were all served"
+    );
+    gw.log
+        .wait_audit("penalty", |r| {
+            r.event == AuditEvent::Penalty
+                && r.source.as_deref() == Some(DEV_IP)
+                && r.message.ends_with(": no authentication attempted")
+        })
+        .await;
+    let mut late = hosts.dev.connect(&format!("{GW_DEV_IP}:{SSH_PORT}")).unwrap();
+    let mut text = String::new();
+    let _ = tokio::time::timeout(T, late.read_to_string(&mut text)).await;
+    assert!(
+        text.starts_with(&format!("cmx-gateway: source {DEV_IP} is penalized for")),
+        "{text:?}"
+    );
+    // Another source is untouched.
+    let _agent = SshAgent::start(&hosts, &hosts.srv, "srv1", &srv1, &["-R", "1883:127.0.0.1:5001"]);
+    gw.log.wait_event("srv1 logged in", session_opened("srv1")).await;
+}
+
 /// A stranger logs in again and again with a 250,000-byte user name (no identity is that long):
 /// each attempt is refused before any lookup, the log line names the length, not the name, and
 /// neither the gateway's memory nor its log grows with the names.
