@@ -10,6 +10,7 @@ use crate::audit::Decision;
 use crate::dataplane::Occupancy;
 use crate::events::CloseCause;
 use crate::gateway::Gateway;
+use crate::preauth::Offence;
 
 /// One metric family: its name, type, help text and samples (labels, value).
 struct Family<'a> {
@@ -72,6 +73,7 @@ pub fn render(gw: &Gateway) -> String {
     for f in process_families(gw, &occupancy)
         .into_iter()
         .chain(limit_families(gw, &occupancy))
+        .chain(front_door_families(gw))
         .chain(traffic_families(gw))
         .chain(decision_families())
     {
@@ -167,6 +169,31 @@ fn limit_families(gw: &Gateway, occupancy: &Occupancy) -> Vec<Family<'static>> {
                 .all()
                 .iter()
                 .map(|(kind, q)| (labels(&[("kind", kind)]), q.refused()))
+                .collect(),
+        ),
+    ]
+}
+
+/// Who is knocking: connections not authenticated yet, the penalty box and what filled it.
+fn front_door_families(gw: &Gateway) -> Vec<Family<'static>> {
+    let admission = &gw.admission;
+    vec![
+        Family::gauge(
+            "cmxsafe_unauthenticated_connections",
+            "Connections admitted and not authenticated yet (limits.max_startups bounds them).",
+            one(admission.unauthenticated() as u64),
+        ),
+        Family::gauge(
+            "cmxsafe_penalized_sources",
+            "Sources (IPv4 addresses, IPv6 prefixes) refused by the penalty box now.",
+            one(admission.penalized(std::time::Instant::now()) as u64),
+        ),
+        Family::counter(
+            "cmxsafe_penalties_total",
+            "Sources put in (or kept longer in) the penalty box since start, by offence (auth-failed, junk: not SSH, grace-exceeded, no-auth: key exchanges without an authentication request).",
+            Offence::ALL
+                .iter()
+                .map(|o| (labels(&[("offence", o.label())]), admission.penalties(*o)))
                 .collect(),
         ),
     ]

@@ -18,6 +18,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -46,6 +47,24 @@ pub enum Offence {
 pub const NOAUTH_ENFORCED_FROM: Duration = Duration::from_secs(15);
 
 impl Offence {
+    /// Every offence, in discriminant order (the penalty counters are indexed by it).
+    pub const ALL: [Offence; 4] = [
+        Offence::AuthFail,
+        Offence::Junk,
+        Offence::GraceExceeded,
+        Offence::NoAuth,
+    ];
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Offence::AuthFail => "auth-failed",
+            Offence::Junk => "junk",
+            Offence::GraceExceeded => "grace-exceeded",
+            Offence::NoAuth => "no-auth",
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Offence::AuthFail => "authentication failed",
@@ -137,6 +156,8 @@ fn make_room<V>(map: &mut HashMap<IpAddr, V>, source: IpAddr, now: Instant, unti
 pub struct Admission {
     policy: Policy,
     state: Mutex<State>,
+    /// Penalties enforced since start, by offence (`Offence::ALL` order), for the metrics.
+    penalties: [AtomicU64; 4],
 }
 
 /// Why a connection was not admitted (the text is the client's and the audit log's reason).
@@ -148,6 +169,7 @@ impl Admission {
         Arc::new(Admission {
             policy,
             state: Mutex::new(State::default()),
+            penalties: Default::default(),
         })
     }
 
@@ -213,6 +235,16 @@ impl Admission {
             .count()
     }
 
+    /// Connections admitted and not yet authenticated or ended.
+    pub fn unauthenticated(&self) -> usize {
+        self.lock().unauthenticated
+    }
+
+    /// Penalties enforced since start for `offence`.
+    pub fn penalties(&self, offence: Offence) -> u64 {
+        self.penalties[offence as usize].load(Ordering::Relaxed)
+    }
+
     fn release(&self, source: IpAddr) {
         let mut st = self.lock();
         st.unauthenticated = st.unauthenticated.saturating_sub(1);
@@ -252,6 +284,7 @@ impl Admission {
         let carried = if entry.0 > now { entry.1 } else { Duration::ZERO };
         let total = (carried + add).min(p.max);
         *entry = (now + total, total);
+        self.penalties[offence as usize].fetch_add(1, Ordering::Relaxed);
         Some(total)
     }
 }
@@ -406,6 +439,13 @@ mod tests {
         a.penalize(ip("10.1.0.2"), Offence::GraceExceeded, t2);
         let total = a.penalize(ip("10.1.0.2"), Offence::AuthFail, t2).unwrap();
         assert_eq!(total, Duration::from_secs(25));
+        let counted: Vec<u64> = Offence::ALL.iter().map(|o| a.penalties(*o)).collect();
+        assert_eq!(
+            counted,
+            [1, 1, 2, 0],
+            "auth-failed, junk, grace-exceeded, no-auth"
+        );
+        assert_eq!(a.unauthenticated(), 0, "every slot given back");
         // Authenticated connections and exempt networks are never penalized.
         let ok = a.admit(ip("10.7.0.1"), t2, 0.99).unwrap();
         ok.authenticated();
@@ -425,8 +465,10 @@ mod tests {
             assert_eq!(a.penalize(src, Offence::NoAuth, t0), None);
             assert!(a.admit(src, t0, 0.99).is_ok(), "below the threshold");
         }
+        assert_eq!(a.penalties(Offence::NoAuth), 0, "owed, not enforced");
         // The fifteenth reaches NOAUTH_ENFORCED_FROM: the source is refused for all of it.
         assert_eq!(a.penalize(src, Offence::NoAuth, t0), Some(NOAUTH_ENFORCED_FROM));
+        assert_eq!(a.penalties(Offence::NoAuth), 1);
         let r = a.admit(src, t0, 0.99).err().unwrap();
         assert!(r.0.contains("penalized for 15 s more"), "{r:?}");
         // Once served, the debt starts afresh.
@@ -450,6 +492,13 @@ mod tests {
         });
         for _ in 0..20 {
             assert_eq!(off.penalize(src, Offence::NoAuth, t0), None);
+        }
+    }
+
+    #[test]
+    fn offences_are_listed_in_discriminant_order() {
+        for (i, o) in Offence::ALL.iter().enumerate() {
+            assert_eq!(*o as usize, i, "{o:?}");
         }
     }
 }

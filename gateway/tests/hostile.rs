@@ -90,7 +90,12 @@ async fn a_stranger_holding_a_hundred_idle_connections_cannot_lock_agents_out() 
 async fn key_exchanges_without_authenticating_put_the_source_in_the_penalty_box() {
     let hosts = Hosts::new();
     let (srv1, _dev1, registry) = srv1_publishes_dev1_opens(&hosts);
-    let gw = GatewayProc::start(&hosts, &registry, "").await;
+    let gw = GatewayProc::start(
+        &hosts,
+        &registry,
+        "[admin]\nenabled = true\nlisten = \"127.0.0.1:0\"\n",
+    )
+    .await;
     let scan = || {
         let out = hosts
             .dev
@@ -135,9 +140,18 @@ async fn key_exchanges_without_authenticating_put_the_source_in_the_penalty_box(
         text.starts_with(&format!("cmx-gateway: source {DEV_IP} is penalized for")),
         "{text:?}"
     );
+    // The operator sees it in the metrics.
+    let metrics = http_get(&hosts.gw, &gw.admin().await, "/metrics").await.1;
+    assert_eq!(
+        metric(&metrics, "cmxsafe_penalties_total{offence=\"no-auth\"}"),
+        1
+    );
+    assert_eq!(metric(&metrics, "cmxsafe_penalized_sources"), 1);
     // Another source is untouched.
     let _agent = SshAgent::start(&hosts, &hosts.srv, "srv1", &srv1, &["-R", "1883:127.0.0.1:5001"]);
     gw.log.wait_event("srv1 logged in", session_opened("srv1")).await;
+    let metrics = http_get(&hosts.gw, &gw.admin().await, "/metrics").await.1;
+    assert_eq!(metric(&metrics, "cmxsafe_unauthenticated_connections"), 0);
 }
 
 /// A stranger logs in again and again with a 250,000-byte user name (no identity is that long):
