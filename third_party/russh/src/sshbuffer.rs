@@ -325,6 +325,8 @@ fn packet_bytes_compressed_matches_packet_output() {
 pub struct SSHBuffer {
     pub buffer: Vec<u8>,
     pub len: usize,   // next packet length.
+    /// cmxsafe patch: how much room `cipher::read` makes for a packet ahead of its bytes.
+    pub room_ahead: usize,
     pub bytes: usize, // total payload bytes read/written since the last rekey
     // Sequence numbers are on 32 bits and wrap.
     // https://tools.ietf.org/html/rfc4253#section-6.4
@@ -336,6 +338,7 @@ impl SSHBuffer {
         SSHBuffer {
             buffer: Vec::new(),
             len: 0,
+            room_ahead: cipher::ROOM_AHEAD_OF_DATA,
             bytes: 0,
             seqn: Wrapping(0),
         }

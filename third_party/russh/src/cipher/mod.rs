@@ -332,13 +332,15 @@ pub(crate) async fn read<R: AsyncRead + Unpin>(
     }
 
     // cmxsafe patch: room for the packet is made as its bytes arrive, not when its length is
-    // announced. A packet of up to `ROOM_AHEAD_OF_DATA` bytes (every normal one) is still read
-    // in one `read_exact`; a larger one grows by that much each time the room made is full, so
-    // a peer that announces 256 KiB and sends nothing more holds 35,000 bytes, not 256 KiB.
+    // announced. A packet of up to `buffer.room_ahead` bytes (`ROOM_AHEAD_OF_DATA`: every
+    // normal one) is still read in one `read_exact`; a larger one grows by that much each time
+    // the room made is full, so a peer that announces 256 KiB and sends nothing more holds
+    // 35,000 bytes (a server's peer before it authenticates: 4 KiB), not 256 KiB.
+    let room_ahead = buffer.room_ahead.max(MINIMUM_PACKET_LEN);
     let total = buffer.len + PACKET_LENGTH_LEN;
     let mut filled = cipher.packet_length_to_read_for_block_length();
     while filled < total {
-        let end = total.min(filled.saturating_add(ROOM_AHEAD_OF_DATA));
+        let end = total.min(filled.saturating_add(room_ahead));
         buffer.buffer.resize(end, 0);
         trace!("read_exact {filled}..{end} of {total}");
         #[allow(clippy::indexing_slicing)] // resized to `end` above
@@ -377,6 +379,12 @@ const MINIMUM_PACKET_LEN: usize = 16;
 /// packet size every implementation must handle (RFC 4253 6.1). A channel packet of 32 KiB,
 /// the largest that OpenSSH and russh send by default, fits.
 pub(crate) const ROOM_AHEAD_OF_DATA: usize = 35_000;
+/// The room a server makes ahead of a packet's bytes until its peer has authenticated (cmxsafe
+/// patch): enough for every packet a client sends before then in one read (a key exchange
+/// init with post-quantum names, an ML-KEM share, a public key and signature: 1 to 3 KB), so
+/// a stranger's announced length costs 4 KiB, not 35,000 bytes. Larger packets still arrive,
+/// in more reads.
+pub(crate) const ROOM_AHEAD_BEFORE_AUTH: usize = 4096;
 // Keep the transport limit aligned with the 256 KiB channel packet baseline.
 const MAXIMUM_PACKET_LEN_BASELINE: usize = 256 * 1024;
 const CHANNEL_DATA_PACKET_OVERHEAD: usize = 1 + 4 + 4;
@@ -467,6 +475,24 @@ mod room_tests {
     }
 
     #[tokio::test]
+    async fn before_authentication_a_server_makes_less_room() {
+        let (mut peer, mut stream) = tokio::io::duplex(1 << 20);
+        let mut sent = (256u32 * 1024).to_be_bytes().to_vec();
+        sent.extend_from_slice(&[0; 1000]);
+        peer.write_all(&sent).await.unwrap();
+
+        let mut buffer = SSHBuffer::new();
+        buffer.room_ahead = ROOM_AHEAD_BEFORE_AUTH;
+        let mut key = clear::Key;
+        assert!(read(&mut stream, &mut buffer, &mut key).now_or_never().is_none());
+        assert!(
+            buffer.buffer.capacity() <= ROOM_AHEAD_BEFORE_AUTH + PACKET_LENGTH_LEN,
+            "room made for 1,004 bytes received: {}",
+            buffer.buffer.capacity()
+        );
+    }
+
+    #[tokio::test]
     async fn packets_larger_than_the_room_ahead_arrive_whole_in_every_cipher() {
         for name in [CHACHA20_POLY1305, AES_256_GCM, NONE] {
             let (mut sealing, mut opening) = keys(name);
@@ -490,7 +516,13 @@ mod room_tests {
                 peer
             });
             let mut buffer = SSHBuffer::new();
-            for p in &payloads {
+            for (i, p) in payloads.iter().enumerate() {
+                // Every other packet with the room a server makes before authentication.
+                buffer.room_ahead = if i % 2 == 0 {
+                    ROOM_AHEAD_OF_DATA
+                } else {
+                    ROOM_AHEAD_BEFORE_AUTH
+                };
                 buffer.buffer.clear();
                 let n = read(&mut stream, &mut buffer, opening.as_mut()).await.unwrap();
                 assert_eq!(&buffer.buffer[5..n], &p[..], "{name:?}, {} bytes", p.len());

@@ -634,7 +634,8 @@ impl Session {
         map_err!(self.common.packet_writer.flush_into(&mut stream).await)?;
 
         let (stream_read, mut stream_write) = stream.split();
-        let buffer = SSHBuffer::new();
+        let mut buffer = SSHBuffer::new();
+        buffer.room_ahead = self.read_room_ahead();
 
         // Allow handing out references to the cipher
         let mut opening_cipher = Box::new(clear::Key) as Box<dyn OpeningKey + Send>;
@@ -749,6 +750,7 @@ impl Session {
                                 Err(e) => return Err(e),
                             }
                             buffer.seqn = pkt.seqn; // TODO reply changes seqn internall, find cleaner way
+                            buffer.room_ahead = self.read_room_ahead();
 
                             if kex_was_active && !self.kex.active() {
                                 buffer.bytes = 0;
@@ -946,6 +948,22 @@ impl Session {
             state,
             EncryptedState::InitCompression | EncryptedState::Authenticated
         )
+    }
+
+    /// How much room reading makes ahead of a packet's bytes (cmxsafe change 10): little
+    /// until the peer has authenticated, a normal packet's worth after.
+    fn read_room_ahead(&self) -> usize {
+        // The states in which USERAUTH_SUCCESS has been sent, as for automatic rekeys.
+        let authenticated = self
+            .common
+            .encrypted
+            .as_ref()
+            .is_some_and(|enc| Self::automatic_rekey_eligible(&enc.state));
+        if authenticated {
+            crate::cipher::ROOM_AHEAD_OF_DATA
+        } else {
+            crate::cipher::ROOM_AHEAD_BEFORE_AUTH
+        }
     }
 
     /// Is a limit-triggered rekey allowed now? no kex in flight & authed
