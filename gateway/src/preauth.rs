@@ -38,7 +38,7 @@ pub enum Offence {
     Junk,
     /// Nothing authenticated within the login grace time.
     GraceExceeded,
-    /// The client sent its version line, then ended without a single authentication request.
+    /// The client sent its version line, then ended without presenting a credential.
     NoAuth,
 }
 

@@ -87,12 +87,15 @@ impl SessionHandler {
                 self.authenticated = Some((user.to_string(), cred));
                 Auth::Accept
             }
-            Err(reason) => {
-                audit::auth_denied(self.peer, user, &reason);
-                self.tally.refusals.fetch_add(1, Ordering::Relaxed);
-                reject_publickey_only()
-            }
+            Err(reason) => self.refuse(user, &reason),
         }
+    }
+
+    /// Refuses a request with `reason` (audited), counted against the connection.
+    fn refuse(&mut self, user: &str, reason: &str) -> Auth {
+        audit::auth_denied(self.peer, user, reason);
+        self.tally.refusals.fetch_add(1, Ordering::Relaxed);
+        reject_publickey_only()
     }
 
     fn note_user(&mut self, user: &str) {
@@ -102,10 +105,8 @@ impl SessionHandler {
         }
     }
 
-    /// Every authentication request starts here: it is counted, and a user name longer than any
-    /// identity's is refused before it is looked up or kept.
-    fn begin_attempt(&mut self, user: &str) -> Option<Auth> {
-        self.tally.attempts.fetch_add(1, Ordering::Relaxed);
+    /// Refuses a user name longer than any identity's before it is looked up or kept.
+    fn too_long(&mut self, user: &str) -> Option<Auth> {
         if user.len() <= MAX_USER_LEN {
             return None;
         }
@@ -113,9 +114,14 @@ impl SessionHandler {
             "user name of {} bytes is longer than {MAX_USER_LEN} bytes",
             user.len()
         );
-        audit::auth_denied(self.peer, user, &reason);
-        self.tally.refusals.fetch_add(1, Ordering::Relaxed);
-        Some(reject_publickey_only())
+        Some(self.refuse(user, &reason))
+    }
+
+    /// Every request that presents a credential (a key, a certificate, a password, an answer)
+    /// starts here: it is counted (a `none` request is not), then checked as `too_long` does.
+    fn presents_credential(&mut self, user: &str) -> Option<Auth> {
+        self.tally.presented.fetch_add(1, Ordering::Relaxed);
+        self.too_long(user)
     }
 
     /// Audits a unix-socket forwarding request and returns the refusal reason.
@@ -170,17 +176,19 @@ fn reject_publickey_only() -> Auth {
 /// What a connection tried before it authenticated (or ended).
 #[derive(Debug, Default)]
 pub struct AuthTally {
-    attempts: AtomicUsize,
+    /// Requests that presented a credential (not `none`).
+    presented: AtomicUsize,
     refusals: AtomicUsize,
 }
 
 impl AuthTally {
     /// The offence of a connection that ended after the version exchange without
-    /// authenticating: credentials refused, or not even an authentication request.
+    /// authenticating: credentials refused, or none presented (a `none` request is the probe
+    /// every client starts with, not an attempt).
     pub fn offence(&self) -> Option<Offence> {
         if self.refusals.load(Ordering::Relaxed) > 0 {
             Some(Offence::AuthFail)
-        } else if self.attempts.load(Ordering::Relaxed) == 0 {
+        } else if self.presented.load(Ordering::Relaxed) == 0 {
             Some(Offence::NoAuth)
         } else {
             None
@@ -192,7 +200,7 @@ impl Handler for SessionHandler {
     type Error = SessionError;
 
     async fn auth_none(&mut self, user: &str) -> Result<Auth, Self::Error> {
-        if let Some(refused) = self.begin_attempt(user) {
+        if let Some(refused) = self.too_long(user) {
             return Ok(refused);
         }
         self.note_user(user);
@@ -200,11 +208,10 @@ impl Handler for SessionHandler {
     }
 
     async fn auth_password(&mut self, user: &str, _password: &str) -> Result<Auth, Self::Error> {
-        if let Some(refused) = self.begin_attempt(user) {
+        if let Some(refused) = self.presents_credential(user) {
             return Ok(refused);
         }
-        audit::auth_denied(self.peer, user, "password authentication is disabled");
-        Ok(reject_publickey_only())
+        Ok(self.refuse(user, "password authentication is disabled"))
     }
 
     async fn auth_keyboard_interactive<'a>(
@@ -213,11 +220,10 @@ impl Handler for SessionHandler {
         _submethods: &str,
         _response: Option<Response<'a>>,
     ) -> Result<Auth, Self::Error> {
-        if let Some(refused) = self.begin_attempt(user) {
+        if let Some(refused) = self.presents_credential(user) {
             return Ok(refused);
         }
-        audit::auth_denied(self.peer, user, "keyboard-interactive authentication is disabled");
-        Ok(reject_publickey_only())
+        Ok(self.refuse(user, "keyboard-interactive authentication is disabled"))
     }
 
     async fn auth_publickey_offered(
@@ -225,7 +231,7 @@ impl Handler for SessionHandler {
         user: &str,
         offer: PublicKeyOffer<'_>,
     ) -> Result<Auth, Self::Error> {
-        if let Some(refused) = self.begin_attempt(user) {
+        if let Some(refused) = self.presents_credential(user) {
             return Ok(refused);
         }
         self.note_user(user);
@@ -234,16 +240,12 @@ impl Handler for SessionHandler {
             .and_then(|()| auth::offer_acceptable(&registry, user, offer.public_key));
         Ok(match acceptable {
             Ok(()) => Auth::Accept,
-            Err(reason) => {
-                audit::auth_denied(self.peer, user, &reason);
-                self.tally.refusals.fetch_add(1, Ordering::Relaxed);
-                reject_publickey_only()
-            }
+            Err(reason) => self.refuse(user, &reason),
         })
     }
 
     async fn auth_publickey(&mut self, user: &str, key: VerifiedPublicKey<'_>) -> Result<Auth, Self::Error> {
-        if let Some(refused) = self.begin_attempt(user) {
+        if let Some(refused) = self.presents_credential(user) {
             return Ok(refused);
         }
         let registry = self.gw.registry();
@@ -257,7 +259,7 @@ impl Handler for SessionHandler {
         user: &str,
         certificate: &Certificate,
     ) -> Result<Auth, Self::Error> {
-        if let Some(refused) = self.begin_attempt(user) {
+        if let Some(refused) = self.presents_credential(user) {
             return Ok(refused);
         }
         let registry = self.gw.registry();

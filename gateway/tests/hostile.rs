@@ -154,6 +154,86 @@ async fn key_exchanges_without_authenticating_put_the_source_in_the_penalty_box(
     assert_eq!(metric(&metrics, "cmxsafe_unauthenticated_connections"), 0);
 }
 
+/// The same stranger, sending a `none` authentication request before it hangs up (the probe
+/// every client starts with): that is not an attempt to authenticate, and does not excuse the
+/// key exchange. Fifteen in a row put the source in the penalty box.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_none_request_does_not_excuse_a_key_exchange() {
+    let hosts = Hosts::new();
+    let (_srv1, _dev1, registry) = srv1_publishes_dev1_opens(&hosts);
+    let gw = GatewayProc::start(&hosts, &registry, "").await;
+    let gw_addr = format!("{GW_DEV_IP}:{SSH_PORT}");
+    let mut served = 0;
+    while served < 40 {
+        let Ok(mut session) = raw_session(&hosts.dev, &gw_addr).await else {
+            break;
+        };
+        let none = session.authenticate_none("dev1").await;
+        assert!(matches!(none, Ok(ref r) if !r.success()), "{none:?}");
+        let _ = session.disconnect(russh::Disconnect::ByApplication, "", "").await;
+        drop(session);
+        served += 1;
+    }
+    assert!(
+        served < 40,
+        "40 key exchanges with only a none request were all served"
+    );
+    gw.log
+        .wait_audit("penalty", |r| {
+            r.event == AuditEvent::Penalty
+                && r.source.as_deref() == Some(DEV_IP)
+                && r.message.ends_with(": no authentication attempted")
+        })
+        .await;
+}
+
+/// A password guesser (the gateway takes keys only): each guess is refused, and the connection
+/// that made it earns its source the authentication-failure penalty, as a refused key does. So
+/// do keyboard-interactive guesses. Before, a refused password counted for nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn password_guesses_put_the_source_in_the_penalty_box() {
+    let hosts = Hosts::new();
+    let (_srv1, _dev1, registry) = srv1_publishes_dev1_opens(&hosts);
+    let gw = GatewayProc::start(&hosts, &registry, "").await;
+    let gw_addr = format!("{GW_DEV_IP}:{SSH_PORT}");
+    for (source, host) in [(DEV_IP, &hosts.dev), (SRV_IP, &hosts.srv)] {
+        let addr = if source == DEV_IP {
+            gw_addr.clone()
+        } else {
+            format!("{GW_SRV_IP}:{SSH_PORT}")
+        };
+        let mut session = raw_session(host, &addr).await.unwrap();
+        let guess = if source == DEV_IP {
+            session
+                .authenticate_password("dev1", "hunter2")
+                .await
+                .map(|r| r.success())
+        } else {
+            session
+                .authenticate_keyboard_interactive_start("dev1", None::<String>)
+                .await
+                .map(|r| matches!(r, russh::client::KeyboardInteractiveAuthResponse::Success))
+        };
+        assert!(matches!(guess, Ok(false)), "{source}: {guess:?}");
+        let _ = session.disconnect(russh::Disconnect::ByApplication, "", "").await;
+        drop(session);
+        gw.log
+            .wait_audit("penalty", |r| {
+                r.event == AuditEvent::Penalty
+                    && r.source.as_deref() == Some(source)
+                    && r.message.ends_with(": authentication failed")
+            })
+            .await;
+        let mut late = host.connect(&addr).unwrap();
+        let mut text = String::new();
+        let _ = tokio::time::timeout(T, late.read_to_string(&mut text)).await;
+        assert!(
+            text.starts_with(&format!("cmx-gateway: source {source} is penalized for")),
+            "{source}: {text:?}"
+        );
+    }
+}
+
 /// A stranger logs in again and again with a 250,000-byte user name (no identity is that long):
 /// each attempt is refused before any lookup, the log line names the length, not the name, and
 /// neither the gateway's memory nor its log grows with the names.
