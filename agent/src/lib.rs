@@ -4,7 +4,8 @@
 //! - `config`: the agent's TOML configuration and its validation.
 //! - `agent`: the supervisor (listeners, reconnect loop, failover, shutdown).
 //! - `session`: one SSH session: connect, host key trust (`trust`), authentication, and the
-//!   channels the gateway opens towards us.
+//!   channels the gateway opens towards us; `heard` keeps what the gateway says before its
+//!   version line (why it refused a connection).
 //! - `tunnels`: local (`-L`-like) and publish (`-R`-like) tunnels.
 //! - `forwarded`: connections the gateway forwards to a published tunnel's local service.
 //! - `shared`: what every session of the agent shares (config, key, status, refusal texts).
@@ -20,6 +21,7 @@ pub mod backoff;
 pub mod config;
 pub mod enroll;
 pub mod forwarded;
+pub mod heard;
 pub mod session;
 pub mod shared;
 pub mod status;

@@ -10,6 +10,7 @@ use russh::{Channel, ChannelId, ChannelOpenFailure};
 use tokio::sync::oneshot;
 
 use crate::forwarded;
+use crate::heard::{self, Heard};
 use crate::shared::Shared;
 use crate::trust::{Trust, TrustPolicy};
 
@@ -165,13 +166,18 @@ pub async fn connect(
         ended: Some(ended_tx),
         end_reason: "connection closed".into(),
     };
+    let (tcp, heard) = Heard::new(tcp);
     let handshake = client::connect_stream(config, tcp, handler);
     let mut session = match tokio::time::timeout(timeout, handshake).await {
         Err(_) => return Err(format!("gateway {host}:{port}: SSH handshake timed out")),
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             let why = refusal.lock().unwrap_or_else(|p| p.into_inner()).take();
-            return Err(why.unwrap_or_else(|| format!("gateway {host}:{port}: SSH handshake failed: {e}")));
+            let said = heard::refusal(&heard.lock().unwrap_or_else(|p| p.into_inner()));
+            return Err(why.unwrap_or_else(|| match said {
+                Some(line) => format!("gateway {host}:{port} refused the connection: {line}"),
+                None => format!("gateway {host}:{port}: SSH handshake failed: {e}"),
+            }));
         }
     };
     let auth = match &shared.certificate {

@@ -583,6 +583,53 @@ async fn an_unknown_or_changed_host_key_is_refused_with_its_fingerprint() {
     );
 }
 
+/// The gateway refuses a connection at its front door with a line of text before its version
+/// (RFC 4253 4.2): here, the device's address is in the penalty box after a password guess from
+/// it. The agent says why in its status and log, instead of a bare "handshake failed", and logs
+/// in once the penalty is over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refusal_at_the_gateways_front_door_is_reported_with_the_gateways_words() {
+    let hosts = Hosts::new();
+    let [srv1, dev1] = ["srv1", "dev1"].map(|n| Key::generate(hosts.dir.path(), n));
+    let gw = GatewayProc::start(
+        &hosts,
+        &registry(&srv1, &dev1),
+        "[limits]\npenalty_authfail_secs = 4\n",
+    )
+    .await;
+    let gw_addr = format!("{GW_DEV_IP}:{SSH_PORT}");
+    let mut guesser = raw_session(&hosts.dev, &gw_addr).await.unwrap();
+    let guess = guesser.authenticate_password("dev1", "hunter2").await;
+    assert!(matches!(guess, Ok(ref r) if !r.success()), "{guess:?}");
+    let _ = guesser.disconnect(russh::Disconnect::ByApplication, "", "").await;
+    drop(guesser);
+    gw.log
+        .wait_audit("penalty", |r| {
+            r.event == AuditEvent::Penalty && r.source.as_deref() == Some(DEV_IP)
+        })
+        .await;
+
+    let agent = device_agent(&hosts, &dev1, FAST);
+    let s = agent
+        .wait_status("refused", T, |s| {
+            s["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("is penalized for"))
+        })
+        .await;
+    let err = s["last_error"].as_str().unwrap();
+    assert!(
+        err.contains(&format!(
+            "gateway {GW_DEV_IP}:{SSH_PORT} refused the connection: cmx-gateway: source {DEV_IP} is penalized for"
+        )),
+        "{err}"
+    );
+    // The penalty runs out; the agent's next attempt logs in.
+    agent
+        .wait_status("connected", T, |s| state(s) == "connected")
+        .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_agent_logs_in_with_a_certificate() {
     let hosts = Hosts::new();
