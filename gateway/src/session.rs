@@ -117,8 +117,9 @@ impl SessionHandler {
         Some(self.refuse(user, &reason))
     }
 
-    /// Every request that presents a credential (a key, a certificate, a password, an answer)
-    /// starts here: it is counted (a `none` request is not), then checked as `too_long` does.
+    /// Every request that presents a credential (a signed key or certificate, a password, an
+    /// answer) starts here: it is counted (a `none` request or an unsigned key offer is not),
+    /// then checked as `too_long` does.
     fn presents_credential(&mut self, user: &str) -> Option<Auth> {
         self.tally.presented.fetch_add(1, Ordering::Relaxed);
         self.too_long(user)
@@ -176,15 +177,15 @@ fn reject_publickey_only() -> Auth {
 /// What a connection tried before it authenticated (or ended).
 #[derive(Debug, Default)]
 pub struct AuthTally {
-    /// Requests that presented a credential (not `none`).
+    /// Requests that presented a credential (not `none`, not an unsigned key offer).
     presented: AtomicUsize,
     refusals: AtomicUsize,
 }
 
 impl AuthTally {
     /// The offence of a connection that ended after the version exchange without
-    /// authenticating: credentials refused, or none presented (a `none` request is the probe
-    /// every client starts with, not an attempt).
+    /// authenticating: credentials refused, or none presented (a `none` request and an
+    /// unsigned key offer are probes, not attempts).
     pub fn offence(&self) -> Option<Offence> {
         if self.refusals.load(Ordering::Relaxed) > 0 {
             Some(Offence::AuthFail)
@@ -231,7 +232,9 @@ impl Handler for SessionHandler {
         user: &str,
         offer: PublicKeyOffer<'_>,
     ) -> Result<Auth, Self::Error> {
-        if let Some(refused) = self.presents_credential(user) {
+        // An offer is a probe, like `none`: anyone may hold a device's public key. It counts as
+        // a credential only once signed (`auth_publickey`, `auth_openssh_certificate`).
+        if let Some(refused) = self.too_long(user) {
             return Ok(refused);
         }
         self.note_user(user);

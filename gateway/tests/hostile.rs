@@ -187,6 +187,75 @@ async fn a_none_request_does_not_excuse_a_key_exchange() {
         .await;
 }
 
+/// A device's public key is no secret. A stranger that has one offers it (the gateway answers
+/// that it would accept it) and hangs up without ever signing: here, stock `ssh` with that key's
+/// private half locked by a passphrase it does not have. An offer is a probe, like `none`: it
+/// does not excuse the key exchange, and fifteen in a row put the source in the penalty box.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn offering_a_known_public_key_without_signing_does_not_excuse_a_key_exchange() {
+    let hosts = Hosts::new();
+    let [srv1, dev1] = ["srv1", "dev1"].map(|n| Key::generate(hosts.dir.path(), n));
+    let registry = RegistryText::default()
+        .srv1(&srv1, "permit_listen = [\"1883\"]")
+        .dev1(&dev1, "permit_open = [\"srv1:1883\"]")
+        .build();
+    let gw = GatewayProc::start(&hosts, &registry, "").await;
+    // The stranger holds dev1's public key and a private key it cannot unlock.
+    let locked = hosts.dir.path().join("locked");
+    std::fs::copy(&dev1.path, &locked).unwrap();
+    std::fs::copy(dev1.path.with_extension("pub"), locked.with_extension("pub")).unwrap();
+    let locking = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-p", "-P", "", "-N", "not the stranger's"])
+        .arg("-f")
+        .arg(&locked)
+        .output()
+        .unwrap();
+    assert!(locking.status.success(), "{locking:?}");
+    let offer = || {
+        let out = hosts
+            .dev
+            .command("ssh")
+            .args(["-p", &SSH_PORT.to_string()])
+            .args(["-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes"])
+            .args([
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+            ])
+            .args([
+                "-o",
+                "PreferredAuthentications=publickey",
+                "-o",
+                "ConnectTimeout=10",
+            ])
+            .arg("-i")
+            .arg(&locked)
+            .arg(format!("dev1@{GW_DEV_IP}"))
+            .arg("true")
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let first = offer();
+    assert!(first.contains("Permission denied"), "{first}");
+    let mut served = 1;
+    while served < 40 && offer().contains("Permission denied") {
+        served += 1;
+    }
+    assert!(
+        served < 40,
+        "40 key exchanges with an offered key never signed were all served"
+    );
+    gw.log
+        .wait_audit("penalty", |r| {
+            r.event == AuditEvent::Penalty
+                && r.source.as_deref() == Some(DEV_IP)
+                && r.message.ends_with(": no authentication attempted")
+        })
+        .await;
+}
+
 /// A password guesser (the gateway takes keys only): each guess is refused, and the connection
 /// that made it earns its source the authentication-failure penalty, as a refused key does. So
 /// do keyboard-interactive guesses. Before, a refused password counted for nothing.
