@@ -654,6 +654,7 @@ impl Limits {
             < l.penalty_authfail_secs
                 .max(l.penalty_junk_secs)
                 .max(l.penalty_grace_secs)
+                .max(l.penalty_noauth_secs)
         {
             out.push("limits.penalty_max_secs must be at least each penalty".into());
         }
@@ -821,6 +822,10 @@ mod tests {
             (
                 "[limits]\nmax_sessions = 0\n",
                 "gw.toml: limits.max_sessions must be at least 1",
+            ),
+            (
+                "[limits]\npenalty_max_secs = 10\npenalty_noauth_secs = 30\n",
+                "gw.toml: limits.penalty_max_secs must be at least each penalty",
             ),
             (
                 "[ssh]\nkex_algorithms = [\"ext-info-c\"]\n",
