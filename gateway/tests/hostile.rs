@@ -66,16 +66,28 @@ async fn a_stranger_holding_a_hundred_idle_connections_cannot_lock_agents_out() 
     );
     // The grace timeouts put the stranger's source in the penalty box.
     gw.log
-        .wait_audit("penalty", |r| {
-            r.event == AuditEvent::Penalty && r.source.as_deref() == Some(DEV_IP)
-        })
+        .wait_audit("penalty", penalty_for(DEV_IP, "login grace time exceeded"))
         .await;
-    let mut late = hosts.dev.connect(&gw_addr).unwrap();
+    refused_as_penalized(&hosts.dev, &gw_addr, DEV_IP).await;
+}
+
+/// The audit line that puts `source` in the penalty box for `offence`.
+fn penalty_for<'a>(source: &'a str, offence: &'a str) -> impl Fn(&AuditRecord) -> bool + 'a {
+    move |r| {
+        r.event == AuditEvent::Penalty
+            && r.source.as_deref() == Some(source)
+            && r.message.ends_with(&format!(": {offence}"))
+    }
+}
+
+/// A new connection from `ns` to `addr` gets the penalty box's refusal for `source`.
+async fn refused_as_penalized(ns: &Netns, addr: &str, source: &str) {
+    let mut late = ns.connect(addr).unwrap();
     let mut text = String::new();
     let _ = tokio::time::timeout(T, late.read_to_string(&mut text)).await;
     assert!(
-        text.starts_with(&format!("cmx-gateway: source {DEV_IP} is penalized for")),
-        "{text:?}"
+        text.starts_with(&format!("cmx-gateway: source {source} is penalized for")),
+        "{source}: {text:?}"
     );
 }
 
@@ -127,19 +139,9 @@ async fn key_exchanges_without_authenticating_put_the_source_in_the_penalty_box(
         "40 key exchanges in a row without authenticating were all served"
     );
     gw.log
-        .wait_audit("penalty", |r| {
-            r.event == AuditEvent::Penalty
-                && r.source.as_deref() == Some(DEV_IP)
-                && r.message.ends_with(": no authentication attempted")
-        })
+        .wait_audit("penalty", penalty_for(DEV_IP, "no authentication attempted"))
         .await;
-    let mut late = hosts.dev.connect(&format!("{GW_DEV_IP}:{SSH_PORT}")).unwrap();
-    let mut text = String::new();
-    let _ = tokio::time::timeout(T, late.read_to_string(&mut text)).await;
-    assert!(
-        text.starts_with(&format!("cmx-gateway: source {DEV_IP} is penalized for")),
-        "{text:?}"
-    );
+    refused_as_penalized(&hosts.dev, &format!("{GW_DEV_IP}:{SSH_PORT}"), DEV_IP).await;
     // The operator sees it in the metrics.
     let metrics = http_get(&hosts.gw, &gw.admin().await, "/metrics").await.1;
     assert_eq!(
@@ -179,11 +181,7 @@ async fn a_none_request_does_not_excuse_a_key_exchange() {
         "40 key exchanges with only a none request were all served"
     );
     gw.log
-        .wait_audit("penalty", |r| {
-            r.event == AuditEvent::Penalty
-                && r.source.as_deref() == Some(DEV_IP)
-                && r.message.ends_with(": no authentication attempted")
-        })
+        .wait_audit("penalty", penalty_for(DEV_IP, "no authentication attempted"))
         .await;
 }
 
@@ -248,11 +246,7 @@ async fn offering_a_known_public_key_without_signing_does_not_excuse_a_key_excha
         "40 key exchanges with an offered key never signed were all served"
     );
     gw.log
-        .wait_audit("penalty", |r| {
-            r.event == AuditEvent::Penalty
-                && r.source.as_deref() == Some(DEV_IP)
-                && r.message.ends_with(": no authentication attempted")
-        })
+        .wait_audit("penalty", penalty_for(DEV_IP, "no authentication attempted"))
         .await;
 }
 
@@ -287,19 +281,9 @@ async fn password_guesses_put_the_source_in_the_penalty_box() {
         let _ = session.disconnect(russh::Disconnect::ByApplication, "", "").await;
         drop(session);
         gw.log
-            .wait_audit("penalty", |r| {
-                r.event == AuditEvent::Penalty
-                    && r.source.as_deref() == Some(source)
-                    && r.message.ends_with(": authentication failed")
-            })
+            .wait_audit("penalty", penalty_for(source, "authentication failed"))
             .await;
-        let mut late = host.connect(&addr).unwrap();
-        let mut text = String::new();
-        let _ = tokio::time::timeout(T, late.read_to_string(&mut text)).await;
-        assert!(
-            text.starts_with(&format!("cmx-gateway: source {source} is penalized for")),
-            "{source}: {text:?}"
-        );
+        refused_as_penalized(host, &addr, source).await;
     }
 }
 
