@@ -305,7 +305,13 @@ fn sessions(gw: &Gateway) -> Value {
             })
         })
         .collect();
-    json!({ "sessions": list })
+    // Who is knocking, beside who is in: connections not authenticated yet and sources the
+    // penalty box refuses (the same figures as the metrics of that name).
+    let front_door = json!({
+        "unauthenticated": gw.admission.unauthenticated(),
+        "penalized_sources": gw.admission.penalized(std::time::Instant::now()),
+    });
+    json!({ "sessions": list, "front_door": front_door })
 }
 
 fn forwards(gw: &Gateway) -> Value {

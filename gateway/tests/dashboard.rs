@@ -24,10 +24,12 @@ fn screenshot_dir() -> PathBuf {
 async fn the_dashboard_shows_who_is_connected_and_disconnects_a_session() {
     let hosts = Hosts::new();
     let (srv1, dev1, registry) = srv1_publishes_dev1_opens(&hosts);
+    // The hostile login below puts the device host's address in the penalty box, for long
+    // enough that the page shows it.
     let gw = GatewayProc::start(
         &hosts,
         &registry,
-        "[admin]\nenabled = true\nlisten = \"127.0.0.1:0\"\n",
+        "[limits]\npenalty_authfail_secs = 600\npenalty_max_secs = 600\n[admin]\nenabled = true\nlisten = \"127.0.0.1:0\"\n",
     )
     .await;
     let admin = gw.admin().await;
@@ -60,6 +62,10 @@ async fn the_dashboard_shows_who_is_connected_and_disconnects_a_session() {
         "no"
     };
     assert!(pair_text.contains(spliced), "spliced {spliced}: {pair_text}");
+    // The front door: the hostile login's source is in the penalty box.
+    browser.wait_for("#front-door[data-penalized='1']", T).await;
+    let door = browser.wait_text("#front-door", T).await;
+    assert!(door.contains("1 source penalized"), "{door}");
     let identities = browser.wait_text("#identities", T).await;
     assert!(
         identities.contains("[srv1:1883]"),

@@ -75,6 +75,13 @@ async function refresh() {
     document.getElementById("summary").textContent =
       ids.identities.length + " identities, " + sessions.sessions.length + " sessions, " +
       forwards.forwards.length + " forwards, " + pairs.pairs.length + " pairs";
+    const door = sessions.front_door;
+    const doorEl = document.getElementById("front-door");
+    doorEl.textContent = "front door: " + door.unauthenticated + " unauthenticated, " +
+      door.penalized_sources + (door.penalized_sources === 1 ? " source" : " sources") + " penalized";
+    doorEl.dataset.unauthenticated = door.unauthenticated;
+    doorEl.dataset.penalized = door.penalized_sources;
+    doorEl.classList.toggle("alert", door.penalized_sources > 0);
     fill("sessions", sessions.sessions, (tr, s) => {
       tr.dataset.identity = s.identity;
       tr.dataset.session = s.id;
