@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, ReadBuf};
 
 /// Bytes kept at most: RFC 4253 bounds a version line to 255 bytes; a few lines before it fit.
 const KEPT: usize = 1024;
@@ -18,7 +18,8 @@ const KEPT: usize = 1024;
 /// How much of a refusal line goes into the agent's error (the gateway's words, bounded).
 const MAX_LINE: usize = cmx_net::text::LOG_STRING_MAX;
 
-/// A stream that keeps a copy of the first `KEPT` bytes read from it, until the version line.
+/// A read half that keeps a copy of the first `KEPT` bytes read from it, until the version
+/// line (joined with its write half again by `tokio::io::join`).
 pub struct Heard<S> {
     inner: S,
     heard: Arc<Mutex<Vec<u8>>>,
@@ -61,32 +62,6 @@ impl<S: AsyncRead + Unpin> AsyncRead for Heard<S> {
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for Heard<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
 /// The first non-empty line the gateway sent before its version line, if any: its reason for
 /// refusing the connection. Bounded, control characters escaped.
 pub fn refusal(heard: &[u8]) -> Option<String> {
@@ -126,7 +101,9 @@ mod tests {
     #[tokio::test]
     async fn what_was_heard_is_kept_up_to_the_version_line_only() {
         let (mut gateway, agent) = tokio::io::duplex(64 * 1024);
-        let (mut stream, heard) = Heard::new(agent);
+        let (read, write) = tokio::io::split(agent);
+        let (read, heard) = Heard::new(read);
+        let mut stream = tokio::io::join(read, write);
         gateway
             .write_all(b"busy\r\nSSH-2.0-cmx-gateway\r\n")
             .await

@@ -166,8 +166,9 @@ pub async fn connect(
         ended: Some(ended_tx),
         end_reason: "connection closed".into(),
     };
-    let (tcp, heard) = Heard::new(tcp);
-    let handshake = client::connect_stream(config, tcp, handler);
+    let (read, write) = tcp.into_split();
+    let (read, heard) = Heard::new(read);
+    let handshake = client::connect_stream(config, tokio::io::join(read, write), handler);
     let mut session = match tokio::time::timeout(timeout, handshake).await {
         Err(_) => return Err(format!("gateway {host}:{port}: SSH handshake timed out")),
         Ok(Ok(s)) => s,
