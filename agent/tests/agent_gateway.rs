@@ -45,6 +45,15 @@ fn device_agent(hosts: &Hosts, dev1: &Key, body: &str) -> AgentProc {
     AgentProc::start(hosts, &hosts.dev, "device", "dev1", dev1, body)
 }
 
+/// Waits until `agent`'s status has a last error containing `needle`; returns the status.
+async fn refused_with(agent: &AgentProc, needle: &str) -> Value {
+    agent
+        .wait_status("refused", T, |s| {
+            s["last_error"].as_str().is_some_and(|e| e.contains(needle))
+        })
+        .await
+}
+
 /// Sets `ns`'s link to the gateway `up` or `down`: down, nothing is closed, packets just stop.
 fn set_link(ns: &Netns, up: &str) {
     let st = std::process::Command::new("ip")
@@ -533,13 +542,7 @@ async fn an_unknown_or_changed_host_key_is_refused_with_its_fingerprint() {
     )
     .unwrap();
     let agent = AgentProc::start(&hosts, &hosts.dev, "device", "dev1", &dev1, FAST);
-    let s = agent
-        .wait_status("refused", T, |s| {
-            s["last_error"]
-                .as_str()
-                .is_some_and(|e| e.contains("HOST KEY CHANGED"))
-        })
-        .await;
+    let s = refused_with(&agent, "HOST KEY CHANGED").await;
     let err = s["last_error"].as_str().unwrap();
     assert!(err.contains(&fingerprint), "{err}");
     assert_ne!(state(&s), "connected");
@@ -548,13 +551,7 @@ async fn an_unknown_or_changed_host_key_is_refused_with_its_fingerprint() {
     // An empty known_hosts: unknown key, refused (no trust on first use unless configured).
     std::fs::write(hosts.path("known_hosts"), "").unwrap();
     let agent = AgentProc::start(&hosts, &hosts.dev, "device2", "dev1", &dev1, FAST);
-    let s = agent
-        .wait_status("refused", T, |s| {
-            s["last_error"]
-                .as_str()
-                .is_some_and(|e| e.contains("which is not in"))
-        })
-        .await;
+    let s = refused_with(&agent, "which is not in").await;
     assert!(s["last_error"].as_str().unwrap().contains(&fingerprint));
     assert_eq!(
         gw.log
@@ -610,13 +607,7 @@ async fn a_refusal_at_the_gateways_front_door_is_reported_with_the_gateways_word
         .await;
 
     let agent = device_agent(&hosts, &dev1, FAST);
-    let s = agent
-        .wait_status("refused", T, |s| {
-            s["last_error"]
-                .as_str()
-                .is_some_and(|e| e.contains("is penalized for"))
-        })
-        .await;
+    let s = refused_with(&agent, "is penalized for").await;
     let err = s["last_error"].as_str().unwrap();
     assert!(
         err.contains(&format!(

@@ -80,6 +80,22 @@ fn penalty_for<'a>(source: &'a str, offence: &'a str) -> impl Fn(&AuditRecord) -
     }
 }
 
+/// Runs `probe` (one connection from the device host that ends without authenticating; true
+/// while the gateway still serves it) until the gateway refuses one, at most 40 times. The first
+/// 14 are served (what they owe is below the threshold); then the source is refused, with the
+/// `no authentication attempted` penalty in the audit log.
+async fn served_until_penalized(gw: &GatewayProc, what: &str, mut probe: impl AsyncFnMut() -> bool) {
+    let mut served = 0;
+    while served < 40 && probe().await {
+        served += 1;
+    }
+    assert!(served >= 14, "refused after only {served} {what}");
+    assert!(served < 40, "40 {what} in a row were all served");
+    gw.log
+        .wait_audit("penalty", penalty_for(DEV_IP, "no authentication attempted"))
+        .await;
+}
+
 /// A new connection from `ns` to `addr` gets the penalty box's refusal for `source`.
 async fn refused_as_penalized(ns: &Netns, addr: &str, source: &str) {
     let mut late = ns.connect(addr).unwrap();
@@ -125,22 +141,7 @@ async fn key_exchanges_without_authenticating_put_the_source_in_the_penalty_box(
             .unwrap();
         String::from_utf8_lossy(&out.stdout).contains("ssh-ed25519")
     };
-    // Fourteen scans: each gets the host key, none is refused yet.
-    for i in 0..14 {
-        assert!(scan(), "scan {i} got the host key");
-    }
-    // Keep scanning: within a few more the source is refused before any key exchange.
-    let mut answered = 14;
-    while answered < 40 && scan() {
-        answered += 1;
-    }
-    assert!(
-        answered < 40,
-        "40 key exchanges in a row without authenticating were all served"
-    );
-    gw.log
-        .wait_audit("penalty", penalty_for(DEV_IP, "no authentication attempted"))
-        .await;
+    served_until_penalized(&gw, "scans", async || scan()).await;
     refused_as_penalized(&hosts.dev, &format!("{GW_DEV_IP}:{SSH_PORT}"), DEV_IP).await;
     // The operator sees it in the metrics.
     let metrics = http_get(&hosts.gw, &gw.admin().await, "/metrics").await.1;
@@ -165,24 +166,16 @@ async fn a_none_request_does_not_excuse_a_key_exchange() {
     let (_srv1, _dev1, registry) = srv1_publishes_dev1_opens(&hosts);
     let gw = GatewayProc::start(&hosts, &registry, "").await;
     let gw_addr = format!("{GW_DEV_IP}:{SSH_PORT}");
-    let mut served = 0;
-    while served < 40 {
+    served_until_penalized(&gw, "key exchanges with only a none request", async || {
         let Ok(mut session) = raw_session(&hosts.dev, &gw_addr).await else {
-            break;
+            return false;
         };
         let none = session.authenticate_none("dev1").await;
         assert!(matches!(none, Ok(ref r) if !r.success()), "{none:?}");
         let _ = session.disconnect(russh::Disconnect::ByApplication, "", "").await;
-        drop(session);
-        served += 1;
-    }
-    assert!(
-        served < 40,
-        "40 key exchanges with only a none request were all served"
-    );
-    gw.log
-        .wait_audit("penalty", penalty_for(DEV_IP, "no authentication attempted"))
-        .await;
+        true
+    })
+    .await;
 }
 
 /// A device's public key is no secret. A stranger that has one offers it (the gateway answers
@@ -192,62 +185,22 @@ async fn a_none_request_does_not_excuse_a_key_exchange() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn offering_a_known_public_key_without_signing_does_not_excuse_a_key_exchange() {
     let hosts = Hosts::new();
-    let [srv1, dev1] = ["srv1", "dev1"].map(|n| Key::generate(hosts.dir.path(), n));
-    let registry = RegistryText::default()
-        .srv1(&srv1, "permit_listen = [\"1883\"]")
-        .dev1(&dev1, "permit_open = [\"srv1:1883\"]")
-        .build();
+    let (_srv1, dev1, registry) = srv1_publishes_dev1_opens(&hosts);
     let gw = GatewayProc::start(&hosts, &registry, "").await;
-    // The stranger holds dev1's public key and a private key it cannot unlock.
-    let locked = hosts.dir.path().join("locked");
-    std::fs::copy(&dev1.path, &locked).unwrap();
-    std::fs::copy(dev1.path.with_extension("pub"), locked.with_extension("pub")).unwrap();
-    let locking = std::process::Command::new("ssh-keygen")
-        .args(["-q", "-p", "-P", "", "-N", "not the stranger's"])
-        .arg("-f")
-        .arg(&locked)
-        .output()
-        .unwrap();
-    assert!(locking.status.success(), "{locking:?}");
+    // The stranger holds dev1's key files, the private half locked by a passphrase it lacks.
+    dev1.lock("not the stranger's");
     let offer = || {
-        let out = hosts
-            .dev
-            .command("ssh")
-            .args(["-p", &SSH_PORT.to_string()])
-            .args(["-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes"])
-            .args([
-                "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-            ])
-            .args([
-                "-o",
-                "PreferredAuthentications=publickey",
-                "-o",
-                "ConnectTimeout=10",
-            ])
-            .arg("-i")
-            .arg(&locked)
-            .arg(format!("dev1@{GW_DEV_IP}"))
-            .arg("true")
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stderr).into_owned()
+        let publickey = ["-o", "PreferredAuthentications=publickey"];
+        ssh_once(&hosts, &hosts.dev, "dev1", &dev1, &publickey, &["true"]).1
     };
     let first = offer();
     assert!(first.contains("Permission denied"), "{first}");
-    let mut served = 1;
-    while served < 40 && offer().contains("Permission denied") {
-        served += 1;
-    }
-    assert!(
-        served < 40,
-        "40 key exchanges with an offered key never signed were all served"
-    );
-    gw.log
-        .wait_audit("penalty", penalty_for(DEV_IP, "no authentication attempted"))
-        .await;
+    served_until_penalized(
+        &gw,
+        "key exchanges with an offered key never signed",
+        async || offer().contains("Permission denied"),
+    )
+    .await;
 }
 
 /// A password guesser (the gateway takes keys only): each guess is refused, and the connection
@@ -258,13 +211,8 @@ async fn password_guesses_put_the_source_in_the_penalty_box() {
     let hosts = Hosts::new();
     let (_srv1, _dev1, registry) = srv1_publishes_dev1_opens(&hosts);
     let gw = GatewayProc::start(&hosts, &registry, "").await;
-    let gw_addr = format!("{GW_DEV_IP}:{SSH_PORT}");
     for (source, host) in [(DEV_IP, &hosts.dev), (SRV_IP, &hosts.srv)] {
-        let addr = if source == DEV_IP {
-            gw_addr.clone()
-        } else {
-            format!("{GW_SRV_IP}:{SSH_PORT}")
-        };
+        let addr = format!("{}:{SSH_PORT}", gateway_ip(&hosts, host));
         let mut session = raw_session(host, &addr).await.unwrap();
         let guess = if source == DEV_IP {
             session

@@ -158,6 +158,18 @@ async fn a_revoked_key_ends_its_session() {
 /// Keepalives every second, dropped after two unanswered; the admin endpoint for /metrics.
 const KEEPALIVE_AND_ADMIN: &str = "[ssh]\nkeepalive_interval_secs = 1\nkeepalive_max = 2\n[admin]\nenabled = true\nlisten = \"127.0.0.1:0\"\n";
 
+/// srv1 publishes its host's 127.0.0.1:5001 as srv1:1883 and dev1 forwards 127.0.0.1:12883 to
+/// it, both with stock ssh; returns (srv1's ssh, dev1's ssh) once both are in.
+async fn srv1_serves_dev1(hosts: &Hosts, gw: &GatewayProc, srv1: &Key, dev1: &Key) -> (SshAgent, SshAgent) {
+    let server = SshAgent::start(hosts, &hosts.srv, "srv1", srv1, &["-R", "1883:127.0.0.1:5001"]);
+    gw.log
+        .wait_event("1883 published", forward_added("srv1", 1883))
+        .await;
+    let device = SshAgent::local_forwards(hosts, "dev1", dev1, &["127.0.0.1:12883:srv1:1883"]);
+    gw.log.wait_event("dev1 in", session_opened("dev1")).await;
+    (server, device)
+}
+
 /// `cmxsafe_sessions_closed_total` for `cause`.
 async fn closed_by(hosts: &Hosts, gw: &GatewayProc, cause: &str) -> u64 {
     let admin = gw.admin().await;
@@ -244,12 +256,7 @@ async fn a_peer_that_stops_reading_while_data_waits_for_it_is_dropped_too() {
     let (hosts, gw, [srv1, dev1, _dev2]) = standard(KEEPALIVE_AND_ADMIN).await;
     // srv1's service streams to whoever connects until the connection ends.
     let mut ended = firehose(hosts.srv.listen("127.0.0.1:5001"));
-    let _server = SshAgent::start(&hosts, &hosts.srv, "srv1", &srv1, &["-R", "1883:127.0.0.1:5001"]);
-    gw.log
-        .wait_event("1883 published", forward_added("srv1", 1883))
-        .await;
-    let device = SshAgent::local_forwards(&hosts, "dev1", &dev1, &["127.0.0.1:12883:srv1:1883"]);
-    gw.log.wait_event("dev1 in", session_opened("dev1")).await;
+    let (_server, device) = srv1_serves_dev1(&hosts, &gw, &srv1, &dev1).await;
     // 32 streams, each allowed OpenSSH's 2 MiB channel window: far more than the sockets
     // between the gateway and a device that stopped reading can hold (8 fit).
     // The device's app reads them, so its ssh keeps granting window: when it stops, every
@@ -297,12 +304,7 @@ async fn a_server_that_stops_reading_is_dropped_and_the_devices_stay() {
     let (hosts, gw, [srv1, dev1, _dev2]) = standard(KEEPALIVE_AND_ADMIN).await;
     // srv1's service takes whatever is sent to it.
     sink(hosts.srv.listen("127.0.0.1:5001"));
-    let server = SshAgent::start(&hosts, &hosts.srv, "srv1", &srv1, &["-R", "1883:127.0.0.1:5001"]);
-    gw.log
-        .wait_event("1883 published", forward_added("srv1", 1883))
-        .await;
-    let _device = SshAgent::local_forwards(&hosts, "dev1", &dev1, &["127.0.0.1:12883:srv1:1883"]);
-    gw.log.wait_event("dev1 in", session_opened("dev1")).await;
+    let (server, _device) = srv1_serves_dev1(&hosts, &gw, &srv1, &dev1).await;
     // 32 uploads, each allowed the gateway's 2 MiB window toward srv1.
     const UPLOADS: usize = 32;
     let (ended_tx, mut ended) = tokio::sync::mpsc::unbounded_channel();

@@ -35,6 +35,14 @@ impl Key {
             .to_string()
     }
 
+    /// Locks the private half with `passphrase` (`ssh-keygen -p`): whoever has the files without
+    /// it can offer the public half but not sign.
+    pub fn lock(&self, passphrase: &str) {
+        sh(Command::new("ssh-keygen")
+            .args(["-q", "-p", "-P", "", "-N", passphrase, "-f"])
+            .arg(&self.path));
+    }
+
     /// Signs this key's public half with `ca`; returns the certificate's path.
     /// `extra` are ssh-keygen options such as `["-V", "20200101:20200102"]` or `["-O", "clear"]`.
     pub fn certify(&self, ca: &Key, principals: &str, extra: &[&str]) -> PathBuf {
