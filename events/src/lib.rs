@@ -202,6 +202,8 @@ pub enum AuditEvent {
     Penalty,
     /// An admin API request: an operator's action (allow) or a refused request (deny).
     Admin,
+    /// Refusals about one identity beyond its audit budget: how many were not written.
+    AuditSuppressed,
 }
 
 impl AuditEvent {
@@ -219,6 +221,7 @@ impl AuditEvent {
             AuditEvent::KernelDeny => "kernel-deny",
             AuditEvent::Penalty => "penalty",
             AuditEvent::Admin => "admin",
+            AuditEvent::AuditSuppressed => "audit-suppressed",
         }
     }
 }
@@ -289,6 +292,12 @@ pub struct AuditRecord {
     pub address: Option<String>,
     #[serde(default)]
     pub reason: Option<String>,
+    /// `audit-suppressed`: how many lines were not written, over how many seconds (`penalty`:
+    /// the penalty's seconds).
+    #[serde(default)]
+    pub suppressed: Option<u64>,
+    #[serde(default)]
+    pub seconds: Option<u64>,
     #[serde(default)]
     pub message: String,
 }

@@ -103,8 +103,17 @@ pub fn penalized(source: std::net::IpAddr, offence: &str, seconds: u64) {
         "source {source} penalized for {seconds} s: {offence}");
 }
 
+/// Whether a refusal or failure about `identity` is written: within its budget (see
+/// `audit_budget`), or else counted as left out.
+fn within_budget(identity: &str) -> bool {
+    crate::audit_budget::global().admit(&short(identity), std::time::Instant::now())
+}
+
 pub fn session_request_refused(session: SessionId, identity: &str, request: &str) {
     let (event, decision) = Decision::SessionRequestDeny.record();
+    if !within_budget(identity) {
+        return;
+    }
     tracing::warn!(target: TARGET, event, decision, %session, identity = %short(identity), request = %short(request),
         reason = "the gateway only forwards ports", "session request refused");
 }
@@ -116,13 +125,45 @@ pub fn forward_allowed(session: SessionId, identity: &str, request: &str, rule: 
 
 pub fn forward_denied(session: SessionId, identity: &str, request: &str, reason: &str) {
     let (event, decision) = Decision::ForwardDeny.record();
+    if !within_budget(identity) {
+        return;
+    }
     tracing::warn!(target: TARGET, event, decision, %session, identity = %short(identity), request = %short(request), reason = %long(reason), "forward refused");
 }
 
 /// An allowed forward whose connection could not be made (target down, timeout): not a
 /// security decision, so no `decision` field.
 pub fn pair_failed(session: SessionId, identity: &str, request: &str, reason: &str) {
+    if !within_budget(identity) {
+        return;
+    }
     tracing::warn!(target: TARGET, event = "pair-failed", %session, identity = %short(identity), request = %short(request), reason = %long(reason), "forwarding path failed");
+}
+
+/// Refusals and failures about `identity` that its budget left out (see `audit_budget`).
+pub fn left_out(identity: &str, lines: u64, over: std::time::Duration) {
+    let seconds = over.as_secs();
+    let per_second = crate::audit_budget::PER_SECOND;
+    tracing::warn!(target: TARGET, event = "audit-suppressed", identity = %short(identity), suppressed = lines, seconds,
+        "{lines} refusals about {} in the last {seconds} s not written (more than {per_second} per second); \
+         cmxsafe_audit_decisions_total counts them", short(identity));
+}
+
+/// Reports what the budget left out, every `REPORT_EVERY`, until the task is dropped.
+pub async fn report_left_out() {
+    let mut every = tokio::time::interval(crate::audit_budget::REPORT_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        report_left_out_now();
+    }
+}
+
+/// Reports what the budget left out since the last report (also at shutdown, so no count is lost).
+pub fn report_left_out_now() {
+    for l in crate::audit_budget::global().take_left_out(std::time::Instant::now()) {
+        left_out(&l.identity, l.lines, l.over);
+    }
 }
 
 pub fn forward_removed(session: SessionId, identity: &str, request: &str, reason: &str) {

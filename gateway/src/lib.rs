@@ -42,6 +42,7 @@
 pub mod admin;
 pub mod api;
 pub mod audit;
+pub mod audit_budget;
 pub mod audit_log;
 pub mod auth;
 pub mod authz;
@@ -190,6 +191,7 @@ pub async fn serve(
         admin: admin_addr,
         dataplane: gw.dataplane.name().to_string(),
     });
+    let left_out_reports = AbortOnDrop(tokio::spawn(audit::report_left_out()));
     let connections = TaskTracker::new();
     connections.spawn(reload::watch(gw.clone()));
     server::accept_loop(gw.clone(), listener, ssh, connections.clone()).await;
@@ -201,7 +203,8 @@ pub async fn serve(
     }
     // The admin endpoint served /readyz = 503 through the drain; then the node's resources go,
     // in reverse order of set-up.
-    drop((admin, dataplane, route));
+    drop((admin, dataplane, route, left_out_reports));
+    audit::report_left_out_now();
     tracing::info!("cmx-gateway stopped");
     gw.events.emit(events::GatewayEvent::Stopped);
     Ok(())

@@ -264,17 +264,24 @@ fn traffic_families(gw: &Gateway) -> Vec<Family<'static>> {
 
 /// Every decision of the audit log, by event and decision.
 fn decision_families() -> Vec<Family<'static>> {
-    vec![Family::counter(
-        "cmxsafe_audit_decisions_total",
-        "Security decisions written to the audit log, by event and decision.",
-        Decision::ALL
-            .iter()
-            .map(|d| {
-                let (event, decision) = d.labels();
-                (labels(&[("event", event), ("decision", decision)]), d.count())
-            })
-            .collect(),
-    )]
+    vec![
+        Family::counter(
+            "cmxsafe_audit_decisions_total",
+            "Security decisions taken, by event and decision: every one, also those whose audit line was left out.",
+            Decision::ALL
+                .iter()
+                .map(|d| {
+                    let (event, decision) = d.labels();
+                    (labels(&[("event", event), ("decision", decision)]), d.count())
+                })
+                .collect(),
+        ),
+        Family::counter(
+            "cmxsafe_audit_lines_suppressed_total",
+            "Refusals and failed paths about one identity beyond its audit budget, counted and not written.",
+            one(crate::audit_budget::suppressed_total()),
+        ),
+    ]
 }
 
 #[cfg(test)]

@@ -30,12 +30,7 @@ fn sample(body: &str, name: &str) -> u64 {
 async fn health_readiness_and_metrics_follow_real_sessions_and_traffic() {
     let hosts = Hosts::new();
     let (srv1, dev1, registry) = srv1_publishes_dev1_opens(&hosts);
-    let mut gw = GatewayProc::start(
-        &hosts,
-        &registry,
-        "[admin]\nenabled = true\nlisten = \"127.0.0.1:0\"\n",
-    )
-    .await;
+    let mut gw = GatewayProc::start(&hosts, &registry, ADMIN_ON_LOOPBACK).await;
     let ready = gw
         .log
         .wait_event("ready", |e| matches!(e, GatewayEvent::Ready { .. }))
@@ -179,8 +174,8 @@ async fn readyz_says_503_throughout_a_drain_with_live_pairs() {
         .srv1(&srv1, "permit_listen = [\"1883\"]")
         .dev1(&dev1, &format!("permit_open = [\"{SRV_IP}:2201\"]"))
         .build();
-    let config = "shutdown_grace_secs = 3\n[admin]\nenabled = true\nlisten = \"127.0.0.1:0\"\n";
-    let mut gw = GatewayProc::start(&hosts, &registry, config).await;
+    let config = format!("shutdown_grace_secs = 3\n{ADMIN_ON_LOOPBACK}");
+    let mut gw = GatewayProc::start(&hosts, &registry, &config).await;
     let admin = gw.admin().await;
     let _held = HeldReader::serve(hosts.srv.listen_with_rcvbuf(&format!("{SRV_IP}:2201"), 4096));
     let _device = SshAgent::local_forwards(

@@ -29,7 +29,7 @@ async fn the_dashboard_shows_who_is_connected_and_disconnects_a_session() {
     let gw = GatewayProc::start(
         &hosts,
         &registry,
-        "[limits]\npenalty_authfail_secs = 600\npenalty_max_secs = 600\n[admin]\nenabled = true\nlisten = \"127.0.0.1:0\"\n",
+        &format!("[limits]\npenalty_authfail_secs = 600\npenalty_max_secs = 600\n{ADMIN_ON_LOOPBACK}"),
     )
     .await;
     let admin = gw.admin().await;

@@ -118,12 +118,7 @@ async fn refused_as_penalized(ns: &Netns, addr: &str, source: &str) {
 async fn key_exchanges_without_authenticating_put_the_source_in_the_penalty_box() {
     let hosts = Hosts::new();
     let (srv1, _dev1, registry) = srv1_publishes_dev1_opens(&hosts);
-    let gw = GatewayProc::start(
-        &hosts,
-        &registry,
-        "[admin]\nenabled = true\nlisten = \"127.0.0.1:0\"\n",
-    )
-    .await;
+    let gw = GatewayProc::start(&hosts, &registry, ADMIN_ON_LOOPBACK).await;
     let scan = || {
         let out = hosts
             .dev
@@ -472,6 +467,88 @@ async fn refused_shell_channels_do_not_use_up_the_session() {
     gw.log.wait_more_audits("the twelfth refusal", 11, refused).await;
 }
 
+/// An authenticated device asks for what it may not have, as fast as it can: 2,000 refused
+/// channels. Each refusal used to be a ~450-byte audit line, so one device could write
+/// megabytes a second to the operator's disk and push every other line out of the recent
+/// trail (4,096 lines) within a second. Now the log writes `BURST` of a device's refusals and
+/// then `PER_SECOND`, says how many it left out, the metrics count every one, and another
+/// identity's refusals are still written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_device_flooding_refused_requests_cannot_flood_the_audit_log() {
+    use cmx_gateway::audit_budget::{BURST, PER_SECOND};
+    const FLOOD: u64 = 2000;
+    let hosts = Hosts::new();
+    let (srv1, dev1, registry) = srv1_publishes_dev1_opens(&hosts);
+    let gw = GatewayProc::start(&hosts, &registry, ADMIN_ON_LOOPBACK).await;
+    let addr = format!("{GW_DEV_IP}:{SSH_PORT}");
+    let dev = logged_in(&hosts.dev, &addr, "dev1", dev1).await;
+    let log_before = gw.log.bytes();
+    let started = std::time::Instant::now();
+    for i in 0..FLOOD {
+        let open = dev
+            .channel_open_direct_tcpip("srv9", 1883, "127.0.0.1", 40000)
+            .await;
+        assert!(open.is_err(), "refusal {i} is a refusal");
+    }
+    // Whole seconds the flood may have earned lines for, rounded up.
+    let flood_secs = started.elapsed().as_secs() + 1;
+    let srv = logged_in(&hosts.srv, &format!("{GW_SRV_IP}:{SSH_PORT}"), "srv1", srv1).await;
+    assert!(
+        srv.channel_open_direct_tcpip("srv9", 1883, "127.0.0.1", 40000)
+            .await
+            .is_err()
+    );
+    let refused = |who: &'static str| {
+        move |r: &AuditRecord| r.is(AuditEvent::Forward, Verdict::Deny) && r.identity() == who
+    };
+    gw.log
+        .wait_audit("srv1's refusal, written during dev1's flood", refused("srv1"))
+        .await;
+
+    let left_out = || -> u64 {
+        gw.log
+            .audits()
+            .iter()
+            .filter(|r| r.event == AuditEvent::AuditSuppressed && r.identity() == "dev1")
+            .map(|r| r.suppressed.unwrap_or(0))
+            .sum()
+    };
+    let written = gw.log.count_audits(refused("dev1")) as u64;
+    let deadline = std::time::Instant::now() + T;
+    while written + left_out() < FLOOD {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{written} written and {} reported left out of {FLOOD} refusals",
+            left_out()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        written + left_out(),
+        FLOOD,
+        "each refusal is written or reported once"
+    );
+    let most = u64::from(BURST) + u64::from(PER_SECOND) * flood_secs;
+    assert!(
+        (u64::from(BURST)..=most).contains(&written),
+        "{written} of {FLOOD} refusals written in {flood_secs} s (the budget: {most}); {} bytes logged",
+        gw.log.bytes() - log_before
+    );
+    let metrics = http_get(&hosts.gw, &gw.admin().await, "/metrics").await.1;
+    assert_eq!(
+        metric(
+            &metrics,
+            r#"cmxsafe_audit_decisions_total{event="forward",decision="deny"}"#
+        ),
+        FLOOD + 1,
+        "every refusal is counted"
+    );
+    assert_eq!(
+        metric(&metrics, "cmxsafe_audit_lines_suppressed_total"),
+        left_out()
+    );
+}
+
 /// Compression is never negotiated: a client that insists on zlib (the pre-authentication
 /// kind) finds no common algorithm, and the default client logs in without it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -541,9 +618,8 @@ async fn one_identity_cannot_take_the_gateways_sessions_forwards_or_pairs() {
         .srv1(&srv1, "permit_listen = [\"1883\", \"localhost:*\"]")
         .dev1(&dev1, "permit_open = [\"srv1:1883\"]")
         .build();
-    let limits = "[limits]\nmax_sessions_per_identity = 2\nmax_forwards_per_identity = 3\nmax_pairs_per_identity = 2\n\
-                  [admin]\nenabled = true\nlisten = \"127.0.0.1:0\"\n";
-    let gw = GatewayProc::start(&hosts, &registry, limits).await;
+    let limits = "[limits]\nmax_sessions_per_identity = 2\nmax_forwards_per_identity = 3\nmax_pairs_per_identity = 2\n";
+    let gw = GatewayProc::start(&hosts, &registry, &format!("{limits}{ADMIN_ON_LOOPBACK}")).await;
     let (_echo, _srv_agent) = publish_echo(&hosts, &gw, &srv1, &[]).await;
     let gw_addr = format!("{GW_DEV_IP}:{SSH_PORT}");
     let login = |user: &'static str, key: Key| logged_in(&hosts.dev, &gw_addr, user, key);
@@ -649,8 +725,7 @@ async fn a_full_kernel_tag_map_refuses_the_next_connection_and_says_so() {
     const CAPACITY: usize = 16;
     let hosts = Hosts::new();
     let (srv1, dev1, registry) = srv1_publishes_dev1_opens(&hosts);
-    let config =
-        format!("dataplane.tags_capacity = {CAPACITY}\n[admin]\nenabled = true\nlisten = \"127.0.0.1:0\"\n");
+    let config = format!("dataplane.tags_capacity = {CAPACITY}\n{ADMIN_ON_LOOPBACK}");
     let gw = GatewayProc::start(&hosts, &registry, &config).await;
     let (_echo, _srv_agent) = publish_echo(&hosts, &gw, &srv1, &[]).await;
     let dev = logged_in(&hosts.dev, &format!("{GW_DEV_IP}:{SSH_PORT}"), "dev1", dev1).await;
@@ -833,10 +908,7 @@ async fn send_tiny_packets(channel: &russh::Channel<russh::client::Msg>, max: us
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tiny_packets_and_request_floods_leave_the_gateways_memory_bounded() {
     const WINDOW: usize = 256 * 1024;
-    let t = StalledTarget::start(&format!(
-        "[ssh]\nwindow_size = {WINDOW}\n[admin]\nenabled = true\nlisten = \"127.0.0.1:0\"\n"
-    ))
-    .await;
+    let t = StalledTarget::start(&format!("[ssh]\nwindow_size = {WINDOW}\n{ADMIN_ON_LOOPBACK}")).await;
     let (session, channel) = t.stalled_channel().await;
     let rss_before = t.gw.rss_kib();
 

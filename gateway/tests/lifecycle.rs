@@ -792,7 +792,7 @@ async fn cancel_tcpip_forward_closes_the_mir_sock() {
 /// stay, the refusal is logged and counted; SIGUSR1 applies the smaller registry on purpose.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_empty_or_half_written_registry_is_refused_until_the_operator_insists() {
-    let admin = "[admin]\nenabled = true\nlisten = \"127.0.0.1:0\"\n";
+    let admin = ADMIN_ON_LOOPBACK;
     let (hosts, gw, [srv1, dev1, dev2]) = standard(admin).await;
     let admin = gw.admin().await;
     let full = std::fs::read_to_string(&gw.registry).unwrap();

@@ -52,6 +52,10 @@ pub fn dataplane_config(gw: &Netns, mode: &str) -> String {
     )
 }
 
+/// Extra configuration that turns on the admin endpoint (metrics, API) on a free loopback
+/// port; `GatewayProc::admin` finds it. Last in a config: it opens the `[admin]` table.
+pub const ADMIN_ON_LOOPBACK: &str = "[admin]\nenabled = true\nlisten = \"127.0.0.1:0\"\n";
+
 pub struct GatewayProc {
     pub child: Child,
     pub log: LogBook,
