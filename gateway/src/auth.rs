@@ -10,6 +10,7 @@ use ipnet::IpNet;
 use russh::keys::ssh_key::Fingerprint;
 use russh::keys::ssh_key::certificate::CertType;
 use russh::keys::{Algorithm, Certificate, HashAlg, PublicKey};
+use russh::server::SignatureRefusal;
 
 use cmx_net::clock::utc;
 use cmx_net::text::for_log;
@@ -68,6 +69,24 @@ pub fn offer_acceptable(reg: &Registry, user: &str, key: &PublicKey) -> Result<(
             "key {} is not a key of identity '{user}'",
             fingerprint(key)
         ))
+    }
+}
+
+/// Why the SSH layer refused a signed request before asking us (russh change 11): the reason in
+/// the audit line. `key` is the key the request named (for a certificate, its key).
+pub fn signature_refused(key: &PublicKey, refusal: SignatureRefusal) -> String {
+    let fp = fingerprint(key);
+    match refusal {
+        SignatureRefusal::SignatureInvalid => {
+            format!("the signature does not verify with key {fp}: the client does not hold its private key")
+        }
+        SignatureRefusal::AlgorithmMismatch => {
+            format!("the signature for key {fp} uses another algorithm than the request named")
+        }
+        SignatureRefusal::CertificateSignatureInvalid => {
+            format!("the certificate of key {fp} has an invalid CA signature: it was altered or forged")
+        }
+        other => format!("the signature for key {fp} was refused by the SSH layer ({other:?})"),
     }
 }
 

@@ -7,9 +7,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use russh::keys::Certificate;
+use russh::keys::{Certificate, PublicKey};
 use russh::server::{
-    Auth, ChannelOpenHandle, Handler, Msg, PublicKeyOffer, Response, Session, VerifiedPublicKey,
+    Auth, ChannelOpenHandle, Handler, Msg, PublicKeyOffer, Response, Session, SignatureRefusal,
+    VerifiedPublicKey,
 };
 use russh::{Channel, ChannelId, ChannelOpenFailure, Disconnect, MethodKind, MethodSet};
 use tokio::sync::oneshot;
@@ -276,6 +277,20 @@ impl Handler for SessionHandler {
         Ok(self.decide(user, result))
     }
 
+    async fn auth_signature_refused(
+        &mut self,
+        user: &str,
+        public_key: &PublicKey,
+        refusal: SignatureRefusal,
+    ) -> Result<(), Self::Error> {
+        // A signed request is a presented credential, and one that failed: audited and counted
+        // like a key the registry refuses (the SSH layer sends the refusal).
+        if self.presents_credential(user).is_none() {
+            self.refuse(user, &auth::signature_refused(public_key, refusal));
+        }
+        Ok(())
+    }
+
     async fn auth_succeeded(&mut self, session: &mut Session) -> Result<(), Self::Error> {
         let Some((identity, credential)) = self.authenticated.clone() else {
             return Ok(());
@@ -521,13 +536,11 @@ impl Handler for SessionHandler {
 }
 
 impl Drop for SessionHandler {
-    /// A connection that tried and never authenticated gets one summary line. It also covers
-    /// certificates whose CA signature russh finds invalid before asking us: russh logs those
-    /// itself, without the identity.
+    /// A connection that tried and never authenticated gets one summary line.
     fn drop(&mut self) {
         if self.authenticated.is_none() && !self.users_tried.is_empty() {
             let reason = format!(
-                "connection closed without authenticating ({} credential(s) refused by the gateway; certificates with a bad CA signature are refused earlier by the SSH layer)",
+                "connection closed without authenticating ({} credential(s) refused)",
                 self.tally.refusals.load(Ordering::Relaxed)
             );
             audit::auth_denied(self.peer, &self.users_tried.join(","), &reason);

@@ -230,6 +230,64 @@ async fn password_guesses_put_the_source_in_the_penalty_box() {
     }
 }
 
+/// A stranger holding a device's public key (no secret: the device offers it at every login)
+/// names it and signs with its own key; another changes the principal of a certificate the CA
+/// gave it (dev9) to dev1. The SSH layer refused both before the gateway heard of them: no
+/// audit line said who was targeted or why, and the forged signature counted as no credential
+/// at all (1 s owed, not 5). Now each is an `auth/deny` line naming dev1 and the reason, and its
+/// source owes the `authentication failed` penalty (russh change 11).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn forged_signatures_and_altered_certificates_are_audited_and_penalized() {
+    let hosts = Hosts::new();
+    let [ca, srv1, dev1, stranger] =
+        ["ca", "srv1", "dev1", "stranger"].map(|n| Key::generate(hosts.dir.path(), n));
+    let registry = RegistryText::default()
+        .ca(&ca)
+        .srv1(&srv1, "permit_listen = [\"1883\"]")
+        .dev1(&dev1, "permit_open = [\"srv1:1883\"]")
+        .build();
+    let gw = GatewayProc::start(&hosts, &registry, "").await;
+    let cert = stranger.certify(&ca, "dev9", &[]);
+    for (source, host) in [(DEV_IP, &hosts.dev), (SRV_IP, &hosts.srv)] {
+        let addr = format!("{}:{SSH_PORT}", gateway_ip(&hosts, host));
+        let mut session = raw_session(host, &addr).await.unwrap();
+        let (attempt, reason) = if source == DEV_IP {
+            let forged = try_login_forged(&mut session, "dev1", &dev1, &stranger).await;
+            (forged, "the client does not hold its private key")
+        } else {
+            let altered = try_login_altered_certificate(&mut session, "dev1", &stranger, &cert, |bytes| {
+                let at = bytes
+                    .windows(4)
+                    .position(|w| w == b"dev9")
+                    .expect("the principal");
+                bytes[at + 3] = b'1';
+            })
+            .await;
+            (altered, "has an invalid CA signature: it was altered or forged")
+        };
+        assert_eq!(attempt, Ok(false), "{source}");
+        let refused = gw
+            .log
+            .wait_audit("the refusal, naming dev1", |r| {
+                r.is(AuditEvent::Auth, Verdict::Deny)
+                    && r.identity() == "dev1"
+                    && r.reason().ends_with(reason)
+            })
+            .await;
+        assert_eq!(
+            refused.peer.as_deref().map(|p| p.starts_with(source)),
+            Some(true),
+            "{refused:?}"
+        );
+        let _ = session.disconnect(russh::Disconnect::ByApplication, "", "").await;
+        drop(session);
+        gw.log
+            .wait_audit("penalty", penalty_for(source, "authentication failed"))
+            .await;
+        refused_as_penalized(host, &addr, source).await;
+    }
+}
+
 /// A stranger logs in again and again with a 250,000-byte user name (no identity is that long):
 /// each attempt is refused before any lookup, the log line names the length, not the name, and
 /// neither the gateway's memory nor its log grows with the names.

@@ -68,6 +68,73 @@ pub async fn try_login_hashing(
     Ok(auth.success())
 }
 
+/// Signs as another key than the one a request names: what a stranger holding only a device's
+/// public key (which is no secret) can send.
+struct Impostor(Arc<russh::keys::PrivateKey>);
+
+impl russh::Signer for Impostor {
+    type Error = russh::AgentAuthError;
+
+    async fn auth_sign(
+        &mut self,
+        _named: &russh::keys::agent::AgentIdentity,
+        _hash: Option<russh::keys::HashAlg>,
+        mut to_sign: Vec<u8>,
+    ) -> Result<Vec<u8>, Self::Error> {
+        use russh::keys::ssh_encoding::Encode;
+        let signature: russh::keys::ssh_key::Signature =
+            russh::keys::signature::Signer::try_sign(self.0.as_ref(), &to_sign).map_err(key_error)?;
+        // The request ends with the signature blob as an SSH string.
+        let blob = signature.encode_vec().map_err(key_error)?;
+        blob.encode(&mut to_sign).map_err(key_error)?;
+        Ok(to_sign)
+    }
+}
+
+fn key_error(e: impl Into<russh::keys::ssh_key::Error>) -> russh::AgentAuthError {
+    russh::keys::Error::from(e.into()).into()
+}
+
+/// Logs in as `user` naming `key`'s public half and signing with `impostor`'s private key;
+/// returns whether the gateway accepted it (it must not).
+pub async fn try_login_forged(
+    session: &mut RawSession,
+    user: &str,
+    key: &Key,
+    impostor: &Key,
+) -> Result<bool, String> {
+    let named = russh::keys::PublicKey::from_openssh(&key.public()).map_err(|e| e.to_string())?;
+    let secret = russh::keys::load_secret_key(&impostor.path, None).map_err(|e| e.to_string())?;
+    let auth = session
+        .authenticate_publickey_with(user, named, None, &mut Impostor(Arc::new(secret)))
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(auth.success())
+}
+
+/// Logs in as `user` with `key` and its certificate at `cert`, after `alter` changed the
+/// certificate's bytes (as a forger would: another principal, a later expiry); returns whether
+/// the gateway accepted it.
+pub async fn try_login_altered_certificate(
+    session: &mut RawSession,
+    user: &str,
+    key: &Key,
+    cert: &std::path::Path,
+    alter: impl FnOnce(&mut Vec<u8>),
+) -> Result<bool, String> {
+    let text = std::fs::read_to_string(cert).map_err(|e| format!("{}: {e}", cert.display()))?;
+    let original = russh::keys::Certificate::from_openssh(text.trim()).map_err(|e| e.to_string())?;
+    let mut bytes = original.to_bytes().map_err(|e| e.to_string())?;
+    alter(&mut bytes);
+    let altered = russh::keys::Certificate::from_bytes(&bytes).map_err(|e| e.to_string())?;
+    let secret = russh::keys::load_secret_key(&key.path, None).map_err(|e| e.to_string())?;
+    let auth = session
+        .authenticate_openssh_cert(user, Arc::new(secret), altered)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(auth.success())
+}
+
 /// Opens a session channel, asks it to run `command`, and reads what comes back until the
 /// gateway ends the channel, without ever closing it from this side (as a hostile client
 /// would). Returns the exit status, if one came.

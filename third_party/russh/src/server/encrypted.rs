@@ -516,16 +516,145 @@ mod tests {
         );
     }
 
+    /// cmxsafe (CMXSAFE-PATCH change 11): every signed request refused before
+    /// the handler decides reaches `auth_signature_refused`, with its user, key
+    /// and reason, and is refused.
+    #[tokio::test]
+    async fn refused_signatures_are_reported_to_the_handler() {
+        #[derive(Default)]
+        struct Recorder {
+            refused: Vec<(String, PublicKey, SignatureRefusal)>,
+            decided: usize,
+        }
+
+        impl Handler for Recorder {
+            type Error = Error;
+
+            async fn auth_publickey_offered(
+                &mut self,
+                _user: &str,
+                _offer: PublicKeyOffer<'_>,
+            ) -> Result<Auth, Self::Error> {
+                Ok(Auth::Accept)
+            }
+
+            async fn auth_publickey(
+                &mut self,
+                _user: &str,
+                _key: VerifiedPublicKey<'_>,
+            ) -> Result<Auth, Self::Error> {
+                self.decided += 1;
+                Ok(Auth::Accept)
+            }
+
+            async fn auth_openssh_certificate(
+                &mut self,
+                _user: &str,
+                _certificate: &Certificate,
+            ) -> Result<Auth, Self::Error> {
+                self.decided += 1;
+                Ok(Auth::Accept)
+            }
+
+            async fn auth_signature_refused(
+                &mut self,
+                user: &str,
+                public_key: &PublicKey,
+                refusal: SignatureRefusal,
+            ) -> Result<(), Self::Error> {
+                self.refused
+                    .push((user.to_string(), public_key.clone(), refusal));
+                Ok(())
+            }
+        }
+
+        let random = || Arc::new(PrivateKey::random(&mut rand::rng(), ssh_key::Algorithm::Ed25519).unwrap());
+        let (device, impostor, ca) = (random(), random(), random());
+
+        // The device's public key, signed by another key.
+        let mut session = test_auth_session();
+        let mut handler = Recorder::default();
+        let blob = device.public_key().to_bytes().unwrap();
+        let packet =
+            publickey_packet_signed_by("dev1", "ssh-ed25519", &blob, impostor.clone(), None);
+        session.process_packet(&mut handler, &packet).await.unwrap();
+        assert_eq!(
+            handler.refused,
+            [(
+                "dev1".to_string(),
+                device.public_key().clone(),
+                SignatureRefusal::SignatureInvalid
+            )]
+        );
+        assert_eq!(handler.decided, 0, "the handler is not asked to accept it");
+
+        // A certificate for the impostor's key whose principal was altered after the CA
+        // signed it, signed (correctly) by the impostor.
+        let mut builder = ssh_key::certificate::Builder::new_with_random_nonce(
+            &mut rand::rng(),
+            impostor.public_key(),
+            0,
+            u64::MAX,
+        )
+        .unwrap();
+        builder.cert_type(ssh_key::certificate::CertType::User).unwrap();
+        builder.valid_principal("dev2").unwrap();
+        let mut cert_blob = builder.sign(ca.as_ref()).unwrap().to_bytes().unwrap();
+        let at = cert_blob
+            .windows(4)
+            .position(|w| w == b"dev2")
+            .expect("the principal is in the certificate");
+        cert_blob[at + 3] = b'1';
+        let mut session = test_auth_session();
+        let mut handler = Recorder::default();
+        let packet = publickey_packet_signed_by(
+            "dev1",
+            "ssh-ed25519-cert-v01@openssh.com",
+            &cert_blob,
+            impostor.clone(),
+            None,
+        );
+        session.process_packet(&mut handler, &packet).await.unwrap();
+        assert_eq!(
+            handler.refused,
+            [(
+                "dev1".to_string(),
+                impostor.public_key().clone(),
+                SignatureRefusal::CertificateSignatureInvalid
+            )]
+        );
+        assert_eq!(handler.decided, 0);
+
+        // The device's own signature: no refusal, the handler decides.
+        let mut session = test_auth_session();
+        let mut handler = Recorder::default();
+        let packet = publickey_signed_packet("dev1", device.clone(), device.public_key());
+        session.process_packet(&mut handler, &packet).await.unwrap();
+        assert!(handler.refused.is_empty());
+        assert_eq!(handler.decided, 1);
+    }
+
     #[cfg(feature = "rsa")]
     #[tokio::test]
     async fn signature_algorithm_must_match_requested_algorithm() {
         #[derive(Default)]
         struct AcceptAnyKey {
             authenticated: bool,
+            refused: Vec<SignatureRefusal>,
         }
 
         impl Handler for AcceptAnyKey {
             type Error = Error;
+
+            async fn auth_signature_refused(
+                &mut self,
+                _user: &str,
+                _public_key: &PublicKey,
+                refusal: SignatureRefusal,
+            ) -> Result<(), Self::Error> {
+                self.refused.push(refusal);
+                Ok(())
+            }
 
             async fn auth_publickey_offered(
                 &mut self,
@@ -557,6 +686,7 @@ mod tests {
             !handler.authenticated,
             "an ssh-rsa (SHA-1) signature was accepted for a request announcing rsa-sha2-512"
         );
+        assert_eq!(handler.refused, [SignatureRefusal::AlgorithmMismatch]);
 
         // Same announcement, matching signature: still accepted.
         let mut session = test_auth_session();
@@ -825,6 +955,19 @@ mod tests {
         announced: &str,
         hash: Option<ssh_key::HashAlg>,
     ) -> Vec<u8> {
+        let key_blob = private_key.public_key().to_bytes().unwrap();
+        publickey_packet_signed_by(user, announced, &key_blob, private_key, hash)
+    }
+
+    /// A signed publickey request naming `key_blob` (a key or a certificate),
+    /// signed by `private_key`, which need not be that key's.
+    fn publickey_packet_signed_by(
+        user: &str,
+        announced: &str,
+        key_blob: &[u8],
+        private_key: Arc<PrivateKey>,
+        hash: Option<ssh_key::HashAlg>,
+    ) -> Vec<u8> {
         let mut packet = Vec::new();
         packet.push(msg::USERAUTH_REQUEST);
         user.encode(&mut packet).unwrap();
@@ -832,12 +975,7 @@ mod tests {
         "publickey".encode(&mut packet).unwrap();
         1u8.encode(&mut packet).unwrap();
         announced.encode(&mut packet).unwrap();
-        private_key
-            .public_key()
-            .to_bytes()
-            .unwrap()
-            .encode(&mut packet)
-            .unwrap();
+        key_blob.encode(&mut packet).unwrap();
 
         let mut signed = Vec::new();
         CryptoVec::new().as_ref().encode(&mut signed).unwrap();
@@ -1150,6 +1288,15 @@ impl Encrypted {
                         // Verify the certificate’s signature
                         if cert.verify_signature().is_err() {
                             warn!("Certificate signature is invalid");
+                            // cmxsafe (CMXSAFE-PATCH change 11): the handler hears of it.
+                            let key = PublicKey::new(cert.public_key().clone(), "");
+                            handler
+                                .auth_signature_refused(
+                                    user,
+                                    &key,
+                                    SignatureRefusal::CertificateSignatureInvalid,
+                                )
+                                .await?;
                             reject_auth_request(until, &mut self.write, auth_request).await?;
                             return Ok(());
                         }
@@ -1209,6 +1356,14 @@ impl Encrypted {
                         _ => {
                             debug!("signature algorithm does not match the requested one");
                             auth_user.clear();
+                            // cmxsafe (CMXSAFE-PATCH change 11): the handler hears of it.
+                            handler
+                                .auth_signature_refused(
+                                    user,
+                                    &pubkey,
+                                    SignatureRefusal::AlgorithmMismatch,
+                                )
+                                .await?;
                             reject_auth_request(until, &mut self.write, auth_request).await?;
                             return Ok(());
                         }
@@ -1272,6 +1427,14 @@ impl Encrypted {
                         } else {
                             debug!("signature wrong");
                             auth_user.clear();
+                            // cmxsafe (CMXSAFE-PATCH change 11): the handler hears of it.
+                            handler
+                                .auth_signature_refused(
+                                    user,
+                                    &pubkey,
+                                    SignatureRefusal::SignatureInvalid,
+                                )
+                                .await?;
                             reject_auth_request(until, &mut self.write, auth_request).await?;
                         }
                     } else {

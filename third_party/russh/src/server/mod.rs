@@ -225,6 +225,24 @@ pub struct PublicKeyOffer<'a> {
     pub algorithm: &'a ssh_key::Algorithm,
 }
 
+/// Why a signed `publickey` request was refused before the handler was asked
+/// to decide on it, passed to [`Handler::auth_signature_refused`].
+///
+/// cmxsafe (CMXSAFE-PATCH change 11).
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignatureRefusal {
+    /// The signature does not verify with the public key the request named:
+    /// the client does not hold its private half.
+    SignatureInvalid,
+    /// The signature uses another algorithm than the one the request named
+    /// (RFC 4252 §7, RFC 8332 §3), e.g. `ssh-rsa` (SHA-1) under `rsa-sha2-512`.
+    AlgorithmMismatch,
+    /// The certificate's own signature (by its CA) does not verify: it was
+    /// altered or forged.
+    CertificateSignatureInvalid,
+}
+
 /// A public key whose ownership has been verified, passed to
 /// [`Handler::auth_publickey`].
 ///
@@ -338,6 +356,24 @@ pub trait Handler: Sized {
         certificate: &Certificate,
     ) -> impl Future<Output = Result<Auth, Self::Error>> + Send {
         async { Ok(Auth::reject()) }
+    }
+
+    /// A signed `publickey` request (a key or a certificate) that russh
+    /// refused before asking [`Handler::auth_publickey`] or
+    /// [`Handler::auth_openssh_certificate`]: see [`SignatureRefusal`]. Called
+    /// before the failure is sent, so a server can log and count it as the
+    /// failed attempt it is. `public_key` is the key the request named (for a
+    /// certificate, the certificate's key). The default does nothing.
+    ///
+    /// cmxsafe (CMXSAFE-PATCH change 11).
+    #[allow(unused_variables)]
+    fn auth_signature_refused(
+        &mut self,
+        user: &str,
+        public_key: &ssh_key::PublicKey,
+        refusal: SignatureRefusal,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send {
+        async { Ok(()) }
     }
 
     /// Check authentication using the "keyboard-interactive"
