@@ -223,6 +223,9 @@ pub struct Limits {
     pub login_grace_time_secs: u64,
     pub max_auth_tries: usize,
     pub max_startups: Startups,
+    /// Unauthenticated connections beyond `max_startups`' full that only sources which
+    /// authenticated in the last 24 h may use (no random early drop for them); 0: none.
+    pub known_source_startups: usize,
     pub per_source_max_startups: usize,
     pub per_source_ipv6_prefix: u8,
     pub penalty_authfail_secs: u64,
@@ -359,6 +362,7 @@ impl Default for Limits {
                 rate: 30,
                 full: 400,
             },
+            known_source_startups: 100,
             per_source_max_startups: 20,
             per_source_ipv6_prefix: 64,
             penalty_authfail_secs: 5,

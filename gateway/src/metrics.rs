@@ -188,6 +188,11 @@ fn front_door_families(gw: &Gateway) -> Vec<Family<'static>> {
             "Sources (IPv4 addresses, IPv6 prefixes) refused by the penalty box now.",
             one(admission.penalized(std::time::Instant::now()) as u64),
         ),
+        Family::gauge(
+            "cmxsafe_known_sources",
+            "Sources from which a connection authenticated in the last 24 h: they may use limits.known_source_startups beyond max_startups.",
+            one(admission.known(std::time::Instant::now()) as u64),
+        ),
         Family::counter(
             "cmxsafe_penalties_total",
             "Sources put in (or kept longer in) the penalty box since start, by offence (auth-failed, junk: not SSH, grace-exceeded, no-auth: key exchanges without an authentication request).",

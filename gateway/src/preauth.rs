@@ -13,6 +13,11 @@
 //!   gateway paid for, then a hang-up) add up silently and are refused only once their penalties
 //!   reach `NOAUTH_ENFORCED_FROM` (OpenSSH's `min`), so a scanner or a misconfigured agent now
 //!   and then costs nothing, while a flood of key exchanges from one source is stopped.
+//! - Known sources (beyond OpenSSH): a source from which a connection authenticated in the last
+//!   `KNOWN_FOR` may use `known_source_startups` more unauthenticated connections beyond `full`,
+//!   and random early drop does not apply to it. Strangers from many addresses can fill every
+//!   slot `max_startups` has, and an agent reconnecting from where it logged in before still gets
+//!   in. (A gateway that restarted knows no source until agents log in again.)
 //!
 //! Pure bookkeeping (time and randomness come from the caller), so every rule is unit-tested.
 
@@ -75,10 +80,15 @@ impl Offence {
     }
 }
 
+/// How long a source that authenticated stays known (see the module's doc).
+pub const KNOWN_FOR: Duration = Duration::from_secs(24 * 3600);
+
 /// The settings, from `[limits]`.
 #[derive(Clone, Debug)]
 pub struct Policy {
     pub startups: Startups,
+    /// Unauthenticated connections beyond `startups.full` that only known sources may use.
+    pub known_reserve: usize,
     pub per_source: usize,
     pub v6_block: u8,
     pub authfail: Duration,
@@ -93,6 +103,7 @@ impl Policy {
     pub fn from_limits(l: &Limits) -> Policy {
         Policy {
             startups: l.max_startups,
+            known_reserve: l.known_source_startups,
             per_source: l.per_source_max_startups,
             v6_block: l.per_source_ipv6_prefix,
             authfail: Duration::from_secs(l.penalty_authfail_secs),
@@ -136,6 +147,8 @@ struct State {
     /// Source -> until when its `NoAuth` penalties, not enforced yet, last (they run down in
     /// real time, as an enforced penalty does).
     noauth: HashMap<IpAddr, Instant>,
+    /// Source -> until when it is known (a connection from it authenticated).
+    known: HashMap<IpAddr, Instant>,
 }
 
 /// Makes room for `source` in `map` (at most `MAX_PENALIZED` sources): expired entries go
@@ -192,13 +205,21 @@ impl Admission {
             )));
         }
         let Startups { start, rate, full } = p.startups;
-        if st.unauthenticated >= full {
+        let known = st.known.get(&source).is_some_and(|until| *until > now);
+        if known {
+            let reserve = p.known_reserve;
+            if st.unauthenticated >= full + reserve {
+                return Err(Refused(format!(
+                    "too many unauthenticated connections ({} of max_startups {start}:{rate}:{full} plus known_source_startups {reserve}); try again later",
+                    st.unauthenticated
+                )));
+            }
+        } else if st.unauthenticated >= full {
             return Err(Refused(format!(
                 "too many unauthenticated connections ({} of max_startups {start}:{rate}:{full}); try again later",
                 st.unauthenticated
             )));
-        }
-        if st.unauthenticated >= start {
+        } else if st.unauthenticated >= start {
             // Linear from `rate` % at `start` to 100 % at `full`, as OpenSSH does.
             let span = (full - start).max(1) as f64;
             let drop = f64::from(rate) / 100.0
@@ -240,6 +261,11 @@ impl Admission {
         self.lock().unauthenticated
     }
 
+    /// Sources known now (a connection from them authenticated within `KNOWN_FOR`).
+    pub fn known(&self, now: Instant) -> usize {
+        self.lock().known.values().filter(|until| **until > now).count()
+    }
+
     /// Penalties enforced since start for `offence`.
     pub fn penalties(&self, offence: Offence) -> u64 {
         self.penalties[offence as usize].load(Ordering::Relaxed)
@@ -247,6 +273,10 @@ impl Admission {
 
     fn release(&self, source: IpAddr) {
         let mut st = self.lock();
+        Self::release_locked(&mut st, source);
+    }
+
+    fn release_locked(st: &mut State, source: IpAddr) {
         st.unauthenticated = st.unauthenticated.saturating_sub(1);
         if let Some(n) = st.per_source.get_mut(&source) {
             *n -= 1;
@@ -297,9 +327,13 @@ pub struct Startup {
 }
 
 impl Startup {
-    /// The connection authenticated: it no longer counts, and its source is not penalized.
-    pub fn authenticated(mut self) {
-        self.admission.release(self.source);
+    /// The connection authenticated at `now`: it no longer counts, its source is not penalized,
+    /// and the source is known for `KNOWN_FOR`.
+    pub fn authenticated(mut self, now: Instant) {
+        let mut st = self.admission.lock();
+        Admission::release_locked(&mut st, self.source);
+        make_room(&mut st.known, self.source, now, |until| *until);
+        st.known.insert(self.source, now + KNOWN_FOR);
         self.released = true;
     }
 
@@ -333,6 +367,7 @@ mod tests {
                 rate: 50,
                 full: 8,
             },
+            known_reserve: 2,
             per_source: 3,
             v6_block: 64,
             authfail: Duration::from_secs(5),
@@ -411,6 +446,39 @@ mod tests {
     }
 
     #[test]
+    fn known_sources_get_in_when_strangers_fill_every_slot() {
+        let a = Admission::new(policy());
+        let t0 = Instant::now();
+        a.admit(ip("10.1.0.2"), t0, 0.99).unwrap().authenticated(t0);
+        let t1 = t0 + Duration::from_secs(3600);
+        // Strangers from three addresses fill every slot max_startups has.
+        let mut held: Vec<Startup> = ["10.4.0.1", "10.4.0.2", "10.4.0.3"]
+            .iter()
+            .flat_map(|s| (0..3).map(|_| a.admit(ip(s), t1, 0.99)))
+            .filter_map(Result::ok)
+            .collect();
+        assert_eq!(held.len(), 8);
+        assert!(
+            a.admit(ip("10.4.0.4"), t1, 0.99).is_err(),
+            "a stranger is refused at full"
+        );
+        // The known source is not: it has the reserve, and no random drop (the die says drop).
+        held.push(a.admit(ip("10.1.0.2"), t1, 0.0).unwrap());
+        held.push(a.admit(ip("10.1.0.2"), t1, 0.0).unwrap());
+        let r = a.admit(ip("10.1.0.2"), t1, 0.99).err().unwrap();
+        assert!(
+            r.0.contains("10 of max_startups 4:50:8 plus known_source_startups 2"),
+            "{r:?}"
+        );
+        assert_eq!(a.known(t1), 1);
+        // A day later it is a stranger again.
+        let later = t0 + KNOWN_FOR + Duration::from_secs(1);
+        held.truncate(8);
+        assert!(a.admit(ip("10.1.0.2"), later, 0.99).is_err());
+        assert_eq!(a.known(later), 0);
+    }
+
+    #[test]
     fn offenders_wait_penalties_add_up_to_a_maximum_and_expire() {
         let a = Admission::new(policy());
         let t0 = Instant::now();
@@ -448,7 +516,7 @@ mod tests {
         assert_eq!(a.unauthenticated(), 0, "every slot given back");
         // Authenticated connections and exempt networks are never penalized.
         let ok = a.admit(ip("10.7.0.1"), t2, 0.99).unwrap();
-        ok.authenticated();
+        ok.authenticated(t2);
         assert!(a.admit(ip("10.7.0.1"), t2, 0.99).is_ok());
         let exempt = a.admit(ip("10.9.1.1"), t2, 0.99).unwrap();
         assert_eq!(exempt.offended(Offence::Junk, t2), None);

@@ -159,7 +159,7 @@ async fn connection(
             return;
         }
     };
-    startup.authenticated();
+    startup.authenticated(Instant::now());
     let handle = running.handle();
     let mut running = std::pin::pin!(running);
     let (reason, cause) = tokio::select! {

@@ -71,6 +71,59 @@ async fn a_stranger_holding_a_hundred_idle_connections_cannot_lock_agents_out() 
     refused_as_penalized(&hosts.dev, &gw_addr, DEV_IP).await;
 }
 
+/// Strangers from four addresses hold every unauthenticated slot `max_startups` has (here 8,
+/// two per address, within `per_source_max_startups`): a botnet's lockout, which the per-source
+/// limit alone cannot stop. A device that logged in before from its address reconnects and
+/// still gets in, on the reserve only known sources may use (`known_source_startups`); a fifth
+/// stranger address is refused. Before, every connection was refused until the strangers'
+/// login grace time ran out, and they came back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn strangers_holding_every_startup_slot_do_not_lock_out_a_known_device() {
+    let hosts = Hosts::new();
+    let (_srv1, dev1, registry) = srv1_publishes_dev1_opens(&hosts);
+    let limits = "[limits]\nmax_startups = \"8\"\nper_source_max_startups = 2\nknown_source_startups = 2\n\
+                  login_grace_time_secs = 300\n";
+    let gw = GatewayProc::start(&hosts, &registry, limits).await;
+    let addr = format!("{GW_DEV_IP}:{SSH_PORT}");
+    drop(logged_in(&hosts.dev, &addr, "dev1", dev1.clone()).await);
+
+    let mut held = Vec::new();
+    for i in 101..=105 {
+        hosts.dev.add_address(&format!("10.1.0.{i}/24"));
+    }
+    for i in 101..=104 {
+        for _ in 0..2 {
+            held.push(hosts.dev.connect_from(&format!("10.1.0.{i}"), &addr).unwrap());
+        }
+    }
+    // The gateway admits them as it accepts them: the fifth address is refused once all 8 are in.
+    let full = "too many unauthenticated connections (8 of max_startups 8:100:8)";
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let mut c = hosts.dev.connect_from("10.1.0.105", &addr).unwrap();
+        let mut head = [0u8; 200];
+        let n = tokio::time::timeout(T, c.read(&mut head)).await.unwrap().unwrap();
+        if String::from_utf8_lossy(&head[..n]).contains(full) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stranger addresses never filled the slots"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let _again = logged_in(&hosts.dev, &addr, "dev1", dev1).await;
+    gw.log
+        .wait_more_audits("dev1's second login, from its address", 1, |r| {
+            r.is(AuditEvent::Auth, Verdict::Accept)
+                && r.identity() == "dev1"
+                && r.peer.as_deref().is_some_and(|p| p.starts_with(DEV_IP))
+        })
+        .await;
+    assert_eq!(held.len(), 8, "the strangers still hold their slots");
+}
+
 /// The audit line that puts `source` in the penalty box for `offence`.
 fn penalty_for<'a>(source: &'a str, offence: &'a str) -> impl Fn(&AuditRecord) -> bool + 'a {
     move |r| {

@@ -160,6 +160,26 @@ impl Netns {
         tokio::net::TcpStream::from_std(std)
     }
 
+    /// Connects from inside this namespace, from the local address `source` (one of
+    /// `add_address`'s): a second stranger on the same host.
+    pub fn connect_from(&self, source: &str, addr: &str) -> std::io::Result<tokio::net::TcpStream> {
+        let (source, addr): (std::net::IpAddr, SocketAddr) = (source.parse().unwrap(), addr.parse().unwrap());
+        let std: std::net::TcpStream = self.enter(move || {
+            let s = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+            s.bind(&SocketAddr::new(source, 0).into())?;
+            s.connect_timeout(&addr.into(), Duration::from_secs(5))?;
+            Ok::<_, std::io::Error>(s.into())
+        })?;
+        std.set_nonblocking(true)?;
+        tokio::net::TcpStream::from_std(std)
+    }
+
+    /// Adds `cidr` (e.g. `10.1.0.101/24`) to this host's interface, as another address it can
+    /// connect from.
+    pub fn add_address(&self, cidr: &str) {
+        ip(&["-n", &self.name, "addr", "add", cidr, "dev", "eth0"]);
+    }
+
     /// Connects, retrying while nothing listens yet (an ssh -L listener coming up).
     pub async fn connect_retry(&self, addr: &str) -> tokio::net::TcpStream {
         let deadline = Instant::now() + Duration::from_secs(15);
