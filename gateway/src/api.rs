@@ -305,11 +305,14 @@ fn sessions(gw: &Gateway) -> Value {
             })
         })
         .collect();
-    // Who is knocking, beside who is in: connections not authenticated yet and sources the
-    // penalty box refuses (the same figures as the metrics of that name).
+    // Who is knocking, beside who is in: connections not authenticated yet, sources the
+    // penalty box refuses and sources known from a login in the last 24 h (the same figures
+    // as the metrics of those names).
+    let now = std::time::Instant::now();
     let front_door = json!({
         "unauthenticated": gw.admission.unauthenticated(),
-        "penalized_sources": gw.admission.penalized(std::time::Instant::now()),
+        "penalized_sources": gw.admission.penalized(now),
+        "known_sources": gw.admission.known(now),
     });
     json!({ "sessions": list, "front_door": front_door })
 }

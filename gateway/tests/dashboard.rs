@@ -66,6 +66,8 @@ async fn the_dashboard_shows_who_is_connected_and_disconnects_a_session() {
     browser.wait_for("#front-door[data-penalized='1']", T).await;
     let door = browser.wait_text("#front-door", T).await;
     assert!(door.contains("1 source penalized"), "{door}");
+    // ...and the addresses the agents logged in from are known (device and server hosts).
+    assert!(door.contains("2 sources known from a login"), "{door}");
     let identities = browser.wait_text("#identities", T).await;
     assert!(
         identities.contains("[srv1:1883]"),

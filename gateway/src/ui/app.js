@@ -77,10 +77,13 @@ async function refresh() {
       forwards.forwards.length + " forwards, " + pairs.pairs.length + " pairs";
     const door = sessions.front_door;
     const doorEl = document.getElementById("front-door");
+    const sources = (n) => n + (n === 1 ? " source" : " sources");
     doorEl.textContent = "front door: " + door.unauthenticated + " unauthenticated, " +
-      door.penalized_sources + (door.penalized_sources === 1 ? " source" : " sources") + " penalized";
+      sources(door.penalized_sources) + " penalized, " + sources(door.known_sources) +
+      " known from a login in the last 24 h";
     doorEl.dataset.unauthenticated = door.unauthenticated;
     doorEl.dataset.penalized = door.penalized_sources;
+    doorEl.dataset.known = door.known_sources;
     doorEl.classList.toggle("alert", door.penalized_sources > 0);
     fill("sessions", sessions.sessions, (tr, s) => {
       tr.dataset.identity = s.identity;
