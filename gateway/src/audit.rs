@@ -106,7 +106,7 @@ pub fn penalized(source: std::net::IpAddr, offence: &str, seconds: u64) {
 /// Whether a refusal or failure about `identity` is written: within its budget (see
 /// `audit_budget`), or else counted as left out.
 fn within_budget(identity: &str) -> bool {
-    crate::audit_budget::global().admit(&short(identity), std::time::Instant::now())
+    crate::audit_budget::identities().admit(short(identity).as_ref(), std::time::Instant::now())
 }
 
 pub fn session_request_refused(session: SessionId, identity: &str, request: &str) {
@@ -141,12 +141,21 @@ pub fn pair_failed(session: SessionId, identity: &str, request: &str, reason: &s
 }
 
 /// Refusals and failures about `identity` that its budget left out (see `audit_budget`).
-pub fn left_out(identity: &str, lines: u64, over: std::time::Duration) {
+fn identity_left_out(identity: &str, lines: u64, over: std::time::Duration) {
     let seconds = over.as_secs();
     let per_second = crate::audit_budget::PER_SECOND;
     tracing::warn!(target: TARGET, event = "audit-suppressed", identity = %short(identity), suppressed = lines, seconds,
         "{lines} refusals about {} in the last {seconds} s not written (more than {per_second} per second); \
          cmxsafe_audit_decisions_total counts them", short(identity));
+}
+
+/// Refused admin-API requests from `peer` that its budget left out.
+fn admin_peer_left_out(peer: std::net::IpAddr, lines: u64, over: std::time::Duration) {
+    let seconds = over.as_secs();
+    let per_second = crate::audit_budget::PER_SECOND;
+    tracing::warn!(target: TARGET, event = "audit-suppressed", %peer, suppressed = lines, seconds,
+        "{lines} refused admin API requests from {peer} in the last {seconds} s not written (more than {per_second} per second); \
+         cmxsafe_audit_decisions_total counts them");
 }
 
 /// Reports what the budget left out, every `REPORT_EVERY`, until the task is dropped.
@@ -161,8 +170,12 @@ pub async fn report_left_out() {
 
 /// Reports what the budget left out since the last report (also at shutdown, so no count is lost).
 pub fn report_left_out_now() {
-    for l in crate::audit_budget::global().take_left_out(std::time::Instant::now()) {
-        left_out(&l.identity, l.lines, l.over);
+    let now = std::time::Instant::now();
+    for l in crate::audit_budget::identities().take_left_out(now) {
+        identity_left_out(&l.key, l.lines, l.over);
+    }
+    for l in crate::audit_budget::admin_peers().take_left_out(now) {
+        admin_peer_left_out(l.key, l.lines, l.over);
     }
 }
 
@@ -200,6 +213,9 @@ pub fn admin_action(peer: SocketAddr, request: &str, identity: &str, result: &st
 /// An admin API request refused (no or wrong token, not from loopback).
 pub fn admin_denied(peer: SocketAddr, request: &str, reason: &str) {
     let (event, decision) = Decision::AdminDeny.record();
+    if !crate::audit_budget::admin_peers().admit(&peer.ip(), std::time::Instant::now()) {
+        return;
+    }
     tracing::warn!(target: TARGET, event, decision, %peer, request = %short(request), reason = %long(reason),
         "admin API request refused");
 }

@@ -1,14 +1,18 @@
-//! How many refusals about one identity the audit log writes. An authenticated device decides
-//! how often it is refused: a refused channel costs it ~60 bytes and the gateway a ~450-byte
-//! log line, so without a bound one device could fill the operator's disk and push every other
-//! line out of the recent trail (`/api/v1/audit`) within a second. Each identity's refusals and
-//! failed paths are written up to `BURST` at once, then `PER_SECOND`; the rest are counted, not
-//! written, and every `REPORT_EVERY` one line per identity says how many were left out
+//! How many refusals about one identity (or one admin-API peer) the audit log writes. An
+//! authenticated device decides how often it is refused: a refused channel costs it ~60 bytes
+//! and the gateway a ~450-byte log line, so without a bound one device could fill the operator's
+//! disk and push every other line out of the recent trail (`/api/v1/audit`) within a second. The
+//! same holds for a peer of the admin endpoint sending requests without the token. Each
+//! identity's refusals and failed paths, and each admin peer's refused requests, are written up
+//! to `BURST` at once, then `PER_SECOND`; the rest are counted, not written, and every
+//! `REPORT_EVERY` one line per identity or peer says how many were left out
 //! (`event = "audit-suppressed"`). The decision counters (`cmxsafe_audit_decisions_total`)
 //! still count every decision. Lines a peer cannot cause for free (logins, allowed forwards,
 //! pairs, operator actions) are always written.
 
 use std::collections::HashMap;
+use std::hash::Hash;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{LazyLock, Mutex};
 use std::time::{Duration, Instant};
@@ -22,12 +26,18 @@ pub const PER_SECOND: u32 = 2;
 pub const REPORT_EVERY: Duration = Duration::from_secs(10);
 
 /// One process, one audit log (like the decision counters in `audit`).
-static BUDGET: LazyLock<Budget> = LazyLock::new(Budget::default);
+static IDENTITIES: LazyLock<Budget<String>> = LazyLock::new(Budget::default);
+static ADMIN_PEERS: LazyLock<Budget<IpAddr>> = LazyLock::new(Budget::default);
 static SUPPRESSED_TOTAL: AtomicU64 = AtomicU64::new(0);
 
-/// The process's budget.
-pub fn global() -> &'static Budget {
-    &BUDGET
+/// The process's budget for lines about authenticated identities.
+pub fn identities() -> &'static Budget<String> {
+    &IDENTITIES
+}
+
+/// The process's budget for refused admin-API requests, by peer address.
+pub fn admin_peers() -> &'static Budget<IpAddr> {
+    &ADMIN_PEERS
 }
 
 /// Audit lines left out since the process started (`cmxsafe_audit_lines_suppressed_total`).
@@ -35,11 +45,19 @@ pub fn suppressed_total() -> u64 {
     SUPPRESSED_TOTAL.load(Ordering::Relaxed)
 }
 
-#[derive(Default)]
-pub struct Budget {
-    /// Keyed by authenticated identity, so bounded by the registry; an identity whose budget is
-    /// whole again and has nothing to report is forgotten at the next report.
-    buckets: Mutex<HashMap<String, Bucket>>,
+pub struct Budget<K> {
+    /// Keyed by authenticated identity (bounded by the registry) or by admin peer address; a
+    /// key whose budget is whole again and has nothing to report is forgotten at the next
+    /// report.
+    buckets: Mutex<HashMap<K, Bucket>>,
+}
+
+impl<K> Default for Budget<K> {
+    fn default() -> Self {
+        Budget {
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
 }
 
 /// A token bucket, counted in thousandths of a line so the refill needs no floating point.
@@ -74,23 +92,25 @@ impl Bucket {
     }
 }
 
-/// Lines about one identity that were left out, and over how long.
+/// Lines about one key (identity or peer) that were left out, and over how long.
 #[derive(Debug, PartialEq, Eq)]
-pub struct LeftOut {
-    pub identity: String,
+pub struct LeftOut<K> {
+    pub key: K,
     pub lines: u64,
     pub over: Duration,
 }
 
-impl Budget {
-    /// Whether a line about `identity` may be written now; if not, it is counted as left out.
-    pub fn admit(&self, identity: &str, now: Instant) -> bool {
+impl<K: Hash + Eq + Ord + Clone> Budget<K> {
+    /// Whether a line about `key` may be written now; if not, it is counted as left out.
+    pub fn admit<Q>(&self, key: &Q, now: Instant) -> bool
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        let bucket = match buckets.get_mut(identity) {
+        let bucket = match buckets.get_mut(key) {
             Some(b) => b,
-            None => buckets
-                .entry(identity.to_owned())
-                .or_insert_with(|| Bucket::new(now)),
+            None => buckets.entry(key.to_owned()).or_insert_with(|| Bucket::new(now)),
         };
         bucket.refill(now);
         if bucket.millis >= MILLIS_PER_LINE {
@@ -103,23 +123,23 @@ impl Budget {
         false
     }
 
-    /// What was left out since the last call, per identity (sorted by identity), and forgets
-    /// identities whose budget is whole again.
-    pub fn take_left_out(&self, now: Instant) -> Vec<LeftOut> {
+    /// What was left out since the last call, per key (sorted), and forgets keys whose
+    /// budget is whole again.
+    pub fn take_left_out(&self, now: Instant) -> Vec<LeftOut<K>> {
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         let mut report = Vec::new();
-        buckets.retain(|identity, bucket| {
+        buckets.retain(|key, bucket| {
             bucket.refill(now);
             if let Some(first) = bucket.first_left_out.take() {
                 report.push(LeftOut {
-                    identity: identity.clone(),
+                    key: key.clone(),
                     lines: std::mem::take(&mut bucket.left_out),
                     over: now.saturating_duration_since(first),
                 });
             }
             bucket.millis < FULL
         });
-        report.sort_by(|a, b| a.identity.cmp(&b.identity));
+        report.sort_by(|a, b| a.key.cmp(&b.key));
         report
     }
 
@@ -133,13 +153,13 @@ impl Budget {
 mod tests {
     use super::*;
 
-    fn admitted(budget: &Budget, identity: &str, n: u32, now: Instant) -> u32 {
+    fn admitted(budget: &Budget<String>, identity: &str, n: u32, now: Instant) -> u32 {
         (0..n).filter(|_| budget.admit(identity, now)).count() as u32
     }
 
     #[test]
     fn a_burst_is_written_then_the_rate_applies_per_identity() {
-        let budget = Budget::default();
+        let budget = Budget::<String>::default();
         let t0 = Instant::now();
         assert_eq!(admitted(&budget, "dev1", 1000, t0), BURST);
         assert_eq!(
@@ -153,7 +173,7 @@ mod tests {
         assert_eq!(
             left_out,
             [LeftOut {
-                identity: "dev1".into(),
+                key: "dev1".to_string(),
                 lines: 2000 - u64::from(BURST + 5 * PER_SECOND),
                 over: Duration::from_secs(5),
             }]
@@ -166,7 +186,7 @@ mod tests {
 
     #[test]
     fn a_slow_retry_is_always_written() {
-        let budget = Budget::default();
+        let budget = Budget::<String>::default();
         let t0 = Instant::now();
         for second in 0..10_000u64 {
             assert!(budget.admit("dev1", t0 + Duration::from_secs(second)));
@@ -176,7 +196,7 @@ mod tests {
 
     #[test]
     fn identities_whose_budget_is_whole_again_are_forgotten() {
-        let budget = Budget::default();
+        let budget = Budget::<String>::default();
         let t0 = Instant::now();
         admitted(&budget, "dev1", 1000, t0);
         admitted(&budget, "dev2", 1, t0);

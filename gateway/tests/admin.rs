@@ -390,6 +390,57 @@ async fn the_api_shows_live_sessions_forwards_and_pairs_and_disconnects_a_sessio
     assert_eq!(reloaded["identities"], 2);
 }
 
+/// A peer that reaches the admin endpoint guesses the token as fast as it can: every guess is
+/// refused (401) and counted, but the audit log writes `BURST` of them and then `PER_SECOND`,
+/// and reports the rest in one line, so the guesser cannot fill the disk or push the trail's
+/// other lines out. Before, each guess was a line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_peer_guessing_the_token_cannot_flood_the_audit_log() {
+    use cmx_gateway::audit_budget::{BURST, PER_SECOND};
+    const GUESSES: u64 = 300;
+    let hosts = Hosts::new();
+    let (_srv1, _dev1, registry) = srv1_publishes_dev1_opens(&hosts);
+    std::fs::write(hosts.path("api-token"), "9f3b1c7e2a6d4058b1e0c3a7f5d2e8b4\n").unwrap();
+    let (gw, admin) = with_admin(&hosts, &registry, "0.0.0.0:0", "api_token_file = \"api-token\"\n").await;
+    let port = admin.rsplit(':').next().unwrap().to_string();
+    let from_srv = format!("{GW_SRV_IP}:{port}");
+    let started = std::time::Instant::now();
+    for i in 0..GUESSES {
+        let guess = format!("{i:032}");
+        let (status, _) = api(&hosts.srv, &from_srv, "GET", "/api/v1/sessions", Some(&guess)).await;
+        assert_eq!(status, 401, "guess {i}");
+    }
+    let secs = started.elapsed().as_secs() + 1;
+    let from = |r: &AuditRecord| r.peer.as_deref().is_some_and(|p| p.starts_with(SRV_IP));
+    let (written, left_out) = gw
+        .log
+        .wait_accounted_for(
+            GUESSES,
+            |r| r.is(AuditEvent::Admin, Verdict::Deny) && from(r),
+            from,
+        )
+        .await;
+    assert_eq!(
+        written + left_out,
+        GUESSES,
+        "each refusal is written or reported once"
+    );
+    let most = u64::from(BURST) + u64::from(PER_SECOND) * secs;
+    assert!(
+        (u64::from(BURST)..=most).contains(&written),
+        "{written} of {GUESSES} refusals written in {secs} s (the budget: {most})"
+    );
+    let metrics = http_get(&hosts.gw, &admin, "/metrics").await.1;
+    assert_eq!(
+        metric(
+            &metrics,
+            r#"cmxsafe_audit_decisions_total{event="admin",decision="deny"}"#
+        ),
+        GUESSES,
+        "every refusal is counted"
+    );
+}
+
 /// With a token file, every /api/ request needs the bearer token: none or a wrong one gets 401
 /// and an audit line, and the probes and metrics stay open. Without one, only loopback peers
 /// are answered.

@@ -110,6 +110,38 @@ impl LogBook {
         self.wait_nth(what, before, audit_of, pred).await
     }
 
+    /// Waits (up to `WAIT` plus the audit budget's report interval) until `total` records are
+    /// accounted for: written one by one (`written`), or counted in the `audit-suppressed`
+    /// lines `about` accepts. Returns (written, left out); panics with the whole log if they
+    /// never add up.
+    pub async fn wait_accounted_for(
+        &self,
+        total: u64,
+        written: impl Fn(&AuditRecord) -> bool,
+        about: impl Fn(&AuditRecord) -> bool,
+    ) -> (u64, u64) {
+        let deadline = Instant::now() + WAIT + Duration::from_secs(10);
+        loop {
+            let (mut shown, mut left_out) = (0, 0);
+            for r in self.audits() {
+                if written(&r) {
+                    shown += 1;
+                } else if r.event == AuditEvent::AuditSuppressed && about(&r) {
+                    left_out += r.suppressed.unwrap_or(0);
+                }
+            }
+            if shown + left_out >= total {
+                return (shown, left_out);
+            }
+            if Instant::now() >= deadline {
+                self.time_out(&format!(
+                    "{total} audit records accounted for ({shown} written, {left_out} reported left out)"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Waits for the `n`th (from 0) line that `parse` reads and `pred` accepts.
     async fn wait_nth<T>(
         &self,
