@@ -428,6 +428,10 @@ const ALWAYS_DENIED: &[(&str, &str)] = &[
     ("0.0.0.0/8", "an unspecified address"),
     ("::/128", "an unspecified address"),
     ("169.254.0.0/16", "link-local (cloud metadata at 169.254.169.254)"),
+    // The metadata services that are not at 169.254.169.254: AWS's over IPv6 (Nitro
+    // instances) and Alibaba Cloud's. `[egress] allow` reopens them where that is wanted.
+    ("fd00:ec2::254/128", "cloud metadata (AWS IMDS over IPv6)"),
+    ("100.100.100.200/32", "cloud metadata (Alibaba Cloud)"),
     ("fe80::/10", "link-local"),
     ("224.0.0.0/4", "multicast"),
     ("255.255.255.255/32", "broadcast"),
@@ -540,6 +544,8 @@ mod egress_tests {
             ("::1", "loopback"),
             ("::ffff:127.0.0.1", "loopback"),
             ("169.254.169.254", "cloud metadata"),
+            ("fd00:ec2::254", "cloud metadata (AWS IMDS over IPv6)"),
+            ("100.100.100.200", "cloud metadata (Alibaba Cloud)"),
             ("fe80::1", "link-local"),
             ("0.0.0.0", "unspecified"),
             ("10.1.0.1", "the gateway itself"),
@@ -550,7 +556,14 @@ mod egress_tests {
             let err = e.check(ip.parse().unwrap()).unwrap_err();
             assert!(err.contains(why), "{ip}: {err}");
         }
-        for ip in ["10.2.0.2", "192.0.2.10", "2001:db8::8", "8.8.8.8"] {
+        for ip in [
+            "10.2.0.2",
+            "192.0.2.10",
+            "2001:db8::8",
+            "8.8.8.8",
+            "fd00:ec2::253",
+            "100.100.100.201",
+        ] {
             assert!(e.check(ip.parse().unwrap()).is_ok(), "{ip}");
         }
     }

@@ -465,15 +465,23 @@ async fn wildcard_rules_meet_the_egress_list(skip_userspace: bool) {
     let registry = RegistryText::default()
         .dev1(&dev1, "permit_open = [\"*:80\", \"*:9180\"]")
         .build();
-    // The metadata service's address on the gateway host, as clouds put it on the node.
-    let added = hosts
-        .gw
-        .command("ip")
-        .args(["addr", "add", "169.254.169.254/32", "dev", "lo"])
-        .status()
-        .unwrap();
-    assert!(added.success());
-    let metadata = Echo::serve(hosts.gw.listen("169.254.169.254:80"));
+    // The metadata services: the usual one on the gateway host, as clouds put it on the node;
+    // AWS's over IPv6 and Alibaba Cloud's on the cloud's network beyond it (here the server
+    // host), where the gateway routes to them.
+    let ip = |ns: &Netns, args: &str| {
+        let ok = ns.command("ip").args(args.split(' ')).status().unwrap();
+        assert!(ok.success(), "ip {args}");
+    };
+    ip(&hosts.gw, "addr add 169.254.169.254/32 dev lo");
+    ip(&hosts.srv, "addr add 100.100.100.200/32 dev eth0");
+    ip(&hosts.gw, &format!("route add 100.100.100.200/32 via {SRV_IP}"));
+    ip(&hosts.srv, "-6 addr add fd00:ec2::254/64 dev eth0 nodad");
+    ip(&hosts.gw, "-6 addr add fd00:ec2::1/64 dev s0 nodad");
+    let metadata = [
+        Echo::serve(hosts.gw.listen("169.254.169.254:80")),
+        Echo::serve(hosts.srv.listen("[fd00:ec2::254]:80")),
+        Echo::serve(hosts.srv.listen("100.100.100.200:80")),
+    ];
     let external = Echo::serve(hosts.srv.listen(&format!("{SRV_IP}:80")));
     let args: &[&str] = if skip_userspace {
         &["--insecure-skip-userspace-policy"]
@@ -488,6 +496,8 @@ async fn wildcard_rules_meet_the_egress_list(skip_userspace: bool) {
         &dev1,
         &[
             "127.0.0.1:18080:169.254.169.254:80",
+            "127.0.0.1:18082:[fd00:ec2::254]:80",
+            "127.0.0.1:18083:100.100.100.200:80",
             "127.0.0.1:19180:127.0.0.1:9180",
             &format!("127.0.0.1:18081:{SRV_IP}:80"),
         ],
@@ -497,7 +507,7 @@ async fn wildcard_rules_meet_the_egress_list(skip_userspace: bool) {
         b"fine",
         "an ordinary host on the wildcard rule is reached"
     );
-    for port in [18080, 19180] {
+    for port in [18080, 18082, 18083, 19180] {
         let got = try_exchange(
             hosts.dev.connect_retry(&format!("127.0.0.1:{port}")).await,
             b"GET / HTTP/1.0\r\n\r\n",
@@ -506,11 +516,16 @@ async fn wildcard_rules_meet_the_egress_list(skip_userspace: bool) {
         assert!(got.is_empty(), "port {port}: {:?}", String::from_utf8_lossy(&got));
     }
     if skip_userspace {
-        for address in ["169.254.169.254:80", "127.0.0.1:9180"] {
+        for (op, address) in [
+            ("connect4", "169.254.169.254:80"),
+            ("connect6", "[fd00:ec2::254]:80"),
+            ("connect4", "100.100.100.200:80"),
+            ("connect4", "127.0.0.1:9180"),
+        ] {
             gw.log
                 .wait_audit(address, |r| {
                     r.event == AuditEvent::KernelDeny
-                        && r.op.as_deref() == Some("connect4")
+                        && r.op.as_deref() == Some(op)
                         && r.address.as_deref() == Some(address)
                         && r.reason().contains("may not reach")
                 })
@@ -519,6 +534,8 @@ async fn wildcard_rules_meet_the_egress_list(skip_userspace: bool) {
     } else {
         for (request, why) in [
             ("direct-tcpip 169.254.169.254:80", "may not reach it"),
+            ("direct-tcpip fd00:ec2::254:80", "AWS IMDS over IPv6"),
+            ("direct-tcpip 100.100.100.200:80", "Alibaba Cloud"),
             ("direct-tcpip 127.0.0.1:9180", "may not reach it"),
         ] {
             gw.log
@@ -526,7 +543,9 @@ async fn wildcard_rules_meet_the_egress_list(skip_userspace: bool) {
                 .await;
         }
     }
-    assert_eq!(metadata.count(), 0, "the metadata service was never reached");
+    for (service, echo) in metadata.iter().enumerate() {
+        assert_eq!(echo.count(), 0, "metadata service {service} was never reached");
+    }
     assert_eq!(external.count(), 1);
 }
 
