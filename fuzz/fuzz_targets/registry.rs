@@ -47,7 +47,7 @@ fuzz_target!(|data: &[u8]| {
     let _ = registry.warnings();
     let _ = authz::kernel_open_rules(&registry);
     let _ = authz::kernel_listen_rules(&registry);
-    let authz = Authz::new(false, EgressSettings::default());
+    let authz = Authz::new(false, EgressSettings::default(), None);
     let names: Vec<String> = registry.iter().map(|i| i.name.clone()).collect();
     let addresses: Vec<String> = registry.iter().map(|i| i.address.to_string()).collect();
     let hosts = HOSTILE_HOSTS

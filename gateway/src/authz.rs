@@ -92,21 +92,40 @@ pub struct Authz {
     /// apply.
     skip_userspace: bool,
     egress_settings: crate::config::EgressSettings,
+    /// The cluster's API server, when the gateway runs in one (see `api_server_address`).
+    api_server: Option<IpAddr>,
     /// The egress ranges with the gateway's addresses as of the last refresh.
     egress: std::sync::Mutex<Arc<Egress>>,
 }
 
+/// The Kubernetes API server's address when the gateway runs in a pod: `KUBERNETES_SERVICE_HOST`,
+/// which the kubelet gives every container. Devices may never reach it (a wildcard `permit_open`
+/// would otherwise open it, whatever `[egress] cluster_cidrs` says or omits).
+pub fn api_server_address(env: &dyn Fn(&str) -> Option<String>) -> Option<IpAddr> {
+    let host = env("KUBERNETES_SERVICE_HOST")?;
+    let ip = host.trim().parse().ok();
+    if ip.is_none() {
+        tracing::warn!(host = %cmx_net::text::for_log(&host), "KUBERNETES_SERVICE_HOST is not an IP address: devices are not kept from it by that name");
+    }
+    ip
+}
+
 impl Authz {
-    pub fn new(skip_userspace: bool, egress: crate::config::EgressSettings) -> Self {
+    pub fn new(
+        skip_userspace: bool,
+        egress: crate::config::EgressSettings,
+        api_server: Option<IpAddr>,
+    ) -> Self {
         if skip_userspace {
             tracing::warn!(
                 "INSECURE (tests only): user-space security-context checks are skipped; only the kernel's apply"
             );
         }
-        let current = Arc::new(Egress::new(&egress, &cmx_net::host::addresses()));
+        let current = Arc::new(Egress::new(&egress, &cmx_net::host::addresses(), api_server));
         Authz {
             skip_userspace,
             egress_settings: egress,
+            api_server,
             egress: std::sync::Mutex::new(current),
         }
     }
@@ -114,7 +133,11 @@ impl Authz {
     /// Re-reads the gateway's own addresses into the egress ranges; returns them (for the
     /// kernel's trie).
     pub fn refresh_egress(&self) -> Arc<Egress> {
-        let fresh = Arc::new(Egress::new(&self.egress_settings, &cmx_net::host::addresses()));
+        let fresh = Arc::new(Egress::new(
+            &self.egress_settings,
+            &cmx_net::host::addresses(),
+            self.api_server,
+        ));
         *self.egress.lock().unwrap_or_else(|p| p.into_inner()) = fresh.clone();
         fresh
     }
@@ -455,9 +478,13 @@ pub struct KernelEgress {
 }
 
 impl Egress {
-    /// The built-in ranges, `cluster_cidrs` and the gateway's `own` addresses denied; `allow`
-    /// reopened.
-    pub fn new(settings: &crate::config::EgressSettings, own: &[IpAddr]) -> Egress {
+    /// The built-in ranges, `cluster_cidrs`, the gateway's `own` addresses and the cluster's
+    /// `api_server` denied; `allow` reopened.
+    pub fn new(
+        settings: &crate::config::EgressSettings,
+        own: &[IpAddr],
+        api_server: Option<IpAddr>,
+    ) -> Egress {
         let mut ranges: Vec<(ipnet::IpNet, bool, String)> = ALWAYS_DENIED
             .iter()
             .filter_map(|(net, why)| Some((net.parse().ok()?, false, why.to_string())))
@@ -470,6 +497,13 @@ impl Egress {
                 ipnet::IpNet::from(*ip),
                 false,
                 "an address of the gateway itself".into(),
+            ));
+        }
+        if let Some(ip) = api_server {
+            ranges.push((
+                ipnet::IpNet::from(ip),
+                false,
+                "the Kubernetes API server (KUBERNETES_SERVICE_HOST)".into(),
             ));
         }
         for net in &settings.allow {
@@ -533,6 +567,7 @@ mod egress_tests {
         Egress::new(
             &settings,
             &["10.1.0.1".parse().unwrap(), "2001:db8::7".parse().unwrap()],
+            Some("10.96.0.1".parse().unwrap()),
         )
     }
 
@@ -550,7 +585,8 @@ mod egress_tests {
             ("0.0.0.0", "unspecified"),
             ("10.1.0.1", "the gateway itself"),
             ("2001:db8::7", "the gateway itself"),
-            ("10.96.0.1", "a cluster network"),
+            ("10.96.0.1", "the Kubernetes API server"),
+            ("10.96.0.2", "a cluster network"),
             ("239.1.1.1", "multicast"),
         ] {
             let err = e.check(ip.parse().unwrap()).unwrap_err();

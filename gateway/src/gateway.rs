@@ -62,7 +62,11 @@ impl Gateway {
         let (registry, _) = watch::channel(Arc::new(registry));
         let quotas = Quotas::from_limits(&config.limits);
         Arc::new(Gateway {
-            authz: Authz::new(config.insecure_skip_userspace_policy, config.egress.clone()),
+            authz: Authz::new(
+                config.insecure_skip_userspace_policy,
+                config.egress.clone(),
+                crate::authz::api_server_address(&|k| std::env::var(k).ok()),
+            ),
             admission: Admission::new(Policy::from_limits(&config.limits)),
             config,
             registry,

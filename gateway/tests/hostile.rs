@@ -549,6 +549,59 @@ async fn wildcard_rules_meet_the_egress_list(skip_userspace: bool) {
     assert_eq!(external.count(), 1);
 }
 
+/// In a pod, every container is told where the cluster's API server is (KUBERNETES_SERVICE_HOST).
+/// A device whose rule has a wildcard host (`*:6443`) used to reach it unless the operator had
+/// listed the service network in `[egress] cluster_cidrs`, which the shipped config leaves
+/// empty (it differs per cluster). Now the API server's address is always refused; another host
+/// on the same rule is reached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_clusters_api_server_is_refused_to_a_wildcard_rule() {
+    const API_SERVER: &str = "10.2.0.3";
+    let hosts = Hosts::new();
+    let dev1 = Key::generate(hosts.dir.path(), "dev1");
+    let registry = RegistryText::default()
+        .dev1(&dev1, "permit_open = [\"*:6443\"]")
+        .build();
+    let added = hosts
+        .srv
+        .command("ip")
+        .args(["addr", "add", &format!("{API_SERVER}/24"), "dev", "eth0"])
+        .status()
+        .unwrap();
+    assert!(added.success());
+    let api_server = Echo::serve(hosts.srv.listen(&format!("{API_SERVER}:6443")));
+    let other = Echo::serve(hosts.srv.listen(&format!("{SRV_IP}:6443")));
+    let gw = GatewayProc::start_with_env(
+        &hosts,
+        &registry,
+        "[kubernetes]\ncontroller = \"off\"\n",
+        &[("KUBERNETES_SERVICE_HOST", API_SERVER)],
+    )
+    .await;
+    let _dev = SshAgent::local_forwards(
+        &hosts,
+        "dev1",
+        &dev1,
+        &[
+            &format!("127.0.0.1:16443:{API_SERVER}:6443"),
+            &format!("127.0.0.1:16444:{SRV_IP}:6443"),
+        ],
+    );
+    let reached = exchange(hosts.dev.connect_retry("127.0.0.1:16444").await, b"fine").await;
+    assert_eq!(reached, b"fine", "another host on the rule is reached");
+    let got = try_exchange(hosts.dev.connect_retry("127.0.0.1:16443").await, b"GET /api").await;
+    assert!(got.is_empty(), "{:?}", String::from_utf8_lossy(&got));
+    let request = format!("direct-tcpip {API_SERVER}:6443");
+    gw.log
+        .wait_audit(
+            &request,
+            forward_denied("dev1", &request, "the Kubernetes API server"),
+        )
+        .await;
+    assert_eq!(api_server.count(), 0, "the API server was never reached");
+    assert_eq!(other.count(), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn loopback_metadata_and_the_gateway_itself_are_refused_in_user_space() {
     wildcard_rules_meet_the_egress_list(false).await;
