@@ -142,6 +142,32 @@ impl LogBook {
         }
     }
 
+    /// Checks an audit budget held for `total` refusals sent within `secs` seconds: each is
+    /// written (`written`) or reported left out (`about`) exactly once, and the lines written
+    /// are at least `burst` and at most `burst + per_second * secs`. Returns how many were
+    /// left out.
+    pub async fn assert_audit_budget_held(
+        &self,
+        total: u64,
+        (burst, per_second, secs): (u64, u64, u64),
+        written: impl Fn(&AuditRecord) -> bool,
+        about: impl Fn(&AuditRecord) -> bool,
+    ) -> u64 {
+        let (shown, left_out) = self.wait_accounted_for(total, written, about).await;
+        assert_eq!(
+            shown + left_out,
+            total,
+            "each refusal is written or reported once"
+        );
+        let most = burst + per_second * secs;
+        assert!(
+            (burst..=most).contains(&shown),
+            "{shown} of {total} refusals written in {secs} s (the budget: {most}); {} bytes logged in all",
+            self.bytes()
+        );
+        left_out
+    }
+
     /// Waits for the `n`th (from 0) line that `parse` reads and `pred` accepts.
     async fn wait_nth<T>(
         &self,
