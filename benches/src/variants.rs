@@ -222,16 +222,23 @@ pub async fn setup(kind: Kind, cipher: &str, service: Service, index: usize) -> 
             } else {
                 "sockmap"
             };
-            // Room for the scale runs: many sessions, handshakes in batches. The admin endpoint
+            // Room for the scale runs: many sessions, handshakes in batches, connections as fast
+            // as the set-up pass opens them (no rate of new pairs). The admin endpoint
             // gives the soak the gateway's map occupancy.
             let limits = "[limits]\nmax_sessions = 20000\nmax_startups = 200\nper_source_max_startups = 200\n\
                  max_sessions_per_identity = 20000\nmax_pairs_per_identity = 40000\nmax_pairs = 49152\n\
+                 max_new_pairs_per_identity_per_sec = 0\n\
                  [admin]\nenabled = true\nlisten = \"127.0.0.1:9180\"\n";
             let gw = match baseline_gateway() {
                 Some(program) if kind == Kind::CmxBaseline => {
                     // An older build may predate the per-identity, per-source and pair limits
                     // (its config refuses unknown keys); it has no such limit to raise then.
-                    let newer = ["max_pairs", "per_source_", "max_sessions_per_identity"];
+                    let newer = [
+                        "max_pairs",
+                        "per_source_",
+                        "max_sessions_per_identity",
+                        "max_new_pairs",
+                    ];
                     let limits: String = limits
                         .lines()
                         .filter(|l| !newer.iter().any(|k| l.starts_with(k)))

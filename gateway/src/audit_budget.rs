@@ -17,6 +17,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::rate::{Rate, TokenBucket};
+
 /// Lines about one identity written at once before the rate applies: a device that retries a
 /// handful of refused forwards at start-up is logged in full.
 pub const BURST: u32 = 50;
@@ -60,36 +62,17 @@ impl<K> Default for Budget<K> {
     }
 }
 
-/// A token bucket, counted in thousandths of a line so the refill needs no floating point.
+/// What each key may write.
+const RATE: Rate = Rate {
+    burst: BURST,
+    per_second: PER_SECOND,
+};
+
+/// A key's bucket and what it left out since the last report.
 struct Bucket {
-    millis: u64,
-    refilled_at: Instant,
+    tokens: TokenBucket,
     left_out: u64,
     first_left_out: Option<Instant>,
-}
-
-const MILLIS_PER_LINE: u64 = 1000;
-const FULL: u64 = BURST as u64 * MILLIS_PER_LINE;
-
-impl Bucket {
-    fn new(now: Instant) -> Bucket {
-        Bucket {
-            millis: FULL,
-            refilled_at: now,
-            left_out: 0,
-            first_left_out: None,
-        }
-    }
-
-    fn refill(&mut self, now: Instant) {
-        let elapsed = now.saturating_duration_since(self.refilled_at);
-        let earned = elapsed.as_millis().saturating_mul(u128::from(PER_SECOND));
-        self.millis = FULL.min(
-            self.millis
-                .saturating_add(u64::try_from(earned).unwrap_or(u64::MAX)),
-        );
-        self.refilled_at = now;
-    }
 }
 
 /// Lines about one key (identity or peer) that were left out, and over how long.
@@ -110,11 +93,13 @@ impl<K: Hash + Eq + Ord + Clone> Budget<K> {
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         let bucket = match buckets.get_mut(key) {
             Some(b) => b,
-            None => buckets.entry(key.to_owned()).or_insert_with(|| Bucket::new(now)),
+            None => buckets.entry(key.to_owned()).or_insert_with(|| Bucket {
+                tokens: TokenBucket::full(RATE, now),
+                left_out: 0,
+                first_left_out: None,
+            }),
         };
-        bucket.refill(now);
-        if bucket.millis >= MILLIS_PER_LINE {
-            bucket.millis -= MILLIS_PER_LINE;
+        if bucket.tokens.take(RATE, now) {
             return true;
         }
         bucket.left_out += 1;
@@ -129,7 +114,6 @@ impl<K: Hash + Eq + Ord + Clone> Budget<K> {
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         let mut report = Vec::new();
         buckets.retain(|key, bucket| {
-            bucket.refill(now);
             if let Some(first) = bucket.first_left_out.take() {
                 report.push(LeftOut {
                     key: key.clone(),
@@ -137,7 +121,7 @@ impl<K: Hash + Eq + Ord + Clone> Budget<K> {
                     over: now.saturating_duration_since(first),
                 });
             }
-            bucket.millis < FULL
+            !bucket.tokens.is_full(RATE, now)
         });
         report.sort_by(|a, b| a.key.cmp(&b.key));
         report

@@ -239,6 +239,9 @@ pub struct Limits {
     pub max_sessions_per_identity: usize,
     pub max_forwards_per_identity: usize,
     pub max_pairs_per_identity: usize,
+    /// New forwarding pairs one identity may open per second (a burst of 4 s' worth); 0: no
+    /// limit.
+    pub max_new_pairs_per_identity_per_sec: u32,
     pub max_forwards: usize,
     pub max_pairs: usize,
     pub max_queued_mib: usize,
@@ -376,6 +379,7 @@ impl Default for Limits {
             max_sessions_per_identity: 8,
             max_forwards_per_identity: 64,
             max_pairs_per_identity: 1024,
+            max_new_pairs_per_identity_per_sec: 64,
             max_forwards: 8192,
             max_pairs: 49_152,
             max_queued_mib: 256,

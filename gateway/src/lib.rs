@@ -62,6 +62,7 @@ pub mod metrics;
 pub mod policy;
 pub mod preauth;
 pub mod quota;
+pub mod rate;
 pub mod reload;
 pub mod server;
 pub mod session;

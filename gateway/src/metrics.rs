@@ -164,11 +164,15 @@ fn limit_families(gw: &Gateway, occupancy: &Occupancy) -> Vec<Family<'static>> {
         ),
         Family::counter(
             "cmxsafe_limit_refusals_total",
-            "Requests refused because an identity or the gateway held its [limits], by kind.",
+            "Requests refused because an identity or the gateway held its [limits], by kind (new-pairs-rate: limits.max_new_pairs_per_identity_per_sec).",
             gw.quotas
                 .all()
                 .iter()
                 .map(|(kind, q)| (labels(&[("kind", kind)]), q.refused()))
+                .chain([(
+                    labels(&[("kind", "new-pairs-rate")]),
+                    gw.quotas.pair_rate.refused(),
+                )])
                 .collect(),
         ),
     ]

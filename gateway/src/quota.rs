@@ -7,8 +7,10 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use crate::config::Limits;
+use crate::rate::{Rate, TokenBucket};
 
 /// A limit and the configuration setting that sets it (refusals name the setting).
 #[derive(Clone, Copy, Debug)]
@@ -121,12 +123,73 @@ impl Drop for QuotaGuard {
     }
 }
 
+/// Seconds' worth of new pairs an identity may open at once (the burst of `PairRate`).
+pub const PAIR_BURST_SECS: u32 = 4;
+
+/// Identities tracked before idle ones (whose bucket is full again) are forgotten.
+const PAIR_RATE_PRUNE_AT: usize = 1024;
+
+/// How fast one identity may open new forwarding pairs (`limits.max_new_pairs_per_identity_per_sec`,
+/// `PAIR_BURST_SECS` seconds' worth at once; 0: no limit). `max_pairs_per_identity` bounds the
+/// pairs held at once, not their churn: a device opening and closing pairs as fast as it can
+/// would make the server it reaches accept a connection for each, and the gateway write three
+/// audit lines for each.
+pub struct PairRate {
+    rate: Option<Rate>,
+    buckets: Mutex<HashMap<String, TokenBucket>>,
+    refused: AtomicU64,
+}
+
+impl PairRate {
+    pub fn new(per_second: u32) -> PairRate {
+        PairRate {
+            rate: (per_second > 0).then(|| Rate {
+                burst: per_second.saturating_mul(PAIR_BURST_SECS),
+                per_second,
+            }),
+            buckets: Mutex::default(),
+            refused: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether `identity` may open a new pair at `now`; the refusal reason otherwise.
+    pub fn take(&self, identity: &str, now: Instant) -> Result<(), String> {
+        let Some(rate) = self.rate else {
+            return Ok(());
+        };
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if buckets.len() >= PAIR_RATE_PRUNE_AT {
+            buckets.retain(|_, b| !b.is_full(rate, now));
+        }
+        let bucket = match buckets.get_mut(identity) {
+            Some(b) => b,
+            None => buckets
+                .entry(identity.to_string())
+                .or_insert_with(|| TokenBucket::full(rate, now)),
+        };
+        if bucket.take(rate, now) {
+            return Ok(());
+        }
+        self.refused.fetch_add(1, Ordering::Relaxed);
+        Err(format!(
+            "identity '{identity}' opens forwarding pairs faster than limits.max_new_pairs_per_identity_per_sec = {} ({} at once)",
+            rate.per_second, rate.burst
+        ))
+    }
+
+    /// How many new pairs were refused since start.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+}
+
 /// The gateway's quotas, built from `[limits]`. (The gateway-wide session limit is the session
 /// table's own: `limits.max_sessions`.)
 pub struct Quotas {
     pub sessions: Quota,
     pub forwards: Quota,
     pub pairs: Quota,
+    pub pair_rate: PairRate,
 }
 
 impl Quotas {
@@ -157,6 +220,7 @@ impl Quotas {
                 limit(l.max_pairs_per_identity, "limits.max_pairs_per_identity"),
                 Some(limit(l.max_pairs, "limits.max_pairs")),
             ),
+            pair_rate: PairRate::new(l.max_new_pairs_per_identity_per_sec),
         }
     }
 }
@@ -177,6 +241,27 @@ mod tests {
                 setting: "limits.max_pairs",
             }),
         )
+    }
+
+    #[test]
+    fn new_pairs_are_limited_per_identity_and_second() {
+        let r = PairRate::new(2);
+        let t0 = Instant::now();
+        let opened = |who: &str, at: Instant| (0..100).filter(|_| r.take(who, at).is_ok()).count();
+        assert_eq!(opened("dev1", t0), 8, "a burst of 4 s' worth");
+        assert_eq!(opened("dev2", t0), 8, "each identity has its own");
+        assert_eq!(
+            r.take("dev1", t0).unwrap_err(),
+            "identity 'dev1' opens forwarding pairs faster than limits.max_new_pairs_per_identity_per_sec = 2 (8 at once)"
+        );
+        assert_eq!(opened("dev1", t0 + std::time::Duration::from_secs(3)), 6);
+        assert_eq!(r.refused(), 2 * 92 + 1 + 94);
+        let off = PairRate::new(0);
+        assert_eq!(
+            (0..10_000).filter(|_| off.take("dev1", t0).is_ok()).count(),
+            10_000,
+            "0: no limit"
+        );
     }
 
     #[test]

@@ -1060,6 +1060,56 @@ async fn send_tiny_packets(channel: &russh::Channel<russh::client::Msg>, max: us
     max
 }
 
+/// A device opens and closes allowed forwarding pairs as fast as it can. Each used to reach
+/// the server (srv1's service accepted a connection for every one) and cost the gateway three
+/// audit lines, at whatever rate: `max_pairs_per_identity` bounds only how many are open at
+/// once. Now the device opens at most `max_new_pairs_per_identity_per_sec` (here 5 a second, 20
+/// at once); the rest are refused with the reason and counted, and srv1 sees only the admitted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_device_churning_pairs_is_held_to_its_rate_of_new_pairs() {
+    const TRIES: u64 = 100;
+    let hosts = Hosts::new();
+    let (srv1, dev1, registry) = srv1_publishes_dev1_opens(&hosts);
+    let config = format!("[limits]\nmax_new_pairs_per_identity_per_sec = 5\n{ADMIN_ON_LOOPBACK}");
+    let gw = GatewayProc::start(&hosts, &registry, &config).await;
+    let (echo, _srv_agent) = publish_echo(&hosts, &gw, &srv1, &[]).await;
+    let dev = logged_in(&hosts.dev, &format!("{GW_DEV_IP}:{SSH_PORT}"), "dev1", dev1).await;
+    let started = std::time::Instant::now();
+    let mut opened = 0;
+    for _ in 0..TRIES {
+        if let Ok(channel) = dev
+            .channel_open_direct_tcpip("srv1", 1883, "127.0.0.1", 40000)
+            .await
+        {
+            opened += 1;
+            let _ = channel.close().await;
+        }
+    }
+    let secs = started.elapsed().as_secs() + 1;
+    assert!(
+        (20..=20 + 5 * secs).contains(&opened),
+        "{opened} of {TRIES} pairs opened in {secs} s (5 a second, 20 at once)"
+    );
+    gw.log
+        .wait_audit("a refusal with the reason", |r| {
+            r.is(AuditEvent::Forward, Verdict::Deny)
+                && r.identity() == "dev1"
+                && r.reason()
+                    .contains("opens forwarding pairs faster than limits.max_new_pairs_per_identity_per_sec = 5 (20 at once)")
+        })
+        .await;
+    let metrics = http_get(&hosts.gw, &gw.admin().await, "/metrics").await.1;
+    assert_eq!(
+        metric(&metrics, r#"cmxsafe_limit_refusals_total{kind="new-pairs-rate"}"#),
+        TRIES - opened
+    );
+    assert!(
+        echo.count() as u64 <= opened,
+        "srv1 saw {} connections",
+        echo.count()
+    );
+}
+
 /// The memory attack: a device opens a channel to a host that never reads and sends its whole
 /// window as 1-byte packets, then floods channel requests (`env` with 16 KiB values). Each
 /// packet used to be one queued message (~150 bytes per byte of window: ~300 MiB for the

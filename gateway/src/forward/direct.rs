@@ -68,13 +68,18 @@ pub async fn open(
         Ok(permit) => destination(&gw, &permit).await.map(|d| (permit, d)),
         Err(refusal) => Err(refusal),
     };
-    // An allowed pair still needs a share of the identity's pairs (one decision, one line).
-    let decided = decided.and_then(|(permit, destination)| match gw.quotas.pairs.take(&identity) {
-        Ok(share) => Ok((permit, destination, share)),
-        Err(reason) => Err(Refusal {
-            code: RefusalCode::ResourceShortage,
-            reason,
-        }),
+    // An allowed pair still needs room in the identity's rate of new pairs and a share of its
+    // pairs (one decision, one line).
+    let decided = decided.and_then(|(permit, destination)| {
+        gw.quotas
+            .pair_rate
+            .take(&identity, std::time::Instant::now())
+            .and_then(|()| gw.quotas.pairs.take(&identity))
+            .map(|share| (permit, destination, share))
+            .map_err(|reason| Refusal {
+                code: RefusalCode::ResourceShortage,
+                reason,
+            })
     });
     let (permit, destination, pair_share) = match decided {
         Ok(decided) => decided,
