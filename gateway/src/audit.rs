@@ -109,13 +109,13 @@ fn within_budget(identity: &str) -> bool {
     crate::audit_budget::identities().admit(short(identity).as_ref(), std::time::Instant::now())
 }
 
-pub fn session_request_refused(session: SessionId, identity: &str, request: &str) {
+pub fn session_request_refused(session: SessionId, identity: &str, request: &str, reason: &str) {
     let (event, decision) = Decision::SessionRequestDeny.record();
     if !within_budget(identity) {
         return;
     }
     tracing::warn!(target: TARGET, event, decision, %session, identity = %short(identity), request = %short(request),
-        reason = "the gateway only forwards ports", "session request refused");
+        reason = %long(reason), "session request refused");
 }
 
 pub fn forward_allowed(session: SessionId, identity: &str, request: &str, rule: &str) {

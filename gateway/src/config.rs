@@ -236,6 +236,9 @@ pub struct Limits {
     pub penalty_exempt: Vec<ipnet::IpNet>,
     pub max_sessions: usize,
     pub max_channels_per_session: usize,
+    /// Session channels (the kind a shell or command would use) open at once in one session
+    /// (OpenSSH `MaxSessions`): the gateway only answers them with a refusal.
+    pub max_session_channels: usize,
     pub max_sessions_per_identity: usize,
     pub max_forwards_per_identity: usize,
     pub max_pairs_per_identity: usize,
@@ -376,6 +379,7 @@ impl Default for Limits {
             penalty_exempt: Vec::new(),
             max_sessions: 10_000,
             max_channels_per_session: 1024,
+            max_session_channels: 10,
             max_sessions_per_identity: 8,
             max_forwards_per_identity: 64,
             max_pairs_per_identity: 1024,
@@ -630,6 +634,7 @@ impl Limits {
             ("limits.per_source_max_startups", l.per_source_max_startups),
             ("limits.max_sessions", l.max_sessions),
             ("limits.max_channels_per_session", l.max_channels_per_session),
+            ("limits.max_session_channels", l.max_session_channels),
             ("limits.max_sessions_per_identity", l.max_sessions_per_identity),
             ("limits.max_forwards_per_identity", l.max_forwards_per_identity),
             ("limits.max_pairs_per_identity", l.max_pairs_per_identity),

@@ -147,7 +147,7 @@ impl SessionHandler {
         session: &mut Session,
         what: &str,
     ) -> Result<(), SessionError> {
-        audit::session_request_refused(self.id, self.identity(), what);
+        audit::session_request_refused(self.id, self.identity(), what, SESSION_REQUESTS_REFUSED);
         session.channel_success(channel)?;
         let msg = format!(
             "cmx-gateway: {what} is not available: this gateway only forwards ports (use ssh -N with -L or -R)\r\n"
@@ -160,6 +160,9 @@ impl SessionHandler {
         Ok(())
     }
 }
+
+/// Why shells, commands and subsystems are refused (the audit line's reason).
+const SESSION_REQUESTS_REFUSED: &str = "the gateway only forwards ports";
 
 /// Why unix-socket forwarding is refused, on the wire (channel opens) and in the audit line.
 const NO_STREAMLOCAL: &str = "unix-socket forwarding is not available: this gateway forwards TCP ports only (use -L/-R with host:port)";
@@ -352,6 +355,15 @@ impl Handler for SessionHandler {
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
+        let max = self.gw.config.limits.max_session_channels;
+        if self.session_channels.len() >= max {
+            let reason = format!(
+                "too many session channels open in this session ({max}, limits.max_session_channels); this gateway only forwards ports"
+            );
+            audit::session_request_refused(self.id, self.identity(), "a session channel", &reason);
+            reply.reject(ChannelOpenFailure::Other { code: 4, reason }).await;
+            return Ok(());
+        }
         match self.take_slot() {
             Ok(slot) => {
                 self.session_channels.insert(channel.id(), slot);

@@ -711,6 +711,59 @@ async fn a_device_flooding_refused_requests_cannot_flood_the_audit_log() {
     assert_eq!(metric(&metrics, "cmxsafe_audit_lines_suppressed_total"), left_out);
 }
 
+/// A device opens session channels (the kind a shell would use) and never uses or closes them,
+/// on all 8 sessions its identity may have. Each idle one costs the gateway ~800 bytes and the
+/// device a few dozen; the gateway used to keep up to 1024 per session (6.5 MiB for one
+/// identity). Now a session holds at most `max_session_channels` (10, OpenSSH's MaxSessions):
+/// the 11th is refused with the reason, the gateway's memory barely moves, and the sessions
+/// still forward.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn idle_session_channels_are_bounded_like_openssh_max_sessions() {
+    let hosts = Hosts::new();
+    let (srv1, dev1, registry) = srv1_publishes_dev1_opens(&hosts);
+    let gw = GatewayProc::start(&hosts, &registry, "").await;
+    let (_echo, _srv_agent) = publish_echo(&hosts, &gw, &srv1, &[]).await;
+    let addr = format!("{GW_DEV_IP}:{SSH_PORT}");
+    let mut sessions = Vec::new();
+    for _ in 0..8 {
+        sessions.push(logged_in(&hosts.dev, &addr, "dev1", dev1.clone()).await);
+    }
+    let rss_before = gw.rss_kib();
+    let mut held = Vec::new();
+    for session in &sessions {
+        let mut opened = 0;
+        for _ in 0..1024 {
+            match session.channel_open_session().await {
+                Ok(channel) => {
+                    opened += 1;
+                    held.push(channel);
+                }
+                Err(_) => break,
+            }
+        }
+        assert_eq!(opened, 10, "session channels one session may hold");
+    }
+    gw.log
+        .wait_audit("the refusal", |r| {
+            r.event == AuditEvent::SessionRequest
+                && r.identity() == "dev1"
+                && r.reason().contains(
+                    "too many session channels open in this session (10, limits.max_session_channels)",
+                )
+        })
+        .await;
+    let grown = gw.rss_kib().saturating_sub(rss_before);
+    assert!(
+        grown < 2048,
+        "the gateway grew by {grown} KiB for {} idle session channels",
+        held.len()
+    );
+    let forward = sessions[7]
+        .channel_open_direct_tcpip("srv1", 1883, "127.0.0.1", 40000)
+        .await;
+    assert!(forward.is_ok(), "the session still forwards: {:?}", forward.err());
+}
+
 /// Compression is never negotiated: a client that insists on zlib (the pre-authentication
 /// kind) finds no common algorithm, and the default client logs in without it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
