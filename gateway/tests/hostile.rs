@@ -628,14 +628,8 @@ async fn loopback_metadata_and_the_gateway_itself_are_refused_by_the_kernel() {
 /// forward still works.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn refused_shell_channels_do_not_use_up_the_session() {
-    let hosts = Hosts::new();
-    let (srv1, dev1, registry) = srv1_publishes_dev1_opens(&hosts);
-    let gw = GatewayProc::start(&hosts, &registry, "[limits]\nmax_channels_per_session = 4\n").await;
-    let (_echo, _srv_agent) = publish_echo(&hosts, &gw, &srv1, &[]).await;
-    let mut session = raw_session(&hosts.dev, &format!("{GW_DEV_IP}:{SSH_PORT}"))
-        .await
-        .unwrap();
-    assert_eq!(try_login(&mut session, "dev1", &dev1).await, Ok(true));
+    let config = "[limits]\nmax_channels_per_session = 4\n";
+    let (_hosts, gw, _echo, _srv_agent, session) = dev1_logged_in_beside_srv1s_echo(config).await;
     for attempt in 0..12 {
         let status = exec_never_closing(&session, "cat /etc/shadow").await;
         assert_eq!(status, Ok(Some(1)), "exec attempt {attempt}");
@@ -938,12 +932,8 @@ async fn a_full_kernel_tag_map_refuses_the_next_connection_and_says_so() {
         return;
     }
     const CAPACITY: usize = 16;
-    let hosts = Hosts::new();
-    let (srv1, dev1, registry) = srv1_publishes_dev1_opens(&hosts);
     let config = format!("dataplane.tags_capacity = {CAPACITY}\n{ADMIN_ON_LOOPBACK}");
-    let gw = GatewayProc::start(&hosts, &registry, &config).await;
-    let (_echo, _srv_agent) = publish_echo(&hosts, &gw, &srv1, &[]).await;
-    let dev = logged_in(&hosts.dev, &format!("{GW_DEV_IP}:{SSH_PORT}"), "dev1", dev1).await;
+    let (hosts, gw, _echo, _srv_agent, dev) = dev1_logged_in_beside_srv1s_echo(&config).await;
 
     // srv1's forward holds one entry; pairs take the others until the map is full.
     let mut held = Vec::new();
@@ -1046,6 +1036,17 @@ async fn logged_in(ns: &Netns, addr: &str, user: &str, key: Key) -> RawSession {
     s
 }
 
+/// A gateway with `config` where srv1 publishes its echo (1883) and dev1 is logged in on a raw
+/// session: what the pair attacks start from.
+async fn dev1_logged_in_beside_srv1s_echo(config: &str) -> (Hosts, GatewayProc, Echo, SshAgent, RawSession) {
+    let hosts = Hosts::new();
+    let (srv1, dev1, registry) = srv1_publishes_dev1_opens(&hosts);
+    let gw = GatewayProc::start(&hosts, &registry, config).await;
+    let (echo, srv_agent) = publish_echo(&hosts, &gw, &srv1, &[]).await;
+    let dev = logged_in(&hosts.dev, &format!("{GW_DEV_IP}:{SSH_PORT}"), "dev1", dev1).await;
+    (hosts, gw, echo, srv_agent, dev)
+}
+
 /// A device, its credential and a host that accepts and never reads: what the memory attacks
 /// below start from. dev1 may open that host (10.2.0.2:2201) and srv1's published echo.
 struct StalledTarget {
@@ -1121,12 +1122,8 @@ async fn send_tiny_packets(channel: &russh::Channel<russh::client::Msg>, max: us
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_device_churning_pairs_is_held_to_its_rate_of_new_pairs() {
     const TRIES: u64 = 100;
-    let hosts = Hosts::new();
-    let (srv1, dev1, registry) = srv1_publishes_dev1_opens(&hosts);
     let config = format!("[limits]\nmax_new_pairs_per_identity_per_sec = 5\n{ADMIN_ON_LOOPBACK}");
-    let gw = GatewayProc::start(&hosts, &registry, &config).await;
-    let (echo, _srv_agent) = publish_echo(&hosts, &gw, &srv1, &[]).await;
-    let dev = logged_in(&hosts.dev, &format!("{GW_DEV_IP}:{SSH_PORT}"), "dev1", dev1).await;
+    let (hosts, gw, echo, _srv_agent, dev) = dev1_logged_in_beside_srv1s_echo(&config).await;
     let started = std::time::Instant::now();
     let mut opened = 0;
     for _ in 0..TRIES {
