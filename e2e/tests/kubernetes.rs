@@ -202,6 +202,52 @@ fn mqtt_from_a_device_pod_reaches_the_broker_through_the_daemonset_with_the_devi
             "{object} missing"
         );
     }
+
+    // In the pod, the API server (KUBERNETES_SERVICE_HOST) is refused to a device even on a
+    // wildcard rule, although the shipped config lists no cluster network: stock `ssh -W` as
+    // dev1, from this host to the pod's SSH port, asks for the API server's ClusterIP.
+    let api_server = gw
+        .cluster
+        .get("default", "service/kubernetes")
+        .and_then(|s| s["spec"]["clusterIP"].as_str().map(str::to_string))
+        .expect("the kubernetes Service's ClusterIP");
+    gw.set_registry(&registry(&srv1, &dev1, "*:443"));
+    let refusal = poll(
+        "dev1's stdio forward to the API server refused as such",
+        SLOW,
+        || {
+            let said = ssh_stdio_forward(&pod, &dev1, &format!("{api_server}:443"));
+            said.contains("the Kubernetes API server").then_some(said)
+        },
+        || gw.logs(),
+    );
+    assert!(refusal.contains("open failed"), "{refusal}");
+}
+
+/// What stock `ssh -W target` as dev1 to `pod`'s SSH port printed (stdin closed at once).
+fn ssh_stdio_forward(pod: &GatewayPod, dev1: &Key, target: &str) -> String {
+    let out = std::process::Command::new("ssh")
+        .args(["-i"])
+        .arg(&dev1.path)
+        .args([
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "ConnectTimeout=10",
+            "-p",
+            "2222",
+            "-W",
+            target,
+        ])
+        .arg(format!("dev1@{}", pod.ip))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run ssh");
+    String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout)
 }
 
 #[test]
