@@ -204,6 +204,9 @@ pub enum AuditEvent {
     Admin,
     /// Refusals about one identity beyond its audit budget: how many were not written.
     AuditSuppressed,
+    /// Allowed pairs of one identity beyond its budget of pairs written one by one: how many
+    /// were allowed and closed, and their bytes.
+    PairSummary,
 }
 
 impl AuditEvent {
@@ -222,6 +225,7 @@ impl AuditEvent {
             AuditEvent::Penalty => "penalty",
             AuditEvent::Admin => "admin",
             AuditEvent::AuditSuppressed => "audit-suppressed",
+            AuditEvent::PairSummary => "pair-summary",
         }
     }
 }
@@ -272,7 +276,8 @@ pub struct AuditRecord {
     pub source: Option<String>,
     #[serde(default)]
     pub destination: Option<String>,
-    /// `pair-closed`: bytes each way, how the relay ended, and what the kernel spliced.
+    /// `pair-closed`: bytes each way, how the relay ended, and what the kernel spliced
+    /// (`pair-summary`: bytes each way of the pairs it counts as closed).
     #[serde(default)]
     pub bytes_to_target: Option<u64>,
     #[serde(default)]
@@ -298,6 +303,11 @@ pub struct AuditRecord {
     pub suppressed: Option<u64>,
     #[serde(default)]
     pub seconds: Option<u64>,
+    /// `pair-summary`: pairs allowed, and pairs closed, that were not written one by one.
+    #[serde(default)]
+    pub pairs_allowed: Option<u64>,
+    #[serde(default)]
+    pub pairs_closed: Option<u64>,
     #[serde(default)]
     pub message: String,
 }

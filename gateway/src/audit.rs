@@ -7,8 +7,10 @@
 //! its control characters escaped, so no peer can grow the log or forge lines.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::audit_budget::{self, PairLog, Pairs};
 use crate::events::{ConnId, SessionId};
 
 pub const TARGET: &str = "audit";
@@ -106,7 +108,12 @@ pub fn penalized(source: std::net::IpAddr, offence: &str, seconds: u64) {
 /// Whether a refusal or failure about `identity` is written: within its budget (see
 /// `audit_budget`), or else counted as left out.
 fn within_budget(identity: &str) -> bool {
-    crate::audit_budget::identities().admit(short(identity).as_ref(), std::time::Instant::now())
+    let now = std::time::Instant::now();
+    let written = audit_budget::identities().admit(short(identity).as_ref(), now, |t| t.0 += 1);
+    if !written {
+        audit_budget::note_suppressed(1);
+    }
+    written
 }
 
 pub fn session_request_refused(session: SessionId, identity: &str, request: &str, reason: &str) {
@@ -121,6 +128,35 @@ pub fn session_request_refused(session: SessionId, identity: &str, request: &str
 pub fn forward_allowed(session: SessionId, identity: &str, request: &str, rule: &str) {
     let (event, decision) = Decision::ForwardAllow.record();
     tracing::info!(target: TARGET, event, decision, %session, identity = %short(identity), request = %short(request), rule = %long(rule), "forward allowed");
+}
+
+/// Whether an allowed pair's lines (forward allowed, pair opened, pair closed) are written one
+/// by one or summed into its identity's next `pair-summary` line (see `audit_budget`).
+pub enum PairLines {
+    Written,
+    /// Into this budget's tally.
+    Summed(Arc<PairLog>),
+}
+
+/// A `direct-tcpip` forward allowed: written if `log` (none: no budget) has room for another of
+/// `identity`'s pairs, else summed; the pair's other lines follow the answer.
+pub fn pair_allowed(
+    log: Option<&Arc<PairLog>>,
+    session: SessionId,
+    identity: &str,
+    request: &str,
+    rule: &str,
+) -> PairLines {
+    let (event, decision) = Decision::ForwardAllow.record();
+    let now = std::time::Instant::now();
+    if let Some(log) = log
+        && !log.admit(short(identity).as_ref(), now, |t| t.allowed += 1)
+    {
+        audit_budget::note_suppressed(1);
+        return PairLines::Summed(Arc::clone(log));
+    }
+    tracing::info!(target: TARGET, event, decision, %session, identity = %short(identity), request = %short(request), rule = %long(rule), "forward allowed");
+    PairLines::Written
 }
 
 pub fn forward_denied(session: SessionId, identity: &str, request: &str, reason: &str) {
@@ -143,39 +179,65 @@ pub fn pair_failed(session: SessionId, identity: &str, request: &str, reason: &s
 /// Refusals and failures about `identity` that its budget left out (see `audit_budget`).
 fn identity_left_out(identity: &str, lines: u64, over: std::time::Duration) {
     let seconds = over.as_secs();
-    let per_second = crate::audit_budget::PER_SECOND;
+    let per_second = audit_budget::PER_SECOND;
     tracing::warn!(target: TARGET, event = "audit-suppressed", identity = %short(identity), suppressed = lines, seconds,
-        "{lines} refusals about {} in the last {seconds} s not written (more than {per_second} per second); \
-         cmxsafe_audit_decisions_total counts them", short(identity));
+        "{lines} refusals and failed paths about {} in the last {seconds} s not written (more than {per_second} per second); \
+         cmxsafe_audit_decisions_total counts the refusals", short(identity));
+}
+
+/// Allowed pairs of `identity` that its budget summed instead of writing them one by one.
+fn pairs_summed(identity: &str, pairs: Pairs, over: std::time::Duration, per_second: u32) {
+    let seconds = over.as_secs();
+    let Pairs {
+        allowed,
+        closed,
+        bytes_to_target,
+        bytes_from_target,
+    } = pairs;
+    tracing::info!(target: TARGET, event = "pair-summary", identity = %short(identity), pairs_allowed = allowed, pairs_closed = closed,
+        bytes_to_target, bytes_from_target, seconds,
+        "{}: {allowed} pairs allowed and {closed} closed in the last {seconds} s ({bytes_to_target} B to their targets, \
+         {bytes_from_target} B back), not written one by one (more than {per_second} a second, \
+         limits.max_logged_pairs_per_identity_per_sec)", short(identity));
 }
 
 /// Refused admin-API requests from `peer` that its budget left out.
 fn admin_peer_left_out(peer: std::net::IpAddr, lines: u64, over: std::time::Duration) {
     let seconds = over.as_secs();
-    let per_second = crate::audit_budget::PER_SECOND;
+    let per_second = audit_budget::PER_SECOND;
     tracing::warn!(target: TARGET, event = "audit-suppressed", %peer, suppressed = lines, seconds,
         "{lines} refused admin API requests from {peer} in the last {seconds} s not written (more than {per_second} per second); \
          cmxsafe_audit_decisions_total counts them");
 }
 
-/// Reports what the budget left out, every `REPORT_EVERY`, until the task is dropped.
-pub async fn report_left_out() {
-    let mut every = tokio::time::interval(crate::audit_budget::REPORT_EVERY);
+/// Reports what the budgets left out (`pairs`: the allowed pairs' budget, if any), every
+/// `REPORT_EVERY`, until the task is dropped.
+pub async fn report_left_out(pairs: Option<Arc<PairLog>>) {
+    let mut every = tokio::time::interval(audit_budget::REPORT_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         every.tick().await;
-        report_left_out_now();
+        report_left_out_now(pairs.as_deref());
     }
 }
 
-/// Reports what the budget left out since the last report (also at shutdown, so no count is lost).
-pub fn report_left_out_now() {
+/// Reports what the budgets left out since the last report (also at shutdown, so no count is
+/// lost).
+pub fn report_left_out_now(pairs: Option<&PairLog>) {
     let now = std::time::Instant::now();
-    for l in crate::audit_budget::identities().take_left_out(now) {
-        identity_left_out(&l.key, l.lines, l.over);
+    for l in audit_budget::identities().take_left_out(now) {
+        identity_left_out(&l.key, l.tally.0, l.over);
     }
-    for l in crate::audit_budget::admin_peers().take_left_out(now) {
-        admin_peer_left_out(l.key, l.lines, l.over);
+    for l in audit_budget::admin_peers().take_left_out(now) {
+        admin_peer_left_out(l.key, l.tally.0, l.over);
+    }
+    for l in pairs.map(|log| log.take_left_out(now)).unwrap_or_default() {
+        pairs_summed(
+            &l.key,
+            l.tally,
+            l.over,
+            pairs.map_or(0, |log| log.rate().per_second),
+        );
     }
 }
 
@@ -183,13 +245,18 @@ pub fn forward_removed(session: SessionId, identity: &str, request: &str, reason
     tracing::info!(target: TARGET, event = "forward-removed", %session, identity = %short(identity), request = %short(request), reason = %long(reason), "forward removed");
 }
 
-pub fn pair_opened(conn_id: ConnId, identity: &str, source: &str, destination: &str) {
+pub fn pair_opened(lines: &PairLines, conn_id: ConnId, identity: &str, source: &str, destination: &str) {
+    if let PairLines::Summed(_) = lines {
+        audit_budget::note_suppressed(1);
+        return;
+    }
     tracing::info!(target: TARGET, event = "pair-opened", conn_id, identity = %short(identity), source = %short(source), destination = %short(destination), "forwarding path opened");
 }
 
 /// `spliced`: bytes the kernel carried between the two sockets (ID side, Mir side), when the
-/// sockmap data plane spliced the pair.
+/// sockmap data plane spliced the pair. A summed pair (`lines`) is added to its budget's tally.
 pub fn pair_closed(
+    lines: &PairLines,
     conn_id: ConnId,
     identity: &str,
     bytes_to_target: u64,
@@ -197,6 +264,15 @@ pub fn pair_closed(
     spliced: Option<(u64, u64)>,
     end: &str,
 ) {
+    if let PairLines::Summed(log) = lines {
+        log.tally(short(identity).as_ref(), std::time::Instant::now(), |t| {
+            t.closed += 1;
+            t.bytes_to_target += bytes_to_target;
+            t.bytes_from_target += bytes_from_target;
+        });
+        audit_budget::note_suppressed(1);
+        return;
+    }
     let (spliced_to_target, spliced_from_target) = spliced.unwrap_or((0, 0));
     tracing::info!(target: TARGET, event = "pair-closed", conn_id, identity = %short(identity), bytes_to_target, bytes_from_target,
         spliced = spliced.is_some(), spliced_to_target, spliced_from_target, end = %short(end), "forwarding path closed");
@@ -213,7 +289,8 @@ pub fn admin_action(peer: SocketAddr, request: &str, identity: &str, result: &st
 /// An admin API request refused (no or wrong token, not from loopback).
 pub fn admin_denied(peer: SocketAddr, request: &str, reason: &str) {
     let (event, decision) = Decision::AdminDeny.record();
-    if !crate::audit_budget::admin_peers().admit(&peer.ip(), std::time::Instant::now()) {
+    if !audit_budget::admin_peers().admit(&peer.ip(), std::time::Instant::now(), |t| t.0 += 1) {
+        audit_budget::note_suppressed(1);
         return;
     }
     tracing::warn!(target: TARGET, event, decision, %peer, request = %short(request), reason = %long(reason),

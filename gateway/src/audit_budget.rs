@@ -1,14 +1,26 @@
-//! How many refusals about one identity (or one admin-API peer) the audit log writes. An
-//! authenticated device decides how often it is refused: a refused channel costs it ~60 bytes
-//! and the gateway a ~450-byte log line, so without a bound one device could fill the operator's
-//! disk and push every other line out of the recent trail (`/api/v1/audit`) within a second. The
-//! same holds for a peer of the admin endpoint sending requests without the token. Each
-//! identity's refusals and failed paths, and each admin peer's refused requests, are written up
-//! to `BURST` at once, then `PER_SECOND`; the rest are counted, not written, and every
-//! `REPORT_EVERY` one line per identity or peer says how many were left out
+//! How many audit lines about one identity (or one admin-API peer) the log writes.
+//!
+//! **Refusals.** An authenticated device decides how often it is refused: a refused channel
+//! costs it ~60 bytes and the gateway a ~450-byte log line, so without a bound one device could
+//! fill the operator's disk and push every other line out of the recent trail (`/api/v1/audit`)
+//! within a second. The same holds for a peer of the admin endpoint sending requests without
+//! the token. Each identity's refusals and failed paths, and each admin peer's refused
+//! requests, are written up to `BURST` at once, then `PER_SECOND`; the rest are counted, not
+//! written, and every `REPORT_EVERY` one line per identity or peer says how many were left out
 //! (`event = "audit-suppressed"`). The decision counters (`cmxsafe_audit_decisions_total`)
-//! still count every decision. Lines a peer cannot cause for free (logins, allowed forwards,
-//! pairs, operator actions) are always written.
+//! still count every decision.
+//!
+//! **Allowed pairs.** A device may also open and close allowed pairs as fast as
+//! `limits.max_new_pairs_per_identity_per_sec` lets it (64 a second by default), three lines
+//! each (forward allowed, pair opened, pair closed): ~190 lines a second, gigabytes a day, from
+//! one device acting within its rights. Each identity's pairs are written one by one up to
+//! `limits.max_logged_pairs_per_identity_per_sec` (`PAIR_BURST_SECS` seconds' worth at once);
+//! the rest are summed (pairs allowed, pairs closed, bytes each way) into one
+//! `event = "pair-summary"` line per identity every `REPORT_EVERY`. A pair's lines are all
+//! written or all summed, decided when it is allowed. The pair and byte counters
+//! (`cmxsafe_pairs_opened_total`, `cmxsafe_pair_bytes_total`) still count every pair.
+//!
+//! Logins, published forwards and operator actions are always written.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -19,27 +31,47 @@ use std::time::{Duration, Instant};
 
 use crate::rate::{Rate, TokenBucket};
 
-/// Lines about one identity written at once before the rate applies: a device that retries a
-/// handful of refused forwards at start-up is logged in full.
+/// Refusals about one identity written at once before the rate applies: a device that retries
+/// a handful of refused forwards at start-up is logged in full.
 pub const BURST: u32 = 50;
-/// Lines about one identity written per second once its burst is spent.
+/// Refusals about one identity written per second once its burst is spent.
 pub const PER_SECOND: u32 = 2;
-/// How often the lines left out are reported.
+/// Seconds' worth of an identity's allowed pairs written at once (a device opening a few
+/// hundred connections when it starts is logged in full at the default rate).
+pub const PAIR_BURST_SECS: u32 = 60;
+/// How often what was left out is reported.
 pub const REPORT_EVERY: Duration = Duration::from_secs(10);
 
 /// One process, one audit log (like the decision counters in `audit`).
-static IDENTITIES: LazyLock<Budget<String>> = LazyLock::new(Budget::default);
-static ADMIN_PEERS: LazyLock<Budget<IpAddr>> = LazyLock::new(Budget::default);
+static IDENTITIES: LazyLock<Budget<String, Lines>> = LazyLock::new(|| Budget::new(REFUSALS));
+static ADMIN_PEERS: LazyLock<Budget<IpAddr, Lines>> = LazyLock::new(|| Budget::new(REFUSALS));
 static SUPPRESSED_TOTAL: AtomicU64 = AtomicU64::new(0);
 
-/// The process's budget for lines about authenticated identities.
-pub fn identities() -> &'static Budget<String> {
+/// What each identity's or peer's refusals may write.
+const REFUSALS: Rate = Rate {
+    burst: BURST,
+    per_second: PER_SECOND,
+};
+
+/// The process's budget for refusals about authenticated identities.
+pub fn identities() -> &'static Budget<String, Lines> {
     &IDENTITIES
 }
 
 /// The process's budget for refused admin-API requests, by peer address.
-pub fn admin_peers() -> &'static Budget<IpAddr> {
+pub fn admin_peers() -> &'static Budget<IpAddr, Lines> {
     &ADMIN_PEERS
+}
+
+/// The budget for allowed pairs' lines (`limits.max_logged_pairs_per_identity_per_sec`); none
+/// for 0: every pair written.
+pub fn pair_log(per_second: u32) -> Option<PairLog> {
+    (per_second > 0).then(|| {
+        Budget::new(Rate {
+            burst: per_second.saturating_mul(PAIR_BURST_SECS),
+            per_second,
+        })
+    })
 }
 
 /// Audit lines left out since the process started (`cmxsafe_audit_lines_suppressed_total`).
@@ -47,45 +79,107 @@ pub fn suppressed_total() -> u64 {
     SUPPRESSED_TOTAL.load(Ordering::Relaxed)
 }
 
-pub struct Budget<K> {
-    /// Keyed by authenticated identity (bounded by the registry) or by admin peer address; a
-    /// key whose budget is whole again and has nothing to report is forgotten at the next
-    /// report.
-    buckets: Mutex<HashMap<K, Bucket>>,
+/// Counts `lines` audit lines that were not written.
+pub fn note_suppressed(lines: u64) {
+    SUPPRESSED_TOTAL.fetch_add(lines, Ordering::Relaxed);
 }
 
-impl<K> Default for Budget<K> {
-    fn default() -> Self {
-        Budget {
-            buckets: Mutex::new(HashMap::new()),
-        }
+/// What a key's budget counts of what it left out, until the next report.
+pub trait Tally: Default {
+    fn is_empty(&self) -> bool;
+}
+
+/// Refusals: lines left out.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Lines(pub u64);
+
+impl Tally for Lines {
+    fn is_empty(&self) -> bool {
+        self.0 == 0
     }
 }
 
-/// What each key may write.
-const RATE: Rate = Rate {
-    burst: BURST,
-    per_second: PER_SECOND,
-};
+/// Allowed pairs whose lines were summed instead of written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pairs {
+    pub allowed: u64,
+    pub closed: u64,
+    pub bytes_to_target: u64,
+    pub bytes_from_target: u64,
+}
+
+impl Tally for Pairs {
+    fn is_empty(&self) -> bool {
+        *self == Pairs::default()
+    }
+}
+
+/// Each identity's allowed pairs.
+pub type PairLog = Budget<String, Pairs>;
+
+pub struct Budget<K, T> {
+    rate: Rate,
+    /// Keyed by authenticated identity (bounded by the registry) or by admin peer address; a
+    /// key whose budget is whole again and has nothing to report is forgotten at the next
+    /// report.
+    buckets: Mutex<HashMap<K, Bucket<T>>>,
+}
 
 /// A key's bucket and what it left out since the last report.
-struct Bucket {
+struct Bucket<T> {
     tokens: TokenBucket,
-    left_out: u64,
+    tally: T,
     first_left_out: Option<Instant>,
 }
 
-/// Lines about one key (identity or peer) that were left out, and over how long.
+/// What a key (identity or peer) left out, and over how long.
 #[derive(Debug, PartialEq, Eq)]
-pub struct LeftOut<K> {
+pub struct LeftOut<K, T> {
     pub key: K,
-    pub lines: u64,
+    pub tally: T,
     pub over: Duration,
 }
 
-impl<K: Hash + Eq + Ord + Clone> Budget<K> {
-    /// Whether a line about `key` may be written now; if not, it is counted as left out.
-    pub fn admit<Q>(&self, key: &Q, now: Instant) -> bool
+impl<K: Hash + Eq + Ord + Clone, T: Tally> Budget<K, T> {
+    pub fn new(rate: Rate) -> Self {
+        Budget {
+            rate,
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn rate(&self) -> Rate {
+        self.rate
+    }
+
+    /// Whether a line about `key` may be written now; if not, `left_out` counts it in the
+    /// key's tally.
+    pub fn admit<Q>(&self, key: &Q, now: Instant, left_out: impl FnOnce(&mut T)) -> bool
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        let rate = self.rate;
+        self.with_bucket(key, now, |bucket| {
+            if bucket.tokens.take(rate, now) {
+                return true;
+            }
+            bucket.note(now, left_out);
+            false
+        })
+    }
+
+    /// Counts more in the tally of `key` (what became of something already left out, such as
+    /// the close of a pair that was summed).
+    pub fn tally<Q>(&self, key: &Q, now: Instant, add: impl FnOnce(&mut T))
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        self.with_bucket(key, now, |bucket| bucket.note(now, add));
+    }
+
+    fn with_bucket<Q, R>(&self, key: &Q, now: Instant, f: impl FnOnce(&mut Bucket<T>) -> R) -> R
     where
         K: std::borrow::Borrow<Q>,
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
@@ -94,35 +188,31 @@ impl<K: Hash + Eq + Ord + Clone> Budget<K> {
         let bucket = match buckets.get_mut(key) {
             Some(b) => b,
             None => buckets.entry(key.to_owned()).or_insert_with(|| Bucket {
-                tokens: TokenBucket::full(RATE, now),
-                left_out: 0,
+                tokens: TokenBucket::full(self.rate, now),
+                tally: T::default(),
                 first_left_out: None,
             }),
         };
-        if bucket.tokens.take(RATE, now) {
-            return true;
-        }
-        bucket.left_out += 1;
-        bucket.first_left_out.get_or_insert(now);
-        SUPPRESSED_TOTAL.fetch_add(1, Ordering::Relaxed);
-        false
+        f(bucket)
     }
 
     /// What was left out since the last call, per key (sorted), and forgets keys whose
     /// budget is whole again.
-    pub fn take_left_out(&self, now: Instant) -> Vec<LeftOut<K>> {
+    pub fn take_left_out(&self, now: Instant) -> Vec<LeftOut<K, T>> {
+        let rate = self.rate;
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         let mut report = Vec::new();
         buckets.retain(|key, bucket| {
             if let Some(first) = bucket.first_left_out.take() {
                 report.push(LeftOut {
                     key: key.clone(),
-                    lines: std::mem::take(&mut bucket.left_out),
+                    tally: std::mem::take(&mut bucket.tally),
                     over: now.saturating_duration_since(first),
                 });
             }
-            !bucket.tokens.is_full(RATE, now)
+            !bucket.tokens.is_full(rate, now)
         });
+        report.retain(|l| !l.tally.is_empty());
         report.sort_by(|a, b| a.key.cmp(&b.key));
         report
     }
@@ -133,17 +223,30 @@ impl<K: Hash + Eq + Ord + Clone> Budget<K> {
     }
 }
 
+impl<T: Tally> Bucket<T> {
+    fn note(&mut self, now: Instant, add: impl FnOnce(&mut T)) {
+        add(&mut self.tally);
+        self.first_left_out.get_or_insert(now);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn admitted(budget: &Budget<String>, identity: &str, n: u32, now: Instant) -> u32 {
-        (0..n).filter(|_| budget.admit(identity, now)).count() as u32
+    fn refusals() -> Budget<String, Lines> {
+        Budget::new(REFUSALS)
+    }
+
+    fn admitted(budget: &Budget<String, Lines>, identity: &str, n: u32, now: Instant) -> u32 {
+        (0..n)
+            .filter(|_| budget.admit(identity, now, |t| t.0 += 1))
+            .count() as u32
     }
 
     #[test]
     fn a_burst_is_written_then_the_rate_applies_per_identity() {
-        let budget = Budget::<String>::default();
+        let budget = refusals();
         let t0 = Instant::now();
         assert_eq!(admitted(&budget, "dev1", 1000, t0), BURST);
         assert_eq!(
@@ -158,7 +261,7 @@ mod tests {
             left_out,
             [LeftOut {
                 key: "dev1".to_string(),
-                lines: 2000 - u64::from(BURST + 5 * PER_SECOND),
+                tally: Lines(2000 - u64::from(BURST + 5 * PER_SECOND)),
                 over: Duration::from_secs(5),
             }]
         );
@@ -170,22 +273,73 @@ mod tests {
 
     #[test]
     fn a_slow_retry_is_always_written() {
-        let budget = Budget::<String>::default();
+        let budget = refusals();
         let t0 = Instant::now();
         for second in 0..10_000u64 {
-            assert!(budget.admit("dev1", t0 + Duration::from_secs(second)));
+            assert!(budget.admit("dev1", t0 + Duration::from_secs(second), |_| {
+                panic!("nothing left out")
+            }));
         }
         assert!(budget.take_left_out(t0 + Duration::from_secs(10_000)).is_empty());
     }
 
     #[test]
     fn identities_whose_budget_is_whole_again_are_forgotten() {
-        let budget = Budget::<String>::default();
+        let budget = refusals();
         let t0 = Instant::now();
         admitted(&budget, "dev1", 1000, t0);
         admitted(&budget, "dev2", 1, t0);
         let refilled = t0 + Duration::from_secs(u64::from(BURST / PER_SECOND) + 1);
         assert_eq!(budget.take_left_out(refilled).len(), 1);
         assert_eq!(budget.tracked(), 0);
+    }
+
+    #[test]
+    fn pairs_beyond_the_rate_are_summed_with_what_became_of_them() {
+        assert!(pair_log(0).is_none(), "0: every pair written");
+        let log = pair_log(2).expect("a budget");
+        let t0 = Instant::now();
+        let burst = 2 * PAIR_BURST_SECS;
+        let written = (0..burst + 5)
+            .filter(|_| log.admit("dev1", t0, |t| t.allowed += 1))
+            .count();
+        assert_eq!(written, burst as usize);
+        // Three of the five summed pairs close, one of them after the first report.
+        let closed = |t: &mut Pairs| {
+            t.closed += 1;
+            t.bytes_to_target += 100;
+            t.bytes_from_target += 7;
+        };
+        log.tally("dev1", t0, closed);
+        log.tally("dev1", t0 + Duration::from_secs(1), closed);
+        let first = t0 + Duration::from_secs(2);
+        assert_eq!(
+            log.take_left_out(first),
+            [LeftOut {
+                key: "dev1".to_string(),
+                tally: Pairs {
+                    allowed: 5,
+                    closed: 2,
+                    bytes_to_target: 200,
+                    bytes_from_target: 14,
+                },
+                over: Duration::from_secs(2),
+            }]
+        );
+        log.tally("dev1", first, closed);
+        let second = first + REPORT_EVERY;
+        let report = log.take_left_out(second);
+        assert_eq!(report.len(), 1);
+        assert_eq!(
+            report[0].tally,
+            Pairs {
+                allowed: 0,
+                closed: 1,
+                bytes_to_target: 100,
+                bytes_from_target: 7,
+            },
+            "a pair closing after its report is still counted"
+        );
+        assert!(log.take_left_out(second).is_empty());
     }
 }

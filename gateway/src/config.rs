@@ -245,6 +245,10 @@ pub struct Limits {
     /// New forwarding pairs one identity may open per second (a burst of 4 s' worth); 0: no
     /// limit.
     pub max_new_pairs_per_identity_per_sec: u32,
+    /// Allowed pairs per identity whose audit lines are written one by one, per second (a
+    /// burst of 60 s' worth); the rest are summed in one `pair-summary` line per identity
+    /// every 10 s. 0: every pair written.
+    pub max_logged_pairs_per_identity_per_sec: u32,
     pub max_forwards: usize,
     pub max_pairs: usize,
     pub max_queued_mib: usize,
@@ -384,6 +388,7 @@ impl Default for Limits {
             max_forwards_per_identity: 64,
             max_pairs_per_identity: 1024,
             max_new_pairs_per_identity_per_sec: 64,
+            max_logged_pairs_per_identity_per_sec: 5,
             max_forwards: 8192,
             max_pairs: 49_152,
             max_queued_mib: 256,

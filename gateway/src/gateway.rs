@@ -12,6 +12,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::audit_budget::PairLog;
 use crate::authz::Authz;
 use crate::config::Config;
 use crate::dataplane::DataPlane;
@@ -40,6 +41,8 @@ pub struct Gateway {
     pub(crate) reload_requested: tokio::sync::Notify,
     /// What each identity, and the gateway, holds against `[limits]`.
     pub(crate) quotas: Quotas,
+    /// How many of each identity's allowed pairs the audit log writes one by one (none: all).
+    pub(crate) pair_log: Option<Arc<PairLog>>,
     pub(crate) events: EventBus,
     pub(crate) dataplane: Arc<dyn DataPlane>,
     /// Cancelled when the gateway shuts down.
@@ -61,6 +64,8 @@ impl Gateway {
     ) -> Arc<Self> {
         let (registry, _) = watch::channel(Arc::new(registry));
         let quotas = Quotas::from_limits(&config.limits);
+        let pair_log =
+            crate::audit_budget::pair_log(config.limits.max_logged_pairs_per_identity_per_sec).map(Arc::new);
         Arc::new(Gateway {
             authz: Authz::new(
                 config.insecure_skip_userspace_policy,
@@ -76,6 +81,7 @@ impl Gateway {
             carried: CarriedPaths::default(),
             reload_requested: tokio::sync::Notify::new(),
             quotas,
+            pair_log,
             events,
             dataplane,
             shutdown,

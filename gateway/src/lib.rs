@@ -192,7 +192,7 @@ pub async fn serve(
         admin: admin_addr,
         dataplane: gw.dataplane.name().to_string(),
     });
-    let left_out_reports = AbortOnDrop(tokio::spawn(audit::report_left_out()));
+    let left_out_reports = AbortOnDrop(tokio::spawn(audit::report_left_out(gw.pair_log.clone())));
     let connections = TaskTracker::new();
     connections.spawn(reload::watch(gw.clone()));
     server::accept_loop(gw.clone(), listener, ssh, connections.clone()).await;
@@ -205,7 +205,7 @@ pub async fn serve(
     // The admin endpoint served /readyz = 503 through the drain; then the node's resources go,
     // in reverse order of set-up.
     drop((admin, dataplane, route, left_out_reports));
-    audit::report_left_out_now();
+    audit::report_left_out_now(gw.pair_log.as_deref());
     tracing::info!("cmx-gateway stopped");
     gw.events.emit(events::GatewayEvent::Stopped);
     Ok(())

@@ -638,15 +638,7 @@ async fn refused_shell_channels_do_not_use_up_the_session() {
         .channel_open_direct_tcpip("srv1", 1883, "127.0.0.1", 40000)
         .await
         .expect("the session still opens a forward after 12 refused shells");
-    channel.data(&b"still here"[..]).await.unwrap();
-    let mut got = Vec::new();
-    while got.len() < 10 {
-        match tokio::time::timeout(T, channel.wait()).await {
-            Ok(Some(russh::ChannelMsg::Data { data })) => got.extend_from_slice(&data),
-            other => panic!("no echo through the forward: {other:?}"),
-        }
-    }
-    assert_eq!(got, b"still here");
+    echoed(&mut channel, b"still here").await;
     let refused = |r: &AuditRecord| r.event == AuditEvent::SessionRequest && r.identity() == "dev1";
     gw.log.wait_more_audits("the twelfth refusal", 11, refused).await;
 }
@@ -1158,6 +1150,134 @@ async fn a_device_churning_pairs_is_held_to_its_rate_of_new_pairs() {
         "srv1 saw {} connections",
         echo.count()
     );
+}
+
+/// A device opens and closes allowed pairs as fast as the gateway lets it (here with
+/// `max_new_pairs_per_identity_per_sec` off, as an operator with busy devices might set it; the
+/// default 64 a second allows ~190 lines a second). Each pair used to be three audit lines
+/// (forward allowed, pair opened, pair closed), written whatever the rate: one device acting
+/// within its rights could fill the disk and push every other line out of the trail. Now an
+/// identity's pairs are written one by one up to `max_logged_pairs_per_identity_per_sec` (here
+/// 2 a second, 60 s' worth at once) and the rest are summed, with their bytes, in
+/// `pair-summary` lines: every pair is in the log exactly once, the metrics count every pair
+/// and byte, and another identity's pair is still written in full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_device_churning_allowed_pairs_cannot_flood_the_audit_log() {
+    use cmx_gateway::audit_budget::PAIR_BURST_SECS;
+    const CHURN: u64 = 400;
+    const PER_SECOND: u64 = 2;
+    const MESSAGE: &[u8] = b"sixteen bytes!!!";
+    let hosts = Hosts::new();
+    let [srv1, dev1, dev2] = ["srv1", "dev1", "dev2"].map(|n| Key::generate(hosts.dir.path(), n));
+    let registry = RegistryText::default()
+        .srv1(&srv1, "permit_listen = [\"1883\"]")
+        .dev1(&dev1, "permit_open = [\"srv1:1883\"]")
+        .identity(
+            "dev2",
+            "device",
+            &[&dev2],
+            &["address = \"fd63:6d78::d2\"", "permit_open = [\"srv1:1883\"]"],
+        )
+        .build();
+    let config = format!(
+        "[limits]\nmax_new_pairs_per_identity_per_sec = 0\nmax_logged_pairs_per_identity_per_sec = {PER_SECOND}\n{ADMIN_ON_LOOPBACK}"
+    );
+    let gw = GatewayProc::start(&hosts, &registry, &config).await;
+    let (_echo, _srv_agent) = publish_echo(&hosts, &gw, &srv1, &[]).await;
+    let dev = logged_in(&hosts.dev, &format!("{GW_DEV_IP}:{SSH_PORT}"), "dev1", dev1).await;
+    let started = std::time::Instant::now();
+    for _ in 0..CHURN {
+        let mut channel = dev
+            .channel_open_direct_tcpip("srv1", 1883, "127.0.0.1", 40000)
+            .await
+            .expect("dev1 may open srv1:1883");
+        echoed(&mut channel, MESSAGE).await;
+        channel.close().await.expect("close");
+    }
+    let secs = started.elapsed().as_secs() + 1;
+    let dev2 = logged_in(&hosts.dev, &format!("{GW_DEV_IP}:{SSH_PORT}"), "dev2", dev2).await;
+    let mut channel = dev2
+        .channel_open_direct_tcpip("srv1", 1883, "127.0.0.1", 40000)
+        .await
+        .expect("dev2 may open srv1:1883");
+    echoed(&mut channel, MESSAGE).await;
+    let of =
+        |who: &'static str, event: AuditEvent| move |r: &AuditRecord| r.event == event && r.identity() == who;
+    gw.log
+        .wait_audit("dev2's pair, written in full", of("dev2", AuditEvent::PairOpened))
+        .await;
+
+    // Each pair opened, and each closed, is in the log once: written or summed.
+    let accounted = async |written: AuditEvent, count: fn(&AuditRecord) -> Option<u64>| {
+        let summed = |r: &AuditRecord| match r.event == AuditEvent::PairSummary && r.identity() == "dev1" {
+            true => count(r).unwrap_or(0),
+            false => 0,
+        };
+        let (shown, summed) = gw
+            .log
+            .wait_accounted_for(CHURN, of("dev1", written), summed)
+            .await;
+        assert_eq!(
+            shown + summed,
+            CHURN,
+            "{written:?}: {shown} written, {summed} summed"
+        );
+        (shown, summed)
+    };
+    let (allowed_written, allowed_summed) = accounted(AuditEvent::PairOpened, |r| r.pairs_allowed).await;
+    let (_, closed_summed) = accounted(AuditEvent::PairClosed, |r| r.pairs_closed).await;
+    let burst = PER_SECOND * u64::from(PAIR_BURST_SECS);
+    assert!(
+        (burst..=burst + PER_SECOND * secs).contains(&allowed_written),
+        "{allowed_written} of {CHURN} pairs written in {secs} s (the budget: {burst} + {PER_SECOND}/s); {} bytes logged in all",
+        gw.log.bytes()
+    );
+    let allows = gw
+        .log
+        .count_audits(|r| r.is(AuditEvent::Forward, Verdict::Allow) && r.identity() == "dev1");
+    assert_eq!(
+        allows as u64, allowed_written,
+        "a pair's lines are all written or all summed"
+    );
+    // Bytes: the pairs written and the pairs summed carried every byte, as the metrics say.
+    let bytes: u64 = gw
+        .log
+        .audits()
+        .iter()
+        .filter(|r| {
+            r.identity() == "dev1" && matches!(r.event, AuditEvent::PairClosed | AuditEvent::PairSummary)
+        })
+        .map(|r| r.bytes_to_target.unwrap_or(0))
+        .sum();
+    assert_eq!(bytes, CHURN * MESSAGE.len() as u64);
+    let metrics = http_get(&hosts.gw, &gw.admin().await, "/metrics").await.1;
+    assert_eq!(metric(&metrics, "cmxsafe_pairs_opened_total"), CHURN + 1);
+    assert_eq!(
+        metric(
+            &metrics,
+            r#"cmxsafe_audit_decisions_total{event="forward",decision="allow"}"#
+        ),
+        CHURN + 2,
+        "every allowed forward is counted (srv1's published one too)"
+    );
+    assert_eq!(
+        metric(&metrics, "cmxsafe_audit_lines_suppressed_total"),
+        2 * allowed_summed + closed_summed,
+        "the lines not written are counted: forward allowed and pair opened, pair closed"
+    );
+}
+
+/// Sends `message` on `channel` and reads it back (srv1's echo).
+async fn echoed(channel: &mut russh::Channel<russh::client::Msg>, message: &[u8]) {
+    channel.data(message).await.expect("send");
+    let mut got = Vec::new();
+    while got.len() < message.len() {
+        match tokio::time::timeout(T, channel.wait()).await {
+            Ok(Some(russh::ChannelMsg::Data { data })) => got.extend_from_slice(&data),
+            other => panic!("no echo through the forward: {other:?}"),
+        }
+    }
+    assert_eq!(got, message);
 }
 
 /// The memory attack: a device opens a channel to a host that never reads and sends its whole

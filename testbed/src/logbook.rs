@@ -111,14 +111,14 @@ impl LogBook {
     }
 
     /// Waits (up to `WAIT` plus the audit budget's report interval) until `total` records are
-    /// accounted for: written one by one (`written`), or counted in the `audit-suppressed`
-    /// lines `about` accepts. Returns (written, left out); panics with the whole log if they
-    /// never add up.
+    /// accounted for: written one by one (`written`), or counted in summary lines (`counted`
+    /// says how many a line counts: `audit-suppressed`, `pair-summary`). Returns (written,
+    /// counted); panics with the whole log if they never add up.
     pub async fn wait_accounted_for(
         &self,
         total: u64,
         written: impl Fn(&AuditRecord) -> bool,
-        about: impl Fn(&AuditRecord) -> bool,
+        counted: impl Fn(&AuditRecord) -> u64,
     ) -> (u64, u64) {
         let deadline = Instant::now() + WAIT + Duration::from_secs(10);
         loop {
@@ -126,8 +126,8 @@ impl LogBook {
             for r in self.audits() {
                 if written(&r) {
                     shown += 1;
-                } else if r.event == AuditEvent::AuditSuppressed && about(&r) {
-                    left_out += r.suppressed.unwrap_or(0);
+                } else {
+                    left_out += counted(&r);
                 }
             }
             if shown + left_out >= total {
@@ -153,7 +153,11 @@ impl LogBook {
         written: impl Fn(&AuditRecord) -> bool,
         about: impl Fn(&AuditRecord) -> bool,
     ) -> u64 {
-        let (shown, left_out) = self.wait_accounted_for(total, written, about).await;
+        let suppressed = |r: &AuditRecord| match r.event == AuditEvent::AuditSuppressed && about(r) {
+            true => r.suppressed.unwrap_or(0),
+            false => 0,
+        };
+        let (shown, left_out) = self.wait_accounted_for(total, written, suppressed).await;
         assert_eq!(
             shown + left_out,
             total,

@@ -89,7 +89,7 @@ pub async fn open(
             return;
         }
     };
-    audit::forward_allowed(session, &identity, &request, &permit.rule);
+    let lines = audit::pair_allowed(gw.pair_log.as_ref(), session, &identity, &request, &permit.rule);
     let conn_id = gw.next_conn_id();
     let connected = connect(&gw, &permit.device, &destination, req.originator_port, conn_id).await;
     let connected = match connected {
@@ -118,6 +118,7 @@ pub async fn open(
         session,
         target,
         server,
+        lines,
     };
     carry(&gw, path, &identity, channel, connected).await;
     drop((slot, pair_share));
@@ -135,12 +136,13 @@ fn describe(destination: &Destination, stream: &TcpStream, host: &str, port: u16
 }
 
 /// An accepted path: its ConnID, the device's session, where it goes (as the audit log names
-/// it) and the identity whose Mir-sock it reaches, if any.
+/// it), the identity whose Mir-sock it reaches, if any, and whether its audit lines are written.
 struct Path {
     conn_id: ConnId,
     session: SessionId,
     target: String,
     server: Option<String>,
+    lines: audit::PairLines,
 }
 
 /// Relays an accepted path until both sides are done, with its audit lines and events; the
@@ -153,7 +155,7 @@ async fn carry(gw: &Gateway, path: Path, identity: &str, channel: Channel<Msg>, 
     } = connected;
     let conn_id = path.conn_id;
     let source = stream.local_addr().map(|a| a.to_string()).unwrap_or_default();
-    audit::pair_opened(conn_id, identity, &source, &path.target);
+    audit::pair_opened(&path.lines, conn_id, identity, &source, &path.target);
     gw.events.emit(GatewayEvent::PairOpened {
         conn_id,
         device: identity.to_string(),
@@ -180,7 +182,15 @@ async fn carry(gw: &Gateway, path: Path, identity: &str, channel: Channel<Msg>, 
     let (from_target, to_target) = counters.get();
     gw.sessions.count_bytes(path.session, to_target, from_target);
     let spliced = gw.dataplane.pair_closed(conn_id);
-    audit::pair_closed(conn_id, identity, to_target, from_target, spliced, &end.as_str());
+    audit::pair_closed(
+        &path.lines,
+        conn_id,
+        identity,
+        to_target,
+        from_target,
+        spliced,
+        &end.as_str(),
+    );
     gw.events.emit(GatewayEvent::PairClosed {
         conn_id,
         device: identity.to_string(),
