@@ -1,5 +1,6 @@
 //! Hot reload of the identity registry: the file is re-read when its content changes (polled, so
-//! Kubernetes' atomic ConfigMap symlink swaps are seen like any edit) or on SIGHUP. An invalid file
+//! Kubernetes' atomic ConfigMap symlink swaps are seen like any edit) or on SIGHUP, and parsed
+//! once it has stayed the same for `SETTLE` (a file caught half-written is not). An invalid file
 //! is reported and ignored: the previous registry stays in force. So is a valid one that looks
 //! like an accident (empty, or removing more than `reload_max_removed_percent` of the identities):
 //! SIGUSR1 applies it anyway. An accepted one replaces the registry at once; then sessions whose
@@ -20,11 +21,49 @@ use crate::identity::{Registry, RegistryContext};
 use crate::sessions::disconnect;
 use crate::{audit, auth};
 
-fn content_hash(path: &Path) -> Option<u64> {
-    let bytes = std::fs::read(path).ok()?;
+/// How long the registry file must stay the same before it is parsed. A file caught while it
+/// is written in place (`cp`, `cat >`, an editor saving without a rename) can parse as a
+/// registry that lacks the identities not yet written, and they would be disconnected; the
+/// shrink guard only catches a large loss.
+pub const SETTLE: Duration = Duration::from_secs(1);
+/// Reads before a file that keeps changing is taken as it is.
+const SETTLE_READS: u32 = 10;
+
+fn content_hash(read: &std::io::Result<Vec<u8>>) -> Option<u64> {
+    let bytes = read.as_ref().ok()?;
     let mut h = DefaultHasher::new();
     bytes.hash(&mut h);
     Some(h.finish())
+}
+
+/// Reads `path` again, `SETTLE` after `read`, until two reads agree; None if the gateway shuts
+/// down meanwhile.
+async fn settled(
+    path: &Path,
+    mut read: std::io::Result<Vec<u8>>,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> Option<std::io::Result<Vec<u8>>> {
+    for _ in 0..SETTLE_READS {
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            _ = tokio::time::sleep(SETTLE) => {}
+        }
+        let again = std::fs::read(path);
+        let same = match (&read, &again) {
+            (Ok(a), Ok(b)) => a == b,
+            (Err(a), Err(b)) => a.kind() == b.kind(),
+            _ => false,
+        };
+        if same {
+            return Some(again);
+        }
+        tracing::info!(path = %path.display(), settle_ms = SETTLE.as_millis() as u64,
+            "the identity registry file changed while it was read; waiting until it stays the same");
+        read = again;
+    }
+    tracing::warn!(path = %path.display(), reads = SETTLE_READS,
+        "the identity registry file kept changing; reading it as it is now");
+    Some(read)
 }
 
 pub fn registry_context(gw_config: &crate::config::Config) -> RegistryContext {
@@ -78,7 +117,7 @@ async fn next_signal(s: &mut Option<tokio::signal::unix::Signal>) {
 pub async fn watch(gw: Arc<Gateway>) {
     let path = gw.config.identities.clone();
     let interval = Duration::from_secs(gw.config.reload_interval_secs);
-    let mut last = content_hash(&path);
+    let mut last = content_hash(&std::fs::read(&path));
     let mut hup = signal_or_warn(SignalKind::hangup(), "SIGHUP");
     let mut usr1 = signal_or_warn(SignalKind::user_defined1(), "SIGUSR1");
     loop {
@@ -89,13 +128,16 @@ pub async fn watch(gw: Arc<Gateway>) {
             _ = next_signal(&mut usr1) => Trigger::Usr1,
             _ = gw.reload_requested.notified() => Trigger::Api,
         };
-        let now = content_hash(&path);
-        if trigger == Trigger::Changed && now == last {
+        let read = std::fs::read(&path);
+        if trigger == Trigger::Changed && content_hash(&read) == last {
             continue;
         }
-        last = now;
+        let Some(read) = settled(&path, read, &gw.shutdown).await else {
+            return;
+        };
+        last = content_hash(&read);
         let why = trigger.as_str();
-        let loaded = Registry::load(&path, registry_context(&gw.config))
+        let loaded = Registry::from_read(read, &path, registry_context(&gw.config))
             .map_err(|e| e.to_string())
             .and_then(|new| {
                 if trigger == Trigger::Usr1 {

@@ -860,6 +860,60 @@ async fn an_empty_or_half_written_registry_is_refused_until_the_operator_insists
 }
 
 /// Whether the gateway host has a local route for the identity prefix.
+/// An operator copies a new registry over the one in force (`cp`, a write in place, not a
+/// rename) and the gateway reads it halfway: the part written so far is a valid registry without
+/// the identities still to come (here one of five, under the shrink guard's 50 %). It used to be
+/// applied at once, disconnecting them until the next read. Now a file is parsed only once it
+/// has stayed the same for `SETTLE`: the half is never applied and dev1 stays connected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_registry_read_while_it_is_written_in_place_is_applied_only_once_whole() {
+    use std::io::Write;
+    let hosts = Hosts::new();
+    let [srv1, dev1, dev2, dev3, dev4] =
+        ["srv1", "dev1", "dev2", "dev3", "dev4"].map(|n| Key::generate(hosts.dir.path(), n));
+    let with_dev1 = |dev1_open: &str| {
+        RegistryText::default()
+            .srv1(&srv1, "permit_listen = [\"1883\"]")
+            .identity("dev2", "device", &[&dev2], &["address = \"fd63:6d78::d2\""])
+            .identity("dev3", "device", &[&dev3], &["address = \"fd63:6d78::d3\""])
+            .identity("dev4", "device", &[&dev4], &["address = \"fd63:6d78::d4\""])
+            .dev1(&dev1, dev1_open)
+            .build()
+    };
+    let gw = GatewayProc::start(&hosts, &with_dev1("permit_open = [\"srv1:1883\"]"), "").await;
+    let _dev1 = SshAgent::start(&hosts, &hosts.dev, "dev1", &dev1, &[]);
+    gw.log.wait_event("dev1 in", session_opened("dev1")).await;
+
+    // The new registry gives dev1 one more port; dev1 comes last in it. The writer stops
+    // before dev1, the gateway is asked to reload, and the rest follows 300 ms later.
+    let new = with_dev1("permit_open = [\"srv1:1883\", \"srv1:1884\"]");
+    let cut = new
+        .find("\n[[identity]]\nname = \"dev1\"")
+        .expect("dev1 comes last");
+    let mut file = std::fs::File::create(&gw.registry).unwrap();
+    file.write_all(&new.as_bytes()[..cut]).unwrap();
+    file.flush().unwrap();
+    gw.signal(libc::SIGHUP);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    file.write_all(&new.as_bytes()[cut..]).unwrap();
+    drop(file);
+
+    let reloaded = |n: usize| move |e: &GatewayEvent| matches!(e, GatewayEvent::RegistryReloaded { identities, .. } if *identities == n);
+    gw.log
+        .wait_event("the whole new registry applied", reloaded(5))
+        .await;
+    assert_eq!(
+        gw.log.count_events(reloaded(4)),
+        0,
+        "the half-written file was applied"
+    );
+    assert_eq!(
+        gw.log.count_events(session_closed("dev1")),
+        0,
+        "dev1 was disconnected"
+    );
+}
+
 fn has_route(ns: &Netns) -> bool {
     let out = ns
         .command("ip")

@@ -156,11 +156,24 @@ pub fn valid_name(name: &str) -> bool {
 
 impl Registry {
     pub fn load(path: &Path, context: RegistryContext) -> Result<Registry, RegistryError> {
-        let text = std::fs::read_to_string(path).map_err(|cause| RegistryError::Read {
+        Registry::from_read(std::fs::read(path), path, context)
+    }
+
+    /// Parses and validates what a read of `path` returned (the reload reads the file until it
+    /// stops changing, then parses the bytes it compared).
+    pub fn from_read(
+        read: std::io::Result<Vec<u8>>,
+        path: &Path,
+        context: RegistryContext,
+    ) -> Result<Registry, RegistryError> {
+        let unreadable = |cause| RegistryError::Read {
             path: path.to_path_buf(),
             cause,
-        })?;
-        Registry::parse(&text, path, context)
+        };
+        let bytes = read.map_err(unreadable)?;
+        let text = std::str::from_utf8(&bytes)
+            .map_err(|e| unreadable(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
+        Registry::parse(text, path, context)
     }
 
     /// Parses and validates a registry. `path` only names the file in errors.
