@@ -52,6 +52,7 @@ pub mod dataplane;
 pub mod ebpf;
 pub mod events;
 pub mod failpoint;
+pub mod fd_limit;
 pub mod forward;
 pub mod gateway;
 pub mod hostkey;
@@ -150,6 +151,7 @@ pub async fn serve(
     for warning in config.warnings() {
         tracing::warn!("configuration: {warning}");
     }
+    fd_limit::raise_for(&config);
     russh::set_channel_queue_budget(config.limits.max_queued_mib.saturating_mul(1 << 20));
     let host_key = load_host_key(&config)?;
     let route = local_route(&config)?;

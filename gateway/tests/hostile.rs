@@ -1168,17 +1168,7 @@ async fn a_device_churning_allowed_pairs_cannot_flood_the_audit_log() {
     const PER_SECOND: u64 = 2;
     const MESSAGE: &[u8] = b"sixteen bytes!!!";
     let hosts = Hosts::new();
-    let [srv1, dev1, dev2] = ["srv1", "dev1", "dev2"].map(|n| Key::generate(hosts.dir.path(), n));
-    let registry = RegistryText::default()
-        .srv1(&srv1, "permit_listen = [\"1883\"]")
-        .dev1(&dev1, "permit_open = [\"srv1:1883\"]")
-        .identity(
-            "dev2",
-            "device",
-            &[&dev2],
-            &["address = \"fd63:6d78::d2\"", "permit_open = [\"srv1:1883\"]"],
-        )
-        .build();
+    let ([srv1, dev1, dev2], registry) = two_devices_open_srv1(&hosts);
     let config = format!(
         "[limits]\nmax_new_pairs_per_identity_per_sec = 0\nmax_logged_pairs_per_identity_per_sec = {PER_SECOND}\n{ADMIN_ON_LOOPBACK}"
     );
@@ -1265,6 +1255,60 @@ async fn a_device_churning_allowed_pairs_cannot_flood_the_audit_log() {
         2 * allowed_summed + closed_summed,
         "the lines not written are counted: forward allowed and pair opened, pair closed"
     );
+}
+
+/// The gateway started by a service manager that leaves its soft file descriptor limit low
+/// (systemd's default is 1024; 256 here keeps the test short). A device opens 300 pairs, within
+/// its limits, and holds them: 600 sockets. The gateway used to keep the limit it was given:
+/// at 106 pairs its descriptors ran out, the 107th channel opened and nothing came back (the
+/// Mir-sock's `accept` failed with EMFILE), and dev2's connection got no SSH handshake. Now it raises its limit at start towards
+/// what `[limits]` allow (as far as its hard limit where it may not raise that), says so, and
+/// dev2 logs in and forwards while dev1 holds its pairs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_device_holding_many_pairs_cannot_use_up_the_gateways_file_descriptors() {
+    const PAIRS: usize = 300;
+    let hosts = Hosts::new();
+    let ([srv1, dev1, dev2], registry) = two_devices_open_srv1(&hosts);
+    let config = "[limits]\nmax_new_pairs_per_identity_per_sec = 0\n";
+    let gw = GatewayProc::start_with_nofile(&hosts, &registry, config, (256, 4096)).await;
+    // To what [limits] need where the gateway may raise its hard limit (CAP_SYS_RESOURCE),
+    // else to the hard limit, with a warning naming the shortfall.
+    gw.log
+        .wait("the limit raised, and said so", T, |v| {
+            v["target"] == "cmx_gateway::fd_limit" && v["from"] == 256 && v["to"].as_u64() >= Some(4096)
+        })
+        .await;
+    let (_echo, _srv_agent) = publish_echo(&hosts, &gw, &srv1, &[]).await;
+    let dev = logged_in(&hosts.dev, &format!("{GW_DEV_IP}:{SSH_PORT}"), "dev1", dev1).await;
+    let mut held = Vec::new();
+    while held.len() < PAIRS {
+        let Ok(mut channel) = dev
+            .channel_open_direct_tcpip("srv1", 1883, "127.0.0.1", 40000)
+            .await
+        else {
+            break;
+        };
+        echoed(&mut channel, b"held").await;
+        held.push(channel);
+    }
+    let dev2 = logged_in(&hosts.dev, &format!("{GW_DEV_IP}:{SSH_PORT}"), "dev2", dev2).await;
+    let mut channel = dev2
+        .channel_open_direct_tcpip("srv1", 1883, "127.0.0.1", 40000)
+        .await
+        .expect("dev2 opens srv1:1883 while dev1 holds its pairs");
+    echoed(&mut channel, b"dev2 served").await;
+    assert_eq!(held.len(), PAIRS, "dev1's pairs within its limits all opened");
+}
+
+/// srv1 publishes 1883; dev1 and dev2 may open it. Their keys, and the registry text.
+fn two_devices_open_srv1(hosts: &Hosts) -> ([Key; 3], String) {
+    let keys = ["srv1", "dev1", "dev2"].map(|n| Key::generate(hosts.dir.path(), n));
+    let registry = RegistryText::default()
+        .srv1(&keys[0], "permit_listen = [\"1883\"]")
+        .dev1(&keys[1], "permit_open = [\"srv1:1883\"]")
+        .dev2(&keys[2], "permit_open = [\"srv1:1883\"]")
+        .build();
+    (keys, registry)
 }
 
 /// Sends `message` on `channel` and reads it back (srv1's echo).

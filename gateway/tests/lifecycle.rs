@@ -12,12 +12,7 @@ fn registry(srv1: &Key, dev1: &Key, dev2: &Key, dev1_open: &str) -> String {
     RegistryText::default()
         .srv1(srv1, "permit_listen = [\"1883\", \"1884\"]")
         .dev1(dev1, dev1_open)
-        .identity(
-            "dev2",
-            "device",
-            &[dev2],
-            &["address = \"fd63:6d78::d2\"", "permit_open = [\"srv1:1883\"]"],
-        )
+        .dev2(dev2, "permit_open = [\"srv1:1883\"]")
         .build()
 }
 

@@ -96,6 +96,18 @@ impl GatewayProc {
         GatewayProc::launch_with_env(hosts, &[], env).await
     }
 
+    /// Like `start`, with the gateway's file descriptor limit (soft, hard) set as a service
+    /// manager would set it (systemd's default soft limit is 1024).
+    pub async fn start_with_nofile(
+        hosts: &Hosts,
+        registry: &str,
+        extra_config: &str,
+        nofile: (u64, u64),
+    ) -> GatewayProc {
+        GatewayProc::write_files(hosts, registry, extra_config, &test_dataplane());
+        GatewayProc::launch_program(hosts, &gateway_bin(), &[], &[], Some(nofile)).await
+    }
+
     /// The registry and configuration files the `start*` functions run the gateway with.
     fn write_files(hosts: &Hosts, registry: &str, extra_config: &str, dataplane: &str) {
         std::fs::write(hosts.path("identities.toml"), registry).unwrap();
@@ -122,7 +134,7 @@ impl GatewayProc {
 
     /// Like `launch_with`, with extra environment variables (e.g. the downward API's POD_*).
     pub async fn launch_with_env(hosts: &Hosts, args: &[&str], env: &[(&str, &str)]) -> GatewayProc {
-        GatewayProc::launch_program(hosts, &gateway_bin(), args, env).await
+        GatewayProc::launch_program(hosts, &gateway_bin(), args, env, None).await
     }
 
     /// Like `start_with`, running another build of the gateway (`program`): the benchmarks'
@@ -135,7 +147,7 @@ impl GatewayProc {
         dataplane: &str,
     ) -> GatewayProc {
         GatewayProc::write_files(hosts, registry, extra_config, dataplane);
-        GatewayProc::launch_program(hosts, program, &[], &[]).await
+        GatewayProc::launch_program(hosts, program, &[], &[], None).await
     }
 
     async fn launch_program(
@@ -143,13 +155,30 @@ impl GatewayProc {
         program: &str,
         args: &[&str],
         env: &[(&str, &str)],
+        nofile: Option<(u64, u64)>,
     ) -> GatewayProc {
         let config = hosts.path("gateway.toml");
         let registry_path = hosts.path("identities.toml");
         let parents = UsesTestParents::take();
-        let mut child = hosts
-            .gw
-            .net_command(program)
+        let mut command = hosts.gw.net_command(program);
+        if let Some((soft, hard)) = nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: between fork and exec the closure only calls setrlimit, which is
+            // async-signal-safe, on a struct it owns.
+            unsafe {
+                command.pre_exec(move || {
+                    let limit = libc::rlimit {
+                        rlim_cur: soft,
+                        rlim_max: hard,
+                    };
+                    match libc::setrlimit(libc::RLIMIT_NOFILE, &limit) {
+                        0 => Ok(()),
+                        _ => Err(std::io::Error::last_os_error()),
+                    }
+                });
+            }
+        }
+        let mut child = command
             .args([
                 "--log-format",
                 "json",

@@ -72,6 +72,16 @@ impl RegistryText {
         self.identity("dev1", "device", &[key], &[DEV1_MAC, permit_open])
     }
 
+    /// A second device: dev2 at fd63:6d78::d2, with `permit_open` as given.
+    pub fn dev2(self, key: &Key, permit_open: &str) -> Self {
+        self.identity(
+            "dev2",
+            "device",
+            &[key],
+            &["address = \"fd63:6d78::d2\"", permit_open],
+        )
+    }
+
     pub fn build(&self) -> String {
         format!("{}{}", self.header, self.body)
     }
