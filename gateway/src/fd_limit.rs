@@ -59,12 +59,13 @@ pub fn raise(needed: u64) -> std::io::Result<Raised> {
     }
     // `fs.nr_open` caps both limits; the hard limit goes up first, where we may.
     let want = needed.min(nr_open().unwrap_or(u64::MAX));
-    let hard = match want > hard && set(want, want).is_ok() {
+    let to = match want > hard && set(want, want).is_ok() {
         true => want,
-        false => hard,
+        false => {
+            set(want.min(hard), hard)?;
+            want.min(hard)
+        }
     };
-    let to = want.min(hard);
-    set(to, hard)?;
     Ok(match to >= needed {
         true => Raised::To { from: soft, to },
         false => Raised::Short { from: soft, to },

@@ -1300,17 +1300,6 @@ async fn a_device_holding_many_pairs_cannot_use_up_the_gateways_file_descriptors
     assert_eq!(held.len(), PAIRS, "dev1's pairs within its limits all opened");
 }
 
-/// srv1 publishes 1883; dev1 and dev2 may open it. Their keys, and the registry text.
-fn two_devices_open_srv1(hosts: &Hosts) -> ([Key; 3], String) {
-    let keys = ["srv1", "dev1", "dev2"].map(|n| Key::generate(hosts.dir.path(), n));
-    let registry = RegistryText::default()
-        .srv1(&keys[0], "permit_listen = [\"1883\"]")
-        .dev1(&keys[1], "permit_open = [\"srv1:1883\"]")
-        .dev2(&keys[2], "permit_open = [\"srv1:1883\"]")
-        .build();
-    (keys, registry)
-}
-
 /// Sends `message` on `channel` and reads it back (srv1's echo).
 async fn echoed(channel: &mut russh::Channel<russh::client::Msg>, message: &[u8]) {
     channel.data(message).await.expect("send");

@@ -97,3 +97,14 @@ pub fn srv1_publishes_dev1_opens(hosts: &Hosts) -> (Key, Key, String) {
         .build();
     (srv1, dev1, registry)
 }
+
+/// srv1 may publish 1883; dev1 and dev2 may open srv1:1883. Their keys, and the registry text.
+pub fn two_devices_open_srv1(hosts: &Hosts) -> ([Key; 3], String) {
+    let keys = ["srv1", "dev1", "dev2"].map(|n| Key::generate(hosts.dir.path(), n));
+    let registry = RegistryText::default()
+        .srv1(&keys[0], "permit_listen = [\"1883\"]")
+        .dev1(&keys[1], "permit_open = [\"srv1:1883\"]")
+        .dev2(&keys[2], "permit_open = [\"srv1:1883\"]")
+        .build();
+    (keys, registry)
+}
