@@ -782,6 +782,37 @@ async fn cancel_tcpip_forward_closes_the_mir_sock() {
         .await;
 }
 
+/// An agent that cancels a forward and asks for it again at once (`ssh -O cancel -R`, then
+/// `-O forward -R`; an agent re-publishing after a restart of its service) gets it every time.
+/// The Mir-sock's listener used to be closed a moment after the cancel was answered, by its
+/// accept loop: a request in that moment was refused with "Address already in use" (here the
+/// first request sent right behind its cancel, every run; one at a time, now and then).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_forward_cancelled_and_requested_again_at_once_is_granted() {
+    let (hosts, gw, [srv1, _, _]) = standard("").await;
+    let mut session = raw_session(&hosts.srv, &format!("{GW_SRV_IP}:{SSH_PORT}"))
+        .await
+        .unwrap();
+    assert!(try_login(&mut session, "srv1", &srv1).await.unwrap());
+    session.tcpip_forward("localhost", 1883).await.unwrap();
+    for attempt in 0..300 {
+        // Sent back to back, as a multiplexing client does: both reach the gateway in one read.
+        let (cancelled, requested) = tokio::join!(
+            session.cancel_tcpip_forward("localhost", 1883),
+            session.tcpip_forward("localhost", 1883)
+        );
+        assert!(cancelled.is_ok(), "cancel {attempt}: {cancelled:?}");
+        requested.unwrap_or_else(|e| panic!("request {attempt} right after a cancel: {e}"));
+    }
+    gw.log
+        .wait_more_events("every forward published", 300, forward_added("srv1", 1883))
+        .await;
+    let refused = gw
+        .log
+        .count_audits(|r| r.event == AuditEvent::Forward && r.decision == Some(Verdict::Deny));
+    assert_eq!(refused, 0);
+}
+
 /// An operator's accident: the registry file truncated to nothing (a failed write, a ConfigMap
 /// mounted empty), then half written. Both are refused; the sessions and the registry in force
 /// stay, the refusal is logged and counted; SIGUSR1 applies the smaller registry on purpose.

@@ -15,7 +15,7 @@ use russh::server::Handle;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use super::published::{Entry, ForwardKey, Owner, PublishError, Published};
+use super::published::{Entry, ForwardKey, ListenerOpen, Owner, PublishError, Published, listener_lifetime};
 use crate::audit;
 use crate::authz::{self, ListenPermit};
 use crate::dataplane::{SocketRole, SocketTag};
@@ -41,16 +41,18 @@ fn publish(gw: &Arc<Gateway>, permit: &ListenPermit, owner: Owner) -> Result<Pub
             .map_err(|cause| PublishError::Bind { addr, port, cause })?
             .port();
         let stop = gw.shutdown.child_token();
+        let (open, closed) = listener_lifetime();
         let entry = Entry {
             identity: identity.to_string(),
             owner,
             stop: stop.clone(),
+            closed,
             tag,
             share,
             since: cmx_net::clock::now_unix(),
             takeovers: 0,
         };
-        Ok((port, entry, (listener, stop)))
+        Ok((port, entry, ((listener, open), stop)))
     })?;
     Ok(match published {
         Published::New {
@@ -65,7 +67,12 @@ fn publish(gw: &Arc<Gateway>, permit: &ListenPermit, owner: Owner) -> Result<Pub
     })
 }
 
-async fn accept_loop(gw: Arc<Gateway>, key: ForwardKey, listener: TcpListener, stop: CancellationToken) {
+async fn accept_loop(
+    gw: Arc<Gateway>,
+    key: ForwardKey,
+    (listener, open): (TcpListener, ListenerOpen),
+    stop: CancellationToken,
+) {
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
@@ -81,6 +88,9 @@ async fn accept_loop(gw: Arc<Gateway>, key: ForwardKey, listener: TcpListener, s
             }
         }
     }
+    // The port is free once the listener is closed; only then may a new forward bind it.
+    drop(listener);
+    drop(open);
     tracing::debug!(addr = %key.0, port = key.1, "Mir-sock closed");
 }
 
@@ -152,6 +162,9 @@ pub async fn request_forward(
         .authz
         .may_listen(&gw.registry(), identity, address, port)
         .map_err(|r| r.reason);
+    if let Ok(permit) = &decided {
+        gw.mirrors.listener_closed(&(permit.addr, permit.port)).await;
+    }
     crate::failpoint::pause(crate::failpoint::FORWARD_PERMITTED).await;
     let result = decided.and_then(|permit| {
         let owner = Owner {

@@ -7,6 +7,7 @@ use std::net::Ipv6Addr;
 use std::sync::Mutex;
 
 use russh::server::Handle;
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use crate::dataplane::TagGuard;
@@ -30,6 +31,8 @@ pub struct Entry {
     pub identity: String,
     pub owner: Owner,
     pub stop: CancellationToken,
+    /// Ends when the accept loop has dropped the listener: its port is free again.
+    pub closed: ListenerClosed,
     /// The listener's kernel tag: dropped (untagged) with the entry.
     pub tag: TagGuard,
     /// The forward's share of the identity's (and the gateway's) forwards.
@@ -51,9 +54,32 @@ pub struct ForwardView {
     pub takeovers: u32,
 }
 
+/// The accept loop holds the `ListenerOpen` beside its listener and drops both together; the
+/// entry's `ListenerClosed` then resolves.
+pub struct ListenerOpen(#[allow(dead_code)] oneshot::Sender<()>);
+pub struct ListenerClosed(oneshot::Receiver<()>);
+
+pub fn listener_lifetime() -> (ListenerOpen, ListenerClosed) {
+    let (open, closed) = oneshot::channel();
+    (ListenerOpen(open), ListenerClosed(closed))
+}
+
+impl ListenerClosed {
+    fn is_closed(&mut self) -> bool {
+        !matches!(self.0.try_recv(), Err(oneshot::error::TryRecvError::Empty))
+    }
+}
+
+/// How long a new forward waits for the previous listener of its address and port to close.
+const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 #[derive(Default)]
 pub struct MirrorTable {
     inner: Mutex<HashMap<ForwardKey, Entry>>,
+    /// Removed forwards whose accept loop may still hold the listener. Removing a forward stops
+    /// its loop, which closes the listener a moment later: a forward cancelled and requested
+    /// again at once (`ssh -O cancel`, then `-O forward`) would find the port still bound.
+    closing: Mutex<HashMap<ForwardKey, ListenerClosed>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -119,6 +145,27 @@ impl MirrorTable {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn lock_closing(&self) -> std::sync::MutexGuard<'_, HashMap<ForwardKey, ListenerClosed>> {
+        self.closing.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Stops a removed forward's accept loop and remembers its listener until it is closed.
+    fn stop(&self, key: ForwardKey, entry: Entry) {
+        entry.stop.cancel();
+        let mut closing = self.lock_closing();
+        closing.retain(|_, c| !c.is_closed());
+        closing.insert(key, entry.closed);
+    }
+
+    /// Waits (at most a second) until the listener of a removed forward at `key`, if there is
+    /// one, is closed: call before publishing `key` anew.
+    pub async fn listener_closed(&self, key: &ForwardKey) {
+        let Some(closed) = self.lock_closing().remove(key) else {
+            return;
+        };
+        let _ = tokio::time::timeout(CLOSE_WAIT, closed.0).await;
+    }
+
     pub fn owner(&self, key: &ForwardKey) -> Option<(String, Owner)> {
         self.lock()
             .get(key)
@@ -171,7 +218,7 @@ impl MirrorTable {
         match map.get(key) {
             Some(e) if e.owner.session == session => {
                 if let Some(e) = map.remove(key) {
-                    e.stop.cancel();
+                    self.stop(*key, e);
                 }
                 true
             }
@@ -182,8 +229,9 @@ impl MirrorTable {
     /// Removes a forward whatever its owner (policy change). Returns its identity and owner.
     pub fn remove(&self, key: &ForwardKey) -> Option<(String, Owner)> {
         let e = self.lock().remove(key)?;
-        e.stop.cancel();
-        Some((e.identity, e.owner))
+        let (identity, owner) = (e.identity.clone(), e.owner.clone());
+        self.stop(*key, e);
+        Some((identity, owner))
     }
 
     /// Removes every forward owned by `session`; returns their keys.
@@ -197,8 +245,9 @@ impl MirrorTable {
         keys.into_iter()
             .filter_map(|k| {
                 let e = map.remove(&k)?;
-                e.stop.cancel();
-                Some((k, e.identity))
+                let identity = e.identity.clone();
+                self.stop(k, e);
+                Some((k, identity))
             })
             .collect()
     }
