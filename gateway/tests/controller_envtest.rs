@@ -13,9 +13,10 @@ use std::time::{Duration, Instant};
 
 use cmx_gateway::controller::{self, Controller, Settings};
 use cmx_testbed::*;
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::Client;
-use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams, WatchEvent, WatchParams};
 use kube::config::Kubeconfig;
 use serde_json::json;
 
@@ -571,59 +572,18 @@ async fn a_running_gateway_keeps_a_service_for_each_server_it_holds() {
     let Some(k8s) = Cluster::connect().await else {
         return;
     };
-    let pod = FakePod::create(&k8s.admin, "e2e-gw").await;
-    let hosts = Hosts::new();
-    let _proxy = forward_api_server_into(&hosts.gw, &k8s.admin_kubeconfig);
-    let sa = k8s.sa_kubeconfig.to_str().unwrap().to_string();
-    let srv = Key::generate(hosts.dir.path(), "e2e-srv1");
-    let other = Key::generate(hosts.dir.path(), "e2e-srv2");
-    let registry = RegistryText::default()
-        .identity(
-            "e2e-srv1",
-            "server",
-            &[&srv],
-            &[
-                "address = \"fd63:6d78::1\"",
-                "permit_listen = [\"localhost:1883\"]",
-            ],
-        )
-        .identity(
-            "e2e-srv2",
-            "server",
-            &[&other],
-            &[
-                "address = \"fd63:6d78::2\"",
-                "permit_listen = [\"localhost:1883\"]",
-            ],
-        )
-        .build();
-    std::fs::write(hosts.path("identities.toml"), registry).unwrap();
-    std::fs::write(
-        hosts.path("gateway.toml"),
-        format!(
-            "listen = \"0.0.0.0:{SSH_PORT}\"\n{}\n[kubernetes]\nresync_secs = 2\ndomain = \"iot.example.com\"\n",
-            dataplane_config(&hosts.gw, "userspace")
-        ),
-    )
-    .unwrap();
-    let env = [
-        ("POD_NAME", "e2e-gw"),
-        ("POD_NAMESPACE", NS),
-        ("POD_UID", pod.uid.as_str()),
-        ("POD_IP", "10.244.5.50"),
-    ];
-    let mut gw = GatewayProc::launch_with_env(&hosts, &["--kubeconfig", &sa], &env).await;
-    gw.log
-        .wait("controller started", Duration::from_secs(30), |v| {
-            field(v, "message") == "Kubernetes controller started"
-        })
-        .await;
-
+    let InCluster {
+        pod,
+        hosts,
+        keys,
+        mut gw,
+        _api_server,
+    } = InCluster::launch(&k8s, "e2e-gw", &["e2e-srv1", "e2e-srv2"]).await;
     let agent = SshAgent::start(
         &hosts,
         &hosts.srv,
         "e2e-srv1",
-        &srv,
+        &keys[0],
         &["-R", "1883:127.0.0.1:1883"],
     );
     agent
@@ -656,7 +616,7 @@ async fn a_running_gateway_keeps_a_service_for_each_server_it_holds() {
         &hosts,
         &hosts.srv,
         "e2e-srv2",
-        &other,
+        &keys[1],
         &["-R", "1883:127.0.0.1:1883"],
     );
     agent2
@@ -667,6 +627,148 @@ async fn a_running_gateway_keeps_a_service_for_each_server_it_holds() {
     assert!(gw.wait_exit(Duration::from_secs(30)).await.success());
     k8s.wait_gone("e2e-srv2", Duration::from_secs(30)).await;
     pod.delete().await;
+}
+
+/// A server identity may request and cancel its forward as often as it likes, within its
+/// `max_forwards_per_identity`. Each request used to be a claim (two writes to the API server)
+/// and each cancel a release (a read and a delete): one server, or one stolen server key, made
+/// the gateway hammer the cluster's API server and flap the Service that every kube-proxy and DNS
+/// server in the cluster follows. The controller now brings each server's Service in line at most
+/// once a second, with whatever holds at that moment, so the flapping reaches the cluster as at
+/// most one change per second, and the Service still ends as the server left it.
+#[tokio::test]
+async fn a_server_flapping_its_forward_cannot_flap_its_service() {
+    let Some(k8s) = Cluster::connect().await else {
+        return;
+    };
+    const SERVER: &str = "e2e-flap";
+    const CHURN: Duration = Duration::from_secs(3);
+    let running = InCluster::launch(&k8s, "e2e-gw-flap", &[SERVER]).await;
+    let mut session = raw_session(&running.hosts.srv, &format!("{GW_SRV_IP}:{SSH_PORT}"))
+        .await
+        .unwrap();
+    assert!(try_login(&mut session, SERVER, &running.keys[0]).await.unwrap());
+
+    // Every change to the Service that the cluster sees, from before the first request on.
+    let name = format!("dynamic-service-{SERVER}");
+    let watched = k8s
+        .services
+        .watch(
+            &WatchParams::default().fields(&format!("metadata.name={name}")),
+            "0",
+        )
+        .await
+        .unwrap();
+    let changes = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counting = {
+        let changes = changes.clone();
+        tokio::spawn(async move {
+            let mut watched = std::pin::pin!(watched);
+            while let Some(event) = watched.next().await {
+                match event {
+                    Ok(WatchEvent::Added(_)) | Ok(WatchEvent::Deleted(_)) => {
+                        changes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    Ok(_) => {}
+                    Err(e) => panic!("watching {name}: {e}"),
+                }
+            }
+        })
+    };
+
+    let (started, mut cycles) = (Instant::now(), 0);
+    while started.elapsed() < CHURN {
+        session.tcpip_forward("localhost", 1883).await.unwrap();
+        session.cancel_tcpip_forward("localhost", 1883).await.unwrap();
+        cycles += 1;
+    }
+    let churned = started.elapsed();
+    // The server settles with its forward in place: so does its Service.
+    session.tcpip_forward("localhost", 1883).await.unwrap();
+    let svc = wait_for(&k8s, SERVER, Duration::from_secs(30)).await;
+    assert_eq!(owner_uids(&svc.metadata), vec![running.pod.uid.clone()]);
+    // Let whatever the gateway still had queued reach the API server before counting.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    counting.abort();
+    let changes = changes.load(std::sync::atomic::Ordering::SeqCst);
+    // One creation and one deletion per second of churn at most, and the creation after it.
+    let allowed = 2 * (churned.as_secs() as usize + 1) + 4;
+    eprintln!(
+        "{cycles} forward/cancel cycles in {churned:?}: the Service was created or deleted {changes} times (at most {allowed} allowed)"
+    );
+    assert!(
+        changes <= allowed,
+        "{cycles} forward/cancel cycles in {churned:?} created or deleted the Service {changes} times"
+    );
+    assert!(k8s.service(SERVER).await.is_some(), "the Service flapped away");
+
+    // Cancelled for good: the Service goes.
+    session.cancel_tcpip_forward("localhost", 1883).await.unwrap();
+    k8s.wait_gone(SERVER, Duration::from_secs(30)).await;
+    running.pod.delete().await;
+}
+
+/// The real gateway binary in `hosts.gw`, as in the DaemonSet (the service account's
+/// `--kubeconfig`, the downward-API environment, pod IP 10.244.5.50), with a server identity
+/// (address fd63:6d78::N, may publish localhost:1883) for each name in `servers`.
+struct InCluster {
+    pod: FakePod,
+    hosts: Hosts,
+    keys: Vec<Key>,
+    gw: GatewayProc,
+    _api_server: tokio::task::JoinHandle<()>,
+}
+
+impl InCluster {
+    async fn launch(k8s: &Cluster, pod_name: &str, servers: &[&str]) -> InCluster {
+        let pod = FakePod::create(&k8s.admin, pod_name).await;
+        let hosts = Hosts::new();
+        let api_server = forward_api_server_into(&hosts.gw, &k8s.admin_kubeconfig);
+        let mut registry = RegistryText::default();
+        let mut keys = Vec::new();
+        for (i, server) in servers.iter().enumerate() {
+            let key = Key::generate(hosts.dir.path(), server);
+            registry = registry.identity(
+                server,
+                "server",
+                &[&key],
+                &[
+                    &format!("address = \"fd63:6d78::{}\"", i + 1),
+                    "permit_listen = [\"localhost:1883\"]",
+                ],
+            );
+            keys.push(key);
+        }
+        std::fs::write(hosts.path("identities.toml"), registry.build()).unwrap();
+        std::fs::write(
+            hosts.path("gateway.toml"),
+            format!(
+                "listen = \"0.0.0.0:{SSH_PORT}\"\n{}\n[kubernetes]\nresync_secs = 2\ndomain = \"iot.example.com\"\n",
+                dataplane_config(&hosts.gw, "userspace")
+            ),
+        )
+        .unwrap();
+        let sa = k8s.sa_kubeconfig.to_str().unwrap().to_string();
+        let env = [
+            ("POD_NAME", pod_name),
+            ("POD_NAMESPACE", NS),
+            ("POD_UID", pod.uid.as_str()),
+            ("POD_IP", "10.244.5.50"),
+        ];
+        let gw = GatewayProc::launch_with_env(&hosts, &["--kubeconfig", &sa], &env).await;
+        gw.log
+            .wait("controller started", Duration::from_secs(30), |v| {
+                field(v, "message") == "Kubernetes controller started"
+            })
+            .await;
+        InCluster {
+            pod,
+            hosts,
+            keys,
+            gw,
+            _api_server: api_server,
+        }
+    }
 }
 
 async fn wait_for(k8s: &Cluster, server: &str, timeout: Duration) -> Service {

@@ -2,7 +2,7 @@
 //! Services in step, with a periodic resync. Started in the background: a missing API server
 //! delays the controller, never the gateway.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -10,6 +10,7 @@ use kube::Client;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use tokio::sync::broadcast;
 use tokio::sync::broadcast::error::RecvError;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{Action, Controller, ControllerError, Settings, plan, retry};
@@ -19,6 +20,55 @@ use crate::events::GatewayEvent;
 const ATTEMPTS: usize = 5;
 /// How long a stopping pod spends handing its Services back.
 const RELEASE_ON_STOP: Duration = Duration::from_secs(5);
+/// How often one server's Service is brought in line at most. A server may request and cancel
+/// its forward as fast as its session allows (thousands a second); each change would otherwise be
+/// API calls and a Service created or deleted under every kube-proxy and DNS server following it.
+pub const PER_SERVER: Duration = Duration::from_secs(1);
+
+/// The servers whose Service must be brought in line with what this pod holds, each when its
+/// turn comes: at once the first time, then no sooner than `PER_SERVER` after its last one. Any
+/// number of events for a server in between make one turn, which acts on what holds then.
+#[derive(Default)]
+pub struct Pending {
+    due: HashMap<String, Instant>,
+    last: HashMap<String, Instant>,
+}
+
+impl Pending {
+    /// Something changed for `server`.
+    pub fn mark(&mut self, server: &str, now: Instant) {
+        if self.due.contains_key(server) {
+            return;
+        }
+        let turn = self
+            .last
+            .get(server)
+            .map_or(now, |last| (*last + PER_SERVER).max(now));
+        self.due.insert(server.to_string(), turn);
+    }
+
+    /// When the next server's turn comes.
+    pub fn next(&self) -> Option<Instant> {
+        self.due.values().min().copied()
+    }
+
+    /// The servers whose turn has come, in name order; their turn is recorded as taken `now`.
+    pub fn take(&mut self, now: Instant) -> Vec<String> {
+        self.last.retain(|_, last| now.duration_since(*last) < PER_SERVER);
+        let mut ready: Vec<String> = self
+            .due
+            .iter()
+            .filter(|(_, turn)| **turn <= now)
+            .map(|(server, _)| server.clone())
+            .collect();
+        ready.sort();
+        for server in &ready {
+            self.due.remove(server);
+            self.last.insert(server.clone(), now);
+        }
+        ready
+    }
+}
 
 /// A client from `kubeconfig`, or else the in-cluster service account (or `$KUBECONFIG`).
 pub async fn client(kubeconfig: Option<&PathBuf>) -> Result<Client, ControllerError> {
@@ -92,24 +142,23 @@ pub fn start(
     })
 }
 
-/// The controller loop: claims on new forwards, releases when a server's last forward here
-/// ends, resyncs every `resync` (and at once after missing events), and on shutdown hands this
-/// pod's Services back so that the servers' next replica claims them.
+/// The controller loop: follows the forwards (see [`Pending`]), points a server's Service here
+/// while it has a forward here and releases it when the last one ends, resyncs every `resync`
+/// (and at once after missing events), and on shutdown hands this pod's Services back so that
+/// the servers' next replica claims them.
 pub async fn run(controller: Controller, mut feed: Feed, resync: Duration) {
     let mut ticker = tokio::time::interval(resync);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut pending = Pending::default();
     loop {
+        let next = pending.next();
         tokio::select! {
             _ = feed.shutdown.cancelled() => break,
             ev = feed.events.recv() => match ev {
                 Ok(GatewayEvent::ForwardAdded { identity, .. })
-                | Ok(GatewayEvent::ForwardTakenOver { identity, .. }) => {
-                    let _ = retry("claim", ATTEMPTS, || controller.claim(&identity)).await;
-                }
-                Ok(GatewayEvent::ForwardRemoved { identity, .. }) => {
-                    if !(feed.held)().contains(&identity) {
-                        let _ = retry("release", ATTEMPTS, || controller.release(&identity)).await;
-                    }
+                | Ok(GatewayEvent::ForwardTakenOver { identity, .. })
+                | Ok(GatewayEvent::ForwardRemoved { identity, .. }) => {
+                    pending.mark(&identity, Instant::now());
                 }
                 Ok(_) => {}
                 Err(RecvError::Lagged(missed)) => {
@@ -118,6 +167,16 @@ pub async fn run(controller: Controller, mut feed: Feed, resync: Duration) {
                 }
                 Err(RecvError::Closed) => break,
             },
+            _ = tokio::time::sleep_until(next.unwrap_or_else(Instant::now)), if next.is_some() => {
+                let held = (feed.held)();
+                for server in pending.take(Instant::now()) {
+                    if held.contains(&server) {
+                        let _ = retry("claim", ATTEMPTS, || controller.claim(&server)).await;
+                    } else {
+                        let _ = retry("release", ATTEMPTS, || controller.release(&server)).await;
+                    }
+                }
+            }
             // The first tick fires at once: the initial sync.
             _ = ticker.tick() => resync_once(&controller, &(feed.held)()).await,
         }
@@ -169,5 +228,40 @@ pub async fn resync_once(controller: &Controller, held: &BTreeSet<String>) {
         if let Err(e) = result {
             tracing::warn!(action = ?action, error = %e, kind = e.kind(), "resync action failed; next resync retries");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_servers_first_change_goes_at_once_and_the_rest_wait_for_its_next_turn() {
+        let t0 = Instant::now();
+        let mut p = Pending::default();
+        assert_eq!(p.next(), None);
+        p.mark("srv1", t0);
+        assert_eq!(p.next(), Some(t0));
+        assert_eq!(p.take(t0), vec!["srv1"]);
+        assert_eq!(p.next(), None);
+
+        // Many changes within a second: one turn, a second after the last one.
+        let t1 = t0 + Duration::from_millis(10);
+        for i in 0..100 {
+            p.mark("srv1", t1 + Duration::from_millis(i));
+        }
+        assert_eq!(p.next(), Some(t0 + PER_SERVER));
+        assert!(p.take(t1 + Duration::from_millis(500)).is_empty());
+        assert_eq!(p.take(t0 + PER_SERVER), vec!["srv1"]);
+        assert_eq!(p.next(), None);
+
+        // Another server is not held back by the first, and a quiet server goes at once again.
+        let t2 = t0 + PER_SERVER + Duration::from_millis(1);
+        p.mark("srv2", t2);
+        assert_eq!(p.take(t2), vec!["srv2"]);
+        let t3 = t0 + 3 * PER_SERVER;
+        p.mark("srv1", t3);
+        assert_eq!(p.next(), Some(t3));
+        assert_eq!(p.take(t3), vec!["srv1"]);
     }
 }
