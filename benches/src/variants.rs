@@ -223,13 +223,15 @@ pub async fn setup(kind: Kind, cipher: &str, service: Service, index: usize) -> 
                 "sockmap"
             };
             // Room for the scale runs: many sessions, handshakes in batches, connections as fast
-            // as the set-up pass opens them (no rate of new pairs), each written to the audit log
+            // as the set-up pass opens them (no rate of new pairs, forwards or logins: one identity
+            // logs in thousands of times), each written to the audit log
             // one by one as before the pair-line budget (the gateway measured with its whole
             // trail, never flattered by a summary). The admin endpoint gives the soak the
             // gateway's map occupancy.
             let limits = "[limits]\nmax_sessions = 20000\nmax_startups = 200\nper_source_max_startups = 200\n\
                  max_sessions_per_identity = 20000\nmax_pairs_per_identity = 40000\nmax_pairs = 49152\n\
                  max_new_pairs_per_identity_per_sec = 0\nmax_logged_pairs_per_identity_per_sec = 0\n\
+                 max_new_forwards_per_identity_per_sec = 0\nmax_logins_per_identity_per_sec = 0\n\
                  [admin]\nenabled = true\nlisten = \"127.0.0.1:9180\"\n";
             let gw = match baseline_gateway() {
                 Some(program) if kind == Kind::CmxBaseline => {
@@ -241,6 +243,8 @@ pub async fn setup(kind: Kind, cipher: &str, service: Service, index: usize) -> 
                         "max_sessions_per_identity",
                         "max_new_pairs",
                         "max_logged_pairs",
+                        "max_new_forwards",
+                        "max_logins",
                     ];
                     let limits: String = limits
                         .lines()

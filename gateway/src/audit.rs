@@ -93,6 +93,17 @@ pub fn auth_denied(peer: SocketAddr, user: &str, reason: &str) {
     tracing::warn!(target: TARGET, event, decision, %peer, identity = %short(user), reason = %long(reason), "authentication refused");
 }
 
+/// A proven identity refused by a limit (its rate of logins, its sessions): within the
+/// identity's audit budget, since it decides how often this happens (and nobody else can: the
+/// credential was proven).
+pub fn login_refused(peer: SocketAddr, identity: &str, reason: &str) {
+    if within_budget(identity) {
+        auth_denied(peer, identity, reason);
+    } else {
+        Decision::AuthDeny.record();
+    }
+}
+
 pub fn connection_refused(peer: SocketAddr, reason: &str) {
     let (event, decision) = Decision::ConnectionDeny.record();
     tracing::warn!(target: TARGET, event, decision, %peer, reason = %long(reason), "connection refused");

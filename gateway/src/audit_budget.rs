@@ -20,7 +20,10 @@
 //! written or all summed, decided when it is allowed. The pair and byte counters
 //! (`cmxsafe_pairs_opened_total`, `cmxsafe_pair_bytes_total`) still count every pair.
 //!
-//! Logins, published forwards and operator actions are always written.
+//! Logins, published forwards and operator actions are always written: how often an identity
+//! logs in or requests forwards is bounded by `limits.max_logins_per_identity_per_sec` and
+//! `max_new_forwards_per_identity_per_sec` instead (`quota::IdentityRate`), and a login or
+//! forward refused by them is a refusal like any other here.
 
 use std::collections::HashMap;
 use std::hash::Hash;

@@ -245,6 +245,12 @@ pub struct Limits {
     /// New forwarding pairs one identity may open per second (a burst of 4 s' worth); 0: no
     /// limit.
     pub max_new_pairs_per_identity_per_sec: u32,
+    /// `tcpip-forward` requests one identity may make per second (a burst of 60 s' worth, so a
+    /// server publishing all its forwards at login is never held back); 0: no limit.
+    pub max_new_forwards_per_identity_per_sec: u32,
+    /// Logins one identity may make per second (a burst of 60 s' worth); counted once the
+    /// credential is proven, so nobody else can use up an identity's logins. 0: no limit.
+    pub max_logins_per_identity_per_sec: u32,
     /// Allowed pairs per identity whose audit lines are written one by one, per second (a
     /// burst of 60 s' worth); the rest are summed in one `pair-summary` line per identity
     /// every 10 s. 0: every pair written.
@@ -388,6 +394,8 @@ impl Default for Limits {
             max_forwards_per_identity: 64,
             max_pairs_per_identity: 1024,
             max_new_pairs_per_identity_per_sec: 64,
+            max_new_forwards_per_identity_per_sec: 2,
+            max_logins_per_identity_per_sec: 2,
             max_logged_pairs_per_identity_per_sec: 5,
             max_forwards: 8192,
             max_pairs: 49_152,

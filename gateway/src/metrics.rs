@@ -164,15 +164,17 @@ fn limit_families(gw: &Gateway, occupancy: &Occupancy) -> Vec<Family<'static>> {
         ),
         Family::counter(
             "cmxsafe_limit_refusals_total",
-            "Requests refused because an identity or the gateway held its [limits], by kind (new-pairs-rate: limits.max_new_pairs_per_identity_per_sec).",
+            "Requests refused because an identity or the gateway held its [limits], by kind (new-pairs-rate, new-forwards-rate, logins-rate: limits.max_new_pairs_per_identity_per_sec, max_new_forwards_per_identity_per_sec, max_logins_per_identity_per_sec).",
             gw.quotas
                 .all()
                 .iter()
                 .map(|(kind, q)| (labels(&[("kind", kind)]), q.refused()))
-                .chain([(
-                    labels(&[("kind", "new-pairs-rate")]),
-                    gw.quotas.pair_rate.refused(),
-                )])
+                .chain(
+                    gw.quotas
+                        .rates()
+                        .iter()
+                        .map(|(kind, r)| (labels(&[("kind", kind)]), r.refused())),
+                )
                 .collect(),
         ),
     ]

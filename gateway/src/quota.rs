@@ -123,28 +123,40 @@ impl Drop for QuotaGuard {
     }
 }
 
-/// Seconds' worth of new pairs an identity may open at once (the burst of `PairRate`).
+/// Seconds' worth of new pairs an identity may open at once (the burst of `Quotas::pair_rate`).
 pub const PAIR_BURST_SECS: u32 = 4;
+/// Seconds' worth of forward requests, and of logins, an identity may make at once: a server
+/// publishes all its forwards when it logs in (64 at most by default), and an agent whose link
+/// flaps logs in again and again for a while.
+pub const FORWARD_BURST_SECS: u32 = 60;
+pub const LOGIN_BURST_SECS: u32 = 60;
 
 /// Identities tracked before idle ones (whose bucket is full again) are forgotten.
-const PAIR_RATE_PRUNE_AT: usize = 1024;
+const RATE_PRUNE_AT: usize = 1024;
 
-/// How fast one identity may open new forwarding pairs (`limits.max_new_pairs_per_identity_per_sec`,
-/// `PAIR_BURST_SECS` seconds' worth at once; 0: no limit). `max_pairs_per_identity` bounds the
-/// pairs held at once, not their churn: a device opening and closing pairs as fast as it can
-/// would make the server it reaches accept a connection for each, and the gateway write three
-/// audit lines for each.
-pub struct PairRate {
+/// How fast one identity may do something the `max_*` limits count only while it lasts:
+/// opening forwarding pairs, requesting forwards, logging in. A limit on what is held at once
+/// does not bound churn: a device opening and closing pairs as fast as it can made its server
+/// accept a connection for each; a server requesting and cancelling its forward made the
+/// gateway bind a listener, write two audit lines and tell the Kubernetes controller each time;
+/// an agent logging in and out did the same with sessions. 0 per second: no limit.
+pub struct IdentityRate {
+    /// What the identity does too fast, and the setting that says how fast it may.
+    doing: &'static str,
+    setting: &'static str,
     rate: Option<Rate>,
     buckets: Mutex<HashMap<String, TokenBucket>>,
     refused: AtomicU64,
 }
 
-impl PairRate {
-    pub fn new(per_second: u32) -> PairRate {
-        PairRate {
+impl IdentityRate {
+    /// `per_second` on average (`setting`), `burst_secs` seconds' worth at once.
+    pub fn new(doing: &'static str, setting: &'static str, per_second: u32, burst_secs: u32) -> IdentityRate {
+        IdentityRate {
+            doing,
+            setting,
             rate: (per_second > 0).then(|| Rate {
-                burst: per_second.saturating_mul(PAIR_BURST_SECS),
+                burst: per_second.saturating_mul(burst_secs),
                 per_second,
             }),
             buckets: Mutex::default(),
@@ -152,13 +164,13 @@ impl PairRate {
         }
     }
 
-    /// Whether `identity` may open a new pair at `now`; the refusal reason otherwise.
+    /// Whether `identity` may do it once more at `now`; the refusal reason otherwise.
     pub fn take(&self, identity: &str, now: Instant) -> Result<(), String> {
         let Some(rate) = self.rate else {
             return Ok(());
         };
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        if buckets.len() >= PAIR_RATE_PRUNE_AT {
+        if buckets.len() >= RATE_PRUNE_AT {
             buckets.retain(|_, b| !b.is_full(rate, now));
         }
         let bucket = match buckets.get_mut(identity) {
@@ -172,12 +184,12 @@ impl PairRate {
         }
         self.refused.fetch_add(1, Ordering::Relaxed);
         Err(format!(
-            "identity '{identity}' opens forwarding pairs faster than limits.max_new_pairs_per_identity_per_sec = {} ({} at once)",
-            rate.per_second, rate.burst
+            "identity '{identity}' {} faster than {} = {} ({} at once)",
+            self.doing, self.setting, rate.per_second, rate.burst
         ))
     }
 
-    /// How many new pairs were refused since start.
+    /// How many were refused since start.
     pub fn refused(&self) -> u64 {
         self.refused.load(Ordering::Relaxed)
     }
@@ -189,10 +201,21 @@ pub struct Quotas {
     pub sessions: Quota,
     pub forwards: Quota,
     pub pairs: Quota,
-    pub pair_rate: PairRate,
+    pub pair_rate: IdentityRate,
+    pub forward_rate: IdentityRate,
+    pub login_rate: IdentityRate,
 }
 
 impl Quotas {
+    /// Each rate with its metric label.
+    pub fn rates(&self) -> [(&'static str, &IdentityRate); 3] {
+        [
+            ("new-pairs-rate", &self.pair_rate),
+            ("new-forwards-rate", &self.forward_rate),
+            ("logins-rate", &self.login_rate),
+        ]
+    }
+
     /// Each quota with its metric label.
     pub fn all(&self) -> [(&'static str, &Quota); 3] {
         [
@@ -220,7 +243,24 @@ impl Quotas {
                 limit(l.max_pairs_per_identity, "limits.max_pairs_per_identity"),
                 Some(limit(l.max_pairs, "limits.max_pairs")),
             ),
-            pair_rate: PairRate::new(l.max_new_pairs_per_identity_per_sec),
+            pair_rate: IdentityRate::new(
+                "opens forwarding pairs",
+                "limits.max_new_pairs_per_identity_per_sec",
+                l.max_new_pairs_per_identity_per_sec,
+                PAIR_BURST_SECS,
+            ),
+            forward_rate: IdentityRate::new(
+                "requests forwards",
+                "limits.max_new_forwards_per_identity_per_sec",
+                l.max_new_forwards_per_identity_per_sec,
+                FORWARD_BURST_SECS,
+            ),
+            login_rate: IdentityRate::new(
+                "logs in",
+                "limits.max_logins_per_identity_per_sec",
+                l.max_logins_per_identity_per_sec,
+                LOGIN_BURST_SECS,
+            ),
         }
     }
 }
@@ -245,7 +285,11 @@ mod tests {
 
     #[test]
     fn new_pairs_are_limited_per_identity_and_second() {
-        let r = PairRate::new(2);
+        let r = Quotas::from_limits(&Limits {
+            max_new_pairs_per_identity_per_sec: 2,
+            ..Limits::default()
+        })
+        .pair_rate;
         let t0 = Instant::now();
         let opened = |who: &str, at: Instant| (0..100).filter(|_| r.take(who, at).is_ok()).count();
         assert_eq!(opened("dev1", t0), 8, "a burst of 4 s' worth");
@@ -256,7 +300,7 @@ mod tests {
         );
         assert_eq!(opened("dev1", t0 + std::time::Duration::from_secs(3)), 6);
         assert_eq!(r.refused(), 2 * 92 + 1 + 94);
-        let off = PairRate::new(0);
+        let off = IdentityRate::new("opens forwarding pairs", "x", 0, PAIR_BURST_SECS);
         assert_eq!(
             (0..10_000).filter(|_| off.take("dev1", t0).is_ok()).count(),
             10_000,

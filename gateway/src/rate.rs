@@ -1,5 +1,6 @@
 //! Token buckets: how often something may happen, with a burst. Used for the audit budget
-//! (`audit_budget`) and the rate of new forwarding pairs per identity (`quota::PairRate`).
+//! (`audit_budget`) and how fast an identity may open pairs, request forwards and log in
+//! (`quota::IdentityRate`).
 //! Pure bookkeeping: the caller gives the time, so every rule is unit-tested.
 
 use std::time::Instant;

@@ -84,6 +84,15 @@ impl SessionHandler {
     fn decide(&mut self, user: &str, result: Result<Credential, String>) -> Auth {
         match result {
             Ok(cred) => {
+                // A proven credential, logging in faster than its identity may: refused like a
+                // failed one (the source waits out the auth-failed penalty before its next
+                // handshake), audited within the identity's budget.
+                let now = std::time::Instant::now();
+                if let Err(reason) = self.gw.quotas.login_rate.take(user, now) {
+                    audit::login_refused(self.peer, user, &reason);
+                    self.tally.refusals.fetch_add(1, Ordering::Relaxed);
+                    return reject_publickey_only();
+                }
                 audit::auth_accepted(self.peer, user, &cred.to_string());
                 self.authenticated = Some((user.to_string(), cred));
                 Auth::Accept
@@ -319,7 +328,7 @@ impl Handler for SessionHandler {
         match admitted {
             Ok(share) => self.session_share = Some(share),
             Err(reason) => {
-                audit::auth_denied(self.peer, &identity, &reason);
+                audit::login_refused(self.peer, &identity, &reason);
                 self.authenticated = None;
                 self.users_tried.clear(); // this line was the connection's summary
                 session.disconnect(Disconnect::TooManyConnections, &reason, "en")?;

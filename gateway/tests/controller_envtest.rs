@@ -578,7 +578,7 @@ async fn a_running_gateway_keeps_a_service_for_each_server_it_holds() {
         keys,
         mut gw,
         _api_server,
-    } = InCluster::launch(&k8s, "e2e-gw", &["e2e-srv1", "e2e-srv2"]).await;
+    } = InCluster::launch(&k8s, "e2e-gw", &["e2e-srv1", "e2e-srv2"], "").await;
     let agent = SshAgent::start(
         &hosts,
         &hosts.srv,
@@ -643,7 +643,10 @@ async fn a_server_flapping_its_forward_cannot_flap_its_service() {
     };
     const SERVER: &str = "e2e-flap";
     const CHURN: Duration = Duration::from_secs(3);
-    let running = InCluster::launch(&k8s, "e2e-gw-flap", &[SERVER]).await;
+    // With the gateway's rate of forward requests off (as an operator may set it): the
+    // controller holds on its own.
+    let no_rate = "[limits]\nmax_new_forwards_per_identity_per_sec = 0\n";
+    let running = InCluster::launch(&k8s, "e2e-gw-flap", &[SERVER], no_rate).await;
     let mut session = raw_session(&running.hosts.srv, &format!("{GW_SRV_IP}:{SSH_PORT}"))
         .await
         .unwrap();
@@ -710,7 +713,8 @@ async fn a_server_flapping_its_forward_cannot_flap_its_service() {
 
 /// The real gateway binary in `hosts.gw`, as in the DaemonSet (the service account's
 /// `--kubeconfig`, the downward-API environment, pod IP 10.244.5.50), with a server identity
-/// (address fd63:6d78::N, may publish localhost:1883) for each name in `servers`.
+/// (address fd63:6d78::N, may publish localhost:1883) for each name in `servers`, and
+/// `extra_config` (top-level keys or tables) in its config.
 struct InCluster {
     pod: FakePod,
     hosts: Hosts,
@@ -720,7 +724,7 @@ struct InCluster {
 }
 
 impl InCluster {
-    async fn launch(k8s: &Cluster, pod_name: &str, servers: &[&str]) -> InCluster {
+    async fn launch(k8s: &Cluster, pod_name: &str, servers: &[&str], extra_config: &str) -> InCluster {
         let pod = FakePod::create(&k8s.admin, pod_name).await;
         let hosts = Hosts::new();
         let api_server = forward_api_server_into(&hosts.gw, &k8s.admin_kubeconfig);
@@ -743,7 +747,7 @@ impl InCluster {
         std::fs::write(
             hosts.path("gateway.toml"),
             format!(
-                "listen = \"0.0.0.0:{SSH_PORT}\"\n{}\n[kubernetes]\nresync_secs = 2\ndomain = \"iot.example.com\"\n",
+                "listen = \"0.0.0.0:{SSH_PORT}\"\n{}\n{extra_config}\n[kubernetes]\nresync_secs = 2\ndomain = \"iot.example.com\"\n",
                 dataplane_config(&hosts.gw, "userspace")
             ),
         )

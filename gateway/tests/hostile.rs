@@ -1579,3 +1579,110 @@ async fn a_port_revoked_while_its_forward_is_being_published_is_not_published() 
         "a Mir-sock listens on srv1's revoked port"
     );
 }
+
+/// An agent holding a valid key (a stolen one, or one stuck in a reconnect loop) logs in and
+/// out as fast as the handshake allows. Each login used to be a session set up and torn down,
+/// two audit lines (authenticated, session closed) and the gateway's handshake CPU, at whatever
+/// rate: with the limit off, 300 of 300 logins here (22 s: the test bed's client tries `none`
+/// first, and waits out its refusal delay). Now an identity logs
+/// in at most `max_logins_per_identity_per_sec` (here 1, 60 at once); one beyond it is refused
+/// like a failed credential (audited within the identity's budget, the source waits out the
+/// auth-failed penalty before its next handshake), and other identities log in as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_identity_logging_in_and_out_as_fast_as_it_can_is_held_to_its_rate_of_logins() {
+    const TRIES: u64 = 300;
+    const BURST: u64 = 60;
+    let hosts = Hosts::new();
+    let ([srv1, dev1, _], registry) = two_devices_open_srv1(&hosts);
+    let config = format!("[limits]\nmax_logins_per_identity_per_sec = 1\n{ADMIN_ON_LOOPBACK}");
+    let gw = GatewayProc::start(&hosts, &registry, &config).await;
+    let addr = format!("{GW_DEV_IP}:{SSH_PORT}");
+    let started = std::time::Instant::now();
+    let mut logins = 0;
+    for _ in 0..TRIES {
+        // A penalized source is turned away before the handshake.
+        let Ok(mut session) = raw_session(&hosts.dev, &addr).await else {
+            continue;
+        };
+        if try_login(&mut session, "dev1", &dev1).await == Ok(true) {
+            logins += 1;
+        }
+    }
+    let secs = started.elapsed().as_secs() + 1;
+    assert!(
+        (BURST..=BURST + secs).contains(&logins),
+        "{logins} of {TRIES} logins in {secs} s (1 a second, {BURST} at once)"
+    );
+    gw.log
+        .wait_audit("a refusal with the reason", |r| {
+            r.is(AuditEvent::Auth, Verdict::Deny)
+                && r.identity() == "dev1"
+                && r.reason().contains(
+                    "identity 'dev1' logs in faster than limits.max_logins_per_identity_per_sec = 1 (60 at once)",
+                )
+        })
+        .await;
+    let metrics = http_get(&hosts.gw, &gw.admin().await, "/metrics").await.1;
+    assert!(metric(&metrics, r#"cmxsafe_limit_refusals_total{kind="logins-rate"}"#) >= 1);
+    // What dev1 made the gateway write: its logins' lines, and refusals within its budget.
+    let lines = gw.log.count_audits(|r| r.identity() == "dev1") as u64;
+    assert!(
+        lines <= 2 * logins + 50 + 2 * secs,
+        "{lines} audit lines about dev1 for {logins} logins in {secs} s"
+    );
+
+    // Another identity, from another source, is not held back.
+    logged_in(&hosts.srv, &format!("{GW_SRV_IP}:{SSH_PORT}"), "srv1", srv1).await;
+}
+
+/// A server requests and cancels its forward as fast as it can. Each request used to be a
+/// listener bound, two audit lines (forward allowed, forward removed) and an event for the
+/// Kubernetes controller, at whatever rate: `max_forwards_per_identity` bounds only the forwards
+/// held at once (with the limit off: 400 of 400 granted, 800 lines). Now an identity requests at
+/// most `max_new_forwards_per_identity_per_sec` (here 1, 60 at once); the rest are refused with
+/// the reason, audited within its budget, and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_server_churning_its_forward_is_held_to_its_rate_of_forward_requests() {
+    const TRIES: u64 = 400;
+    const BURST: u64 = 60;
+    let hosts = Hosts::new();
+    let ([srv1, _, _], registry) = two_devices_open_srv1(&hosts);
+    let config = format!("[limits]\nmax_new_forwards_per_identity_per_sec = 1\n{ADMIN_ON_LOOPBACK}");
+    let gw = GatewayProc::start(&hosts, &registry, &config).await;
+    let srv = logged_in(&hosts.srv, &format!("{GW_SRV_IP}:{SSH_PORT}"), "srv1", srv1).await;
+    let started = std::time::Instant::now();
+    let mut granted = 0;
+    for _ in 0..TRIES {
+        if srv.tcpip_forward("localhost", 1883).await.is_ok() {
+            granted += 1;
+            srv.cancel_tcpip_forward("localhost", 1883).await.unwrap();
+        }
+    }
+    let secs = started.elapsed().as_secs() + 1;
+    assert!(
+        (BURST..=BURST + secs).contains(&granted),
+        "{granted} of {TRIES} forward requests granted in {secs} s (1 a second, {BURST} at once)"
+    );
+    let refused = |r: &AuditRecord| {
+        r.is(AuditEvent::Forward, Verdict::Deny)
+            && r.identity() == "srv1"
+            && r.reason().contains(
+                "identity 'srv1' requests forwards faster than limits.max_new_forwards_per_identity_per_sec = 1 (60 at once)",
+            )
+    };
+    gw.log
+        .assert_audit_budget_held(TRIES - granted, (50, 2, secs), refused, |r| {
+            r.identity() == "srv1"
+        })
+        .await;
+    let metrics = http_get(&hosts.gw, &gw.admin().await, "/metrics").await.1;
+    assert_eq!(
+        metric(
+            &metrics,
+            r#"cmxsafe_limit_refusals_total{kind="new-forwards-rate"}"#
+        ),
+        TRIES - granted
+    );
+    let events = gw.log.count_events(forward_added("srv1", 1883)) as u64;
+    assert_eq!(events, granted, "only granted forwards reach the controller");
+}

@@ -789,7 +789,8 @@ async fn cancel_tcpip_forward_closes_the_mir_sock() {
 /// first request sent right behind its cancel, every run; one at a time, now and then).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_forward_cancelled_and_requested_again_at_once_is_granted() {
-    let (hosts, gw, [srv1, _, _]) = standard("").await;
+    // 300 requests in a second or so: the rate of forward requests off.
+    let (hosts, gw, [srv1, _, _]) = standard("[limits]\nmax_new_forwards_per_identity_per_sec = 0\n").await;
     let mut session = raw_session(&hosts.srv, &format!("{GW_SRV_IP}:{SSH_PORT}"))
         .await
         .unwrap();

@@ -161,7 +161,13 @@ pub async fn request_forward(
     let decided = gw
         .authz
         .may_listen(&gw.registry(), identity, address, port)
-        .map_err(|r| r.reason);
+        .map_err(|r| r.reason)
+        .and_then(|permit| {
+            gw.quotas
+                .forward_rate
+                .take(identity, std::time::Instant::now())
+                .map(|()| permit)
+        });
     if let Ok(permit) = &decided {
         gw.mirrors.listener_closed(&(permit.addr, permit.port)).await;
     }
