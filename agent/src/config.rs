@@ -199,11 +199,8 @@ impl Config {
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let lines = Lines::new(text);
         let file = path.display().to_string();
-        let raw: RawConfig = toml::from_str(text).map_err(|e| {
-            let line = e.span().map(|s| lines.of(s.start)).unwrap_or(1);
-            ConfigError::Invalid {
-                problems: vec![format!("{file}:{line}: {}", e.message().trim())],
-            }
+        let raw: RawConfig = cmx_net::toml_doc::from_toml(text).map_err(|p| ConfigError::Invalid {
+            problems: vec![format!("{file}:{}: {p}", p.line)],
         })?;
         let mut problems = Problems {
             file: &file,

@@ -475,13 +475,10 @@ impl Config {
 
     /// Parses and validates a configuration text; `path` only names it in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let config: Config = cmx_net::toml_doc::from_toml(text).map_err(|p| ConfigError::Parse {
             path: path.to_path_buf(),
-            line: e
-                .span()
-                .map(|s| cmx_net::text::Lines::new(text).of(s.start))
-                .unwrap_or(1),
-            message: e.message().trim().to_string(),
+            line: p.line,
+            message: p.to_string(),
         })?;
         config.validate().map_err(|message| ConfigError::Invalid {
             path: path.to_path_buf(),
@@ -822,12 +819,16 @@ mod tests {
                 "gw.toml:2: unknown field `listen_port`",
             ),
             (
+                "[limits]\nmax_sessions = \"many\"\n",
+                "gw.toml:2: limits.max_sessions: invalid type: string \"many\", expected usize",
+            ),
+            (
                 "[limits]\nmax_startups = -1\n",
-                "gw.toml:2: expected a number or a \"start:rate:full\" string",
+                "gw.toml:2: limits.max_startups: expected a number or a \"start:rate:full\" string",
             ),
             (
                 "[limits]\nmax_startups = \"10:30\"\n",
-                "gw.toml:2: max_startups '10:30' must be a number or start:rate:full",
+                "gw.toml:2: limits.max_startups: max_startups '10:30' must be a number or start:rate:full",
             ),
             (
                 "[limits]\nmax_startups = \"100:30:10\"\n",
@@ -875,7 +876,7 @@ mod tests {
             ),
             (
                 "[kubernetes]\ncontroller = \"yes\"\n",
-                "gw.toml:2: unknown variant `yes`, expected one of `auto`, `on`, `off`",
+                "gw.toml:2: kubernetes.controller: unknown variant `yes`, expected one of `auto`, `on`, `off`",
             ),
             (
                 "listen = \"127.0.0.1:2222\"\n[admin]\nenabled = true\nlisten = \"127.0.0.1:2222\"\n",
@@ -883,7 +884,7 @@ mod tests {
             ),
             (
                 "[admin]\nlisten = \"localhost\"\n",
-                "gw.toml:2: invalid socket address syntax",
+                "gw.toml:2: admin.listen: invalid socket address syntax",
             ),
             (
                 "[ssh]\nciphers = [\"des\"]\n",

@@ -28,3 +28,4 @@ pub mod signals;
 pub mod sockets;
 pub mod ssh;
 pub mod text;
+pub mod toml_doc;

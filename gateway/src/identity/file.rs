@@ -183,12 +183,11 @@ impl Registry {
             path: path.to_path_buf(),
             issues,
         };
-        let raw: RawRegistry = toml::from_str(text).map_err(|e| {
-            let line = e.span().map(|s| lines.of(s.start)).unwrap_or(1);
+        let raw: RawRegistry = cmx_net::toml_doc::from_toml(text).map_err(|p| {
             invalid(vec![Issue {
-                line,
+                line: p.line,
                 identity: None,
-                message: e.message().trim().to_string(),
+                message: p.to_string(),
             }])
         })?;
         let mut c = Collector {
