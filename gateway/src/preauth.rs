@@ -151,17 +151,27 @@ struct State {
     known: HashMap<IpAddr, Instant>,
 }
 
+/// Sources that lose their entry at once when a full map needs room (and nothing expired).
+const EVICT_BATCH: usize = MAX_PENALIZED / 16;
+
 /// Makes room for `source` in `map` (at most `MAX_PENALIZED` sources): expired entries go
-/// first, then the one that expires soonest.
+/// first, then, if that is not enough, the `EVICT_BATCH` that expire soonest. A full map is
+/// walked once per `EVICT_BATCH` new sources, not once per source: a stranger with more sources
+/// than the map holds (an IPv6 /48 is 65,536 /64s) made every new penalty walk it twice under
+/// the admission lock, about 0.9 ms each instead of 0.3 µs.
 fn make_room<V>(map: &mut HashMap<IpAddr, V>, source: IpAddr, now: Instant, until: impl Fn(&V) -> Instant) {
     if map.len() < MAX_PENALIZED || map.contains_key(&source) {
         return;
     }
     map.retain(|_, v| until(v) > now);
-    if map.len() >= MAX_PENALIZED
-        && let Some(oldest) = map.iter().min_by_key(|(_, v)| until(v)).map(|(k, _)| *k)
-    {
-        map.remove(&oldest);
+    let excess = (map.len() + EVICT_BATCH).saturating_sub(MAX_PENALIZED);
+    if excess == 0 {
+        return;
+    }
+    let mut by_expiry: Vec<(Instant, IpAddr)> = map.iter().map(|(k, v)| (until(v), *k)).collect();
+    by_expiry.select_nth_unstable(excess - 1);
+    for (_, k) in &by_expiry[..excess] {
+        map.remove(k);
     }
 }
 
@@ -381,6 +391,35 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_full_penalty_box_makes_room_in_batches_from_the_soonest_to_expire() {
+        let a = Admission::new(policy());
+        let t0 = Instant::now();
+        let source = |i: usize| IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i as u32));
+        // Each source a microsecond after the one before: each expires a microsecond later.
+        let at = |i: usize| t0 + Duration::from_micros(i as u64);
+        for i in 0..MAX_PENALIZED {
+            a.penalize(source(i), Offence::Junk, at(i));
+        }
+        let full = at(MAX_PENALIZED);
+        assert_eq!(a.penalized(full), MAX_PENALIZED);
+        // One more: the batch that expires soonest goes, every other penalty stays.
+        a.penalize(source(MAX_PENALIZED), Offence::Junk, full);
+        assert_eq!(a.penalized(full), MAX_PENALIZED - EVICT_BATCH + 1);
+        let still = |i: usize| a.admit(source(i), full, 1.0).is_err();
+        assert!(
+            !still(0) && !still(EVICT_BATCH - 1),
+            "the soonest to expire made room"
+        );
+        assert!(still(EVICT_BATCH) && still(MAX_PENALIZED - 1) && still(MAX_PENALIZED));
+        // The next batch of new sources fits without evicting anyone.
+        for i in 1..EVICT_BATCH {
+            a.penalize(source(MAX_PENALIZED + i), Offence::Junk, full);
+        }
+        assert_eq!(a.penalized(full), MAX_PENALIZED);
+        assert!(still(EVICT_BATCH));
     }
 
     #[test]
