@@ -16,7 +16,8 @@
 //!   (max_startups, per-source limits, the penalty box).
 //! - `session`: one SSH connection's handler (auth, channels, global requests); `sessions`: the
 //!   live ones; `slots`: channels counted against their limit; `quota`: what one identity, and
-//!   the gateway, may hold (sessions, forwards, pairs).
+//!   the gateway, may hold (sessions, forwards, pairs) and how fast it may open pairs, request
+//!   forwards and log in (`rate`: token buckets; `prune`: when their maps forget idle keys).
 //! - `forward`: Mir-socks for reverse forwards (`mirror`, table in `published`), ID-socks for
 //!   direct forwards (`direct`), pair matching and flow credit (`pairs`).
 //!
@@ -62,6 +63,7 @@ pub mod killswitch;
 pub mod metrics;
 pub mod policy;
 pub mod preauth;
+pub mod prune;
 pub mod quota;
 pub mod rate;
 pub mod reload;

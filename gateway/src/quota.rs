@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crate::config::Limits;
+use crate::prune::PruneSchedule;
 use crate::rate::{Rate, TokenBucket};
 
 /// A limit and the configuration setting that sets it (refusals name the setting).
@@ -131,7 +132,7 @@ pub const PAIR_BURST_SECS: u32 = 4;
 pub const FORWARD_BURST_SECS: u32 = 60;
 pub const LOGIN_BURST_SECS: u32 = 60;
 
-/// Identities tracked before idle ones (whose bucket is full again) are forgotten.
+/// Identities tracked before idle ones (whose bucket is full again) are first forgotten.
 const RATE_PRUNE_AT: usize = 1024;
 
 /// How fast one identity may do something the `max_*` limits count only while it lasts:
@@ -145,7 +146,7 @@ pub struct IdentityRate {
     doing: &'static str,
     setting: &'static str,
     rate: Option<Rate>,
-    buckets: Mutex<HashMap<String, TokenBucket>>,
+    buckets: Mutex<(HashMap<String, TokenBucket>, PruneSchedule)>,
     refused: AtomicU64,
 }
 
@@ -159,7 +160,7 @@ impl IdentityRate {
                 burst: per_second.saturating_mul(burst_secs),
                 per_second,
             }),
-            buckets: Mutex::default(),
+            buckets: Mutex::new((HashMap::new(), PruneSchedule::new(RATE_PRUNE_AT))),
             refused: AtomicU64::new(0),
         }
     }
@@ -169,9 +170,11 @@ impl IdentityRate {
         let Some(rate) = self.rate else {
             return Ok(());
         };
-        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        if buckets.len() >= RATE_PRUNE_AT {
+        let mut guard = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let (buckets, schedule) = &mut *guard;
+        if schedule.due(buckets.len()) {
             buckets.retain(|_, b| !b.is_full(rate, now));
+            schedule.walked(buckets.len());
         }
         let bucket = match buckets.get_mut(identity) {
             Some(b) => b,

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::dataplane::TagGuard;
 use crate::events::SessionId;
+use crate::prune::PruneSchedule;
 use crate::quota::QuotaGuard;
 
 pub type ForwardKey = (Ipv6Addr, u16);
@@ -73,13 +74,21 @@ impl ListenerClosed {
 /// How long a new forward waits for the previous listener of its address and port to close.
 const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
-#[derive(Default)]
 pub struct MirrorTable {
     inner: Mutex<HashMap<ForwardKey, Entry>>,
     /// Removed forwards whose accept loop may still hold the listener. Removing a forward stops
     /// its loop, which closes the listener a moment later: a forward cancelled and requested
     /// again at once (`ssh -O cancel`, then `-O forward`) would find the port still bound.
-    closing: Mutex<HashMap<ForwardKey, ListenerClosed>>,
+    closing: Mutex<(HashMap<ForwardKey, ListenerClosed>, PruneSchedule)>,
+}
+
+impl Default for MirrorTable {
+    fn default() -> MirrorTable {
+        MirrorTable {
+            inner: Mutex::default(),
+            closing: Mutex::new((HashMap::new(), PruneSchedule::new(64))),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -145,22 +154,28 @@ impl MirrorTable {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn lock_closing(&self) -> std::sync::MutexGuard<'_, HashMap<ForwardKey, ListenerClosed>> {
+    fn lock_closing(
+        &self,
+    ) -> std::sync::MutexGuard<'_, (HashMap<ForwardKey, ListenerClosed>, PruneSchedule)> {
         self.closing.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Stops a removed forward's accept loop and remembers its listener until it is closed.
     fn stop(&self, key: ForwardKey, entry: Entry) {
         entry.stop.cancel();
-        let mut closing = self.lock_closing();
-        closing.retain(|_, c| !c.is_closed());
+        let mut guard = self.lock_closing();
+        let (closing, schedule) = &mut *guard;
+        if schedule.due(closing.len()) {
+            closing.retain(|_, c| !c.is_closed());
+            schedule.walked(closing.len());
+        }
         closing.insert(key, entry.closed);
     }
 
     /// Waits (at most a second) until the listener of a removed forward at `key`, if there is
     /// one, is closed: call before publishing `key` anew.
     pub async fn listener_closed(&self, key: &ForwardKey) {
-        let Some(closed) = self.lock_closing().remove(key) else {
+        let Some(closed) = self.lock_closing().0.remove(key) else {
             return;
         };
         let _ = tokio::time::timeout(CLOSE_WAIT, closed.0).await;
