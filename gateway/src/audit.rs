@@ -6,7 +6,7 @@
 //! them): each is bounded (`short` 256 bytes, `long` 1 KiB, as OpenSSH cuts its log lines) and
 //! its control characters escaped, so no peer can grow the log or forge lines.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -104,8 +104,15 @@ pub fn login_refused(peer: SocketAddr, identity: &str, reason: &str) {
     }
 }
 
-pub fn connection_refused(peer: SocketAddr, reason: &str) {
+/// A connection refused before it authenticated, from `peer` (counted as `source`: see
+/// `preauth`), within the source's audit budget: a stranger decides how often it connects.
+pub fn connection_refused(peer: SocketAddr, source: IpAddr, reason: &str) {
     let (event, decision) = Decision::ConnectionDeny.record();
+    let now = std::time::Instant::now();
+    if !audit_budget::sources().admit(&source, now, |t| t.0 += 1) {
+        audit_budget::note_suppressed(1);
+        return;
+    }
     tracing::warn!(target: TARGET, event, decision, %peer, reason = %long(reason), "connection refused");
 }
 
@@ -221,6 +228,19 @@ fn admin_peer_left_out(peer: std::net::IpAddr, lines: u64, over: std::time::Dura
          cmxsafe_audit_decisions_total counts them");
 }
 
+/// Refused connections from `source` that its budget left out.
+fn source_left_out(source: IpAddr, lines: u64, over: std::time::Duration) {
+    let seconds = over.as_secs();
+    let per_second = audit_budget::PER_SECOND;
+    let from = match source == audit_budget::OTHER_ADDRESSES {
+        true => format!("sources beyond the {} tracked", audit_budget::MAX_ADDRESSES),
+        false => source.to_string(),
+    };
+    tracing::warn!(target: TARGET, event = "audit-suppressed", %source, suppressed = lines, seconds,
+        "{lines} refused connections from {from} in the last {seconds} s not written (more than {per_second} per second); \
+         cmxsafe_audit_decisions_total counts them");
+}
+
 /// Reports what the budgets left out (`pairs`: the allowed pairs' budget, if any), every
 /// `REPORT_EVERY`, until the task is dropped.
 pub async fn report_left_out(pairs: Option<Arc<PairLog>>) {
@@ -241,6 +261,9 @@ pub fn report_left_out_now(pairs: Option<&PairLog>) {
     }
     for l in audit_budget::admin_peers().take_left_out(now) {
         admin_peer_left_out(l.key, l.tally.0, l.over);
+    }
+    for l in audit_budget::sources().take_left_out(now) {
+        source_left_out(l.key, l.tally.0, l.over);
     }
     for l in pairs.map(|log| log.take_left_out(now)).unwrap_or_default() {
         pairs_summed(

@@ -47,7 +47,15 @@ pub const REPORT_EVERY: Duration = Duration::from_secs(10);
 
 /// One process, one audit log (like the decision counters in `audit`).
 static IDENTITIES: LazyLock<Budget<String, Lines>> = LazyLock::new(|| Budget::new(REFUSALS));
-static ADMIN_PEERS: LazyLock<Budget<IpAddr, Lines>> = LazyLock::new(|| Budget::new(REFUSALS));
+static ADMIN_PEERS: LazyLock<Budget<IpAddr, Lines>> =
+    LazyLock::new(|| Budget::new(REFUSALS).bounded(MAX_ADDRESSES, OTHER_ADDRESSES));
+static SOURCES: LazyLock<Budget<IpAddr, Lines>> =
+    LazyLock::new(|| Budget::new(REFUSALS).bounded(MAX_ADDRESSES, OTHER_ADDRESSES));
+
+/// Addresses (admin peers, SSH sources) tracked at once: a stranger may have many more (an IPv6
+/// /48 is 65,536 /64s). Lines about the rest share one budget, reported as `OTHER_ADDRESSES`.
+pub const MAX_ADDRESSES: usize = 65_536;
+pub const OTHER_ADDRESSES: IpAddr = IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED);
 static SUPPRESSED_TOTAL: AtomicU64 = AtomicU64::new(0);
 
 /// What each identity's or peer's refusals may write.
@@ -64,6 +72,13 @@ pub fn identities() -> &'static Budget<String, Lines> {
 /// The process's budget for refused admin-API requests, by peer address.
 pub fn admin_peers() -> &'static Budget<IpAddr, Lines> {
     &ADMIN_PEERS
+}
+
+/// The process's budget for connections refused before they authenticated (the front door's
+/// refusals, handshakes that failed, login grace exceeded), by source (an IPv4 address, or an
+/// IPv6 address's `limits.per_source_ipv6_prefix`).
+pub fn sources() -> &'static Budget<IpAddr, Lines> {
+    &SOURCES
 }
 
 /// The budget for allowed pairs' lines (`limits.max_logged_pairs_per_identity_per_sec`); none
@@ -122,6 +137,8 @@ pub type PairLog = Budget<String, Pairs>;
 
 pub struct Budget<K, T> {
     rate: Rate,
+    /// Keys tracked at most, and the key that lines about any other share.
+    bound: Option<(usize, K)>,
     /// Keyed by authenticated identity (bounded by the registry) or by admin peer address; a
     /// key whose budget is whole again and has nothing to report is forgotten at the next
     /// report.
@@ -147,8 +164,16 @@ impl<K: Hash + Eq + Ord + Clone, T: Tally> Budget<K, T> {
     pub fn new(rate: Rate) -> Self {
         Budget {
             rate,
+            bound: None,
             buckets: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// At most `max_keys` keys tracked at once (a stranger chooses its addresses); lines about
+    /// a key beyond them share the budget of `other`.
+    pub fn bounded(mut self, max_keys: usize, other: K) -> Self {
+        self.bound = Some((max_keys, other));
+        self
     }
 
     pub fn rate(&self) -> Rate {
@@ -188,14 +213,18 @@ impl<K: Hash + Eq + Ord + Clone, T: Tally> Budget<K, T> {
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
     {
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        let bucket = match buckets.get_mut(key) {
-            Some(b) => b,
-            None => buckets.entry(key.to_owned()).or_insert_with(|| Bucket {
-                tokens: TokenBucket::full(self.rate, now),
-                tally: T::default(),
-                first_left_out: None,
-            }),
+        if let Some(bucket) = buckets.get_mut(key) {
+            return f(bucket);
+        }
+        let key = match &self.bound {
+            Some((max_keys, other)) if buckets.len() >= *max_keys => other.clone(),
+            _ => key.to_owned(),
         };
+        let bucket = buckets.entry(key).or_insert_with(|| Bucket {
+            tokens: TokenBucket::full(self.rate, now),
+            tally: T::default(),
+            first_left_out: None,
+        });
         f(bucket)
     }
 
@@ -245,6 +274,31 @@ mod tests {
         (0..n)
             .filter(|_| budget.admit(identity, now, |t| t.0 += 1))
             .count() as u32
+    }
+
+    #[test]
+    fn keys_beyond_the_bound_share_one_budget() {
+        let budget: Budget<u32, Lines> = Budget::new(REFUSALS).bounded(2, 0);
+        let t0 = Instant::now();
+        let admitted = |key: u32| (0..1000).filter(|_| budget.admit(&key, t0, |t| t.0 += 1)).count() as u32;
+        assert_eq!(admitted(1), BURST);
+        assert_eq!(admitted(2), BURST);
+        assert_eq!(
+            admitted(3),
+            BURST,
+            "the first key beyond the bound fills the shared budget"
+        );
+        assert_eq!(admitted(4), 0, "and every other key beyond it shares it");
+        assert_eq!(budget.tracked(), 3);
+        let left_out: Vec<(u32, u64)> = budget
+            .take_left_out(t0)
+            .into_iter()
+            .map(|l| (l.key, l.tally.0))
+            .collect();
+        assert_eq!(
+            left_out,
+            vec![(0, 2 * 1000 - u64::from(BURST)), (1, 950), (2, 950)]
+        );
     }
 
     #[test]

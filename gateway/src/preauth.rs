@@ -257,6 +257,12 @@ impl Admission {
         })
     }
 
+    /// The source `peer` counts as: its IPv4 address, or its IPv6 address's
+    /// `limits.per_source_ipv6_prefix`.
+    pub fn source_of(&self, peer: IpAddr) -> IpAddr {
+        self.policy.source(peer)
+    }
+
     /// Sources in the penalty box now.
     pub fn penalized(&self, now: Instant) -> usize {
         self.lock()

@@ -107,7 +107,7 @@ pub async fn accept_loop(
                         tracker.spawn(connection(gw.clone(), ssh.clone(), stream, peer, startup));
                     }
                     Err(Refused(reason)) => {
-                        audit::connection_refused(peer, &reason);
+                        audit::connection_refused(peer, gw.admission.source_of(peer.ip()), &reason);
                         tracker.spawn(refuse(stream, reason));
                     }
                 },
@@ -231,6 +231,7 @@ async fn until_authenticated(
     kill: &CancellationToken,
 ) -> PreAuth {
     let grace = gw.config.login_grace_time();
+    let source = gw.admission.source_of(peer.ip());
     let mut deadline = std::pin::pin!(tokio::time::sleep(grace));
     let grace_exceeded = format!(
         "not authenticated within the login grace time ({}s)",
@@ -240,14 +241,14 @@ async fn until_authenticated(
         r = russh::server::run_stream(ssh, stream, handler) => match r {
             Ok(running) => running,
             Err(e) => {
-                audit::connection_refused(peer, &format!("SSH handshake failed: {e}"));
+                audit::connection_refused(peer, source, &format!("SSH handshake failed: {e}"));
                 // A client that just connects and goes (a TCP health check) is no offence;
                 // bytes that are not SSH are.
                 return PreAuth::Ended(if hung_up(&e) { Ending::Quietly } else { Ending::Offence(Offence::Junk) });
             }
         },
         _ = &mut deadline => {
-            audit::connection_refused(peer, &grace_exceeded);
+            audit::connection_refused(peer, source, &grace_exceeded);
             return PreAuth::Ended(Ending::Offence(Offence::GraceExceeded));
         }
         _ = gw.shutdown.cancelled() => return PreAuth::Ended(Ending::Quietly),
@@ -264,7 +265,7 @@ async fn until_authenticated(
             PreAuth::Ended(Ending::AfterVersionExchange)
         }
         _ = &mut deadline => {
-            audit::connection_refused(peer, &grace_exceeded);
+            audit::connection_refused(peer, source, &grace_exceeded);
             disconnect(&handle, &grace_exceeded).await;
             end(running, kill).await;
             PreAuth::Ended(Ending::Offence(Offence::GraceExceeded))

@@ -1778,3 +1778,51 @@ fn junk_from_sources(ns: &Netns, first: u32, count: u32) -> u32 {
         })
     })
 }
+
+/// A stranger in the penalty box keeps connecting as fast as it can. Each connection is refused
+/// before any SSH (it costs the stranger a TCP handshake), and each used to cost the gateway an
+/// audit line: 2,000 connections were 2,000 lines, enough to fill a disk at that rate and to push
+/// every other line out of the recent trail. Now each source's refused connections are written
+/// within the audit budget (50 at once, then 2 a second) and the rest counted in
+/// `audit-suppressed` lines naming the source; the decision counters count every one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_penalized_stranger_reconnecting_cannot_flood_the_audit_log() {
+    const TRIES: u64 = 2000;
+    let hosts = Hosts::new();
+    let (_, _, registry) = srv1_publishes_dev1_opens(&hosts);
+    let config = format!("[limits]\npenalty_junk_secs = 600\npenalty_max_secs = 600\n{ADMIN_ON_LOOPBACK}");
+    let gw = GatewayProc::start(&hosts, &registry, &config).await;
+    let addr: std::net::SocketAddr = format!("{GW_DEV_IP}:{SSH_PORT}").parse().unwrap();
+    let junk = hosts.dev.connect(&addr.to_string()).unwrap();
+    assert!(
+        try_exchange(junk, b"GET / HTTP/1.0\r\n\r\n")
+            .await
+            .starts_with(b"SSH-2.0-")
+    );
+    gw.log.wait_audit("penalty", penalty_for(DEV_IP, "not SSH")).await;
+    let started = std::time::Instant::now();
+    let refused = hosts.dev.enter(move || {
+        let mut refused = 0;
+        for _ in 0..TRIES {
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            let mut said = String::new();
+            let _ = std::io::Read::read_to_string(&mut s, &mut said);
+            refused += u64::from(said.contains("is penalized"));
+        }
+        refused
+    });
+    let secs = started.elapsed().as_secs() + 1;
+    assert_eq!(refused, TRIES, "every connection was told why it was refused");
+    // The junk connection's refusal (its handshake failed) came out of the same budget.
+    let written = |r: &AuditRecord| {
+        r.event == AuditEvent::Connection
+            && r.peer
+                .as_deref()
+                .is_some_and(|p| p.starts_with(&format!("{DEV_IP}:")))
+    };
+    gw.log
+        .assert_audit_budget_held(1 + TRIES, (50, 2, secs), written, |r| {
+            r.source.as_deref() == Some(DEV_IP)
+        })
+        .await;
+}

@@ -102,6 +102,7 @@ async fn serve(gw: Arc<Gateway>, key: ForwardKey, stream: TcpStream, peer: Socke
     let Some((conn_id, budget)) = gw.pairs.take(&peer) else {
         audit::connection_refused(
             SocketAddr::V6(peer),
+            std::net::IpAddr::V6(*peer.ip()),
             &format!(
                 "connection to Mir-sock [{}]:{} did not come through an authorized channel",
                 key.0, key.1
