@@ -1580,6 +1580,16 @@ async fn a_port_revoked_while_its_forward_is_being_published_is_not_published() 
     );
 }
 
+/// A gateway with the admin endpoint and `limit` in its `[limits]`, where srv1 may publish 1883
+/// and dev1 and dev2 may open it.
+async fn two_devices_beside_srv1_with(limit: &str) -> (Hosts, GatewayProc, [Key; 3]) {
+    let hosts = Hosts::new();
+    let (keys, registry) = two_devices_open_srv1(&hosts);
+    let config = format!("[limits]\n{limit}\n{ADMIN_ON_LOOPBACK}");
+    let gw = GatewayProc::start(&hosts, &registry, &config).await;
+    (hosts, gw, keys)
+}
+
 /// An agent holding a valid key (a stolen one, or one stuck in a reconnect loop) logs in and
 /// out as fast as the handshake allows. Each login used to be a session set up and torn down,
 /// two audit lines (authenticated, session closed) and the gateway's handshake CPU, at whatever
@@ -1592,10 +1602,8 @@ async fn a_port_revoked_while_its_forward_is_being_published_is_not_published() 
 async fn an_identity_logging_in_and_out_as_fast_as_it_can_is_held_to_its_rate_of_logins() {
     const TRIES: u64 = 300;
     const BURST: u64 = 60;
-    let hosts = Hosts::new();
-    let ([srv1, dev1, _], registry) = two_devices_open_srv1(&hosts);
-    let config = format!("[limits]\nmax_logins_per_identity_per_sec = 1\n{ADMIN_ON_LOOPBACK}");
-    let gw = GatewayProc::start(&hosts, &registry, &config).await;
+    let (hosts, gw, [srv1, dev1, _]) =
+        two_devices_beside_srv1_with("max_logins_per_identity_per_sec = 1").await;
     let addr = format!("{GW_DEV_IP}:{SSH_PORT}");
     let started = std::time::Instant::now();
     let mut logins = 0;
@@ -1645,10 +1653,8 @@ async fn an_identity_logging_in_and_out_as_fast_as_it_can_is_held_to_its_rate_of
 async fn a_server_churning_its_forward_is_held_to_its_rate_of_forward_requests() {
     const TRIES: u64 = 400;
     const BURST: u64 = 60;
-    let hosts = Hosts::new();
-    let ([srv1, _, _], registry) = two_devices_open_srv1(&hosts);
-    let config = format!("[limits]\nmax_new_forwards_per_identity_per_sec = 1\n{ADMIN_ON_LOOPBACK}");
-    let gw = GatewayProc::start(&hosts, &registry, &config).await;
+    let (hosts, gw, [srv1, _, _]) =
+        two_devices_beside_srv1_with("max_new_forwards_per_identity_per_sec = 1").await;
     let srv = logged_in(&hosts.srv, &format!("{GW_SRV_IP}:{SSH_PORT}"), "srv1", srv1).await;
     let started = std::time::Instant::now();
     let mut granted = 0;
