@@ -1832,3 +1832,41 @@ async fn a_penalized_stranger_reconnecting_cannot_flood_the_audit_log() {
         })
         .await;
 }
+
+/// A device re-keys its session as often as it can. Each key exchange it starts used to write a
+/// line of the SSH layer's own ("Client has initiated re-key", at info, the default level),
+/// whatever the rate: 200 re-keys were 200 lines, a log flood the device controls. The SSH layer's
+/// lines that a peer can cause (this one, unknown channel requests with the peer's request name,
+/// replies to requests never made, confirmations of channels never opened) are now written at
+/// most once a second each, with the count of those left out (russh change 12), and the session
+/// keeps working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_device_rekeying_in_a_loop_cannot_flood_the_log() {
+    const REKEYS: usize = 60;
+    let hosts = Hosts::new();
+    let (_, dev1, registry) = srv1_publishes_dev1_opens(&hosts);
+    // The gateway's default log level (`--log-level info`), the SSH layer's info lines included.
+    let env = [("RUST_LOG", "info,cmx_event=debug")];
+    let gw = GatewayProc::start_with_env(&hosts, &registry, "", &env).await;
+    let dev = logged_in(&hosts.dev, &format!("{GW_DEV_IP}:{SSH_PORT}"), "dev1", dev1).await;
+    let rekey_lines = || gw.log.count(|v| field(v, "message").contains("initiated re-key"));
+    let started = std::time::Instant::now();
+    for _ in 0..REKEYS {
+        dev.rekey_soon().await.unwrap();
+        // A round trip: the exchange is under way (or done) before the next is asked for.
+        dev.send_ping().await.unwrap();
+    }
+    let secs = started.elapsed().as_secs() + 1;
+    gw.log
+        .wait("the first re-key line", Duration::from_secs(10), |v| {
+            field(v, "message").contains("initiated re-key")
+        })
+        .await;
+    let lines = rekey_lines() as u64;
+    eprintln!("{REKEYS} re-keys asked for in {secs} s: {lines} lines");
+    assert!(
+        lines <= secs + 1,
+        "{lines} re-key lines for {REKEYS} re-keys in {secs} s"
+    );
+    assert!(!dev.is_closed(), "the session keeps working");
+}

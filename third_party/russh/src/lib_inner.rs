@@ -4,7 +4,7 @@ use std::future::{Future, Pending};
 use std::pin::Pin;
 
 use futures::future::Either as EitherFuture;
-use log::{debug, warn};
+use log::debug;
 use parsing::ChannelOpenConfirmation;
 pub use russh_cryptovec::CryptoVec;
 use ssh_encoding::{Decode, Encode};
@@ -44,6 +44,40 @@ pub use sshbuffer::SshId;
 mod helpers;
 
 pub(crate) use helpers::map_err;
+
+/// cmxsafe patch: a log line a peer can cause, as often as it sends the packet that causes it:
+/// written at most once a second per call site (for the whole process), saying how many it
+/// stands for. Strings the peer chose go through `peer_string`.
+macro_rules! peer_log {
+    ($level:ident, $($arg:tt)+) => {{
+        static LIMIT: $crate::session::RateLimited = $crate::session::RateLimited::new();
+        if let Some(more) = LIMIT.allow() {
+            log::$level!("{} ({more} more such lines not logged since the last one)", format_args!($($arg)+));
+        }
+    }};
+}
+
+/// cmxsafe patch: a string a peer chose, fit for a log line: at most 64 characters, with control
+/// characters and quotes escaped.
+pub(crate) fn peer_string(s: &str) -> String {
+    const MAX: usize = 64;
+    let mut out: String = s.chars().take(MAX).flat_map(char::escape_debug).collect();
+    if s.chars().nth(MAX).is_some() {
+        out.push_str(&format!("...({} bytes)", s.len()));
+    }
+    out
+}
+
+#[cfg(test)]
+mod peer_string_tests {
+    #[test]
+    fn a_peers_string_is_cut_and_escaped() {
+        assert_eq!(super::peer_string("env"), "env");
+        assert_eq!(super::peer_string("a\nforged line"), "a\\nforged line");
+        let long = "x".repeat(30_000);
+        assert_eq!(super::peer_string(&long), format!("{}...(30000 bytes)", "x".repeat(64)));
+    }
+}
 
 macro_rules! push_packet {
     ( $buffer:expr, $x:expr ) => {{
@@ -254,7 +288,8 @@ pub enum Error {
 }
 
 pub(crate) fn strict_kex_violation(message_type: u8, sequence_number: usize) -> crate::Error {
-    warn!(
+    peer_log!(
+        warn,
         "strict kex violated at sequence no. {sequence_number:?}, message type: {message_type:?}"
     );
     crate::Error::StrictKeyExchangeViolation {

@@ -1613,13 +1613,13 @@ mod tests {
 /// cmxsafe patch: at most one warning a second of one kind, for the whole process; the next
 /// one says how many it stands for. A peer that can trigger a warning per packet would otherwise
 /// flood the log.
-struct RateLimited {
+pub(crate) struct RateLimited {
     last_second: std::sync::atomic::AtomicU64,
     suppressed: std::sync::atomic::AtomicU64,
 }
 
 impl RateLimited {
-    const fn new() -> Self {
+    pub(crate) const fn new() -> Self {
         RateLimited {
             last_second: std::sync::atomic::AtomicU64::new(0),
             suppressed: std::sync::atomic::AtomicU64::new(0),
@@ -1627,7 +1627,7 @@ impl RateLimited {
     }
 
     /// `Some(suppressed since the last one)` if a warning may be written now.
-    fn allow(&self) -> Option<u64> {
+    pub(crate) fn allow(&self) -> Option<u64> {
         use std::sync::atomic::Ordering;
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

@@ -19,7 +19,7 @@ use auth::*;
 use byteorder::{BigEndian, ByteOrder};
 use bytes::Bytes;
 use cert::PublicKeyOrCertificate;
-use log::{debug, error, info, trace, warn};
+use log::{debug, trace, warn};
 use msg;
 use signature::Verifier;
 use ssh_encoding::{Decode, Encode, Reader};
@@ -1834,7 +1834,7 @@ impl Session {
                         .await
                         .unwrap_or(());
                 } else {
-                    error!("no channel for id {local_id:?}");
+                    peer_log!(error, "no channel for id {local_id:?}");
                 }
                 handler
                     .channel_open_confirmation(
@@ -1888,7 +1888,7 @@ impl Session {
                                 let num = BigEndian::read_u32(&mode_bytes[1..5]);
                                 debug!("code = {code:?}");
                                 if i >= modes.len() {
-                                    error!("pty-req: too many pty codes");
+                                    peer_log!(error, "pty-req: too many pty codes");
                                     return Err(Error::Inconsistent.into());
                                 }
                                 if let Some(code) = Pty::from_u8(code) {
@@ -1898,7 +1898,7 @@ impl Session {
                                         modes[i] = (code, num);
                                     }
                                 } else {
-                                    info!("pty-req: unknown pty code {code:?}");
+                                    peer_log!(info, "pty-req: unknown pty code {code:?}");
                                 }
                                 i += 1;
 
@@ -2094,7 +2094,7 @@ impl Session {
                         handler.signal(channel_num, signal, self).await
                     }
                     x => {
-                        warn!("unknown channel request {x}");
+                        peer_log!(warn, "unknown channel request {}", crate::peer_string(x));
                         self.channel_failure(channel_num)?;
                         Ok(())
                     }
@@ -2221,7 +2221,8 @@ impl Session {
                             match u32::decode(r) {
                                 Ok(port) => {
                                     if let Err(e) = ensure_end(r) {
-                                        error!(
+                                        peer_log!(
+                                            error,
                                             "Error parsing port for TcpIpForward request: {e:?}"
                                         );
                                         None
@@ -2230,7 +2231,7 @@ impl Session {
                                     }
                                 }
                                 Err(e) => {
-                                    error!("Error parsing port for TcpIpForward request: {e:?}");
+                                    peer_log!(error, "Error parsing port for TcpIpForward request: {e:?}");
                                     None
                                 }
                             }
@@ -2242,7 +2243,7 @@ impl Session {
                         let _ = return_channel.send(true);
                     }
                     _ => {
-                        error!("Received global request failure for unknown request!")
+                        peer_log!(error, "Received a global request reply for no request")
                     }
                 }
                 Ok(())
@@ -2264,7 +2265,7 @@ impl Session {
                         let _ = return_channel.send(false);
                     }
                     _ => {
-                        error!("Received global request failure for unknown request!")
+                        peer_log!(error, "Received a global request reply for no request")
                     }
                 }
                 Ok(())

@@ -128,7 +128,8 @@ impl ServerKex {
                     return Err(Error::KexInit)?;
                 };
                 if input.buffer.first() != Some(&msg::KEXINIT) {
-                    error!(
+                    peer_log!(
+                        error,
                         "Unexpected kex message at this stage: {:?}",
                         input.buffer.first()
                     );
@@ -195,7 +196,8 @@ impl ServerKex {
                     return Err(Error::KexInit)?;
                 };
                 if input.buffer.first() != Some(&msg::KEX_DH_GEX_REQUEST) {
-                    error!(
+                    peer_log!(
+                        error,
                         "Unexpected kex message at this stage: {:?}",
                         input.buffer.first()
                     );
@@ -260,7 +262,8 @@ impl ServerKex {
                         false => &msg::KEX_ECDH_INIT,
                     })
                 {
-                    error!(
+                    peer_log!(
+                        error,
                         "Unexpected kex message at this stage: {:?}",
                         input.buffer.first()
                     );
@@ -400,7 +403,8 @@ impl ServerKex {
                 };
 
                 if input.buffer.first() != Some(&msg::NEWKEYS) {
-                    error!(
+                    peer_log!(
+                        error,
                         "Unexpected kex message at this stage: {:?}",
                         input.buffer.first()
                     );

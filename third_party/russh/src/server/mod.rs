@@ -38,7 +38,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use client::GexParams;
 use futures::future::Future;
-use log::{debug, error, info, warn};
+use log::{debug, error, warn};
 use msg::{is_kex_msg, validate_client_msg_strict_kex};
 use russh_util::runtime::JoinHandle;
 use russh_util::time::Instant;
@@ -1235,7 +1235,7 @@ async fn reply<H: Handler + Send>(
 
     if pkt.buffer.first() == Some(&msg::KEXINIT) && session.kex == SessionKexState::Idle {
         // Not currently in a rekey but received KEXINIT
-        info!("Client has initiated re-key");
+        peer_log!(info, "Client has initiated re-key");
         session.begin_rekey()?;
         // Kex will consume the packet right away
     }
