@@ -322,6 +322,10 @@ impl<'de> Deserialize<'de> for Startups {
 pub struct SshSettings {
     pub keepalive_interval_secs: u64,
     pub keepalive_max: usize,
+    /// Key exchanges an agent may start in a minute (a peer-initiated re-key costs the gateway
+    /// a key agreement and a host-key signature); one more ends the session. OpenSSH re-keys a
+    /// chacha20-poly1305 session every GiB, so 60 is a session moving 1 GiB/s. 0: no limit.
+    pub max_rekeys_per_minute: u32,
     pub inactivity_timeout_secs: u64,
     pub window_size: u32,
     pub max_packet_size: u32,
@@ -410,6 +414,7 @@ impl Default for SshSettings {
         SshSettings {
             keepalive_interval_secs: 15,
             keepalive_max: 3,
+            max_rekeys_per_minute: 60,
             inactivity_timeout_secs: 0,
             window_size: 2 * 1024 * 1024,
             max_packet_size: 32 * 1024,
@@ -619,6 +624,15 @@ impl Config {
         {
             out.push(format!(
                 "ssh.kex_algorithms offers {costly}: any client may choose it before authenticating, and it costs the gateway tens to hundreds of times the CPU of curve25519-sha256 per connection"
+            ));
+        }
+        let forward_burst = l
+            .max_new_forwards_per_identity_per_sec
+            .saturating_mul(crate::quota::FORWARD_BURST_SECS) as usize;
+        if forward_burst > 0 && forward_burst < l.max_forwards_per_identity {
+            out.push(format!(
+                "limits.max_new_forwards_per_identity_per_sec ({}) allows {forward_burst} forward requests at once, fewer than limits.max_forwards_per_identity ({}): a server publishing all its forwards when it logs in is refused the rest until its rate allows them",
+                l.max_new_forwards_per_identity_per_sec, l.max_forwards_per_identity
             ));
         }
         if l.max_pairs_per_identity >= l.max_pairs || l.max_forwards_per_identity >= l.max_forwards {

@@ -119,41 +119,41 @@ fn check_config_warns_about_permit_listen_wildcards() {
 /// every identity's connections once the map is full: check-config says so.
 #[test]
 fn check_config_warns_when_limits_can_exceed_a_kernel_map() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("gw.toml");
-    std::fs::write(&config, "[limits]\nmax_pairs = 65000\n").unwrap();
-    std::fs::write(dir.path().join("identities.toml"), "").unwrap();
-    let (code, _, err) = gateway(&["check-config", config.to_str().unwrap()]);
-    assert_eq!(code, 0, "{err}");
-    assert_eq!(
-        err.trim(),
-        format!(
-            "warning: {}: limits.max_pairs (65000) + limits.max_forwards (8192) exceed the 65536 entries of the kernel's cmx_tags map (dataplane.tags_capacity): with the sockmap data plane, pairs and forwards beyond it are refused for every identity",
-            config.display()
-        )
+    check_config_warns_exactly(
+        "[limits]\nmax_pairs = 65000\n",
+        "limits.max_pairs (65000) + limits.max_forwards (8192) exceed the 65536 entries of the kernel's cmx_tags map (dataplane.tags_capacity): with the sockmap data plane, pairs and forwards beyond it are refused for every identity",
+    );
+}
+
+/// A rate of forward requests whose burst is below the forwards a server may hold refuses part
+/// of a server's forwards at every login: check-config says so.
+#[test]
+fn check_config_warns_when_the_forward_rate_cannot_cover_a_login() {
+    check_config_warns_exactly(
+        "[limits]\nmax_new_forwards_per_identity_per_sec = 1\nmax_forwards_per_identity = 100\n",
+        "limits.max_new_forwards_per_identity_per_sec (1) allows 60 forward requests at once, fewer than limits.max_forwards_per_identity (100): a server publishing all its forwards when it logs in is refused the rest until its rate allows them",
     );
 }
 
 /// An operator who adds 8192-bit Diffie-Hellman for an old client is told what it costs.
 #[test]
 fn check_config_warns_about_costly_key_exchanges() {
+    check_config_warns_exactly(
+        "[ssh]\nkex_algorithms = [\"curve25519-sha256\", \"diffie-hellman-group18-sha512\"]\n",
+        "ssh.kex_algorithms offers diffie-hellman-group18-sha512: any client may choose it before authenticating, and it costs the gateway tens to hundreds of times the CPU of curve25519-sha256 per connection",
+    );
+}
+
+/// check-config accepts `config_text` (with an empty registry) and prints `warning` about it,
+/// and nothing else.
+fn check_config_warns_exactly(config_text: &str, warning: &str) {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("gw.toml");
-    std::fs::write(
-        &config,
-        "[ssh]\nkex_algorithms = [\"curve25519-sha256\", \"diffie-hellman-group18-sha512\"]\n",
-    )
-    .unwrap();
+    std::fs::write(&config, config_text).unwrap();
     std::fs::write(dir.path().join("identities.toml"), "").unwrap();
     let (code, _, err) = gateway(&["check-config", config.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
-    assert_eq!(
-        err.trim(),
-        format!(
-            "warning: {}: ssh.kex_algorithms offers diffie-hellman-group18-sha512: any client may choose it before authenticating, and it costs the gateway tens to hundreds of times the CPU of curve25519-sha256 per connection",
-            config.display()
-        )
-    );
+    assert_eq!(err.trim(), format!("warning: {}: {warning}", config.display()));
 }
 
 /// A guessable or missing API token is refused before anything starts, naming the file.
