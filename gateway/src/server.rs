@@ -53,6 +53,7 @@ pub fn ssh_config(config: &Config, host_key: PrivateKey) -> russh::server::Confi
         inactivity_timeout: s.inactivity_timeout(),
         keepalive_interval: s.keepalive_interval(),
         keepalive_max: s.keepalive_max,
+        max_peer_rekeys_per_minute: s.max_rekeys_per_minute,
         nodelay: true,
         preferred: russh::Preferred {
             kex: Cow::Owned(key_exchanges(s)),

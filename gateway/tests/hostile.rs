@@ -1847,7 +1847,9 @@ async fn a_device_rekeying_in_a_loop_cannot_flood_the_log() {
     let (_, dev1, registry) = srv1_publishes_dev1_opens(&hosts);
     // The gateway's default log level (`--log-level info`), the SSH layer's info lines included.
     let env = [("RUST_LOG", "info,cmx_event=debug")];
-    let gw = GatewayProc::start_with_env(&hosts, &registry, "", &env).await;
+    // The limit on re-keys off: this is about the log lines alone.
+    let no_limit = "[ssh]\nmax_rekeys_per_minute = 0\n";
+    let gw = GatewayProc::start_with_env(&hosts, &registry, no_limit, &env).await;
     let dev = logged_in(&hosts.dev, &format!("{GW_DEV_IP}:{SSH_PORT}"), "dev1", dev1).await;
     let rekey_lines = || gw.log.count(|v| field(v, "message").contains("initiated re-key"));
     let started = std::time::Instant::now();
@@ -1869,4 +1871,32 @@ async fn a_device_rekeying_in_a_loop_cannot_flood_the_log() {
         "{lines} re-key lines for {REKEYS} re-keys in {secs} s"
     );
     assert!(!dev.is_closed(), "the session keeps working");
+}
+
+/// A device re-keys its session as often as it can. Each key exchange it starts costs the
+/// gateway a key agreement and a host-key signature, and used to be unlimited (with the limit
+/// off, as before: the session takes every re-key and stays). Now a session may start
+/// `ssh.max_rekeys_per_minute` (here 5) and is ended with the reason at the next one; another
+/// session of the same identity logs in as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_device_rekeying_in_a_loop_is_disconnected() {
+    let hosts = Hosts::new();
+    let (_, dev1, registry) = srv1_publishes_dev1_opens(&hosts);
+    let gw = GatewayProc::start(&hosts, &registry, "[ssh]\nmax_rekeys_per_minute = 5\n").await;
+    let addr = format!("{GW_DEV_IP}:{SSH_PORT}");
+    let dev = logged_in(&hosts.dev, &addr, "dev1", dev1.clone()).await;
+    for _ in 0..20 {
+        if dev.rekey_soon().await.is_err() || dev.send_ping().await.is_err() {
+            break;
+        }
+    }
+    gw.log
+        .wait_audit("the session ended with the reason", |r| {
+            r.event == AuditEvent::SessionClosed
+                && r.identity() == "dev1"
+                && r.reason()
+                    .contains("the peer started more than 5 key exchanges in a minute")
+        })
+        .await;
+    logged_in(&hosts.dev, &addr, "dev1", dev1).await;
 }

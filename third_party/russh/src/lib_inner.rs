@@ -213,6 +213,10 @@ pub enum Error {
     #[error("Keepalive timeout")]
     KeepaliveTimeout,
 
+    /// cmxsafe patch: the peer started more key exchanges than `max_peer_rekeys_per_minute`.
+    #[error("the peer started more than {0} key exchanges in a minute")]
+    TooManyRekeys(u32),
+
     /// Inactivity timeout.
     #[error("Inactivity timeout")]
     InactivityTimeout,

@@ -1033,6 +1033,7 @@ mod tests {
             open_global_requests: std::collections::VecDeque::new(),
             kex: SessionKexState::Idle,
             incoming_packet: Bytes::new(),
+            peer_rekeys: Default::default(),
         }
     }
 

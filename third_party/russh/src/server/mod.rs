@@ -97,6 +97,9 @@ pub struct Config {
     pub keepalive_interval: Option<std::time::Duration>,
     /// If this many keepalives have been sent without reply, close the connection.
     pub keepalive_max: usize,
+    /// cmxsafe patch: key exchanges the peer may start in a minute (the first is not one it
+    /// starts); one more ends the session with `Error::TooManyRekeys`. 0: no limit.
+    pub max_peer_rekeys_per_minute: u32,
     /// If active, invoke `set_nodelay(true)` on client sockets; disabled by default (i.e. Nagle's algorithm is active).
     pub nodelay: bool,
 }
@@ -125,6 +128,7 @@ impl Default for Config {
             inactivity_timeout: Some(std::time::Duration::from_secs(600)),
             keepalive_interval: None,
             keepalive_max: 3,
+            max_peer_rekeys_per_minute: 0,
             nodelay: false,
         }
     }
@@ -1163,6 +1167,7 @@ where
         open_global_requests: VecDeque::new(),
         kex: SessionKexState::Idle,
         incoming_packet: Bytes::new(),
+        peer_rekeys: PeerRekeys::default(),
     };
 
     session.begin_rekey()?;
@@ -1236,6 +1241,10 @@ async fn reply<H: Handler + Send>(
     if pkt.buffer.first() == Some(&msg::KEXINIT) && session.kex == SessionKexState::Idle {
         // Not currently in a rekey but received KEXINIT
         peer_log!(info, "Client has initiated re-key");
+        let limit = session.common.config.max_peer_rekeys_per_minute;
+        if !session.peer_rekeys.allow(limit, tokio::time::Instant::now()) {
+            return Err(Error::TooManyRekeys(limit).into());
+        }
         session.begin_rekey()?;
         // Kex will consume the packet right away
     }

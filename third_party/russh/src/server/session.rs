@@ -32,6 +32,34 @@ pub struct Session {
     /// cmxsafe patch: the packet being processed, when it came from the peer, so that channel
     /// data can be sliced out of it instead of copied (empty otherwise).
     pub(crate) incoming_packet: Bytes,
+    /// cmxsafe patch: the key exchanges the peer started in the current minute.
+    pub(crate) peer_rekeys: PeerRekeys,
+}
+
+/// cmxsafe patch: counts the key exchanges a peer starts, a minute at a time.
+#[derive(Debug, Default)]
+pub(crate) struct PeerRekeys {
+    since: Option<tokio::time::Instant>,
+    count: u32,
+}
+
+impl PeerRekeys {
+    /// Counts one more at `now`; whether it is within `limit` a minute (0: no limit).
+    pub(crate) fn allow(&mut self, limit: u32, now: tokio::time::Instant) -> bool {
+        if limit == 0 {
+            return true;
+        }
+        let minute = std::time::Duration::from_secs(60);
+        match self.since {
+            Some(since) if now.duration_since(since) < minute => {}
+            _ => {
+                self.since = Some(now);
+                self.count = 0;
+            }
+        }
+        self.count = self.count.saturating_add(1);
+        self.count <= limit
+    }
 }
 
 #[derive(Debug)]
@@ -1602,6 +1630,23 @@ impl Session {
     }
 }
 
+#[cfg(test)]
+mod peer_rekeys_tests {
+    use super::PeerRekeys;
+    use std::time::Duration;
+
+    #[test]
+    fn a_peer_may_start_so_many_key_exchanges_a_minute() {
+        let t0 = tokio::time::Instant::now();
+        let mut r = PeerRekeys::default();
+        assert!((0..3).all(|_| r.allow(3, t0)));
+        assert!(!r.allow(3, t0 + Duration::from_secs(59)), "the fourth in a minute");
+        assert!(r.allow(3, t0 + Duration::from_secs(61)), "a new minute");
+        let mut off = PeerRekeys::default();
+        assert!((0..1000).all(|_| off.allow(0, t0)), "0: no limit");
+    }
+}
+
 #[cfg(all(test, feature = "flate2"))]
 mod tests {
     use std::collections::{HashMap, VecDeque};
@@ -1701,6 +1746,7 @@ mod tests {
             open_global_requests: VecDeque::new(),
             kex: SessionKexState::Idle,
             incoming_packet: Bytes::new(),
+            peer_rekeys: Default::default(),
         }
     }
 
