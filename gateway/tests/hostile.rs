@@ -1622,13 +1622,15 @@ async fn an_identity_logging_in_and_out_as_fast_as_it_can_is_held_to_its_rate_of
         "{logins} of {TRIES} logins in {secs} s (1 a second, {BURST} at once)"
     );
     gw.log
-        .wait_audit("a refusal with the reason", |r| {
-            r.is(AuditEvent::Auth, Verdict::Deny)
-                && r.identity() == "dev1"
-                && r.reason().contains(
-                    "identity 'dev1' logs in faster than limits.max_logins_per_identity_per_sec = 1 (60 at once)",
-                )
-        })
+        .wait_audit(
+            "a refusal with the reason",
+            audit_is(
+                AuditEvent::Auth,
+                Verdict::Deny,
+                "dev1",
+                "identity 'dev1' logs in faster than limits.max_logins_per_identity_per_sec = 1 (60 at once)",
+            ),
+        )
         .await;
     let metrics = http_get(&hosts.gw, &gw.admin().await, "/metrics").await.1;
     assert!(metric(&metrics, r#"cmxsafe_limit_refusals_total{kind="logins-rate"}"#) >= 1);
@@ -1669,13 +1671,12 @@ async fn a_server_churning_its_forward_is_held_to_its_rate_of_forward_requests()
         (BURST..=BURST + secs).contains(&granted),
         "{granted} of {TRIES} forward requests granted in {secs} s (1 a second, {BURST} at once)"
     );
-    let refused = |r: &AuditRecord| {
-        r.is(AuditEvent::Forward, Verdict::Deny)
-            && r.identity() == "srv1"
-            && r.reason().contains(
-                "identity 'srv1' requests forwards faster than limits.max_new_forwards_per_identity_per_sec = 1 (60 at once)",
-            )
-    };
+    let refused = audit_is(
+        AuditEvent::Forward,
+        Verdict::Deny,
+        "srv1",
+        "identity 'srv1' requests forwards faster than limits.max_new_forwards_per_identity_per_sec = 1 (60 at once)",
+    );
     gw.log
         .assert_audit_budget_held(TRIES - granted, (50, 2, secs), refused, |r| {
             r.identity() == "srv1"

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Action, Controller, ControllerError, Settings, plan, retry};
 use crate::events::GatewayEvent;
+use crate::prune::PruneSchedule;
 
 /// Attempts per event-driven call; what still fails is repaired by the next resync.
 const ATTEMPTS: usize = 5;
@@ -28,43 +29,61 @@ pub const PER_SERVER: Duration = Duration::from_secs(1);
 /// The servers whose Service must be brought in line with what this pod holds, each when its
 /// turn comes: at once the first time, then no sooner than `PER_SERVER` after its last one. Any
 /// number of events for a server in between make one turn, which acts on what holds then.
-#[derive(Default)]
+/// Marking, finding the next turn and taking turns cost O(log n) in the servers waiting (a
+/// gateway restarting under thousands of servers marks each of them at once).
 pub struct Pending {
-    due: HashMap<String, Instant>,
+    /// Servers waiting, by turn.
+    queue: BTreeSet<(Instant, String)>,
+    waiting: HashMap<String, Instant>,
+    /// When each server's last turn was taken (forgotten a `PER_SERVER` later).
     last: HashMap<String, Instant>,
+    prune: PruneSchedule,
+}
+
+impl Default for Pending {
+    fn default() -> Pending {
+        Pending {
+            queue: BTreeSet::new(),
+            waiting: HashMap::new(),
+            last: HashMap::new(),
+            prune: PruneSchedule::new(64),
+        }
+    }
 }
 
 impl Pending {
     /// Something changed for `server`.
     pub fn mark(&mut self, server: &str, now: Instant) {
-        if self.due.contains_key(server) {
+        if self.waiting.contains_key(server) {
             return;
         }
-        let turn = self
-            .last
-            .get(server)
-            .map_or(now, |last| (*last + PER_SERVER).max(now));
-        self.due.insert(server.to_string(), turn);
+        let turn = match self.last.get(server) {
+            Some(last) if now.duration_since(*last) < PER_SERVER => *last + PER_SERVER,
+            _ => now,
+        };
+        self.waiting.insert(server.to_string(), turn);
+        self.queue.insert((turn, server.to_string()));
     }
 
     /// When the next server's turn comes.
     pub fn next(&self) -> Option<Instant> {
-        self.due.values().min().copied()
+        self.queue.first().map(|(turn, _)| *turn)
     }
 
-    /// The servers whose turn has come, in name order; their turn is recorded as taken `now`.
+    /// The servers whose turn has come, by turn; their turn is recorded as taken `now`.
     pub fn take(&mut self, now: Instant) -> Vec<String> {
-        self.last.retain(|_, last| now.duration_since(*last) < PER_SERVER);
-        let mut ready: Vec<String> = self
-            .due
-            .iter()
-            .filter(|(_, turn)| **turn <= now)
-            .map(|(server, _)| server.clone())
-            .collect();
-        ready.sort();
-        for server in &ready {
-            self.due.remove(server);
+        let mut ready = Vec::new();
+        while self.queue.first().is_some_and(|(turn, _)| *turn <= now) {
+            let Some((_, server)) = self.queue.pop_first() else {
+                break;
+            };
+            self.waiting.remove(&server);
             self.last.insert(server.clone(), now);
+            ready.push(server);
+        }
+        if self.prune.due(self.last.len()) {
+            self.last.retain(|_, last| now.duration_since(*last) < PER_SERVER);
+            self.prune.walked(self.last.len());
         }
         ready
     }
