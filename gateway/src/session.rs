@@ -84,16 +84,8 @@ impl SessionHandler {
     fn decide(&mut self, user: &str, result: Result<Credential, String>) -> Auth {
         match result {
             Ok(cred) => {
-                // A proven credential, logging in faster than its identity may: refused like a
-                // failed one (the source waits out the auth-failed penalty before its next
-                // handshake), audited within the identity's budget.
-                let now = std::time::Instant::now();
-                if let Err(reason) = self.gw.quotas.login_rate.take(user, now) {
-                    audit::login_refused(self.peer, user, &reason);
-                    self.tally.refusals.fetch_add(1, Ordering::Relaxed);
-                    return reject_publickey_only();
-                }
-                audit::auth_accepted(self.peer, user, &cred.to_string());
+                // Audited as accepted once the identity's limits admit the login
+                // (`auth_succeeded`), where a refusal can tell the client why.
                 self.authenticated = Some((user.to_string(), cred));
                 Auth::Accept
             }
@@ -307,6 +299,25 @@ impl Handler for SessionHandler {
         let Some((identity, credential)) = self.authenticated.clone() else {
             return Ok(());
         };
+        // A proven credential logging in faster than its identity may: the client is told why
+        // (a disconnect with the reason, as for the session limits below; a failed credential
+        // would read as "is the key registered?"), the refusal is audited within the identity's
+        // budget, and it counts as a failed login, so the source waits out the auth-failed
+        // penalty before its next handshake (a key exchange the gateway would pay for).
+        if let Err(reason) = self
+            .gw
+            .quotas
+            .login_rate
+            .take(&identity, std::time::Instant::now())
+        {
+            audit::login_refused(self.peer, &identity, &reason);
+            self.tally.refusals.fetch_add(1, Ordering::Relaxed);
+            self.authenticated = None;
+            self.users_tried.clear(); // this line was the connection's summary
+            session.disconnect(Disconnect::TooManyConnections, &reason, "en")?;
+            return Ok(());
+        }
+        audit::auth_accepted(self.peer, &identity, &credential.to_string());
         crate::failpoint::pause(crate::failpoint::LOGIN_CHECKED).await;
         let entry = SessionEntry {
             identity: identity.clone(),
