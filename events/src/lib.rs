@@ -303,6 +303,10 @@ pub struct AuditRecord {
     pub suppressed: Option<u64>,
     #[serde(default)]
     pub seconds: Option<u64>,
+    /// `penalty`: agents logged in from the penalized source within the last day (they are
+    /// refused too).
+    #[serde(default)]
+    pub shared_with_agents: Option<bool>,
     /// `pair-summary`: pairs allowed, and pairs closed, that were not written one by one.
     #[serde(default)]
     pub pairs_allowed: Option<u64>,

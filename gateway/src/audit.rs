@@ -118,9 +118,20 @@ pub fn connection_refused(peer: SocketAddr, source: IpAddr, reason: &str) {
 
 /// A source put in the penalty box (see `preauth`): its next connections are refused for
 /// `seconds`.
-pub fn penalized(source: std::net::IpAddr, offence: &str, seconds: u64) {
-    tracing::warn!(target: TARGET, event = "penalty", %source, offence, seconds,
-        "source {source} penalized for {seconds} s: {offence}");
+pub fn penalized(penalty: &crate::preauth::Penalty, offence: &str) {
+    let source = penalty.source;
+    let seconds = penalty.refused_for.as_secs();
+    if penalty.shared_with_agents {
+        // Most often a NAT or proxy in front of devices, shared with one that misbehaves: say
+        // what it costs and what to do, since the agents behind it are refused too.
+        tracing::warn!(target: TARGET, event = "penalty", %source, offence, seconds, shared_with_agents = true,
+            "source {source} penalized for {seconds} s: {offence}; agents logged in from this source \
+             in the last 24 h are refused too until then (a NAT or proxy shared with them? \
+             limits.penalty_exempt lists sources never penalized)");
+    } else {
+        tracing::warn!(target: TARGET, event = "penalty", %source, offence, seconds,
+            "source {source} penalized for {seconds} s: {offence}");
+    }
 }
 
 /// Whether a refusal or failure about `identity` is written: within its budget (see

@@ -302,6 +302,11 @@ impl Admission {
         }
     }
 
+    /// Whether a connection from `source` authenticated within `KNOWN_FOR` before `now`.
+    fn is_known(&self, source: IpAddr, now: Instant) -> bool {
+        self.lock().known.get(&source).is_some_and(|until| *until > now)
+    }
+
     /// Penalizes `source` for `offence` at `now`; returns how long it is refused.
     fn penalize(&self, source: IpAddr, offence: Offence, now: Instant) -> Option<Duration> {
         let p = &self.policy;
@@ -335,6 +340,18 @@ impl Admission {
     }
 }
 
+/// A source put in the penalty box.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Penalty {
+    pub source: IpAddr,
+    /// How long it is refused from now.
+    pub refused_for: Duration,
+    /// Whether agents logged in from it within `KNOWN_FOR`: they are refused too, so a NAT or
+    /// proxy shared with a misbehaving client locks them out (the operator's remedy is
+    /// `limits.penalty_exempt`).
+    pub shared_with_agents: bool,
+}
+
 /// An admitted, not yet authenticated connection: counted until it authenticates or ends.
 pub struct Startup {
     admission: Arc<Admission>,
@@ -354,13 +371,16 @@ impl Startup {
     }
 
     /// The connection ended for `offence`: its source is penalized (unless exempt). Returns the
-    /// source and how long it is refused now, for the log.
-    pub fn offended(mut self, offence: Offence, now: Instant) -> Option<(IpAddr, Duration)> {
+    /// penalty, for the log.
+    pub fn offended(mut self, offence: Offence, now: Instant) -> Option<Penalty> {
         self.admission.release(self.source);
         self.released = true;
-        self.admission
-            .penalize(self.source, offence, now)
-            .map(|d| (self.source, d))
+        let refused_for = self.admission.penalize(self.source, offence, now)?;
+        Some(Penalty {
+            source: self.source,
+            refused_for,
+            shared_with_agents: self.admission.is_known(self.source, now),
+        })
     }
 }
 
@@ -530,7 +550,11 @@ mod tests {
         let s = a.admit(ip("10.1.0.2"), t0, 0.99).unwrap();
         assert_eq!(
             s.offended(Offence::Junk, t0),
-            Some((ip("10.1.0.2"), Duration::from_secs(10)))
+            Some(Penalty {
+                source: ip("10.1.0.2"),
+                refused_for: Duration::from_secs(10),
+                shared_with_agents: false,
+            })
         );
         let r = a
             .admit(ip("10.1.0.2"), t0 + Duration::from_secs(3), 0.99)
@@ -542,7 +566,7 @@ mod tests {
         let t1 = t0 + Duration::from_secs(11);
         let s = a.admit(ip("10.1.0.2"), t1, 0.99).unwrap();
         assert_eq!(
-            s.offended(Offence::GraceExceeded, t1).unwrap().1,
+            s.offended(Offence::GraceExceeded, t1).unwrap().refused_for,
             Duration::from_secs(10)
         );
         let s2_source = a.admit(ip("10.1.0.9"), t1, 0.99).unwrap();
@@ -566,6 +590,38 @@ mod tests {
         let exempt = a.admit(ip("10.9.1.1"), t2, 0.99).unwrap();
         assert_eq!(exempt.offended(Offence::Junk, t2), None);
         assert!(a.admit(ip("10.9.1.1"), t2, 0.99).is_ok());
+    }
+
+    /// A source agents logged in from (a NAT in front of a fleet) is penalized like any other,
+    /// and the penalty says that it locks them out too, so the log can tell the operator.
+    #[test]
+    fn a_penalty_on_a_source_agents_logged_in_from_says_so() {
+        let a = Admission::new(policy());
+        let t0 = Instant::now();
+        a.admit(ip("10.1.0.2"), t0, 0.99).unwrap().authenticated(t0);
+        let stranger = a.admit(ip("10.1.0.2"), t0, 0.99).unwrap();
+        let penalty = stranger.offended(Offence::AuthFail, t0).unwrap();
+        assert!(penalty.shared_with_agents, "{penalty:?}");
+        assert!(
+            a.admit(ip("10.1.0.2"), t0, 0.99).is_err(),
+            "refused like any source"
+        );
+        let elsewhere = a.admit(ip("10.1.0.3"), t0, 0.99).unwrap();
+        assert!(
+            !elsewhere
+                .offended(Offence::AuthFail, t0)
+                .unwrap()
+                .shared_with_agents
+        );
+        // Known no longer: a day later.
+        let later = t0 + KNOWN_FOR + Duration::from_secs(1);
+        let again = a.admit(ip("10.1.0.2"), later, 0.99).unwrap();
+        assert!(
+            !again
+                .offended(Offence::AuthFail, later)
+                .unwrap()
+                .shared_with_agents
+        );
     }
 
     #[test]

@@ -153,9 +153,9 @@ async fn connection(
                 Ending::Quietly => None,
             };
             if let Some(o) = offence
-                && let Some((source, penalty)) = startup.offended(o, Instant::now())
+                && let Some(penalty) = startup.offended(o, Instant::now())
             {
-                audit::penalized(source, o.as_str(), penalty.as_secs());
+                audit::penalized(&penalty, o.as_str());
             }
             return;
         }

@@ -129,7 +129,7 @@ fn penalty_for<'a>(source: &'a str, offence: &'a str) -> impl Fn(&AuditRecord) -
     move |r| {
         r.event == AuditEvent::Penalty
             && r.source.as_deref() == Some(source)
-            && r.message.ends_with(&format!(": {offence}"))
+            && r.message.contains(&format!(" s: {offence}"))
     }
 }
 
@@ -276,6 +276,38 @@ async fn password_guesses_put_the_source_in_the_penalty_box() {
         assert!(matches!(guess, Ok(false)), "{source}: {guess:?}");
         hangs_up_and_is_penalized_for_failing(&gw, session, host, &addr, source).await;
     }
+}
+
+/// A stranger shares a device's address (a NAT or proxy in front of a fleet) and guesses a
+/// password: the address is penalized like any other, so the device, which logged in from it,
+/// is refused until the penalty ends. Pre-authentication nothing tells the two apart. The
+/// penalty line says so, with the remedy (`limits.penalty_exempt`); before, it read like any
+/// stranger's penalty and the operator was left to find out why the fleet behind the NAT was
+/// locked out. A penalty on an address no agent logged in from says nothing of the kind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_penalty_on_an_address_agents_log_in_from_tells_the_operator_what_it_costs() {
+    let hosts = Hosts::new();
+    let (_srv1, dev1, registry) = srv1_publishes_dev1_opens(&hosts);
+    let gw = GatewayProc::start(&hosts, &registry, "").await;
+    let dev_addr = format!("{GW_DEV_IP}:{SSH_PORT}");
+    drop(logged_in(&hosts.dev, &dev_addr, "dev1", dev1).await);
+    for (source, host) in [(DEV_IP, &hosts.dev), (SRV_IP, &hosts.srv)] {
+        let addr = format!("{}:{SSH_PORT}", gateway_ip(&hosts, host));
+        let mut session = raw_session(host, &addr).await.unwrap();
+        let guess = session.authenticate_password("dev1", "hunter2").await;
+        assert!(matches!(guess, Ok(ref r) if !r.success()), "{source}: {guess:?}");
+        drop(session);
+        let penalty = gw
+            .log
+            .wait_audit(source, penalty_for(source, "authentication failed"))
+            .await;
+        let shared = source == DEV_IP;
+        assert_eq!(penalty.shared_with_agents, shared.then_some(true), "{penalty:?}");
+        let says = penalty.message.contains("agents logged in from this source")
+            && penalty.message.contains("limits.penalty_exempt");
+        assert_eq!(says, shared, "{}", penalty.message);
+    }
+    refused_as_penalized(&hosts.dev, &dev_addr, DEV_IP).await;
 }
 
 /// A stranger holding a device's public key (no secret: the device offers it at every login)
