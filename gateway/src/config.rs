@@ -233,6 +233,9 @@ pub struct Limits {
     pub penalty_grace_secs: u64,
     pub penalty_noauth_secs: u64,
     pub penalty_max_secs: u64,
+    /// Penalties on a source agents logged in from in the last 24 h are enforced only once they
+    /// add up to this (running down in real time); 0: at once, as on any source.
+    pub known_source_penalty_min_secs: u64,
     pub penalty_exempt: Vec<ipnet::IpNet>,
     pub max_sessions: usize,
     pub max_channels_per_session: usize,
@@ -390,6 +393,7 @@ impl Default for Limits {
             penalty_grace_secs: 10,
             penalty_noauth_secs: 1,
             penalty_max_secs: 120,
+            known_source_penalty_min_secs: 60,
             penalty_exempt: Vec::new(),
             max_sessions: 10_000,
             max_channels_per_session: 1024,

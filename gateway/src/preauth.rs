@@ -17,7 +17,11 @@
 //!   `KNOWN_FOR` may use `known_source_startups` more unauthenticated connections beyond `full`,
 //!   and random early drop does not apply to it. Strangers from many addresses can fill every
 //!   slot `max_startups` has, and an agent reconnecting from where it logged in before still gets
-//!   in. (A gateway that restarted knows no source until agents log in again.)
+//!   in. (A gateway that restarted knows no source until agents log in again.) A known source
+//!   is often a NAT that devices share with strangers (a cellular carrier's, a site's): its
+//!   penalties are owed, like `NoAuth`'s, and enforced only once they add up to
+//!   `known_source_penalty_min_secs`, so one scanner's guess from behind it does not lock the
+//!   devices out, and a flood of them is still stopped.
 //!
 //! Pure bookkeeping (time and randomness come from the caller), so every rule is unit-tested.
 
@@ -96,6 +100,8 @@ pub struct Policy {
     pub grace: Duration,
     pub noauth: Duration,
     pub max: Duration,
+    /// Penalties on a known source are enforced once they add up to this (zero: at once).
+    pub known_min: Duration,
     pub exempt: Vec<IpNet>,
 }
 
@@ -111,6 +117,7 @@ impl Policy {
             grace: Duration::from_secs(l.penalty_grace_secs),
             noauth: Duration::from_secs(l.penalty_noauth_secs),
             max: Duration::from_secs(l.penalty_max_secs),
+            known_min: Duration::from_secs(l.known_source_penalty_min_secs),
             exempt: l.penalty_exempt.clone(),
         }
     }
@@ -147,6 +154,8 @@ struct State {
     /// Source -> until when its `NoAuth` penalties, not enforced yet, last (they run down in
     /// real time, as an enforced penalty does).
     noauth: HashMap<IpAddr, Instant>,
+    /// The same for a known source's other penalties (see `Policy::known_min`).
+    known_owed: HashMap<IpAddr, Instant>,
     /// Source -> until when it is known (a connection from it authenticated).
     known: HashMap<IpAddr, Instant>,
 }
@@ -317,16 +326,27 @@ impl Admission {
         if add.is_zero() {
             return None;
         }
-        let mut st = self.lock();
-        if offence == Offence::NoAuth {
-            make_room(&mut st.noauth, source, now, |until| *until);
-            let owed = st.noauth.entry(source).or_insert(now);
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        // Penalties that are owed first and enforced only once they add up: hang-ups (a key
+        // exchange now and then is no attack), and anything from a known source (a NAT shared
+        // by devices and strangers: one guess from behind it must not lock the devices out).
+        let deferred = if offence == Offence::NoAuth {
+            Some((&mut st.noauth, NOAUTH_ENFORCED_FROM))
+        } else if !p.known_min.is_zero() && st.known.get(&source).is_some_and(|until| *until > now) {
+            Some((&mut st.known_owed, p.known_min))
+        } else {
+            None
+        };
+        if let Some((ledger, enforced_from)) = deferred {
+            make_room(ledger, source, now, |until| *until);
+            let owed = ledger.entry(source).or_insert(now);
             *owed = (*owed).max(now) + add;
             let owed_now = owed.duration_since(now);
-            if owed_now < NOAUTH_ENFORCED_FROM {
+            if owed_now < enforced_from {
                 return None;
             }
-            st.noauth.remove(&source);
+            ledger.remove(&source);
             add = owed_now;
         }
         make_room(&mut st.penalized, source, now, |(until, _)| *until);
@@ -411,6 +431,7 @@ mod tests {
             grace: Duration::from_secs(10),
             noauth: Duration::from_secs(1),
             max: Duration::from_secs(25),
+            known_min: Duration::from_secs(20),
             exempt: vec!["10.9.0.0/16".parse().unwrap()],
         }
     }
@@ -592,36 +613,50 @@ mod tests {
         assert!(a.admit(ip("10.9.1.1"), t2, 0.99).is_ok());
     }
 
-    /// A source agents logged in from (a NAT in front of a fleet) is penalized like any other,
-    /// and the penalty says that it locks them out too, so the log can tell the operator.
+    /// A source agents logged in from (a NAT in front of a fleet, shared with strangers) owes
+    /// its penalties first: a guess now and then from behind it is never enforced, so the agents
+    /// are not locked out; guesses that add up to `known_min` are, and the penalty says that it
+    /// locks the agents out too. A source no agent logged in from is penalized at once.
     #[test]
-    fn a_penalty_on_a_source_agents_logged_in_from_says_so() {
+    fn a_known_source_owes_its_penalties_until_they_add_up() {
         let a = Admission::new(policy());
         let t0 = Instant::now();
-        a.admit(ip("10.1.0.2"), t0, 0.99).unwrap().authenticated(t0);
-        let stranger = a.admit(ip("10.1.0.2"), t0, 0.99).unwrap();
-        let penalty = stranger.offended(Offence::AuthFail, t0).unwrap();
+        let nat = ip("10.1.0.2");
+        a.admit(nat, t0, 0.99).unwrap().authenticated(t0);
+        let guess = |t: Instant| a.admit(nat, t, 0.99).unwrap().offended(Offence::AuthFail, t);
+        // One guess every 5 s (5 s owed each) runs down as fast as it adds up: never enforced.
+        for i in 0..10 {
+            assert_eq!(guess(t0 + Duration::from_secs(5 * i)), None, "guess {i}");
+        }
+        // Four in a row owe 20 s: enforced, for what is owed.
+        let t1 = t0 + Duration::from_secs(100);
+        for _ in 0..3 {
+            assert_eq!(guess(t1), None);
+        }
+        let penalty = guess(t1).unwrap();
+        assert_eq!(penalty.refused_for, Duration::from_secs(20));
         assert!(penalty.shared_with_agents, "{penalty:?}");
-        assert!(
-            a.admit(ip("10.1.0.2"), t0, 0.99).is_err(),
-            "refused like any source"
-        );
-        let elsewhere = a.admit(ip("10.1.0.3"), t0, 0.99).unwrap();
-        assert!(
-            !elsewhere
-                .offended(Offence::AuthFail, t0)
-                .unwrap()
-                .shared_with_agents
-        );
-        // Known no longer: a day later.
-        let later = t0 + KNOWN_FOR + Duration::from_secs(1);
-        let again = a.admit(ip("10.1.0.2"), later, 0.99).unwrap();
-        assert!(
-            !again
-                .offended(Offence::AuthFail, later)
-                .unwrap()
-                .shared_with_agents
-        );
+        assert!(a.admit(nat, t1, 0.99).is_err(), "refused like any source");
+        // A stranger's source: at once, and nothing about agents.
+        let elsewhere = a.admit(ip("10.1.0.3"), t1, 0.99).unwrap();
+        let penalty = elsewhere.offended(Offence::AuthFail, t1).unwrap();
+        assert_eq!(penalty.refused_for, Duration::from_secs(5));
+        assert!(!penalty.shared_with_agents);
+        // Known no longer, a day later: at once again.
+        let later = t1 + KNOWN_FOR + Duration::from_secs(1);
+        let again = a
+            .admit(nat, later, 0.99)
+            .unwrap()
+            .offended(Offence::AuthFail, later);
+        assert_eq!(again.map(|p| p.shared_with_agents), Some(false));
+        // With known_min = 0 a known source is penalized at once.
+        let strict = Admission::new(Policy {
+            known_min: Duration::ZERO,
+            ..policy()
+        });
+        strict.admit(nat, t0, 0.99).unwrap().authenticated(t0);
+        let at_once = strict.admit(nat, t0, 0.99).unwrap().offended(Offence::Junk, t0);
+        assert_eq!(at_once.map(|p| p.refused_for), Some(Duration::from_secs(10)));
     }
 
     #[test]
