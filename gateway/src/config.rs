@@ -12,6 +12,10 @@ use serde::Deserialize;
 /// The documented default configuration, printed by `cmx-gateway default-config`.
 pub const EXAMPLE: &str = include_str!("../config.example.toml");
 
+/// Threads tokio's blocking pool runs at most (its default, which the gateway keeps): the
+/// system resolver (`getaddrinfo`) runs there.
+pub const MAX_BLOCKING_THREADS: usize = 512;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config {path}: {cause}")]
@@ -260,6 +264,11 @@ pub struct Limits {
     pub max_logged_pairs_per_identity_per_sec: u32,
     pub max_forwards: usize,
     pub max_pairs: usize,
+    /// Name lookups (a `direct-tcpip` target that is a DNS name) one identity may have in
+    /// flight, and the gateway as a whole. Each holds a thread of the resolver's pool (512)
+    /// until the system resolver answers or gives up, whatever the caller does meanwhile.
+    pub max_name_lookups_per_identity: usize,
+    pub max_name_lookups: usize,
     pub max_queued_mib: usize,
     pub forward_open_timeout_secs: u64,
 }
@@ -407,6 +416,8 @@ impl Default for Limits {
             max_logged_pairs_per_identity_per_sec: 5,
             max_forwards: 8192,
             max_pairs: 49_152,
+            max_name_lookups_per_identity: 8,
+            max_name_lookups: 128,
             max_queued_mib: 256,
             forward_open_timeout_secs: 10,
         }
@@ -668,6 +679,11 @@ impl Limits {
             ("limits.max_pairs_per_identity", l.max_pairs_per_identity),
             ("limits.max_forwards", l.max_forwards),
             ("limits.max_pairs", l.max_pairs),
+            (
+                "limits.max_name_lookups_per_identity",
+                l.max_name_lookups_per_identity,
+            ),
+            ("limits.max_name_lookups", l.max_name_lookups),
             ("limits.max_queued_mib", l.max_queued_mib),
             (
                 "limits.forward_open_timeout_secs",
@@ -683,6 +699,12 @@ impl Limits {
             out.push(format!(
                 "limits.max_startups {}:{}:{} needs start <= full and a rate of 0 to 100 (percent)",
                 m.start, m.rate, m.full
+            ));
+        }
+        if l.max_name_lookups > MAX_BLOCKING_THREADS {
+            out.push(format!(
+                "limits.max_name_lookups {} must be at most {MAX_BLOCKING_THREADS}: each lookup holds one of the resolver pool's {MAX_BLOCKING_THREADS} threads, and lookups beyond it would wait for one instead of being refused",
+                l.max_name_lookups
             ));
         }
         if !(1..=128).contains(&l.per_source_ipv6_prefix) {
@@ -871,6 +893,14 @@ mod tests {
             (
                 "[limits]\npenalty_max_secs = 10\npenalty_noauth_secs = 30\n",
                 "gw.toml: limits.penalty_max_secs must be at least each penalty",
+            ),
+            (
+                "[limits]\nmax_name_lookups = 1000\n",
+                "gw.toml: limits.max_name_lookups 1000 must be at most 512: each lookup holds one of the resolver pool's 512 threads",
+            ),
+            (
+                "[limits]\nmax_name_lookups_per_identity = 0\n",
+                "gw.toml: limits.max_name_lookups_per_identity must be at least 1",
             ),
             (
                 "[ssh]\nkex_algorithms = [\"ext-info-c\"]\n",

@@ -155,7 +155,7 @@ fn limit_families(gw: &Gateway, occupancy: &Occupancy) -> Vec<Family<'static>> {
         ),
         Family::gauge(
             "cmxsafe_limit_held",
-            "What identities hold against [limits] now, by kind (sessions, forwards, pairs).",
+            "What identities hold against [limits] now, by kind (sessions, forwards, pairs, name-lookups in flight).",
             gw.quotas
                 .all()
                 .iter()

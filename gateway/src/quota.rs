@@ -204,6 +204,8 @@ pub struct Quotas {
     pub sessions: Quota,
     pub forwards: Quota,
     pub pairs: Quota,
+    /// Name lookups in flight (each holds a resolver thread).
+    pub lookups: Quota,
     pub pair_rate: IdentityRate,
     pub forward_rate: IdentityRate,
     pub login_rate: IdentityRate,
@@ -220,11 +222,12 @@ impl Quotas {
     }
 
     /// Each quota with its metric label.
-    pub fn all(&self) -> [(&'static str, &Quota); 3] {
+    pub fn all(&self) -> [(&'static str, &Quota); 4] {
         [
             ("sessions", &self.sessions),
             ("forwards", &self.forwards),
             ("pairs", &self.pairs),
+            ("name-lookups", &self.lookups),
         ]
     }
 
@@ -245,6 +248,14 @@ impl Quotas {
                 "forwarding pairs",
                 limit(l.max_pairs_per_identity, "limits.max_pairs_per_identity"),
                 Some(limit(l.max_pairs, "limits.max_pairs")),
+            ),
+            lookups: Quota::new(
+                "name lookups in flight",
+                limit(
+                    l.max_name_lookups_per_identity,
+                    "limits.max_name_lookups_per_identity",
+                ),
+                Some(limit(l.max_name_lookups, "limits.max_name_lookups")),
             ),
             pair_rate: IdentityRate::new(
                 "opens forwarding pairs",

@@ -681,6 +681,97 @@ async fn loopback_metadata_and_the_gateway_itself_are_refused_by_the_kernel() {
     wildcard_rules_meet_the_egress_list(true).await;
 }
 
+/// A device whose `permit_open` has a host wildcard (`*:443`: it may reach cloud APIs by name)
+/// asks for 1,500 names at once that the DNS server never answers. Each name lookup holds one of
+/// the resolver pool's 512 threads until the system resolver gives up (10 s here), and nothing
+/// bounded them: the pool filled, and another device asking for a name the DNS server does
+/// answer waited behind them until its own lookup timed out (`resolving api.cloud.test timed
+/// out`). Now an identity has at most `max_name_lookups_per_identity` (8) in flight and the
+/// gateway `max_name_lookups` (128); the rest are refused at once with the reason, and the other
+/// device's connection goes through. (The rate of new pairs is off here; at its default, 64 a
+/// second and 256 at once, it would still let about 900 lookups start within one lookup's 10 s,
+/// and it was checked only after the lookup.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_device_flooding_name_lookups_cannot_stall_other_devices_connections_by_name() {
+    const FLOOD: usize = 1500;
+    if !dns::resolver_asks_dns_itself() {
+        eprintln!("skipped: /etc/nsswitch.conf sends host lookups to a local service, not to DNS");
+        return;
+    }
+    let hosts = Hosts::new();
+    let [srv1, dev1, dev2] = ["srv1", "dev1", "dev2"].map(|n| Key::generate(hosts.dir.path(), n));
+    let registry = RegistryText::default()
+        .srv1(&srv1, "permit_listen = [\"1883\"]")
+        .dev1(&dev1, "permit_open = [\"*:443\"]")
+        .dev2(&dev2, "permit_open = [\"*:443\"]")
+        .build();
+    let api: std::net::Ipv4Addr = SRV_IP.parse().unwrap();
+    let dns = SlowDns::start(&hosts.gw, &[("api.cloud.test", api)]);
+    let cloud_api = Echo::serve(hosts.srv.listen(&format!("{SRV_IP}:443")));
+    // The resolver's timeouts fixed, whatever this machine's resolv.conf says: 5 s, twice.
+    let gw = GatewayProc::start_with_env(
+        &hosts,
+        &registry,
+        "[limits]\nmax_channels_per_session = 2048\nmax_new_pairs_per_identity_per_sec = 0\n",
+        &[("RES_OPTIONS", "timeout:5 attempts:2")],
+    )
+    .await;
+
+    let flooder = logged_in(&hosts.dev, &format!("{GW_DEV_IP}:{SSH_PORT}"), "dev1", dev1).await;
+    let flooder = std::sync::Arc::new(flooder);
+    let mut flood = tokio::task::JoinSet::new();
+    for i in 0..FLOOD {
+        let session = flooder.clone();
+        flood.spawn(async move {
+            let host = format!("n{i}.slow.test");
+            session
+                .channel_open_direct_tcpip(host, 443, "127.0.0.1", 40000)
+                .await
+                .is_ok()
+        });
+    }
+    // The flood has reached the DNS server, and the gateway has had every request.
+    let deadline = std::time::Instant::now() + T;
+    while dns.unanswered() < 8 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no lookup reached the DNS server"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let _dev2 = SshAgent::start(
+        &hosts,
+        &hosts.dev,
+        "dev2",
+        &dev2,
+        &["-L", "127.0.0.1:18443:api.cloud.test:443"],
+    );
+    let reached = try_exchange(hosts.dev.connect_retry("127.0.0.1:18443").await, b"fine").await;
+    assert_eq!(
+        String::from_utf8_lossy(&reached),
+        "fine",
+        "dev2's connection by name while dev1 floods lookups"
+    );
+    assert_eq!(cloud_api.count(), 1);
+    gw.log
+        .wait_audit(
+            "a flooded lookup refused with the reason",
+            forward_denied(
+                "dev1",
+                "",
+                "identity 'dev1' holds 8 name lookups in flight (limits.max_name_lookups_per_identity = 8)",
+            ),
+        )
+        .await;
+    // Nothing the flood asked for was opened.
+    flood.abort_all();
+    while let Some(opened) = flood.join_next().await {
+        assert!(!matches!(opened, Ok(true)));
+    }
+}
+
 /// A device asks for a shell again and again and never closes the refused channels: each is
 /// refused (exit status 1), closed by the gateway and its slot given back, so with
 /// max_channels_per_session = 4 the twelfth request is still answered and the device's

@@ -15,12 +15,14 @@
 //! - `services`: echo, banner and stalling apps behind the tunnels; byte-exact exchanges.
 //! - `openssh`: stock sshd configured as a CMXsafe gateway, with a Linux user per identity.
 //! - `raw`: a scriptable russh client, for attacks stock OpenSSH cannot make.
+//! - `dns`: a DNS server that answers some names and never the rest (a resolver that hangs).
 //!
 //! Tests import everything: `use cmx_testbed::*;`.
 
 pub mod agents;
 pub mod bins;
 pub mod browser;
+pub mod dns;
 pub mod gateway;
 pub mod hosts;
 pub mod keys;
@@ -35,6 +37,7 @@ pub use agents::*;
 pub use bins::*;
 pub use browser::Browser;
 pub use cmx_events::{AuditEvent, AuditRecord, CloseCause, GatewayEvent, SessionId, Verdict};
+pub use dns::SlowDns;
 pub use gateway::*;
 pub use hosts::*;
 pub use keys::*;

@@ -4,7 +4,7 @@
 //! source address. When the target is a Mir-sock of this gateway, the two sockets form a forwarding
 //! pair, registered under a fresh ConnID so the Mir-sock side can be matched to this path.
 
-use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6};
+use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,6 +20,7 @@ use crate::forward::carried::Carried;
 use crate::forward::pairs::PairRegistration;
 use crate::gateway::Gateway;
 use crate::identity::Identity;
+use crate::quota::QuotaGuard;
 use crate::slots::ChannelSlot;
 use cmx_net::relay::{self, Counters};
 use cmx_net::sockets;
@@ -64,23 +65,26 @@ pub async fn open(
     slot: ChannelSlot,
 ) {
     let request = format!("direct-tcpip {}:{}", req.host, req.port);
-    let decided = match gw.authz.may_open(&gw.registry(), &identity, &req.host, req.port) {
-        Ok(permit) => destination(&gw, &permit).await.map(|d| (permit, d)),
+    // An allowed pair needs room in the identity's rate of new pairs and a share of its pairs
+    // before anything is done for it (a name lookup holds a resolver thread), then a
+    // destination (one decision, one line).
+    let permitted = gw
+        .authz
+        .may_open(&gw.registry(), &identity, &req.host, req.port)
+        .and_then(|permit| {
+            gw.quotas
+                .pair_rate
+                .take(&identity, std::time::Instant::now())
+                .and_then(|()| gw.quotas.pairs.take(&identity))
+                .map(|share| (permit, share))
+                .map_err(shortage)
+        });
+    let decided = match permitted {
+        Ok((permit, share)) => destination(&gw, &identity, &permit)
+            .await
+            .map(|d| (permit, d, share)),
         Err(refusal) => Err(refusal),
     };
-    // An allowed pair still needs room in the identity's rate of new pairs and a share of its
-    // pairs (one decision, one line).
-    let decided = decided.and_then(|(permit, destination)| {
-        gw.quotas
-            .pair_rate
-            .take(&identity, std::time::Instant::now())
-            .and_then(|()| gw.quotas.pairs.take(&identity))
-            .map(|share| (permit, destination, share))
-            .map_err(|reason| Refusal {
-                code: RefusalCode::ResourceShortage,
-                reason,
-            })
-    });
     let (permit, destination, pair_share) = match decided {
         Ok(decided) => decided,
         Err(refusal) => {
@@ -199,9 +203,17 @@ async fn carry(gw: &Gateway, path: Path, identity: &str, channel: Channel<Msg>, 
     });
 }
 
+/// A request refused by one of the identity's or the gateway's limits.
+fn shortage(reason: String) -> Refusal {
+    Refusal {
+        code: RefusalCode::ResourceShortage,
+        reason,
+    }
+}
+
 /// Where an allowed request goes: the Mir-sock of an identity this gateway holds, an address,
 /// or what DNS says a name is.
-async fn destination(gw: &Gateway, permit: &OpenPermit) -> Result<Destination, Refusal> {
+async fn destination(gw: &Gateway, identity: &str, permit: &OpenPermit) -> Result<Destination, Refusal> {
     let port = permit.port;
     match &permit.target {
         OpenTarget::Identity(server) => {
@@ -223,18 +235,11 @@ async fn destination(gw: &Gateway, permit: &OpenPermit) -> Result<Destination, R
             gw.authz.may_reach(vec![SocketAddr::new(*ip, port)])?,
         )),
         OpenTarget::Name(host) => {
-            let failed = |reason: String| Refusal {
+            let lookup = gw.quotas.lookups.take(identity).map_err(shortage)?;
+            let addrs = resolve(host, port, lookup).await.map_err(|reason| Refusal {
                 code: RefusalCode::ConnectFailed,
                 reason,
-            };
-            let addrs = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::lookup_host((host.as_str(), port)))
-                .await
-                .map_err(|_| failed(format!("resolving {host} timed out")))?
-                .map_err(|e| failed(format!("cannot resolve {host}: {e}")))?
-                .collect::<Vec<_>>();
-            if addrs.is_empty() {
-                return Err(failed(format!("{host} has no addresses")));
-            }
+            })?;
             Ok(Destination::External(gw.authz.may_reach(addrs).map_err(|r| {
                 Refusal {
                     reason: format!("{host}: {}", r.reason),
@@ -243,6 +248,30 @@ async fn destination(gw: &Gateway, permit: &OpenPermit) -> Result<Destination, R
             })?))
         }
     }
+}
+
+/// What the system resolver says `host` is, within `CONNECT_TIMEOUT`. `getaddrinfo` blocks a
+/// thread of the resolver pool until it answers or gives up, and cannot be cancelled, so the
+/// identity's `lookup` share goes with it and is given back when the thread is free again, not
+/// when the caller stops waiting: the limits bound the threads lookups hold.
+async fn resolve(host: &str, port: u16, lookup: QuotaGuard) -> Result<Vec<SocketAddr>, String> {
+    let name = host.to_string();
+    let blocking = tokio::task::spawn_blocking(move || {
+        let _held = lookup;
+        (name.as_str(), port)
+            .to_socket_addrs()
+            .map(Iterator::collect::<Vec<_>>)
+    });
+    let addrs = match tokio::time::timeout(CONNECT_TIMEOUT, blocking).await {
+        Err(_) => return Err(format!("resolving {host} timed out")),
+        Ok(Err(e)) => return Err(format!("resolving {host} failed: {e}")),
+        Ok(Ok(Err(e))) => return Err(format!("cannot resolve {host}: {e}")),
+        Ok(Ok(Ok(addrs))) => addrs,
+    };
+    if addrs.is_empty() {
+        return Err(format!("{host} has no addresses"));
+    }
+    Ok(addrs)
 }
 
 /// A connected path: the stream, its pair registration and its kernel tag, which must live as
