@@ -85,6 +85,39 @@ fn check_config_names_file_line_and_identity() {
     );
 }
 
+/// A server's Service is `<service_name_prefix><name>`, at most 63 characters. With a longer
+/// prefix than the default, a 44-character server name passed every check and its Service was
+/// refused by the API server at every claim (the forward worked, the Service never came):
+/// check-config names file, line, identity and the longest name that fits. Devices get no
+/// Service, so their names are not held to it.
+#[test]
+fn check_config_refuses_a_server_name_too_long_for_its_service() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gw.toml");
+    std::fs::write(&config, "service_name_prefix = \"cmxsafe-per-server-svc-\"\n").unwrap();
+    let registry = dir.path().join("identities.toml");
+    let key = Key::generate(dir.path(), "k").public();
+    let long = "platform-eu-west-1-telemetry-ingest-primary1";
+    let identity = |name: &str, role: &str, address: &str| {
+        format!(
+            "[[identity]]\nname = \"{name}\"\nrole = \"{role}\"\nkeys = [\"{key}\"]\naddress = \"{address}\"\n"
+        )
+    };
+    std::fs::write(&registry, identity(long, "server", "fd63:6d78::1")).unwrap();
+    let (code, _, err) = gateway(&["check-config", config.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert_eq!(
+        err.trim(),
+        format!(
+            "cmx-gateway: {}:2: identity '{long}': name '{long}' is 44 characters: its Service 'cmxsafe-per-server-svc-{long}' would be longer than the 63 Kubernetes allows; with service_name_prefix 'cmxsafe-per-server-svc-', a server's name has at most 40 characters",
+            registry.display()
+        )
+    );
+    std::fs::write(&registry, identity(long, "device", "fd63:6d78::2")).unwrap();
+    let (code, _, err) = gateway(&["check-config", config.to_str().unwrap()]);
+    assert_eq!(code, 0, "a device's name gets no Service: {err}");
+}
+
 /// A server allowed to publish on any address of the prefix (`*:1883`, `any`) is legal but
 /// lets it take other servers' addresses: check-config says so, naming file and identity, and
 /// still succeeds.

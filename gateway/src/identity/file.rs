@@ -36,6 +36,8 @@ use crate::policy::{ListenHost, PermitListen, PermitOpen};
 
 /// Longest identity name: `dynamic-service-<name>` must stay a DNS label (63 characters).
 pub const MAX_NAME_LEN: usize = 47;
+/// Longest Service name (a DNS-1035 label).
+const SERVICE_NAME_MAX: usize = 63;
 const MIN_RSA_BITS: u32 = 2048;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -252,6 +254,7 @@ impl<'a> Checker<'a> {
         let duplicate_name = self.name(&raw.name);
         let who = Some(name.as_str());
         let role = *raw.role.get_ref();
+        self.service_name_fits(&raw.name, role);
         let keys = self.keys(&name, &raw.keys);
         // A duplicate name already explains a clash of the principals defaulted from it.
         let principals = match &raw.principals {
@@ -284,6 +287,22 @@ impl<'a> Checker<'a> {
             permit_listen,
             permit_open,
         })
+    }
+
+    /// A server's Service is `<service_name_prefix><name>`, and Kubernetes allows 63 characters
+    /// (a DNS label): with a prefix longer than the default, a name the prefix-free limit allows
+    /// would make every claim of its Service fail at the API server, the forward working and
+    /// the Service never there.
+    fn service_name_fits(&mut self, raw: &Spanned<String>, role: Role) {
+        let (name, at) = (raw.get_ref(), raw.span().start);
+        let prefix = &self.context.service_prefix;
+        if role.may_publish() && valid_name(name) && prefix.len() + name.len() > SERVICE_NAME_MAX {
+            self.c.push(at, Some(name.as_str()), format!(
+                "name '{name}' is {} characters: its Service '{prefix}{name}' would be longer than the {SERVICE_NAME_MAX} Kubernetes allows; with service_name_prefix '{prefix}', a server's name has at most {} characters",
+                name.len(),
+                SERVICE_NAME_MAX.saturating_sub(prefix.len())
+            ));
+        }
     }
 
     /// Checks the name; returns whether it is a duplicate.
