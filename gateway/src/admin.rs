@@ -136,6 +136,8 @@ pub async fn route<B>(
         query: req.uri().query(),
         authorization: header_text(header::AUTHORIZATION),
         last_event_id: header_text(header::HeaderName::from_static("last-event-id")),
+        host: header_text(header::HOST),
+        origin: header_text(header::ORIGIN),
         peer,
     };
     if path == "/api/v1/events" && req.method() == Method::GET {

@@ -57,6 +57,10 @@ pub struct ApiRequest<'a> {
     pub authorization: Option<&'a str>,
     /// `Last-Event-ID` of a reconnecting event stream.
     pub last_event_id: Option<&'a str>,
+    /// `Host` and `Origin`: which name the client used for this endpoint, and which page (if a
+    /// browser sent the request) asked for it.
+    pub host: Option<&'a str>,
+    pub origin: Option<&'a str>,
     pub peer: SocketAddr,
 }
 
@@ -111,6 +115,34 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// Whether `origin` (`scheme://host[:port]`, or `null`) is the endpoint the request was sent
+/// to (`host`, as the `Host` header names it).
+fn same_origin(origin: &str, host: Option<&str>) -> bool {
+    let Some(host) = host else {
+        return false;
+    };
+    let without_scheme = origin
+        .strip_prefix("http://")
+        .or_else(|| origin.strip_prefix("https://"));
+    without_scheme.is_some_and(|o| o.eq_ignore_ascii_case(host))
+}
+
+/// Whether a `Host` header names `localhost` (or a name under it) or an IP address: names a
+/// DNS rebinding attack cannot have brought the browser to.
+fn names_loopback_or_address(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(v6) => {
+            return v6
+                .split(']')
+                .next()
+                .is_some_and(|a| a.parse::<std::net::Ipv6Addr>().is_ok());
+        }
+        None => host.rsplit_once(':').map_or(host, |(name, _port)| name),
+    };
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    name == "localhost" || name.ends_with(".localhost") || name.parse::<std::net::Ipv4Addr>().is_ok()
+}
+
 /// Whether `req` may use the API; the refusal otherwise (already audited).
 fn admitted(gw: &Gateway, req: &ApiRequest<'_>) -> Result<(), ApiResponse> {
     let file = &gw.config.admin.api_token_file;
@@ -118,7 +150,31 @@ fn admitted(gw: &Gateway, req: &ApiRequest<'_>) -> Result<(), ApiResponse> {
         audit::admin_denied(req.peer, &format!("{} {}", req.method, req.path), reason);
         Err(error(status, reason))
     };
+    // The operator's browser is a client too (the dashboard, often through `kubectl
+    // port-forward`, so from loopback), and any page it shows may send requests here: a
+    // cross-site POST needs no CORS preflight, and a page whose name was rebound to 127.0.0.1
+    // may even read the answers. A browser names the page in `Origin`; one that is not this
+    // endpoint itself is refused whatever else the request carries.
+    if let Some(origin) = req.origin
+        && !same_origin(origin, req.host)
+    {
+        return refuse(
+            StatusCode::FORBIDDEN,
+            &format!(
+                "a request from another site's page (Origin {}) is refused",
+                cmx_net::text::bounded(origin, 100)
+            ),
+        );
+    }
     if file.as_os_str().is_empty() {
+        // Without a token the address alone admits: it must be named by address or as
+        // localhost, so that a page that rebound its own name to 127.0.0.1 is not admitted.
+        if req.peer.ip().is_loopback() && !req.host.is_some_and(names_loopback_or_address) {
+            return refuse(
+                StatusCode::FORBIDDEN,
+                "the admin API without a token answers requests for localhost or an address only (Host names another site: DNS rebinding?); set admin.api_token_file to use other names",
+            );
+        }
         if req.peer.ip().is_loopback() {
             return Ok(());
         }
@@ -465,6 +521,44 @@ mod tests {
         assert!(!constant_time_eq(b"0123456789abcdef", b"0123456789abcdeF"));
         assert!(!constant_time_eq(b"0123456789abcdef", b"0123456789abcde"));
         assert!(!constant_time_eq(b"", b"x"));
+    }
+
+    #[test]
+    fn a_page_is_this_endpoints_own_only_with_the_same_scheme_less_host() {
+        let host = Some("127.0.0.1:9180");
+        assert!(same_origin("http://127.0.0.1:9180", host));
+        assert!(same_origin("https://LOCALHOST:9180", Some("localhost:9180")));
+        assert!(!same_origin("http://127.0.0.1:18888", host), "another port");
+        assert!(!same_origin("http://evil.example", host));
+        assert!(!same_origin("null", host), "a sandboxed or opaque page");
+        assert!(
+            !same_origin("http://127.0.0.1:9180", None),
+            "no Host to compare with"
+        );
+    }
+
+    #[test]
+    fn only_localhost_and_addresses_are_names_rebinding_cannot_bring() {
+        for host in [
+            "127.0.0.1:9180",
+            "localhost:9180",
+            "localhost",
+            "a.localhost:1",
+            "[::1]:9180",
+            "10.0.0.7:9180",
+            "LOCALHOST.",
+        ] {
+            assert!(names_loopback_or_address(host), "{host}");
+        }
+        for host in [
+            "evil.example:9180",
+            "x",
+            "127.0.0.1.nip.io:9180",
+            "[evil]:9180",
+            "localhost.evil.example",
+        ] {
+            assert!(!names_loopback_or_address(host), "{host}");
+        }
     }
 
     #[test]

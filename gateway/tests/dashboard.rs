@@ -108,3 +108,115 @@ async fn the_dashboard_shows_who_is_connected_and_disconnects_a_session() {
     browser.wait_gone("#sessions tr[data-identity='dev1']", T).await;
     browser.wait_for("#sessions tr[data-identity='srv1']", T).await;
 }
+
+/// dev1's session as the admin API lists it (the JSON object), once it is there.
+async fn dev1_session(ns: &Netns, admin: &str) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let (status, body) = http_get(ns, admin, "/api/v1/sessions").await;
+        assert_eq!(status, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let found = v["sessions"]
+            .as_array()
+            .and_then(|l| l.iter().find(|s| s["identity"] == "dev1").cloned());
+        if let Some(s) = found {
+            return s;
+        }
+        assert!(std::time::Instant::now() < deadline, "dev1 never listed: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The operator reaches the admin endpoint from loopback (`kubectl port-forward`, the shipped
+/// config: no token, loopback peers only), and the same browser shows another site's page. That
+/// page posts to the API: a cross-site POST needs no CORS preflight, and the browser connects
+/// from loopback, so the gateway used to carry it out: here a real chromium on a page served
+/// from another port ends dev1's session. Now a request whose `Origin` is not the endpoint
+/// itself is refused (403, audited with the page's origin), the dashboard's own requests are
+/// not, and without a token a `Host` that names another site (a page whose name was rebound to
+/// 127.0.0.1, which could also read the answers) is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn another_sites_page_in_the_operators_browser_cannot_use_the_admin_api() {
+    let hosts = Hosts::new();
+    let (srv1, dev1, registry) = srv1_publishes_dev1_opens(&hosts);
+    let gw = GatewayProc::start(&hosts, &registry, ADMIN_ON_LOOPBACK).await;
+    let admin = gw.admin().await;
+    let (_echo, _server) = publish_echo(&hosts, &gw, &srv1, &[]).await;
+    let _device = SshAgent::start(&hosts, &hosts.dev, "dev1", &dev1, &[]);
+    let id = dev1_session(&hosts.gw, &admin).await["id"]
+        .as_str()
+        .expect("a session id")
+        .to_string();
+
+    let page = format!(
+        "<html><head><title>cat pictures</title></head><body><script>\
+         fetch('http://{admin}/api/v1/sessions/{id}/disconnect', {{method: 'POST', mode: 'no-cors'}})\
+         .finally(() => fetch('http://{admin}/api/v1/registry/reload', {{method: 'POST', mode: 'no-cors'}}))\
+         .finally(() => {{ document.title = 'sent'; }});\
+         </script></body></html>"
+    );
+    let response = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{page}",
+        page.len()
+    );
+    let _site = banner(
+        hosts.gw.listen("127.0.0.1:18888"),
+        Box::leak(response.into_bytes().into_boxed_slice()),
+    );
+    let browser = Browser::start(&hosts.gw).await;
+    browser.goto("http://127.0.0.1:18888/").await;
+    let deadline = std::time::Instant::now() + T;
+    while browser.execute("return document.title;").await != "sent" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the page never sent its requests"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for request in [
+        format!("POST /api/v1/sessions/{id}/disconnect"),
+        "POST /api/v1/registry/reload".to_string(),
+    ] {
+        gw.log
+            .wait_audit(&request, |r| {
+                r.is(AuditEvent::Admin, Verdict::Deny)
+                    && r.request() == request
+                    && r.reason()
+                        .contains("another site's page (Origin http://127.0.0.1:18888)")
+            })
+            .await;
+    }
+    assert_eq!(
+        dev1_session(&hosts.gw, &admin).await["id"].as_str(),
+        Some(id.as_str()),
+        "dev1's session is still there"
+    );
+    assert_eq!(
+        gw.log.count_audits(|r| r.is(AuditEvent::Admin, Verdict::Allow)),
+        0,
+        "no admin action was carried out"
+    );
+
+    // A page whose own name was rebound to 127.0.0.1: its requests name it in Host.
+    let mut rebound = hosts.gw.connect(&admin).unwrap();
+    let request = "GET /api/v1/identities HTTP/1.1\r\nHost: cats.example:9180\r\nConnection: close\r\n\r\n";
+    tokio::io::AsyncWriteExt::write_all(&mut rebound, request.as_bytes())
+        .await
+        .unwrap();
+    let mut reply = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut rebound, &mut reply)
+        .await
+        .unwrap();
+    assert!(reply.starts_with("HTTP/1.1 403"), "{reply}");
+    assert!(reply.contains("DNS rebinding"), "{reply}");
+    assert!(!reply.contains("fd63:6d78"), "nothing of the registry: {reply}");
+
+    // The dashboard's own requests carry its origin and go through.
+    browser.goto(&format!("http://{admin}/ui/")).await;
+    browser
+        .click_css("#sessions tr[data-identity='dev1'] button[data-disconnect]", T)
+        .await;
+    gw.log
+        .wait_event("dev1's session ends", session_closed("dev1"))
+        .await;
+}
