@@ -94,12 +94,7 @@ async fn the_dashboard_shows_who_is_connected_and_disconnects_a_session() {
     std::fs::write(screenshot_dir().join("dashboard.png"), &png).unwrap();
 
     // The operator disconnects dev1 from the page.
-    browser
-        .click_css("#sessions tr[data-identity='dev1'] button[data-disconnect]", T)
-        .await;
-    gw.log
-        .wait_event("dev1's session ends", session_closed("dev1"))
-        .await;
+    disconnect_dev1_from_the_page(&browser, &gw).await;
     gw.log
         .wait_audit("the page's action is audited", |r| {
             r.is(AuditEvent::Admin, Verdict::Allow) && r.identity() == "dev1"
@@ -213,6 +208,11 @@ async fn another_sites_page_in_the_operators_browser_cannot_use_the_admin_api() 
 
     // The dashboard's own requests carry its origin and go through.
     browser.goto(&format!("http://{admin}/ui/")).await;
+    disconnect_dev1_from_the_page(&browser, &gw).await;
+}
+
+/// Clicks dev1's Disconnect button on the dashboard and waits for its session to end.
+async fn disconnect_dev1_from_the_page(browser: &Browser<'_>, gw: &GatewayProc) {
     browser
         .click_css("#sessions tr[data-identity='dev1'] button[data-disconnect]", T)
         .await;
