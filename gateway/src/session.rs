@@ -93,6 +93,20 @@ impl SessionHandler {
         }
     }
 
+    /// Ends a login refused after its credential was proven (already audited): the client is
+    /// disconnected with `reason`, and the connection leaves no summary line of its own.
+    fn end_login(
+        &mut self,
+        session: &mut Session,
+        kind: Disconnect,
+        reason: &str,
+    ) -> Result<(), SessionError> {
+        self.authenticated = None;
+        self.users_tried.clear();
+        session.disconnect(kind, reason, "en")?;
+        Ok(())
+    }
+
     /// Refuses a request with `reason` (audited), counted against the connection.
     fn refuse(&mut self, user: &str, reason: &str) -> Auth {
         audit::auth_denied(self.peer, user, reason);
@@ -312,10 +326,7 @@ impl Handler for SessionHandler {
         {
             audit::login_refused(self.peer, &identity, &reason);
             self.tally.refusals.fetch_add(1, Ordering::Relaxed);
-            self.authenticated = None;
-            self.users_tried.clear(); // this line was the connection's summary
-            session.disconnect(Disconnect::TooManyConnections, &reason, "en")?;
-            return Ok(());
+            return self.end_login(session, Disconnect::TooManyConnections, &reason);
         }
         audit::auth_accepted(self.peer, &identity, &credential.to_string());
         crate::failpoint::pause(crate::failpoint::LOGIN_CHECKED).await;
@@ -340,10 +351,7 @@ impl Handler for SessionHandler {
             Ok(share) => self.session_share = Some(share),
             Err(reason) => {
                 audit::login_refused(self.peer, &identity, &reason);
-                self.authenticated = None;
-                self.users_tried.clear(); // this line was the connection's summary
-                session.disconnect(Disconnect::TooManyConnections, &reason, "en")?;
-                return Ok(());
+                return self.end_login(session, Disconnect::TooManyConnections, &reason);
             }
         }
         // A registry reload between the credential check and this registration did not see
@@ -352,10 +360,7 @@ impl Handler for SessionHandler {
             self.gw.sessions.remove(self.id);
             let reason = format!("the identity registry changed during login: {reason}");
             audit::auth_denied(self.peer, &identity, &reason);
-            self.authenticated = None;
-            self.users_tried.clear(); // this line was the connection's summary
-            session.disconnect(Disconnect::ByApplication, &reason, "en")?;
-            return Ok(());
+            return self.end_login(session, Disconnect::ByApplication, &reason);
         }
         tracing::info!(session = %self.id, identity, peer = %self.peer, "session established");
         self.gw.events.emit(GatewayEvent::SessionOpened {

@@ -2,7 +2,7 @@
 //! Services in step, with a periodic resync. Started in the background: a missing API server
 //! delays the controller, never the gateway.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -34,7 +34,7 @@ pub const PER_SERVER: Duration = Duration::from_secs(1);
 pub struct Pending {
     /// Servers waiting, by turn.
     queue: BTreeSet<(Instant, String)>,
-    waiting: HashMap<String, Instant>,
+    waiting: HashSet<String>,
     /// When each server's last turn was taken (forgotten a `PER_SERVER` later).
     last: HashMap<String, Instant>,
     prune: PruneSchedule,
@@ -44,7 +44,7 @@ impl Default for Pending {
     fn default() -> Pending {
         Pending {
             queue: BTreeSet::new(),
-            waiting: HashMap::new(),
+            waiting: HashSet::new(),
             last: HashMap::new(),
             prune: PruneSchedule::new(64),
         }
@@ -54,14 +54,14 @@ impl Default for Pending {
 impl Pending {
     /// Something changed for `server`.
     pub fn mark(&mut self, server: &str, now: Instant) {
-        if self.waiting.contains_key(server) {
+        if self.waiting.contains(server) {
             return;
         }
         let turn = match self.last.get(server) {
             Some(last) if now.duration_since(*last) < PER_SERVER => *last + PER_SERVER,
             _ => now,
         };
-        self.waiting.insert(server.to_string(), turn);
+        self.waiting.insert(server.to_string());
         self.queue.insert((turn, server.to_string()));
     }
 
